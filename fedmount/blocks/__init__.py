@@ -1,0 +1,1 @@
+"""Bytes: fetching verified Keep blocks, the host-wide block cache, and prefetch."""

@@ -1,0 +1,1 @@
+"""Who holds what: identifiers, tokens, manifests, controllers and federation routing."""

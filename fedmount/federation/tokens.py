@@ -1,0 +1,94 @@
+"""Arvados API tokens: parsing, salting for a remote cluster, and redaction.
+
+The security boundary of the federation lives here (reference/arvados-protocol.md §5):
+the home token goes only to the home cluster; every other cluster receives the token
+*salted* for it, ``v2/<uuid>/<hmac-sha1(secret, cluster_id) hex>``, which that cluster
+validates by calling back to the issuer. A salted token is useless anywhere else.
+
+- v2 tokens: ``v2/<cluster>-gj3su-<15>/<secret>`` with an optional 4th field (the container
+  UUID of a container token), which salting drops.
+- A token issued by the target cluster itself is sent unchanged.
+- A 40-hex secret is already salted: it is forwarded as is.
+- v1 tokens (a bare secret) cannot be salted by a client; `salt_for` raises TokenError so
+  the caller never sends the raw secret to a remote cluster.
+
+`redact` masks anything token-shaped in text bound for logs, stats or results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+
+from .ids import UUID_RE
+
+V1_RE = re.compile(r"^[0-9a-z]{41,}$")
+SALTED_SECRET_RE = re.compile(r"^[0-9a-f]{40}$")
+_TOKEN_IN_TEXT_RE = re.compile(
+    r"v2/[a-z0-9]{5}-gj3su-[a-z0-9]{15}/[A-Za-z0-9]+(?:/[a-z0-9-]+)?"
+    r"|(?<=Bearer )[^\s\"']+|(?<=OAuth2 )[^\s\"']+|(?<=api_token=)[^\s&\"']+"
+)
+
+
+class TokenError(ValueError):
+    """A token that cannot be used the way it was asked to be."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A parsed v2 token; `text` is the exact string a client sends."""
+
+    uuid: str
+    secret: str
+    container_uuid: str | None = None
+
+    @property
+    def cluster(self) -> str:
+        return self.uuid[:5]
+
+    @property
+    def text(self) -> str:
+        parts = ["v2", self.uuid, self.secret]
+        if self.container_uuid:
+            parts.append(self.container_uuid)
+        return "/".join(parts)
+
+    @property
+    def is_salted(self) -> bool:
+        return SALTED_SECRET_RE.match(self.secret) is not None
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ApiToken(uuid={self.uuid!r}, secret=<redacted>)"
+
+
+def parse_token(text: str) -> ApiToken:
+    """Parse a v2 token (3 or 4 parts); raise TokenError for anything else."""
+    parts = text.strip().split("/")
+    if parts[0] != "v2" or len(parts) not in (3, 4):
+        if V1_RE.match(text.strip()):
+            raise TokenError("v1 (bare secret) tokens are not supported; use a v2 token")
+        raise TokenError("not an Arvados v2 token (expected v2/<uuid>/<secret>)")
+    uuid, secret = parts[1], parts[2]
+    if not UUID_RE.match(uuid) or uuid[6:11] != "gj3su":
+        raise TokenError("the token's uuid is not an api_client_authorization uuid")
+    if not secret or not secret.isalnum():
+        raise TokenError("the token's secret is empty or has characters other than letters and digits")
+    return ApiToken(uuid, secret, parts[3] if len(parts) == 4 else None)
+
+
+def salted_secret(secret: str, cluster_id: str) -> str:
+    return hmac.new(secret.encode(), cluster_id.encode(), hashlib.sha1).hexdigest()
+
+
+def salt_for(token: ApiToken, cluster_id: str) -> ApiToken:
+    """The token to send to `cluster_id` (sdk/go/auth/salt.go SaltToken)."""
+    if token.cluster == cluster_id or token.is_salted:
+        return token
+    return ApiToken(token.uuid, salted_secret(token.secret, cluster_id))
+
+
+def redact(text: str) -> str:
+    """Mask token-shaped substrings so that `text` is safe to log."""
+    return _TOKEN_IN_TEXT_RE.sub("<token>", text)

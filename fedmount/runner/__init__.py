@@ -1,0 +1,1 @@
+"""fedmount-run: run a container step with federated collections mounted, as crunch-run does."""

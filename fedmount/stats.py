@@ -1,0 +1,67 @@
+"""Counters and gauges that every layer updates and that are readable from outside.
+
+One `Stats` object lives per daemon. Layers add to named counters with optional labels
+(``stats.add("keep_bytes", n, cluster="zbbbb")``) or set gauges
+(``stats.set("prefetch_depth", 4)``). The FUSE layer publishes `snapshot()` as a JSON file
+inside the mount, the optional HTTP endpoint serves `prometheus_text()`, and
+``--crunchstat-interval`` prints `crunchstat_lines()`. Everything runs on the trio thread
+or under a lock, so worker threads may update it too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _labels(labels: dict[str, object]) -> Labels:
+    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
+        self._gauges: dict[str, dict[Labels, float]] = defaultdict(dict)
+
+    def add(self, name: str, value: float = 1, **labels: object) -> None:
+        with self._lock:
+            self._counters[name][_labels(labels)] += value
+
+    def set(self, name: str, value: float, **labels: object) -> None:
+        with self._lock:
+            self._gauges[name][_labels(labels)] = value
+
+    def get(self, name: str, **labels: object) -> float:
+        """One series' value (0 if never touched); the total over labels if none given."""
+        with self._lock:
+            series = self._counters.get(name) or self._gauges.get(name) or {}
+            if labels:
+                return series.get(_labels(labels), 0)
+            return sum(series.values())
+
+    def snapshot(self) -> dict[str, object]:
+        """``{name: value}`` for unlabelled series, ``{name: {"k=v,...": value}}`` otherwise."""
+        out: dict[str, object] = {}
+        with self._lock:
+            for table in (self._counters, self._gauges):
+                for name, series in table.items():
+                    if set(series) == {()}:
+                        out[name] = series[()]
+                    else:
+                        out[name] = {",".join(f"{k}={v}" for k, v in key): val for key, val in series.items()}
+        return out
+
+    def prometheus_text(self) -> str:
+        lines = []
+        with self._lock:
+            for kind, table in (("counter", self._counters), ("gauge", self._gauges)):
+                for name, series in sorted(table.items()):
+                    metric = f"fedmount_{name}"
+                    lines.append(f"# TYPE {metric} {kind}")
+                    for key, val in sorted(series.items()):
+                        label_text = ",".join(f'{k}="{v}"' for k, v in key)
+                        lines.append(f"{metric}{{{label_text}}} {val:g}" if key else f"{metric} {val:g}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,41 @@
+"""fedmount: a read-only FUSE client for a federation of Arvados clusters."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fedmount",
+    version="0.1.0",
+    description="Read-only FUSE mounts of Arvados collections from any cluster of a federation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fedmount", "fedmount.*"]),
+    install_requires=[
+        "pyfuse3>=3.3",
+        "trio>=0.25",
+        "httpx>=0.27",
+        "diskcache>=5.6",
+        "psutil>=5.9",
+        # The Keep data path: urllib3 reads 64 MiB bodies ~4x faster than httpx
+        # on this class of machine (see fedmount/blocks/keep.py).
+        "urllib3>=2.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-trio>=0.8",
+            "hypothesis>=6.100",
+            "trustme>=1.1",
+            "arvados-python-client>=3.0",
+            "cwltool>=3.1",
+            "ruff>=0.5",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "fedmount=fedmount.cli:main",
+            "fedmount-run=fedmount.runner.cli:main",
+        ],
+    },
+    data_files=[("share/man/man1", ["man/fedmount.1", "man/fedmount-run.1"])],
+)
