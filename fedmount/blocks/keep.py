@@ -1,11 +1,65 @@
-"""Keep client: fetch md5-verified blocks from a route's keep services (work in progress).
+"""Keep client: fetch one block from a route's keep services, md5-verified, with failover.
 
-This first version carries only the types other modules import; the client follows.
+A `KeepRoute` names the cluster whose keep services serve a collection's blocks and the
+exact token text to send them (home token in home mode, even for ``+R`` locators, which
+the home keepstore proxies; the token salted for the owner in direct mode). Locators go
+out unchanged, with every hint they carry.
+
+Algorithm of `KeepClient.get`:
+
+1. Probe order. Services are sorted by rendezvous weight, ``md5hex(hash + uuid[-15:])``
+   descending (Arvados ``keep.py weighted_service_roots``), so every client asks the same
+   replica first. Services that failed at the network level in the last
+   ``demote_seconds`` move to the end of the list: a dead keepstore costs one connect
+   timeout per host, not one per block.
+2. One round tries each still-eligible service in that order. Per attempt the outcome is
+   - 200 and md5(body) == hash: done. The bytes were hashed while they arrived
+     (transport.py) and no byte leaves this module before the digest matched;
+   - 200 with other bytes (or a wrong length): the service is dropped for this block,
+     one warning line names it, and ``keep_bad_md5`` counts it; never returned;
+   - 403/404/410: "not here", dropped for this block;
+   - 408, 409, 423, 429, any 5xx, connect failure, reset, stall (no byte for
+     ``timeouts.stall`` seconds): transient, the service stays eligible for the next round;
+   - any other status (400 bad signature, 401 expired token, ...): dropped for this block.
+3. Rounds repeat, after a jittered exponential backoff, while some service is still
+   eligible, at most ``retries + 1`` rounds.
+4. If every service said "not here" the result is `BlockNotFound`; otherwise `BlockError`.
+   Both carry a one-line message with the block's ``hash+size`` (never its signature, never
+   a token), the cluster and what each service answered.
+
+`head` locates a block the same way without a body: True on a 200, False if every
+service said "not here", `BlockError` if none could answer.
+
+Stats (labels ``cluster``): ``keep_requests``, ``keep_bytes``, ``keep_errors``,
+``keep_seconds``, ``keep_bad_md5`` (labels cluster and service).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import logging
+import random
+import secrets
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from fedmount.federation.ids import EMPTY_BLOCK_HASH, Locator
+from fedmount.stats import Stats
+
+from .transport import BlockTransport, Md5Pipe, Response, Timeouts, TransportError, Urllib3Transport
+
+log = logging.getLogger("fedmount.keep")
+
+NOT_HERE = frozenset({403, 404, 410})
+TRANSIENT_4XX = frozenset({408, 409, 423, 429})
+
+
+def _transient(status: int) -> bool:
+    return status >= 500 or status in TRANSIENT_4XX
 
 
 @dataclass(frozen=True)
@@ -26,5 +80,160 @@ class KeepRoute:
     the token salted for `cluster` in direct mode)."""
 
     cluster: str
-    token: str
+    token: str = field(repr=False)
     services: tuple[KeepService, ...]
+
+
+class BlockError(Exception):
+    """A block could not be read; the message is one line naming the block and services tried."""
+
+    def __init__(self, locator: Locator, message: str):
+        super().__init__(message)
+        self.locator = locator
+
+
+class BlockNotFound(BlockError):
+    """Every service of the route answered that it does not have the block."""
+
+
+def probe_order(block_hash: str, services: Sequence[KeepService]) -> list[KeepService]:
+    """Services in rendezvous order: md5hex(hash + last 15 chars of uuid), descending."""
+    return sorted(
+        services, key=lambda s: hashlib.md5((block_hash + s.uuid[-15:]).encode()).hexdigest(), reverse=True
+    )
+
+
+def new_request_id() -> str:
+    """An Arvados-style request id: ``req-`` and 20 lowercase letters or digits."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "req-" + "".join(secrets.choice(alphabet) for _ in range(20))
+
+
+@dataclass
+class _Attempt:
+    service: KeepService
+    outcome: str  # what happened, for the error message
+    done: bool  # True: do not ask this service again for this block
+    not_here: bool = False
+
+
+class KeepClient:
+    def __init__(
+        self,
+        transport: BlockTransport | None = None,
+        *,
+        stats: Stats | None = None,
+        timeouts: Timeouts | None = None,
+        retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 4.0,
+        demote_seconds: float = 30.0,
+    ):
+        self._transport = transport if transport is not None else Urllib3Transport()
+        self._stats = stats if stats is not None else Stats()
+        self._timeouts = timeouts if timeouts is not None else Timeouts()
+        self._retries = retries
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._demote_seconds = demote_seconds
+        self._demoted: dict[str, float] = {}  # service uuid -> monotonic time the demotion ends
+
+    def _order(self, locator: Locator, route: KeepRoute) -> list[KeepService]:
+        now = time.monotonic()
+        ordered = probe_order(locator.hash, route.services)
+        return sorted(ordered, key=lambda s: self._demoted.get(s.uuid, 0.0) > now)  # stable sort
+
+    async def get(self, locator: Locator, route: KeepRoute) -> bytes | bytearray:
+        """The block's bytes, verified against its md5; raises BlockNotFound or BlockError."""
+        if locator.size == 0 and locator.hash == EMPTY_BLOCK_HASH:
+            return b""
+        body = await self._run(locator, route, "GET")
+        assert body is not None
+        return body
+
+    async def head(self, locator: Locator, route: KeepRoute) -> bool:
+        """True if some service of the route has the block, False if every service said no."""
+        try:
+            await self._run(locator, route, "HEAD")
+        except BlockNotFound:
+            return False
+        return True
+
+    async def _run(self, locator: Locator, route: KeepRoute, method: str) -> bytearray | None:
+        if not route.services:
+            raise BlockError(locator, f"block {locator.key}: cluster {route.cluster} lists no keep services")
+        headers = {
+            "Authorization": f"Bearer {route.token}",
+            "Accept": "application/octet-stream",
+            "X-Request-Id": new_request_id(),
+        }
+        eligible = self._order(locator, route)
+        last: dict[str, _Attempt] = {}
+        for round_no in range(self._retries + 1):
+            if round_no:
+                delay = min(self._max_backoff, self._backoff * 2 ** (round_no - 1))
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+            for service in list(eligible):
+                body, attempt = await self._attempt(locator, route, service, method, headers)
+                if attempt is None:
+                    return body
+                last[service.uuid] = attempt
+                if attempt.done:
+                    eligible.remove(service)
+            if not eligible:
+                break
+        tried = "; ".join(f"{a.service.root_url} {a.outcome}" for a in last.values())
+        if all(a.not_here for a in last.values()):
+            raise BlockNotFound(
+                locator, f"block {locator.key} not found on cluster {route.cluster} ({tried})"
+            )
+        raise BlockError(
+            locator,
+            f"block {locator.key} unreadable from cluster {route.cluster}: {tried}; check those services",
+        )
+
+    async def _attempt(
+        self, locator: Locator, route: KeepRoute, service: KeepService, method: str, headers: dict[str, str]
+    ) -> tuple[bytearray | None, _Attempt | None]:
+        """One request to one service: (body, None) on success, else (None, what went wrong)."""
+        url = service.root_url.rstrip("/") + "/" + str(locator)
+        stats, cluster = self._stats, route.cluster
+        started = time.monotonic()
+        stats.add("keep_requests", cluster=cluster)
+        try:
+            resp, digest = await trio.to_thread.run_sync(self._fetch, method, url, headers, locator.size)
+        except TransportError as exc:
+            stats.add("keep_errors", cluster=cluster)
+            self._demoted[service.uuid] = time.monotonic() + self._demote_seconds
+            return None, _Attempt(service, f"{exc.kind}: {exc}", done=exc.kind == "length")
+        finally:
+            stats.add("keep_seconds", time.monotonic() - started, cluster=cluster)
+        self._demoted.pop(service.uuid, None)
+        if resp.status == 200 and method == "HEAD":
+            return None, None
+        if resp.status == 200 and resp.body is not None:
+            stats.add("keep_bytes", len(resp.body), cluster=cluster)
+            if digest == locator.hash:
+                return resp.body, None
+            stats.add("keep_bad_md5", cluster=cluster, service=service.uuid)
+            log.warning(
+                "keep service %s (%s) served bad bytes for block %s (md5 %s); trying the next replica",
+                service.uuid,
+                service.root_url,
+                locator.key,
+                digest,
+            )
+            return None, _Attempt(service, f"bad md5 {digest}", done=True)
+        stats.add("keep_errors", cluster=cluster)
+        return None, _Attempt(
+            service, f"HTTP {resp.status}", done=not _transient(resp.status), not_here=resp.status in NOT_HERE
+        )
+
+    def _fetch(self, method: str, url: str, headers: dict[str, str], size: int) -> tuple[Response, str]:
+        """Worker thread: one request, md5 computed while the body arrives."""
+        pipe = Md5Pipe(size if method == "GET" else 0)
+        try:
+            resp = self._transport(method, url, headers, size, self._timeouts, pipe)
+        finally:
+            digest = pipe.hexdigest()
+        return resp, digest

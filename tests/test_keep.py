@@ -1,0 +1,271 @@
+"""KeepClient against an in-process transport: probe order, failover, md5, stalls, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from fedmount.blocks.keep import (
+    BlockError,
+    BlockNotFound,
+    KeepClient,
+    KeepRoute,
+    KeepService,
+    probe_order,
+)
+from fedmount.blocks.transport import Md5Pipe, Response, Sink, Timeouts, TransportError
+from fedmount.federation.ids import Locator, parse_locator
+from fedmount.stats import Stats
+
+TOKEN = "v2/zzzzz-gj3su-000000000000000/secretsecretsecret"
+SIG = "+A" + "f" * 40 + "@7fffffff"
+
+
+def block(data: bytes, hints: str = SIG) -> Locator:
+    return parse_locator(f"{hashlib.md5(data).hexdigest()}+{len(data)}{hints}")
+
+
+Behaviour = Callable[[str, bytes], Response]  # (method, stored bytes) -> response
+
+
+class FakeKeep:
+    """A BlockTransport: each service root maps to a behaviour; every request is recorded."""
+
+    def __init__(self, data: bytes | list[bytes], behaviours: Mapping[str, Behaviour | BaseException]):
+        self.blocks = {hashlib.md5(d).hexdigest(): d for d in ([data] if isinstance(data, bytes) else data)}
+        self.behaviours = behaviours
+        self.calls: list[tuple[str, str, dict[str, str]]] = []
+        self.lock = threading.Lock()
+
+    def __call__(
+        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+    ) -> Response:
+        with self.lock:
+            self.calls.append((method, url, dict(headers)))
+        root = url[: url.index("/", 8) + 1]
+        behaviour = self.behaviours[root]
+        if isinstance(behaviour, BaseException):
+            raise behaviour
+        resp = behaviour(method, self.blocks[url[len(root) : len(root) + 32]])
+        if resp.body is not None:
+            view = memoryview(resp.body)
+            for i in range(0, len(view), 3):  # deliver in small chunks like a socket would
+                sink(view[i : i + 3])
+        return resp
+
+    def roots(self) -> list[str]:
+        return [url[: url.index("/", 8) + 1] for _, url, _ in self.calls]
+
+
+def ok(method: str, data: bytes) -> Response:
+    return Response(200, bytearray(data) if method == "GET" else None)
+
+
+def status(code: int) -> Behaviour:
+    return lambda method, data: Response(code)
+
+
+def corrupt(method: str, data: bytes) -> Response:
+    return Response(200, bytearray(b"X" + data[1:]))
+
+
+def services(n: int) -> tuple[KeepService, ...]:
+    return tuple(KeepService(f"zzzzz-bi6l4-{i:015x}", f"http://keep{i}.test:25107/") for i in range(n))
+
+
+def route(svcs: tuple[KeepService, ...]) -> KeepRoute:
+    return KeepRoute("zzzzz", TOKEN, svcs)
+
+
+def client(transport: FakeKeep, **kw: object) -> tuple[KeepClient, Stats]:
+    stats = Stats()
+    return KeepClient(transport, stats=stats, backoff=0, **kw), stats  # type: ignore[arg-type]
+
+
+def test_probe_order_matches_arvados_test_vectors() -> None:
+    # sdk/python/tests/test_keep_client.py KeepClientRendezvousTestCase: block i is the
+    # 64-character string "%064x" % i, services are zzzzz-bi6l4-%015x for 0..15.
+    svcs = services(16)
+    expected = ["3eab2d5fc9681074", "097dba52e648f1c3", "c5b4e023f8a7d691", "9d81c02e76a3bf54"]
+    for i, order in enumerate(expected):
+        block_hash = hashlib.md5(f"{i:064x}".encode()).hexdigest()
+        got = "".join(f"{int(s.uuid[-15:], 16):x}" for s in probe_order(block_hash, svcs))
+        assert got == order
+
+
+async def test_get_sends_locator_unchanged_with_headers_in_probe_order() -> None:
+    data = b"hello keep"
+    loc = block(data, "+Rzbbbb-" + "a" * 40 + "@7fffffff")
+    svcs = services(3)
+    fake = FakeKeep(data, {s.root_url: ok for s in svcs})
+    keep, stats = client(fake)
+    assert await keep.get(loc, route(svcs)) == data
+    ((method, url, headers),) = fake.calls
+    assert method == "GET"
+    assert url == probe_order(loc.hash, svcs)[0].root_url + str(loc)
+    assert headers["Authorization"] == f"Bearer {TOKEN}"
+    assert headers["Accept"] == "application/octet-stream"
+    assert headers["X-Request-Id"].startswith("req-") and len(headers["X-Request-Id"]) == 24
+    assert stats.get("keep_bytes", cluster="zzzzz") == len(data)
+    assert stats.get("keep_requests", cluster="zzzzz") == 1
+
+
+async def test_empty_block_needs_no_request() -> None:
+    fake = FakeKeep(b"", {})
+    keep, _ = client(fake)
+    assert await keep.get(block(b""), route(services(1))) == b""
+    assert fake.calls == []
+
+
+async def test_failover_to_next_replica_on_error() -> None:
+    data = b"replicated"
+    loc = block(data)
+    svcs = services(3)
+    first, second, third = probe_order(loc.hash, svcs)
+    fake = FakeKeep(
+        data,
+        {
+            first.root_url: TransportError("connect", "refused"),
+            second.root_url: status(503),
+            third.root_url: ok,
+        },
+    )
+    keep, stats = client(fake)
+    assert await keep.get(loc, route(svcs)) == data
+    assert fake.roots() == [first.root_url, second.root_url, third.root_url]
+    assert stats.get("keep_errors") == 2
+
+
+async def test_bad_md5_is_never_returned_and_names_the_service(caplog: pytest.LogCaptureFixture) -> None:
+    data = b"the real bytes" * 100
+    loc = block(data)
+    svcs = services(2)
+    first, second = probe_order(loc.hash, svcs)
+    fake = FakeKeep(data, {first.root_url: corrupt, second.root_url: ok})
+    keep, stats = client(fake)
+    with caplog.at_level(logging.WARNING, logger="fedmount.keep"):
+        assert await keep.get(loc, route(svcs)) == data
+    assert stats.get("keep_bad_md5", cluster="zzzzz", service=first.uuid) == 1
+    (record,) = caplog.records
+    assert first.uuid in record.getMessage() and loc.key in record.getMessage()
+
+
+async def test_bad_md5_everywhere_is_an_error_without_secrets() -> None:
+    data = b"payload"
+    loc = block(data)
+    svcs = services(2)
+    fake = FakeKeep(data, {s.root_url: corrupt for s in svcs})
+    keep, stats = client(fake)
+    with pytest.raises(BlockError) as info:
+        await keep.get(loc, route(svcs))
+    message = str(info.value)
+    assert not isinstance(info.value, BlockNotFound)
+    assert loc.key in message and "\n" not in message
+    assert "secret" not in message and "f" * 40 not in message
+    assert all(s.root_url in message for s in svcs)
+    assert len(fake.calls) == 2  # a service that served bad bytes is not asked again
+    assert stats.get("keep_bad_md5") == 2
+
+
+async def test_not_found_everywhere_raises_block_not_found() -> None:
+    data = b"gone"
+    svcs = services(3)
+    fake = FakeKeep(data, {s.root_url: status(404) for s in svcs})
+    keep, _ = client(fake)
+    with pytest.raises(BlockNotFound) as info:
+        await keep.get(block(data), route(svcs))
+    assert block(data).key in str(info.value)
+    assert len(fake.calls) == 3  # 404 is final: no retry rounds
+
+
+async def test_stall_abandons_replica_for_the_next() -> None:
+    data = b"slow"
+    loc = block(data)
+    svcs = services(2)
+    first, second = probe_order(loc.hash, svcs)
+    fake = FakeKeep(data, {first.root_url: TransportError("stall", "no bytes for 30s"), second.root_url: ok})
+    keep, _ = client(fake)
+    assert await keep.get(loc, route(svcs)) == data
+    assert fake.roots() == [first.root_url, second.root_url]
+
+
+async def test_retries_are_bounded() -> None:
+    data = b"flaky"
+    svcs = services(2)
+    fake = FakeKeep(
+        data, {svcs[0].root_url: status(503), svcs[1].root_url: TransportError("network", "reset")}
+    )
+    keep, _ = client(fake, retries=2)
+    with pytest.raises(BlockError, match="HTTP 503") as info:
+        await keep.get(block(data), route(svcs))
+    assert "network: reset" in str(info.value)
+    assert len(fake.calls) == 2 * 3  # two services, three rounds
+
+
+async def test_transient_error_then_success_on_retry() -> None:
+    data = b"eventually"
+    answers = iter([Response(503), Response(429)])
+    svc = services(1)
+
+    def flaky(method: str, stored: bytes) -> Response:
+        return next(answers, None) or ok(method, stored)
+
+    fake = FakeKeep(data, {svc[0].root_url: flaky})
+    keep, _ = client(fake)
+    assert await keep.get(block(data), route(svc)) == data
+    assert len(fake.calls) == 3
+
+
+async def test_permanent_4xx_is_not_retried() -> None:
+    svc = services(1)
+    fake = FakeKeep(b"x", {svc[0].root_url: status(401)})
+    keep, _ = client(fake)
+    with pytest.raises(BlockError, match="HTTP 401"):
+        await keep.get(block(b"x"), route(svc))
+    assert len(fake.calls) == 1
+
+
+async def test_failed_service_is_demoted_for_later_blocks() -> None:
+    svcs = services(2)
+    data = [b"block %d" % i for i in range(10)]
+    dead = svcs[0].root_url
+    fake = FakeKeep(data, {dead: TransportError("connect", "refused"), svcs[1].root_url: ok})
+    keep, _ = client(fake)
+    for d in data:
+        assert await keep.get(block(d), route(svcs)) == d
+    assert fake.roots().count(dead) == 1
+
+
+async def test_head_locates_block() -> None:
+    svcs = services(2)
+    data = b"here"
+    fake = FakeKeep(data, {svcs[0].root_url: status(404), svcs[1].root_url: ok})
+    keep, _ = client(fake)
+    assert await keep.head(block(data), route(svcs)) is True
+    assert {m for m, _, _ in fake.calls} == {"HEAD"}
+    fake = FakeKeep(data, {s.root_url: status(404) for s in svcs})
+    keep, _ = client(fake)
+    assert await keep.head(block(data), route(svcs)) is False
+
+
+async def test_no_services_is_a_clear_error() -> None:
+    keep, _ = client(FakeKeep(b"", {}))
+    with pytest.raises(BlockError, match="no keep services"):
+        await keep.get(block(b"abc"), route(()))
+
+
+def test_md5_pipe_hashes_large_blocks_on_a_thread() -> None:
+    data = bytes(range(256)) * (40 << 10)  # 10 MiB: above the inline limit
+    pipe = Md5Pipe(len(data))
+    view = memoryview(data)
+    for i in range(0, len(data), 1 << 20):
+        pipe(view[i : i + (1 << 20)])
+    assert pipe.hexdigest() == hashlib.md5(data).hexdigest()
+
+
+def test_route_repr_hides_token() -> None:
+    assert TOKEN not in repr(route(services(1)))
