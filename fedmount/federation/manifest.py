@@ -1,0 +1,447 @@
+"""Manifest text -> a compact file tree whose files map to block segments; the PDH.
+
+Format (reference/arvados-protocol.md §3, Go ``fs_collection.go`` ``loadManifest``):
+every line is a stream ``<name> <locator>... <pos>:<len>:<file>...``. A stream's blocks
+are concatenated into one byte space and every file token names a range of it, which may
+span blocks. The same path may appear many times, in one or several streams: its pieces
+are concatenated in manifest order. Names are escaped (``\\ooo`` octal bytes, and ``\\\\``
+as Go accepts it); a token is decoded only after it was split on spaces and on its first
+two colons, then its path is split on ``/`` (names may contain ``/``: non-normalized
+manifests). A last component ``.`` only marks a directory (``0:0:\\056`` keeps an empty
+directory), and so does a zero-length file named like a directory.
+
+Memory is the design constraint: a collection may have millions of files and a mount may
+hold many collections, so the tree must cost about as much as the text, not ten times it.
+Nothing is built per file except its decoded name:
+
+- A `Stream` keeps its locator tokens as the strings of the text plus an `array` of block
+  start offsets; `Locator` objects are made when asked for.
+- A `Directory` keeps its files' names concatenated into one string with an array of end
+  offsets, the files' pieces as parallel arrays (stream index, stream offset, length),
+  and, for lookups, the names' hashes sorted in an array next to the matching file index:
+  `get()` bisects the hashes and compares the candidate's name. A file's pieces are
+  contiguous in the piece arrays (``piece_start`` is omitted when every file has exactly
+  one piece, the common case).
+- `File` is a two-slot view (directory, index) built on demand; `File.segments()` maps
+  each piece to blocks by bisecting the stream's block offsets and builds `Segment`s then.
+
+Parsing appends names and pieces per directory; `Directory._finish()` then merges repeated
+names (keeping manifest order), drops directory markers, rejects file/directory clashes
+and packs everything into the arrays above.
+
+The portable data hash is the md5 of the text with every locator cut to ``hash+size``,
+then ``+`` and the byte length (Go ``PortableDataHash``); the text is not re-normalized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import overload
+
+from .ids import MAX_BLOCK_SIZE, IdError, Locator, parse_locator
+
+_LOCATOR_RE = re.compile(r"[0-9a-f]{32}\+([0-9]+)(?:\+[A-Z][A-Za-z0-9@_-]*)*", re.ASCII)
+_SEGMENT_RE = re.compile(r"([0-9]+):([0-9]+):(.+)", re.ASCII | re.DOTALL)
+_ESCAPE_RE = re.compile(rb"\\([0-7]{3}|\\)")
+_HINTS_RE = re.compile(r"( [0-9a-f]{32}\+[0-9]+)\+[^ \n]*")
+_EMPTY_PDH = "d41d8cd98f00b204e9800998ecf8427e+0"
+
+
+class ManifestError(ValueError):
+    """Malformed manifest text; names the line (1-based) and token (1-based, 0 = whole line)."""
+
+    def __init__(self, line: int, token: int, text: str, why: str):
+        self.line = line
+        self.token = token
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        where = f"line {line}" + (f", token {token} {shown!r}" if token else "")
+        super().__init__(f"malformed manifest: {where}: {why}")
+
+
+def portable_data_hash(text: str) -> str:
+    """``md5hex+len`` of `text` with every block locator cut to ``hash+size``."""
+    if not text:
+        return _EMPTY_PDH
+    data = _HINTS_RE.sub(r"\1", text).encode()
+    return f"{hashlib.md5(data).hexdigest()}+{len(data)}"
+
+
+def _unescape_match(m: re.Match[bytes]) -> bytes:
+    seq = m.group(1)
+    if seq == b"\\":
+        return b"\\"
+    value = int(seq, 8)
+    return bytes((value,)) if value < 256 else m.group(0)
+
+
+def unescape(name: str) -> str:
+    """Decode ``\\ooo`` (a byte) and ``\\\\``; bytes that are not UTF-8 become surrogates
+    (``os.fsencode`` gives them back), so any name the cluster stores survives a mount."""
+    if "\\" not in name:
+        return name
+    raw = _ESCAPE_RE.sub(_unescape_match, name.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One piece of a file inside one block."""
+
+    locator: Locator
+    block_offset: int
+    length: int
+    file_offset: int
+    stream: Stream
+    block_index: int
+
+
+class _Blocks(Sequence[Locator]):
+    """A stream's locators, kept as their validated text and parsed when read."""
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, tokens: list[str]):
+        self._tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @overload
+    def __getitem__(self, index: int) -> Locator: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Locator]: ...
+
+    def __getitem__(self, index: int | slice) -> Locator | list[Locator]:
+        if isinstance(index, slice):
+            return [_locator(t) for t in self._tokens[index]]
+        return _locator(self._tokens[index])
+
+
+def _locator(token: str) -> Locator:
+    hash_, size, *hints = token.split("+")
+    return Locator(hash_, int(size), tuple(hints))
+
+
+class Stream:
+    """One manifest line's block space: its locators in order and where each starts."""
+
+    __slots__ = ("name", "blocks", "_tokens", "_starts", "index")
+
+    def __init__(self, name: str, index: int, tokens: list[str], starts: array):
+        self.name = name  # decoded stream name, "." or "./a/b"
+        self.index = index  # 0-based line number
+        self._tokens = tokens
+        self.blocks: Sequence[Locator] = _Blocks(tokens)
+        self._starts = starts  # len(blocks) + 1 offsets; the last is the stream size
+
+    @property
+    def size(self) -> int:
+        return self._starts[-1]
+
+    def segments(self, pos: int, length: int, file_offset: int) -> Iterator[Segment]:
+        """The block pieces of stream range [pos, pos+length), skipping empty blocks."""
+        starts = self._starts
+        index = bisect_right(starts, pos) - 1
+        end = pos + length
+        while pos < end:
+            block_end = starts[index + 1]
+            if block_end > pos:
+                take = min(block_end, end) - pos
+                yield Segment(self.blocks[index], pos - starts[index], take, file_offset, self, index)
+                pos += take
+                file_offset += take
+            index += 1
+
+    def __repr__(self) -> str:
+        return f"Stream({self.name!r}, {len(self.blocks)} blocks, {self.size} bytes)"
+
+
+class File:
+    """A view of one file of a `Directory`; cheap to make, equal to any view of the same file."""
+
+    __slots__ = ("_dir", "_index")
+
+    def __init__(self, directory: Directory, index: int):
+        self._dir = directory
+        self._index = index
+
+    @property
+    def name(self) -> str:
+        return self._dir._file_name(self._index)
+
+    @property
+    def size(self) -> int:
+        d = self._dir
+        first, last = d._piece_range(self._index)
+        if last - first == 1:
+            return d._p_len[first]
+        return sum(d._p_len[first:last])
+
+    def segments(self) -> list[Segment]:
+        """The file's block pieces in file order, contiguous from offset 0."""
+        d = self._dir
+        first, last = d._piece_range(self._index)
+        out: list[Segment] = []
+        offset = 0
+        for p in range(first, last):
+            length = d._p_len[p]
+            out.extend(d._streams[d._p_stream[p]].segments(d._p_pos[p], length, offset))
+            offset += length
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, File) and other._dir is self._dir and other._index == self._index
+
+    def __hash__(self) -> int:
+        return hash((id(self._dir), self._index))
+
+    def __repr__(self) -> str:
+        return f"File({self.name!r}, {self.size})"
+
+
+class Directory:
+    """A directory of the tree: sub-directories in a dict, files packed in arrays."""
+
+    __slots__ = (
+        "name", "_dirs", "_streams", "_names", "_name_ends", "_hashes", "_order",
+        "_piece_start", "_p_stream", "_p_pos", "_p_len",
+    )  # fmt: skip
+
+    def __init__(self, name: str, streams: list[Stream]):
+        self.name = name
+        self._dirs: dict[str, Directory] = {}
+        self._streams = streams
+        # While parsing: one entry per file token (names repeat); packed by _finish().
+        self._names: list[str] | str = []
+        self._name_ends: array = array("I")
+        self._hashes: array = array("q")
+        self._order: array = array("I")
+        self._piece_start: array | None = None
+        self._p_stream = array("I")
+        self._p_pos = array("q")
+        self._p_len = array("q")
+
+    def __len__(self) -> int:
+        return len(self._dirs) + len(self._name_ends)
+
+    def get(self, name: str) -> Directory | File | None:
+        sub = self._dirs.get(name)
+        if sub is not None:
+            return sub
+        index = self._find_file(name)
+        return None if index < 0 else File(self, index)
+
+    def entries(self) -> Iterable[tuple[str, Directory | File]]:
+        """Sub-directories, then files in the order the manifest first names them."""
+        yield from self._dirs.items()
+        for i in range(len(self._name_ends)):
+            yield self._file_name(i), File(self, i)
+
+    def __repr__(self) -> str:
+        return f"Directory({self.name!r}, {len(self)} entries)"
+
+    def _file_name(self, index: int) -> str:
+        start = self._name_ends[index - 1] if index else 0
+        return self._names[start : self._name_ends[index]]  # type: ignore[index]
+
+    def _find_file(self, name: str) -> int:
+        h = hash(name)
+        hashes = self._hashes
+        i = bisect_left(hashes, h)
+        while i < len(hashes) and hashes[i] == h:
+            index = self._order[i]
+            if self._file_name(index) == name:
+                return index
+            i += 1
+        return -1
+
+    def _piece_range(self, index: int) -> tuple[int, int]:
+        ps = self._piece_start
+        if ps is None:
+            return index, index + 1
+        return ps[index], ps[index + 1]
+
+    def _subdir(self, name: str) -> Directory:
+        sub = self._dirs.get(name)
+        if sub is None:
+            sub = self._dirs[name] = Directory(name, self._streams)
+        return sub
+
+    def _finish(self) -> None:
+        """Merge repeated names, drop markers, reject clashes, pack names and lookups."""
+        names: list[str] = self._names  # type: ignore[assignment]
+        distinct = set(names)
+        if len(distinct) != len(names) or not distinct.isdisjoint(self._dirs):
+            self._merge(names)
+            names = self._names  # type: ignore[assignment]
+        code = "I" if len(names) < 1 << 32 else "Q"
+        hashes = list(map(hash, names))
+        order = sorted(range(len(names)), key=hashes.__getitem__)
+        self._hashes = array("q", map(hashes.__getitem__, order))
+        self._order = array(code, order)
+        ends = list(accumulate(map(len, names)))
+        self._name_ends = array("I" if not ends or ends[-1] < 1 << 32 else "Q", ends)
+        self._names = "".join(names)
+
+    def _merge(self, names: list[str]) -> None:
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        p_stream, p_pos, p_len = array("I"), array("q"), array("q")
+        starts = array("Q", [0])
+        kept: list[str] = []
+        for name, pieces in groups.items():
+            if name in self._dirs:
+                if any(self._p_len[i] for i in pieces):
+                    line = self._p_stream[pieces[0]] + 1
+                    raise ManifestError(line, 0, name, f"file {name!r} clashes with a directory of that name")
+                continue  # a zero-length file named like a directory marks it
+            kept.append(name)
+            for i in pieces:
+                p_stream.append(self._p_stream[i])
+                p_pos.append(self._p_pos[i])
+                p_len.append(self._p_len[i])
+            starts.append(len(p_len))
+        self._names = kept
+        self._p_stream, self._p_pos, self._p_len = p_stream, p_pos, p_len
+        self._piece_start = starts if len(p_len) != len(kept) else None
+
+
+class Manifest:
+    """A parsed manifest: the directory tree and the streams its files point into."""
+
+    __slots__ = ("root", "streams")
+
+    def __init__(self, root: Directory, streams: list[Stream]):
+        self.root = root
+        self.streams: Sequence[Stream] = streams
+
+    def blocks(self) -> list[Locator]:
+        """Every block once (by ``hash+size``), in stream order, with its first hints."""
+        seen: set[str] = set()
+        out: list[Locator] = []
+        for stream in self.streams:
+            for token in stream._tokens:
+                hash_, size = token.split("+", 2)[:2]
+                k = f"{hash_}+{size}"
+                if k not in seen:
+                    seen.add(k)
+                    out.append(_locator(token))
+        return out
+
+    def walk(self) -> Iterator[tuple[str, File]]:
+        """``("dir/file", File)`` for every file, depth first."""
+        stack: list[tuple[str, Directory]] = [("", self.root)]
+        while stack:
+            prefix, directory = stack.pop()
+            for name, entry in directory.entries():
+                if isinstance(entry, File):
+                    yield prefix + name, entry
+                else:
+                    stack.append((prefix + name + "/", entry))
+
+    def find(self, path: str) -> Directory | File | None:
+        """The entry at ``a/b/c`` (no leading ``./``), or None."""
+        node: Directory | File | None = self.root
+        for part in path.split("/"):
+            if not isinstance(node, Directory):
+                return None
+            if part:
+                node = node.get(part)
+        return node
+
+
+def _walk_to(root: Directory, parts: list[str], line: int, token: int, text: str) -> Directory:
+    """The directory named by `parts` (``""`` and ``"."`` skipped), created as needed."""
+    node = root
+    for part in parts:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise ManifestError(line, token, text, "'..' is not allowed in a path")
+        node = node._subdir(part)
+    return node
+
+
+def _parse_locators(tokens: list[str], line: int) -> tuple[list[str], array, int]:
+    """Validate the locator tokens after the stream name; return them, starts, first file token."""
+    starts = array("q", [0])
+    total = 0
+    i = 1
+    match = _LOCATOR_RE.fullmatch
+    while i < len(tokens) and ":" not in tokens[i]:
+        m = match(tokens[i])
+        size = int(m.group(1)) if m else -1
+        if m is None or size > MAX_BLOCK_SIZE:
+            try:
+                parse_locator(tokens[i])
+                why = "not a locator"
+            except IdError as e:
+                why = str(e)
+            raise ManifestError(line, i + 1, tokens[i], why)
+        total += size
+        starts.append(total)
+        i += 1
+    if i == 1:
+        first = tokens[1] if len(tokens) > 1 else ""
+        raise ManifestError(line, 2, first, "a stream needs at least one locator")
+    if i == len(tokens):
+        raise ManifestError(line, 0, "", "a stream needs at least one file token")
+    return tokens[1:i], starts, i
+
+
+def parse_manifest(text: str) -> Manifest:
+    """Parse manifest text into a `Manifest`; raise `ManifestError` on malformed input."""
+    streams: list[Stream] = []
+    root = Directory("", streams)
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the final newline (a missing one is tolerated, as the Python SDK does)
+    segment = _SEGMENT_RE.fullmatch
+    for lineno, line_text in enumerate(lines, 1):
+        tokens = line_text.split(" ")
+        stream_name = unescape(tokens[0])
+        if stream_name != "." and not stream_name.startswith("./"):
+            raise ManifestError(lineno, 1, tokens[0], "a stream name is '.' or starts with './'")
+        stream_parts = stream_name.split("/")[1:]
+        stream_dir = _walk_to(root, stream_parts, lineno, 1, tokens[0])
+        locator_tokens, starts, first = _parse_locators(tokens, lineno)
+        stream_index = len(streams)
+        stream_size = starts[-1]
+        streams.append(Stream(stream_name, stream_index, locator_tokens, starts))
+        for t in range(first, len(tokens)):
+            token = tokens[t]
+            m = segment(token)
+            if m is None:
+                raise ManifestError(lineno, t + 1, token, "expected a file token <position>:<length>:<name>")
+            pos_text, len_text, name = m.groups()
+            pos, length = int(pos_text), int(len_text)
+            if pos + length > stream_size:
+                raise ManifestError(lineno, t + 1, token, f"range ends past the {stream_size}-byte stream")
+            directory = stream_dir
+            if "\\" in name:
+                name = unescape(name)
+            if "/" in name:
+                parts = name.split("/")
+                directory = _walk_to(stream_dir, parts[:-1], lineno, t + 1, token)
+                name = parts[-1]
+            if name == ".":
+                continue  # marks the directory, which _walk_to created
+            if name in ("", ".."):
+                raise ManifestError(lineno, t + 1, token, f"{name!r} is not a file name")
+            directory._names.append(name)  # type: ignore[union-attr]
+            directory._p_stream.append(stream_index)
+            directory._p_pos.append(pos)
+            directory._p_len.append(length)
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        directory._finish()
+        pending.extend(directory._dirs.values())
+    return Manifest(root, streams)
