@@ -1,0 +1,305 @@
+"""Benchmark results: figures from several runs, ratios to ceilings, targets, the table and the JSON.
+
+A `Figure` is the list of samples of one quantity (one per run) with its unit; what the
+report calls "the figure" is their median, and min and max are kept beside it. A `Result`
+is one workload: its figure, the ceiling figure it is divided by (measured in the same
+run), the `Target` and an optional error. The ratio is median(figure) / median(ceiling),
+and a target is judged on medians only:
+
+- ``ratio_at_least x``  — figure / ceiling ≥ x (throughputs);
+- ``ratio_at_most x``   — figure / ceiling ≤ x (memory against manifest size);
+- ``at_most x``         — figure ≤ x in its own unit, no ceiling needed (a time limit);
+- ``ceiling_plus x``    — figure ≤ ceiling + x (time to first byte against one block GET);
+- ``report``            — no target, the figure is only reported.
+
+`document()` builds the JSON document (schema ``fedmount-bench/1``) and `validate()`
+checks one read back from disk; ``--check-json`` uses it, and it never looks at a timing.
+`table()` renders the same document as a plain-text table, so what is printed and what is
+stored cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA = "fedmount-bench/1"
+TARGET_KINDS = ("ratio_at_least", "ratio_at_most", "at_most", "ceiling_plus", "report")
+UNITS = ("B/s", "s", "B", "ops/s", "files/s")
+
+
+@dataclass
+class Figure:
+    unit: str
+    samples: list[float]
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"unknown unit {self.unit!r}")
+        if not self.samples:
+            raise ValueError("a figure needs at least one sample")
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "median": self.median,
+            "min": min(self.samples),
+            "max": max(self.samples),
+            "samples": list(self.samples),
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str
+    value: float = 0.0
+    text: str = "reported"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"unknown target kind {self.kind!r}")
+
+    def met(self, figure: float, ceiling: float | None) -> bool | None:
+        """Whether `figure` (a median) meets the target against `ceiling`; None if not judged."""
+        if self.kind == "report":
+            return None
+        if self.kind == "at_most":
+            return figure <= self.value
+        if ceiling is None or ceiling <= 0:
+            return None
+        if self.kind == "ratio_at_least":
+            return figure / ceiling >= self.value
+        if self.kind == "ratio_at_most":
+            return figure / ceiling <= self.value
+        return figure <= ceiling + self.value  # ceiling_plus
+
+
+@dataclass
+class Result:
+    name: str
+    description: str
+    target: Target
+    figure: Figure | None = None
+    ceiling: Figure | None = None
+    ceiling_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.figure is None or self.ceiling is None or self.ceiling.median <= 0:
+            return None
+        return self.figure.median / self.ceiling.median
+
+    @property
+    def passed(self) -> bool | None:
+        if self.figure is None:
+            return None
+        return self.target.met(self.figure.median, self.ceiling.median if self.ceiling else None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "figure": self.figure.to_json() if self.figure else None,
+            "ceiling": (
+                {"name": self.ceiling_name, **self.ceiling.to_json()} if self.ceiling is not None else None
+            ),
+            "ratio": self.ratio,
+            "target": {"kind": self.target.kind, "value": self.target.value, "text": self.target.text},
+            "passed": self.passed,
+            "extra": self.extra,
+            "error": self.error,
+        }
+
+
+def lower_ceiling(ceilings: dict[str, Figure]) -> tuple[str, Figure]:
+    """The ceiling with the lowest median, for targets against min(A, B)."""
+    name = min(ceilings, key=lambda n: ceilings[n].median)
+    return name, ceilings[name]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import psutil
+    import pyfuse3
+    import trio
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pyfuse3": pyfuse3.__version__,
+        "trio": trio.__version__,
+        "libfuse": _command_version(["fusermount3", "--version"]),
+        "git_commit": _command_version(["git", "-C", os.path.dirname(__file__), "rev-parse", "HEAD"]),
+    }
+
+
+def _command_version(argv: list[str]) -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[-1] if text else None
+
+
+def document(
+    *,
+    mode: str,
+    target_fs: str,
+    settings: dict[str, Any],
+    ceilings: dict[str, tuple[Figure, dict[str, Any]]],
+    results: list[Result],
+    machine_info: dict[str, Any],
+    started_at: float,
+    duration_s: float,
+    notes: list[str],
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "mode": mode,
+        "target_fs": target_fs,
+        "started_at": started_at,
+        "duration_s": duration_s,
+        "machine": machine_info,
+        "settings": settings,
+        "notes": notes,
+        "ceilings": {name: {**fig.to_json(), "details": info} for name, (fig, info) in ceilings.items()},
+        "workloads": [r.to_json() for r in results],
+    }
+
+
+def validate(doc: Any) -> list[str]:
+    """Problems with a results document's shape (empty if fine). Never judges a timing."""
+    problems: list[str] = []
+    if not isinstance(doc, dict):
+        return ["document is not a JSON object"]
+    if doc.get("schema") != SCHEMA:
+        problems.append(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    if doc.get("mode") not in ("quick", "full"):
+        problems.append("mode must be 'quick' or 'full'")
+    for key in ("cpu_model", "cores", "memory_bytes", "kernel", "python", "pyfuse3"):
+        if not (doc.get("machine") or {}).get(key):
+            problems.append(f"machine.{key} is missing")
+    for name, ceiling in (doc.get("ceilings") or {}).items():
+        problems += _figure_problems(f"ceilings.{name}", ceiling)
+    workloads = doc.get("workloads")
+    if not isinstance(workloads, list) or not workloads:
+        return problems + ["workloads is missing or empty"]
+    for w in workloads:
+        where = f"workload {w.get('name')!r}"
+        if w.get("error"):
+            problems.append(f"{where} failed: {w['error']}")
+            continue
+        problems += _figure_problems(f"{where} figure", w.get("figure"))
+        if w.get("ceiling") is not None:
+            problems += _figure_problems(f"{where} ceiling", w["ceiling"])
+        if (w.get("target") or {}).get("kind") not in TARGET_KINDS:
+            problems.append(f"{where} has no valid target")
+        if w.get("passed") not in (True, False, None):
+            problems.append(f"{where} passed is not a boolean or null")
+    return problems
+
+
+def _figure_problems(where: str, fig: Any) -> list[str]:
+    if not isinstance(fig, dict):
+        return [f"{where} is missing"]
+    if fig.get("unit") not in UNITS:
+        return [f"{where} has unknown unit {fig.get('unit')!r}"]
+    values = [fig.get(k) for k in ("min", "median", "max")]
+    if not all(isinstance(v, int | float) for v in values):
+        return [f"{where} lacks min/median/max numbers"]
+    if not values[0] <= values[1] <= values[2]:
+        return [f"{where} does not satisfy min <= median <= max"]
+    if not isinstance(fig.get("samples"), list) or not fig["samples"]:
+        return [f"{where} has no samples"]
+    return []
+
+
+def write(doc: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_value(value: float, unit: str) -> str:
+    if unit == "B/s":
+        return f"{value / 1e9:.2f} GB/s" if value >= 1e9 else f"{value / 1e6:.0f} MB/s"
+    if unit == "B":
+        return f"{value / (1 << 20):.1f} MiB"
+    if unit == "s":
+        return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+    return f"{value:,.0f} {unit}"
+
+
+def _verdict(passed: bool | None, error: str | None) -> str:
+    if error:
+        return "ERROR"
+    return {True: "pass", False: "FAIL", None: "-"}[passed]
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The results document as a fixed-width text table, then the machine and notes."""
+    rows = [("workload", "figure (median)", "min .. max", "ceiling (median)", "ratio", "target", "result")]
+    for w in doc["workloads"]:
+        fig, ceil = w.get("figure"), w.get("ceiling")
+        spread = "-"
+        if fig:
+            spread = f"{format_value(fig['min'], fig['unit'])} .. {format_value(fig['max'], fig['unit'])}"
+        rows.append(
+            (
+                w["name"],
+                format_value(fig["median"], fig["unit"]) if fig else "-",
+                spread,
+                f"{ceil['name']}: {format_value(ceil['median'], ceil['unit'])}" if ceil else "-",
+                f"{w['ratio']:.2f}" if w.get("ratio") is not None else "-",
+                w["target"]["text"],
+                _verdict(w.get("passed"), w.get("error")),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for w in doc["workloads"]:
+        if w.get("error"):
+            lines.append(f"error in {w['name']}: {w['error']}")
+    lines.append("")
+    for name, c in doc.get("ceilings", {}).items():
+        lines.append(
+            f"ceiling {name}: {format_value(c['median'], c['unit'])} "
+            f"({format_value(c['min'], c['unit'])} .. {format_value(c['max'], c['unit'])}, "
+            f"{len(c['samples'])} runs) {c.get('details', {}).get('how', '')}".rstrip()
+        )
+    m = doc["machine"]
+    lines.append(
+        f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_bytes'] / (1 << 30):.1f} GiB, "
+        f"Linux {m['kernel']}, Python {m['python']}, pyfuse3 {m['pyfuse3']}, trio {m.get('trio')}"
+    )
+    lines.append(f"mode: {doc['mode']}, filesystem under test: {doc['target_fs']}")
+    lines.extend(f"note: {n}" for n in doc.get("notes", []))
+    return "\n".join(lines)
