@@ -1,0 +1,430 @@
+"""The host-wide block cache: a memory tier of verified 1 MiB chunks over a disk tier of block files.
+
+Content addressing. Entries are keyed by `Locator.key` (``hash+size``): the same block
+reached through any collection, cluster, signature or ``+R`` hint is one entry, and every
+mount on the host (a workstation mount, a container's mount, `fedmount stage`) shares it.
+Only blocks whose md5 matched their locator are ever `put` (keep.py verifies them).
+
+Disk tier (``<dir>/blocks/<hash[:2]>/<hash>+<size>``). A block file holds the block's bytes
+at offset 0, then a trailer: one crc32 per 1 MiB chunk (little-endian u32), the block
+size (u64) and an 8-byte magic. A `put` writes ``<file>.tmp.<pid>.<thread>`` and renames
+it into place, so readers in any process see either no file or a whole one, and two
+processes writing the same block race harmlessly (same content). Reads never load a
+block: they ``os.pread`` the 1 MiB chunks a request touches from a file descriptor kept
+open per hot block, and check each chunk's crc32 the first time this process reads it
+(crc32 runs at ~3.4 GB/s, md5 at 0.6 GB/s, so the md5 is paid once, on insert). A file
+whose length or trailer is wrong (truncated, foreign) or a chunk whose crc32 differs
+(bit flip) makes the block a miss: the file is deleted, ``cache_corrupt`` counted, one
+warning logged, and the caller fetches the block again from Keep. Corrupt bytes are
+never returned.
+
+Index and eviction. A small SQLite database (``<dir>/index.sqlite3``, WAL mode, shared by
+every process using the directory) records each block's size and last-access time, and
+the set of pinned keys. After a `put`, if the blocks' total size exceeds ``disk_limit``,
+the least recently used unpinned blocks are deleted inside one write transaction, so two
+processes never over- or double-evict. Access times are written when a process first
+reads a block and then at most once a minute per block, not on every read. A process
+that still has an evicted file open keeps reading it safely (POSIX unlink semantics).
+`pin`/`unpin` persist in the index, so a block pinned by `fedmount stage --pin` survives
+restarts and is never evicted by any process until unpinned.
+
+Why not `diskcache` for the block bytes: measured here with 64 MiB values, its ``set``
+ran at 0.47 GB/s against 0.69 GB/s for write+rename of a plain file, a lookup with LRU
+bookkeeping cost ~114 us (a SQLite write per access) against ~9 us for a 128 KiB
+``pread``, and it has no pinning and no per-chunk integrity. diskcache is itself
+"plain files + SQLite"; this module keeps that shape with the index the cache needs.
+
+Memory tier. An LRU of verified chunks keyed by ``(key, chunk index)``, bounded by
+``ram_limit`` bytes. A fresh `put` lands there as zero-copy views of the block; disk reads
+bring in whole aligned chunks, so a stream of 128 KiB FUSE reads costs one worker-thread
+hop per 1 MiB (``READ_AHEAD_CHUNKS`` chunks at a time) and is otherwise served from memory
+on the trio thread with no I/O.
+
+Degrading. If the directory cannot be created or written (read-only, no space,
+permissions), the cache logs exactly one warning and continues memory-only.
+
+All disk I/O, hashing and SQLite access run in worker threads (`trio.to_thread`) except
+`pin`/`unpin`/`cached_bytes`, which are small synchronous calls meant for start-up and
+command-line tools. ``directory=None`` selects `default_cache_dir()`; ``disk_limit=0``
+disables the disk tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from fedmount.stats import Stats
+
+log = logging.getLogger("fedmount.cache")
+
+CHUNK = 1 << 20
+READ_AHEAD_CHUNKS = 2  # chunks read from disk per worker-thread hop, beyond the ones asked for
+MAGIC = b"FMBLK\x01\x00\x00"
+OPEN_FILES = 64  # block files kept open per process
+TOUCH_INTERVAL = 60.0  # seconds between access-time updates of one block
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fedmount")
+
+
+def key_size(key: str) -> int:
+    """The block size from a ``hash+size`` key."""
+    return int(key.partition("+")[2])
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK - 1) // CHUNK
+
+
+def trailer(data: bytes | bytearray | memoryview) -> bytes:
+    """crc32 of every 1 MiB chunk, the size and the magic: what follows the bytes in a block file."""
+    view = memoryview(data)
+    crcs = [zlib.crc32(view[i : i + CHUNK]) for i in range(0, len(view), CHUNK)]
+    return struct.pack(f"<{len(crcs)}I", *crcs) + struct.pack("<Q", len(view)) + MAGIC
+
+
+def trailer_length(size: int) -> int:
+    return 4 * chunk_count(size) + 8 + len(MAGIC)
+
+
+class CorruptBlock(Exception):
+    """A block file failed its length, trailer or chunk crc32 check."""
+
+
+@dataclass
+class _OpenBlock:
+    file: object  # the open file (an io.FileIO): closed when the last reference goes away
+    fd: int
+    inode: int
+    size: int
+    crcs: tuple[int, ...]
+    verified: set[int] = field(default_factory=set)
+    touched: float = 0.0
+
+
+class _DiskTier:
+    """Block files plus the SQLite index; every method runs in a worker thread."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(os.path.join(directory, "blocks"), mode=0o700, exist_ok=True)
+        index = os.path.join(directory, "index.sqlite3")
+        self._db = sqlite3.connect(index, timeout=60, isolation_level=None, check_same_thread=False)
+        self._db_lock = threading.Lock()
+        with self._db_lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS blocks "
+                "(key TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS blocks_atime ON blocks(atime)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS pins (key TEXT PRIMARY KEY)")
+        self._open: OrderedDict[str, _OpenBlock] = OrderedDict()
+        self._open_lock = threading.Lock()
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.directory, "blocks", key[:2], key)
+
+    def _sql(self, query: str, args: Iterable[object] = ()) -> list[tuple]:
+        with self._db_lock:
+            return self._db.execute(query, tuple(args)).fetchall()
+
+    def contains(self, key: str) -> bool:
+        return os.path.exists(self.path(key))
+
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.write(trailer(data))
+            os.rename(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self._sql("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?)", (key, len(data), time.time()))
+
+    def _opened(self, key: str) -> _OpenBlock | None:
+        with self._open_lock:
+            block = self._open.get(key)
+            if block is not None:
+                self._open.move_to_end(key)
+                return block
+        try:
+            f = open(self.path(key), "rb", buffering=0)  # kept open in the LRU below
+        except FileNotFoundError:
+            return None
+        size = key_size(key)
+        st = os.fstat(f.fileno())
+        tail_len = trailer_length(size)
+        if st.st_size != size + tail_len:
+            f.close()
+            raise CorruptBlock(f"file is {st.st_size} bytes, expected {size + tail_len}")
+        tail = os.pread(f.fileno(), tail_len, size)
+        n = chunk_count(size)
+        if tail[-len(MAGIC) :] != MAGIC or struct.unpack_from("<Q", tail, 4 * n)[0] != size:
+            f.close()
+            raise CorruptBlock("bad trailer")
+        block = _OpenBlock(f, f.fileno(), st.st_ino, size, struct.unpack_from(f"<{n}I", tail))
+        with self._open_lock:
+            self._open[key] = block
+            while len(self._open) > OPEN_FILES:
+                self._open.popitem(last=False)
+        return block
+
+    def read_chunks(self, key: str, first: int, last: int) -> list[memoryview] | None:
+        """Chunks first..last (inclusive, clipped to the block) verified, or None if not on disk."""
+        block = self._opened(key)
+        if block is None:
+            return None
+        last = min(last, chunk_count(block.size) - 1)
+        start = first * CHUNK
+        data = os.pread(block.fd, min(block.size, (last + 1) * CHUNK) - start, start)
+        view = memoryview(data)
+        chunks = []
+        for i in range(first, last + 1):
+            piece = view[(i - first) * CHUNK : (i - first + 1) * CHUNK]
+            if i not in block.verified:
+                expected_len = min(CHUNK, block.size - i * CHUNK)
+                if len(piece) != expected_len or zlib.crc32(piece) != block.crcs[i]:
+                    raise CorruptBlock(f"chunk {i} failed its crc32 check")
+                block.verified.add(i)
+            chunks.append(piece)
+        now = time.time()
+        if now - block.touched > TOUCH_INTERVAL:
+            block.touched = now
+            self._sql(
+                "INSERT INTO blocks VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET atime=?",
+                (key, block.size, now, now),
+            )
+        return chunks
+
+    def discard(self, key: str) -> None:
+        """Delete a corrupt block file (only the inode this process saw, if it had one open)."""
+        with self._open_lock:
+            block = self._open.pop(key, None)
+        try:
+            if block is None or os.stat(self.path(key)).st_ino == block.inode:
+                os.unlink(self.path(key))
+        except FileNotFoundError:
+            pass
+        self._sql("DELETE FROM blocks WHERE key = ?", (key,))
+
+    def evict(self, limit: int, keep: str) -> tuple[int, int]:
+        """Delete least recently used unpinned blocks until the total is within `limit`.
+
+        Returns (blocks evicted, bytes on disk after eviction)."""
+        evicted = []
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()[0]
+                if total > limit:
+                    rows = self._db.execute(
+                        "SELECT key, size FROM blocks WHERE key NOT IN (SELECT key FROM pins) AND key != ? "
+                        "ORDER BY atime",
+                        (keep,),
+                    )
+                    for key, size in rows.fetchall():
+                        if total <= limit:
+                            break
+                        evicted.append(key)
+                        total -= size
+                    self._db.executemany("DELETE FROM blocks WHERE key = ?", [(k,) for k in evicted])
+                    for key in evicted:
+                        try:
+                            os.unlink(self.path(key))
+                        except FileNotFoundError:
+                            pass
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        with self._open_lock:
+            for key in evicted:
+                self._open.pop(key, None)
+        return len(evicted), total
+
+    def pin(self, keys: Iterable[str]) -> None:
+        with self._db_lock:
+            self._db.executemany("INSERT OR IGNORE INTO pins (key) VALUES (?)", [(k,) for k in keys])
+
+    def unpin(self, keys: Iterable[str]) -> None:
+        with self._db_lock:
+            self._db.executemany("DELETE FROM pins WHERE key = ?", [(k,) for k in keys])
+
+    def pinned(self) -> set[str]:
+        return {k for (k,) in self._sql("SELECT key FROM pins")}
+
+
+class BlockCache:
+    def __init__(self, directory: str | None, disk_limit: int, ram_limit: int, stats: Stats | None = None):
+        self._stats = stats if stats is not None else Stats()
+        self._disk_limit = disk_limit
+        self._ram_limit = ram_limit
+        self._ram: OrderedDict[tuple[str, int], bytes | memoryview] = OrderedDict()
+        self._ram_bytes = 0
+        self._disk: _DiskTier | None = None
+        self._degraded = False
+        if disk_limit > 0:
+            directory = directory if directory is not None else default_cache_dir()
+            try:
+                self._disk = _DiskTier(directory)
+            except (OSError, sqlite3.Error) as exc:
+                self._degrade(directory, exc)
+
+    @property
+    def directory(self) -> str | None:
+        """The disk tier's directory, or None when running memory-only."""
+        return self._disk.directory if self._disk is not None else None
+
+    def _degrade(self, directory: str, exc: BaseException) -> None:
+        if self._degraded:
+            return
+        self._degraded = True
+        log.warning(
+            "block cache: cannot use %s (%s); continuing with the memory cache only; free space or pick "
+            "another --cache-dir",
+            directory,
+            exc,
+        )
+        self._disk = None
+        self._stats.set("cache_degraded", 1)
+
+    # memory tier -------------------------------------------------------------------
+
+    def _ram_put(self, key: str, index: int, chunk: bytes | memoryview) -> None:
+        slot = (key, index)
+        old = self._ram.pop(slot, None)
+        if old is not None:
+            self._ram_bytes -= len(old)
+        self._ram[slot] = chunk
+        self._ram_bytes += len(chunk)
+        while self._ram_bytes > self._ram_limit and self._ram:
+            _, dropped = self._ram.popitem(last=False)
+            self._ram_bytes -= len(dropped)
+        self._stats.set("cache_ram_bytes", self._ram_bytes)
+
+    def _ram_get(self, key: str, index: int) -> bytes | memoryview | None:
+        chunk = self._ram.get((key, index))
+        if chunk is not None:
+            self._ram.move_to_end((key, index))
+        return chunk
+
+    # public API --------------------------------------------------------------------
+
+    async def read(self, key: str, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset+length) of the block (clipped to its size), or None on a miss."""
+        size = key_size(key)
+        end = min(size, offset + length)
+        if end <= offset:
+            return b""
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        chunks = [self._ram_get(key, i) for i in range(first, last + 1)]
+        tier = "ram"
+        if any(c is None for c in chunks):
+            if self._disk is None:
+                return self._miss(length)
+            missing = [i for i, c in zip(range(first, last + 1), chunks, strict=True) if c is None]
+            lo, hi = missing[0], missing[-1] + READ_AHEAD_CHUNKS
+            try:
+                got = await trio.to_thread.run_sync(self._disk.read_chunks, key, lo, hi)
+            except CorruptBlock as exc:
+                await self._corrupt(key, exc)
+                return self._miss(length)
+            except OSError as exc:
+                log.warning("block cache: reading %s failed (%s); fetching it again", key, exc)
+                return self._miss(length)
+            if got is None:
+                return self._miss(length)
+            for i, chunk in enumerate(got, lo):
+                self._ram_put(key, i, chunk)
+                if first <= i <= last:
+                    chunks[i - first] = chunk
+            tier = "disk"
+        base = first * CHUNK
+        if len(chunks) == 1:
+            out = bytes(chunks[0][offset - base : end - base])  # type: ignore[index]
+        else:
+            pieces = []
+            for i, chunk in enumerate(chunks, first):
+                lo, hi = max(offset, i * CHUNK) - i * CHUNK, min(end, (i + 1) * CHUNK) - i * CHUNK
+                pieces.append(chunk[lo:hi])  # type: ignore[index]
+            out = b"".join(pieces)
+        self._stats.add("cache_hits", tier=tier)
+        self._stats.add("cache_hit_bytes", len(out), tier=tier)
+        return out
+
+    def _miss(self, length: int) -> None:
+        self._stats.add("cache_misses")
+        self._stats.add("cache_miss_bytes", length)
+        return None
+
+    async def _corrupt(self, key: str, exc: BaseException) -> None:
+        self._stats.add("cache_corrupt")
+        log.warning("block cache: discarding corrupt cache file for block %s (%s)", key, exc)
+        for index in range(chunk_count(key_size(key))):
+            chunk = self._ram.pop((key, index), None)
+            if chunk is not None:
+                self._ram_bytes -= len(chunk)
+        if self._disk is not None:
+            await trio.to_thread.run_sync(self._disk.discard, key)
+
+    async def put(self, key: str, data: bytes | bytearray) -> None:
+        """Store a verified block (len(data) must match the key's size) in both tiers."""
+        if len(data) != key_size(key):
+            raise ValueError(f"block {key}: got {len(data)} bytes")
+        view = memoryview(data).toreadonly()
+        for index in range(chunk_count(len(view))):
+            self._ram_put(key, index, view[index * CHUNK : (index + 1) * CHUNK])
+        disk = self._disk
+        if disk is None:
+            return
+        try:
+            evicted, total = await trio.to_thread.run_sync(self._disk_put, disk, key, view)
+        except (OSError, sqlite3.Error) as exc:
+            self._degrade(disk.directory, exc)
+            return
+        self._stats.add("cache_evictions", evicted)
+        self._stats.set("cache_disk_bytes", total)
+
+    def _disk_put(self, disk: _DiskTier, key: str, view: memoryview) -> tuple[int, int]:
+        if not disk.contains(key):
+            disk.write(key, view)
+        return disk.evict(self._disk_limit, keep=key)
+
+    def cached_bytes(self, key: str) -> int:
+        """How many bytes of the block this cache holds (the whole size if it is on disk)."""
+        if self._disk is not None and self._disk.contains(key):
+            return key_size(key)
+        chunks = (self._ram.get((key, i)) for i in range(chunk_count(key_size(key))))
+        return sum(len(c) for c in chunks if c is not None)
+
+    def pin(self, keys: Iterable[str]) -> None:
+        """Never evict these blocks, in any process sharing the directory, until `unpin`."""
+        if self._disk is not None:
+            self._disk.pin(keys)
+
+    def unpin(self, keys: Iterable[str]) -> None:
+        if self._disk is not None:
+            self._disk.unpin(keys)
+
+    def pinned(self) -> set[str]:
+        return self._disk.pinned() if self._disk is not None else set()

@@ -1,0 +1,229 @@
+"""BlockCache: tiers, partial reads, eviction, pins, corruption, degrading, sharing between processes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fedmount.blocks.cache import CHUNK, BlockCache, default_cache_dir
+from fedmount.stats import Stats
+
+MiB = 1 << 20
+
+
+def make_block(size: int, seed: int = 0) -> tuple[str, bytes]:
+    data = (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+    data = bytes((b + i) & 0xFF for i, b in enumerate(data[:4096])) + data[4096:]
+    return f"{hashlib.md5(data).hexdigest()}+{size}", data
+
+
+def fresh(cache_dir: Path, **kw: int) -> tuple[BlockCache, Stats]:
+    stats = Stats()
+    args = {"disk_limit": 64 * MiB, "ram_limit": 8 * MiB} | kw
+    return BlockCache(str(cache_dir), stats=stats, **args), stats
+
+
+def block_file(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "blocks" / key[:2] / key
+
+
+async def test_put_then_read_from_memory(tmp_path: Path) -> None:
+    cache, stats = fresh(tmp_path)
+    key, data = make_block(3 * MiB + 17)
+    assert await cache.read(key, 0, 10) is None
+    await cache.put(key, data)
+    assert await cache.read(key, 0, len(data)) == data
+    assert await cache.read(key, MiB - 5, 10) == data[MiB - 5 : MiB + 5]  # spans two chunks
+    assert await cache.read(key, len(data) - 3, 100) == data[-3:]  # clipped to the block
+    assert await cache.read(key, len(data), 100) == b""
+    assert stats.get("cache_hits", tier="ram") == 3
+    assert stats.get("cache_misses") == 1
+    assert cache.cached_bytes(key) == len(data)
+
+
+async def test_fresh_instance_reads_partial_ranges_from_disk(tmp_path: Path) -> None:
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(5 * MiB + 3)
+    await writer.put(key, data)
+    reader, stats = fresh(tmp_path)  # a restarted mount: empty memory tier
+    assert (
+        await reader.read(key, 2 * MiB + 100, 128 << 10) == data[2 * MiB + 100 : 2 * MiB + 100 + (128 << 10)]
+    )
+    assert stats.get("cache_hits", tier="disk") == 1
+    assert reader.cached_bytes(key) == len(data)
+    for offset in range(0, len(data), 128 << 10):
+        assert await reader.read(key, offset, 128 << 10) == data[offset : offset + (128 << 10)]
+    # chunks come from disk a few MiB per worker-thread hop, the rest from memory
+    assert stats.get("cache_hits", tier="disk") <= 4
+    assert stats.get("cache_hits", tier="ram") >= 30
+
+
+async def test_default_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path / "fedmount")
+    cache = BlockCache(None, disk_limit=MiB, ram_limit=MiB)
+    assert cache.directory == str(tmp_path / "fedmount")
+
+
+async def test_eviction_keeps_within_limit_lru_first(tmp_path: Path) -> None:
+    cache, stats = fresh(tmp_path, disk_limit=10 * MiB, ram_limit=MiB)
+    blocks = [make_block(3 * MiB, seed) for seed in range(3)]
+    for key, data in blocks:
+        await cache.put(key, data)
+    reader, _ = fresh(tmp_path, disk_limit=10 * MiB, ram_limit=MiB)
+    await reader.read(blocks[0][0], 0, 1)  # block 0 is now more recently used than block 1
+    newest = make_block(3 * MiB, 99)
+    await cache.put(*newest)
+    assert block_file(tmp_path, blocks[0][0]).exists()
+    assert not block_file(tmp_path, blocks[1][0]).exists()
+    assert block_file(tmp_path, newest[0]).exists()
+    assert stats.get("cache_evictions") == 1
+    assert stats.get("cache_disk_bytes") == 9 * MiB
+
+
+async def test_pinned_blocks_survive_eviction_from_another_instance(tmp_path: Path) -> None:
+    stage, _ = fresh(tmp_path, disk_limit=6 * MiB, ram_limit=MiB)
+    pinned = make_block(3 * MiB, 1)
+    await stage.put(*pinned)
+    stage.pin([pinned[0]])
+    mount, _ = fresh(tmp_path, disk_limit=6 * MiB, ram_limit=MiB)
+    assert mount.pinned() == {pinned[0]}
+    for seed in range(10, 14):
+        await mount.put(*make_block(3 * MiB, seed))
+    assert block_file(tmp_path, pinned[0]).exists()
+    mount.unpin([pinned[0]])
+    await mount.put(*make_block(3 * MiB, 20))
+    assert not block_file(tmp_path, pinned[0]).exists()
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "trailer"])
+async def test_corrupt_cache_file_is_detected_discarded_never_served(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(3 * MiB)
+    await writer.put(key, data)
+    path = block_file(tmp_path, key)
+    raw = bytearray(path.read_bytes())
+    if damage == "bitflip":
+        raw[2 * MiB + 12345] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[: 2 * MiB]
+    else:
+        raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    reader, stats = fresh(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fedmount.cache"):
+        assert await reader.read(key, 0, len(data)) is None
+    assert stats.get("cache_corrupt") == 1
+    assert not path.exists()
+    assert key in caplog.text
+    await reader.put(key, data)  # refetched from Keep
+    assert await fresh(tmp_path)[0].read(key, 0, len(data)) == data
+
+
+async def test_bit_flip_in_an_unread_chunk_is_caught_when_that_chunk_is_read(tmp_path: Path) -> None:
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(8 * MiB)
+    await writer.put(key, data)
+    path = block_file(tmp_path, key)
+    with open(path, "r+b") as f:
+        f.seek(7 * MiB + 1)
+        byte = f.read(1)
+        f.seek(7 * MiB + 1)
+        f.write(bytes([byte[0] ^ 0x80]))
+    reader, stats = fresh(tmp_path)
+    assert await reader.read(key, 0, 4096) == data[:4096]
+    assert await reader.read(key, 7 * MiB, 4096) is None
+    assert stats.get("cache_corrupt") == 1
+
+
+async def test_unwritable_directory_degrades_to_memory_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    with caplog.at_level(logging.WARNING, logger="fedmount.cache"):
+        cache, stats = fresh(blocker / "cache")
+        for seed in range(3):
+            key, data = make_block(MiB, seed)
+            await cache.put(key, data)
+            assert await cache.read(key, 0, 10) == data[:10]
+    assert cache.directory is None
+    assert len(caplog.records) == 1
+    assert stats.get("cache_degraded") == 1
+
+
+async def test_write_failure_degrades_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache, stats = fresh(tmp_path)
+    (tmp_path / "blocks").rmdir()
+    (tmp_path / "blocks").write_text("the disk went bad under us")  # works even as root
+    with caplog.at_level(logging.WARNING, logger="fedmount.cache"):
+        for seed in range(3):
+            key, data = make_block(MiB, seed)
+            await cache.put(key, data)
+            assert await cache.read(key, 5, 10) == data[5:15]
+    assert len(caplog.records) == 1
+    assert cache.directory is None
+    assert stats.get("cache_degraded") == 1
+
+
+async def test_memory_tier_is_bounded(tmp_path: Path) -> None:
+    cache, stats = fresh(tmp_path, disk_limit=0, ram_limit=2 * CHUNK)
+    first, data = make_block(3 * MiB)
+    await cache.put(first, data)
+    assert stats.get("cache_ram_bytes") <= 2 * CHUNK
+    assert await cache.read(first, 0, 10) is None  # oldest chunk dropped, no disk tier
+    assert await cache.read(first, 2 * MiB, 10) == data[2 * MiB : 2 * MiB + 10]
+
+
+async def test_put_rejects_wrong_size(tmp_path: Path) -> None:
+    cache, _ = fresh(tmp_path)
+    key, data = make_block(1000)
+    with pytest.raises(ValueError):
+        await cache.put(key, data[:-1])
+
+
+SHARED_CHILD = textwrap.dedent(
+    """
+    import sys, trio
+    from fedmount.blocks.cache import BlockCache
+    directory, key, want_md5, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+    async def main():
+        import hashlib
+        cache = BlockCache(directory, disk_limit=64 << 20, ram_limit=1 << 20)
+        data = await cache.read(key, 0, size)
+        assert data is not None and hashlib.md5(data).hexdigest() == want_md5, "child read wrong bytes"
+        cache.pin([key])
+        other = bytes(range(256)) * 4096
+        await cache.put(hashlib.md5(other).hexdigest() + "+" + str(len(other)), other)
+        print("ok")
+
+    trio.run(main)
+    """
+)
+
+
+async def test_two_processes_share_one_directory(tmp_path: Path) -> None:
+    parent, _ = fresh(tmp_path, disk_limit=64 * MiB)
+    key, data = make_block(2 * MiB + 5)
+    await parent.put(key, data)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARED_CHILD, str(tmp_path), key, key[:32], str(len(data))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    assert parent.pinned() == {key}  # the child's pin is visible here
+    other = bytes(range(256)) * 4096
+    other_key = hashlib.md5(other).hexdigest() + "+" + str(len(other))
+    assert await parent.read(other_key, 0, len(other)) == other  # the child's block too
