@@ -1,0 +1,188 @@
+"""Ceilings: the best this machine can do for each workload without fedmount's own work.
+
+Each is measured in the same run as the fedmount figures it divides, with the same reader:
+
+- **FUSE** — `bench.nullfs` (a pyfuse3-on-trio filesystem serving bytes from memory)
+  mounted with the same read-ahead, each run on a fresh mount, read with the same
+  ``dd bs=READ_SIZE`` (and the same random-read loop for the random workloads). What
+  fedmount cannot beat however good its cache is.
+- **Keep** — raw parallel HTTP GETs of the file's blocks from the keepstores fedmount
+  reads (the home cluster's services, with the signed locators the home controller
+  returns, ``+R`` ones included, exactly as fedmount's home mode sends them), one urllib3
+  connection per thread, ``threads`` GETs in flight, bodies counted and dropped: no md5,
+  no cache, no FUSE. The single-GET time of one block is the ceiling for time to first
+  byte. The locators and services are obtained like a client does: ``GET
+  /arvados/v1/collections/UUID`` and ``GET /arvados/v1/keep_services/accessible`` on the
+  home controller with the token and CA from the federation state.
+- **page cache** — ``dd`` of a local file of the same size that was just read once, so
+  every page is cached: what a second read of a file could cost at best.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import urllib3
+
+from fedmount.blocks.keep import KeepService, probe_order
+from fedmount.federation.ids import Locator
+from fedmount.federation.manifest import File, parse_manifest
+
+from .workloads import BenchCollection, BenchError, Mount, collection_path, dd_read, drop_page_cache
+
+BODY_CHUNK = 1 << 20
+
+
+# --- FUSE ----------------------------------------------------------------------------------
+
+
+class NullfsSubject:
+    """The null filesystem with the benchmark collections' layout (``by_id/UUID/PATH``)."""
+
+    name = "nullfs"
+
+    def __init__(self, collections: Sequence[BenchCollection], workdir: str, read_ahead_kb: int,
+                 python: str) -> None:
+        self.workdir = workdir
+        self.read_ahead_kb = read_ahead_kb
+        self.python = python
+        os.makedirs(workdir, exist_ok=True)
+        files = {"by_id/README": 64}
+        for c in collections:
+            files.update({f"by_id/{c.uuid}/{path}": size for path, size in c.files.items()})
+        self.spec = os.path.join(workdir, "nullfs-spec.json")
+        with open(self.spec, "w", encoding="utf-8") as f:
+            json.dump({"files": files}, f)
+
+    def mount(self, *, cold: bool) -> Mount:
+        if cold:
+            drop_page_cache()
+        argv = [self.python, "-m", "bench.nullfs", "--spec", self.spec,
+                "--read-ahead-kb", str(self.read_ahead_kb), os.path.join(self.workdir, "mnt")]
+        return Mount(argv, os.path.join(self.workdir, "mnt"), os.path.join(self.workdir, "nullfs.log"),
+                     ready="by_id/README", env={**os.environ, "PYTHONPATH": _repo_root()})
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fuse_sequential(subject: NullfsSubject, collection: BenchCollection, path: str, read_size: int,
+                    runs: int) -> list[float]:
+    """Bytes per second of ``dd`` through the null filesystem, one fresh mount per run."""
+    size = collection.files[path]
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            samples.append(size / dd_read(collection_path(m, collection, path), read_size, size))
+    return samples
+
+
+# --- page cache ------------------------------------------------------------------------------
+
+
+def page_cache_sequential(workdir: str, size: int, read_size: int, runs: int) -> list[float]:
+    """Bytes per second of ``dd`` of a local file of `size` bytes that is already in the page cache."""
+    path = os.path.join(workdir, "page-cache-ceiling.bin")
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for done in range(0, size, len(chunk)):
+            f.write(chunk[: size - done])
+    dd_read(path, read_size, size)  # every page is now cached
+    try:
+        return [size / dd_read(path, read_size, size) for _ in range(runs)]
+    finally:
+        os.unlink(path)
+
+
+# --- Keep ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterAccess:
+    """How a client reaches one cluster: from the federation state file."""
+
+    api_host: str
+    token: str
+    ca_cert: str
+
+    @classmethod
+    def home_of(cls, state: dict[str, Any]) -> ClusterAccess:
+        home = state["clusters"][state["home"]]
+        return cls(api_host=home["api_host"], token=home["token"], ca_cert=state["ca_cert"])
+
+
+class KeepCeiling:
+    """Raw GETs of one file's blocks from the keepstores a home-mode client would use."""
+
+    def __init__(self, access: ClusterAccess, collection_uuid: str, path: str, threads: int) -> None:
+        self.access = access
+        self.threads = threads
+        self.http = urllib3.PoolManager(maxsize=threads, ca_certs=access.ca_cert, retries=False,
+                                        timeout=urllib3.Timeout(connect=10, read=120))
+        record = self._api(f"/arvados/v1/collections/{quote(collection_uuid, safe='')}")
+        file = parse_manifest(record["manifest_text"]).find(path)
+        if not isinstance(file, File):
+            raise BenchError(f"{path} is not a file of collection {collection_uuid}")
+        seen: dict[str, Locator] = {}
+        for seg in file.segments():
+            seen.setdefault(seg.locator.key, seg.locator)
+        self.blocks = list(seen.values())
+        items = self._api("/arvados/v1/keep_services/accessible")["items"]
+        self.services = [
+            KeepService(uuid=s["uuid"], service_type=s.get("service_type", "disk"),
+                        root_url=f"{'https' if s['service_ssl_flag'] else 'http'}://{s['service_host']}:"
+                                 f"{s['service_port']}")
+            for s in items
+        ]
+        if not self.services:
+            raise BenchError(f"{access.api_host} lists no keep services")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    def _api(self, path: str) -> dict[str, Any]:
+        resp = self.http.request("GET", f"https://{self.access.api_host}{path}",
+                                 headers={"Authorization": f"Bearer {self.access.token}"})
+        if resp.status != 200:
+            raise BenchError(f"GET {path} on {self.access.api_host} answered {resp.status}")
+        return json.loads(resp.data)
+
+    def get(self, locator: Locator) -> int:
+        """GET one block (trying services in rendezvous order); the number of body bytes."""
+        outcomes = []
+        for service in probe_order(locator.hash, self.services):
+            resp = self.http.request("GET", f"{service.root_url}/{locator}", preload_content=False,
+                                     headers={"Authorization": f"Bearer {self.access.token}"})
+            try:
+                if resp.status != 200:
+                    outcomes.append(f"{service.root_url}: {resp.status}")
+                    continue
+                received = sum(len(chunk) for chunk in resp.stream(BODY_CHUNK))
+            finally:
+                resp.release_conn()
+            if received != locator.size:
+                raise BenchError(f"{service.root_url} sent {received} bytes of {locator.key}")
+            return received
+        raise BenchError(f"no keep service returned {locator.key}: {'; '.join(outcomes)}")
+
+    def parallel_read(self) -> float:
+        """Bytes per second of GETting every block, `threads` at a time."""
+        start = time.perf_counter()
+        with ThreadPoolExecutor(self.threads) as pool:
+            total = sum(pool.map(self.get, self.blocks))
+        return total / (time.perf_counter() - start)
+
+    def first_block_seconds(self) -> float:
+        """Seconds to GET the file's first block, alone."""
+        start = time.perf_counter()
+        self.get(self.blocks[0])
+        return time.perf_counter() - start

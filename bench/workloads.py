@@ -1,0 +1,255 @@
+"""What the benchmark does to a mounted filesystem, and how it mounts one.
+
+Every workload is a plain tool or a plain read loop against a path, so the same code reads
+fedmount, the null filesystem (`bench.nullfs`) and a local file, and a figure and its
+ceiling are measured the same way:
+
+- sequential reads are ``dd if=FILE of=/dev/null bs=READ_SIZE`` and the figure is dd's own
+  byte count and time (its clock starts after the open, so process start-up is not in
+  it); the file is stat'ed first, so metadata lookups are not in it either;
+- random reads are ``os.pread`` at offsets drawn with a fixed seed, aligned to the read
+  size, over one open descriptor;
+- the metadata walk is ``find DIR -printf '%s %m\\n'`` (a stat of every entry);
+- the small-file read is ``xargs -0 cat`` over a known list of paths;
+- time to first byte is open + a 1-byte read of a file whose metadata is already known.
+
+`Mount` runs a FUSE daemon as a foreground subprocess, waits until a path inside the mount
+exists, and unmounts with ``fusermount3 -u`` when done (then ``-u -z`` if the daemon will
+not let go). `drop_page_cache` empties the kernel page cache for cold runs when root.
+
+The workload functions (``*_workload``) are written against `Subject`: something that can
+open fresh mounts of the filesystem under test, cold (fresh disk cache, page cache dropped)
+or warm (the disk cache of earlier runs), and tell where a collection's file is in them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import psutil
+
+from .report import Result
+
+DD_RE = re.compile(r"^(\d+) bytes .* copied, ([0-9.e+-]+) s,", re.MULTILINE)
+
+
+class BenchError(Exception):
+    """A step of the benchmark could not run; the message is one line saying which and why."""
+
+
+# --- mounting ----------------------------------------------------------------------------
+
+
+class Mount:
+    """A FUSE daemon run in the foreground as a subprocess; a context manager.
+
+    Entering starts `argv` (stdout and stderr to `log_path`) and waits until `ready` (a
+    path relative to the mountpoint, "" for the mount itself) exists inside a mounted
+    `mountpoint`. Leaving unmounts and waits for the daemon to exit."""
+
+    def __init__(self, argv: Sequence[str], mountpoint: str, log_path: str, *, ready: str = "",
+                 env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        self.argv = list(argv)
+        self.mountpoint = mountpoint
+        self.log_path = log_path
+        self.ready = ready
+        self.env = env
+        self.timeout = timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def __enter__(self) -> Mount:
+        os.makedirs(self.mountpoint, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.timeout
+        target = os.path.join(self.mountpoint, self.ready)
+        while not (os.path.ismount(self.mountpoint) and os.path.exists(target)):
+            if self.process.poll() is not None:
+                raise BenchError(f"{self.argv[0]} exited with status {self.process.returncode} before "
+                                 f"{target} appeared: {last_line(self.log_path)}")
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise BenchError(f"{target} did not appear within {self.timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+
+    def rss(self) -> int:
+        """Resident memory of the daemon and its children, in bytes."""
+        proc = psutil.Process(self.pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read()[-4096:].decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the kernel page cache; False if not allowed (not root)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+# --- readers -----------------------------------------------------------------------------
+
+
+def dd_read(path: str, read_size: int, expect: int) -> float:
+    """Seconds dd took to read all of `path` (which must be `expect` bytes) in `read_size` reads."""
+    os.stat(path)
+    out = subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={read_size}"], capture_output=True,
+                         text=True, env={**os.environ, "LC_ALL": "C"})
+    if out.returncode != 0:
+        raise BenchError(f"dd of {path} failed: {out.stderr.strip().splitlines()[-1:]}")
+    m = DD_RE.search(out.stderr)
+    if m is None:
+        raise BenchError(f"cannot parse dd output: {out.stderr.strip()!r}")
+    if int(m.group(1)) != expect:
+        raise BenchError(f"dd read {m.group(1)} bytes of {path}, expected {expect}")
+    return float(m.group(2))
+
+
+def random_offsets(size: int, read_size: int, count: int, seed: int = 0) -> list[int]:
+    """`count` offsets, multiples of `read_size`, each with a full read inside a `size`-byte file."""
+    slots = size // read_size
+    if slots < 1:
+        raise BenchError(f"file of {size} bytes is smaller than one {read_size}-byte read")
+    rng = random.Random(seed)
+    return [rng.randrange(slots) * read_size for _ in range(count)]
+
+
+def random_read(path: str, offsets: Sequence[int], read_size: int) -> float:
+    """Seconds taken by one pread of `read_size` at each offset, over one open descriptor."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        for off in offsets:
+            if len(os.pread(fd, read_size, off)) != read_size:
+                raise BenchError(f"short read of {path} at {off}")
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+
+def find_stat(directory: str, expect_entries: int) -> float:
+    """Seconds for ``find DIR -printf`` to stat every entry; checks it saw `expect_entries`."""
+    start = time.perf_counter()
+    out = subprocess.run(["find", directory, "-printf", "%s %m\n"], capture_output=True)
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0:
+        raise BenchError(f"find {directory} failed: {out.stderr.decode(errors='replace').strip()[:200]}")
+    seen = out.stdout.count(b"\n")
+    if seen != expect_entries:
+        raise BenchError(f"find {directory} saw {seen} entries, expected {expect_entries}")
+    return elapsed
+
+
+def cat_files(paths: Sequence[str], expect_bytes: int) -> float:
+    """Seconds for ``xargs -0 cat`` to read every path; checks the byte count."""
+    listing = b"".join(os.fsencode(p) + b"\0" for p in paths)
+    start = time.perf_counter()
+    out = subprocess.run(["sh", "-c", "xargs -0 cat | wc -c"], input=listing, capture_output=True)
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0 or int(out.stdout or 0) != expect_bytes:
+        raise BenchError(f"cat of {len(paths)} files read {out.stdout.strip().decode() or 0} bytes, "
+                         f"expected {expect_bytes}: {out.stderr.decode(errors='replace').strip()[:200]}")
+    return elapsed
+
+
+def first_byte(path: str) -> float:
+    """Seconds from open to the first byte read of `path`."""
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if len(os.read(fd, 1)) != 1:
+            raise BenchError(f"{path} is empty")
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+
+# --- the filesystem under test -----------------------------------------------------------
+
+
+@dataclass
+class BenchCollection:
+    name: str
+    uuid: str
+    cluster: str
+    files: dict[str, int]
+    manifest_size: int = 0
+    entries: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        dirs = {os.path.dirname(p) for p in self.files}
+        for d in list(dirs):
+            while d:
+                d = os.path.dirname(d)
+                dirs.add(d)
+        dirs.discard("")
+        self.entries = len(self.files) + len(dirs) + 1  # + the collection directory itself
+
+
+class Subject(Protocol):
+    """The filesystem under test: fresh mounts of it, and where things are in them."""
+
+    name: str
+
+    def mount(self, *, cold: bool) -> Mount: ...
+
+    def collection_dir(self, mount: Mount, collection: BenchCollection) -> str: ...
+
+
+def collection_path(mount: Mount, collection: BenchCollection, path: str = "") -> str:
+    return os.path.join(mount.mountpoint, "by_id", collection.uuid, path)
+
+
+def repeat(runs: int, one_run: Callable[[], float]) -> list[float]:
+    return [one_run() for _ in range(runs)]
+
+
+def guarded(result: Result, measure: Callable[[], None]) -> Result:
+    """Run `measure` (which fills `result`); a failure becomes `result.error`, one line."""
+    try:
+        measure()
+    except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the others
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return result
+
