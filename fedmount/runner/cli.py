@@ -1,0 +1,373 @@
+"""`fedmount-run`: run one Arvados container record with its collections mounted by fedmount.
+
+The run, in the order crunch-run does it (reference/arvados-protocol.md §7):
+
+1. Parse and validate the record (`spec.py`); a bad record is refused before anything
+   starts (exit status 2, one line naming the field).
+2. Make a private temporary directory, start `fedmount` on `<tmp>/mnt` (`mounts.py`), wait
+   for `by_id/README`, stat every collection source (a missing collection or path is the
+   record's fault: exit status 2).
+3. Make the image available (`runtimes/*.prepare_image`), create the host side of the
+   other mounts, open stdin from the mount, start the container (`runtimes/`), sample its
+   resource use (`crunchstat.py`) and watch the mount: if fedmount dies the container is
+   stopped.
+4. Clean up on every path — success, failure, refusal, SIGINT/SIGTERM: stop and remove the
+   container, read the mount's stats, unmount (`fedmount --unmount`, then signals, then a
+   lazy unmount), remove the temporary directory, write result.json (`results.py`).
+
+Signals: the first SIGINT/SIGTERM raises `Interrupted` in the main thread wherever it is
+waiting; later ones, and any arriving during cleanup, are only recorded, so cleanup always
+runs to its end. Children run in sessions of their own so that a terminal's Ctrl-C reaches
+only the wrapper, which stops them in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fedmount.runner.crunchstat import Sampler
+from fedmount.runner.mounts import (
+    FedMount,
+    collection_source,
+    fedmount_args,
+    is_mounted,
+    prepare_binds,
+    stream_path,
+)
+from fedmount.runner.results import mount_figures, read_mount_stats, write_result
+from fedmount.runner.runtimes import RunError, container_environment
+from fedmount.runner.runtimes.docker import DockerRuntime
+from fedmount.runner.runtimes.local import LocalRuntime
+from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, load_record
+
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
+DESCRIPTION = """\
+Run one container step described by an Arvados container record (JSON, from a file or -
+for standard input) the way crunch-run does: mount the collections it names, from any
+cluster of the federation, with fedmount; bind them read-only into a Docker container or a
+bubblewrap sandbox; collect its output directory, standard output and error, resource use
+and the mount's figures in the results directory; and exit with the container's status.
+"""
+
+EPILOG = """\
+record fields:
+  command, container_image, cwd, environment, mounts, output_path and
+  runtime_constraints (API, ram, vcpus, keep_cache_disk, keep_cache_ram) are used;
+  other fields are ignored. Mount kinds: collection (portable_data_hash or uuid,
+  optional path; read-only), tmp, json, text, file (stdout and stderr only), and
+  stdin from a collection file. keep mounts and writable collections are refused.
+  output_path must be the target of a tmp mount.
+
+image:
+  container_image may name a collection (PDH or UUID, any cluster) holding a
+  Docker image tarball as arv-keepdocker stores it (<image id>.tar); it is
+  streamed from the mount into docker load. Any other name is a local Docker
+  image, never pulled. The local runtime takes an image collection (unpacked into
+  a private root) or a root directory such as /.
+
+environment:
+  The container gets the record's environment; ARVADOS_API_HOST,
+  ARVADOS_API_TOKEN and ARVADOS_API_HOST_INSECURE (from fedmount-run's own
+  environment) and network access only when runtime_constraints.API is true.
+  fedmount itself is started with fedmount-run's environment.
+
+results (in --output-dir):
+  output/ (the output_path mount), stdout.txt, stderr.txt, fedmount.log,
+  crunchstat.txt, result.json (state Complete or Cancelled, exit_code, error,
+  timings, bytes read per cluster, cache hits, CPU and memory figures).
+  No token is written to any of them.
+
+exit status:
+  the container's exit status when it ran; 1 when the run failed for another
+  reason (no runtime, the mount did not come up or died); 2 when the record was
+  refused (invalid JSON, missing command, unsupported mount, missing collection,
+  path or image); 128+N when interrupted by signal N (SIGINT, SIGTERM). Every
+  path stops the container, unmounts and removes temporary directories.
+"""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedmount-run",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("record", help="the container record: a JSON file, or - for standard input")
+    p.add_argument(
+        "--output-dir",
+        required=True,
+        metavar="DIR",
+        help="results directory; created if missing, must be empty",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("docker", "local"),
+        help="docker (the default when the Docker daemon answers) or local (bubblewrap)",
+    )
+    p.add_argument(
+        "--fedmount",
+        metavar="CMD",
+        help="the fedmount command to run (default: fedmount beside this Python, else on PATH)",
+    )
+    p.add_argument(
+        "--crunchstat-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between resource lines in crunchstat.txt and fedmount.log (default 10)",
+    )
+    p.add_argument(
+        "--mount-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the mount to be ready (default 60)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="fedmount disk cache directory when keep_cache_disk is set (default: a private one, removed)",
+    )
+    p.add_argument(
+        "--tmpdir", metavar="DIR", help="where the private temporary directory goes (default $TMPDIR or /tmp)"
+    )
+    return p
+
+
+def default_fedmount() -> list[str]:
+    beside = Path(sys.executable).parent / "fedmount"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("fedmount")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from fedmount.cli import main; sys.exit(main())"]
+
+
+def choose_runtime(name: str | None) -> DockerRuntime | LocalRuntime:
+    if name == "docker" or (name is None and DockerRuntime.available()):
+        if name == "docker" and not DockerRuntime.available():
+            raise RunError(
+                "--runtime docker: the Docker daemon does not answer; start dockerd or use --runtime local"
+            )
+        return DockerRuntime()
+    if not LocalRuntime.available():
+        raise RunError("no runtime: the Docker daemon does not answer and bwrap is not installed")
+    return LocalRuntime()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Run:
+    def __init__(self, spec: ContainerSpec, args: argparse.Namespace, results_dir: str) -> None:
+        self.spec = spec
+        self.args = args
+        self.results = results_dir
+        self.fedmount = shlex.split(args.fedmount) if args.fedmount else default_fedmount()
+        self.signals: list[int] = []
+        self.cleaning = False
+        self.result: dict[str, Any] = {
+            "container_uuid": spec.uuid,
+            "container_image": spec.container_image,
+            "state": "Cancelled",
+            "exit_code": None,
+            "error": None,
+            "runtime": None,
+            "started_at": _now(),
+            "finished_at": None,
+            "timings": {},
+            "fedmount": mount_figures({}),
+            "resources": None,
+            "output_dir": os.path.join(results_dir, "output") if spec.output_path else None,
+            "stdout": os.path.join(results_dir, "stdout.txt"),
+            "stderr": os.path.join(results_dir, "stderr.txt"),
+            "fedmount_log": os.path.join(results_dir, "fedmount.log"),
+        }
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 1 and not self.cleaning:
+            raise Interrupted(signum)
+
+    def execute(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        t0 = time.monotonic()
+        runtime = mount = sampler = None
+        work = None
+        files: list[Any] = []
+        status = EXIT_FAILED
+        try:
+            runtime = choose_runtime(self.args.runtime)
+            self.result["runtime"] = runtime.name
+            work = tempfile.mkdtemp(prefix="fedmount-run-", dir=self.args.tmpdir)
+            mnt = os.path.join(work, "mnt")
+            os.mkdir(mnt)
+            cache_dir = self.args.cache_dir or os.path.join(work, "cache")
+            argv = fedmount_args(
+                self.fedmount,
+                self.spec,
+                mnt,
+                docker=runtime.needs_allow_other,
+                cache_dir=cache_dir,
+                crunchstat_interval=self.args.crunchstat_interval,
+            )
+            mount = FedMount(argv, self.fedmount, mnt, self.result["fedmount_log"])
+            self.result["timings"]["mount_seconds"] = round(
+                mount.start(dict(os.environ), self.args.mount_timeout), 3
+            )
+            mount.check_sources(self.spec)
+
+            t = time.monotonic()
+            image = runtime.prepare_image(self.spec, mnt, work)
+            self.result["timings"]["image_seconds"] = round(time.monotonic() - t, 3)
+            binds = prepare_binds(self.spec, mnt, work, self.result["output_dir"])
+            stdin_mount = self.spec.mounts.get("stdin")
+            stdin = (
+                open(collection_source(mnt, stdin_mount), "rb")
+                if isinstance(stdin_mount, CollectionMount)
+                else None
+            )
+            out_dir = self.result["output_dir"] or self.results
+            stdout = open(stream_path(self.spec, "stdout", out_dir, self.result["stdout"]), "wb")
+            stderr = open(stream_path(self.spec, "stderr", out_dir, self.result["stderr"]), "wb")
+            files = [f for f in (stdin, stdout, stderr) if f is not None]
+
+            t = time.monotonic()
+            env = container_environment(self.spec, os.environ)
+            proc = runtime.start(self.spec, binds, image, env, stdin, stdout, stderr, dict(os.environ))
+            sampler = Sampler(
+                runtime.pid, os.path.join(self.results, "crunchstat.txt"), self.args.crunchstat_interval
+            )
+            sampler.start()
+            while proc.poll() is None:
+                if not mount.alive():
+                    raise RunError(
+                        f"fedmount exited during the run, so the container was stopped; see {mount.log_path}"
+                    )
+                time.sleep(0.1)
+            status = runtime.exit_code(proc)
+            self.result["timings"]["run_seconds"] = round(time.monotonic() - t, 3)
+            self.result.update(state="Complete", exit_code=status)
+        except SpecError as exc:
+            status, self.result["error"] = EXIT_REFUSED, str(exc)
+        except RunError as exc:
+            status, self.result["error"] = EXIT_FAILED, str(exc)
+        except Interrupted as exc:
+            status, self.result["error"] = 128 + exc.signum, str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported in one line, traceback to the debug log
+            with open(os.path.join(self.results, "fedmount-run.log"), "a", encoding="utf-8") as log:
+                traceback.print_exc(file=log)
+            status, self.result["error"] = (
+                EXIT_FAILED,
+                f"unexpected {type(exc).__name__}: {exc} (see fedmount-run.log)",
+            )
+        finally:
+            self.cleaning = True
+            self._cleanup(runtime, mount, sampler, files, work)
+            self.result["timings"]["total_seconds"] = round(time.monotonic() - t0, 3)
+            self.result["finished_at"] = _now()
+            write_result(os.path.join(self.results, "result.json"), self.result)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.result["error"]:
+            print(f"fedmount-run: {self.result['error']}", file=sys.stderr)
+        return status
+
+    def _cleanup(self, runtime, mount, sampler, files, work) -> None:  # noqa: ANN001 - the locals of execute
+        """Stop everything execute started, in reverse order; each step runs whatever failed before."""
+        steps = []
+        if sampler is not None:
+            steps.append(lambda: self.result.update(resources=sampler.stop()))
+        if runtime is not None:
+            steps.append(runtime.stop)
+        steps += [f.close for f in files]
+        if mount is not None:
+            steps.append(
+                lambda: (
+                    mount.alive()
+                    and self.result.update(fedmount=mount_figures(read_mount_stats(mount.mountpoint)))
+                )
+            )
+            steps.append(mount.stop)
+        steps.append(self._link_streams)
+        if work is not None:
+            steps.append(lambda: _remove_workdir(work))
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning, report the first failure
+                if not self.result["error"]:
+                    self.result["error"] = f"cleanup: {exc}"
+
+    def _link_streams(self) -> None:
+        """A stdout/stderr file mount wrote into output/: make stdout.txt/stderr.txt name it too."""
+        for stream in ("stdout", "stderr"):
+            m = self.spec.mounts.get(stream)
+            if isinstance(m, FileMount) and self.result["output_dir"]:
+                src = stream_path(self.spec, stream, self.result["output_dir"], "")
+                if os.path.exists(src) and not os.path.exists(self.result[stream]):
+                    os.link(src, self.result[stream])
+
+
+def _remove_workdir(work: str) -> None:
+    mnt = os.path.join(work, "mnt")
+    if os.path.isdir(mnt) and is_mounted(mnt):
+        raise RunError(f"{mnt} is still mounted; unmount it with fusermount3 -u -z {mnt}")
+    shutil.rmtree(work)
+
+
+def _prepare_results(path: str) -> str:
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and os.listdir(path):
+        raise SpecError("--output-dir", f"{path} is not empty; give a new or empty directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise SpecError("--output-dir", f"cannot create {path}: {exc.strerror}") from None
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.record == "-":
+            text, source = sys.stdin.read(), "record"
+        else:
+            source = args.record
+            try:
+                text = Path(args.record).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise SpecError(args.record, f"cannot read the record: {exc.strerror}") from None
+        spec = load_record(text, source)
+        results = _prepare_results(args.output_dir)
+    except SpecError as exc:
+        print(f"fedmount-run: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    return Run(spec, args, results).execute()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
