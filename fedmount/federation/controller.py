@@ -1,0 +1,210 @@
+"""Async client of one Arvados cluster's API (controller), over `httpx.AsyncClient`.
+
+One `ControllerClient` talks to one cluster with one token, and is the only place
+fedmount speaks the API protocol (reference/arvados-protocol.md §0–§2, §6):
+
+- The discovery document (``GET /discovery/v1/apis/arvados/v1/rest``, no auth) is fetched
+  once per client, under a lock so concurrent first callers share one request, and cached
+  for the client's life. Calls go to ``rootUrl + servicePath + path`` as the Python SDK
+  does; path parameters are percent-encoded (``+`` is ``%2B``).
+- Every call sends ``Authorization: Bearer <token>`` with the exact token text the client
+  was built with (the caller decides which token a cluster may see; see federation.py)
+  and an ``X-Request-Id``.
+- Retries: network errors and 408/429/5xx are retried with exponential backoff and full
+  jitter (``backoff * 2**attempt`` capped at ``max_backoff``), at most ``retries`` times
+  and never past ``retry_budget`` seconds since the first attempt. Every other status is
+  an answer: 401/403/404/422 mean what they say and are raised at once.
+- Failures raise `ApiError` with the HTTP status (0 when the cluster could not be reached),
+  the cluster, and a one-line message built from the server's ``{"errors": [...]}``,
+  passed through `redact` so that no token can leak into a log line.
+- TLS: a CA file, the system trust store, or no verification in insecure mode
+  (``ARVADOS_API_HOST_INSECURE``). The transport is injectable: unit tests pass an
+  `httpx.MockTransport` and no socket is opened.
+
+Stats (label ``cluster``): ``api_requests``, ``api_bytes`` (response bodies),
+``api_retries``, ``api_errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import ssl
+import string
+import time
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from fedmount.blocks.keep import KeepService
+from fedmount.stats import Stats
+
+from .tokens import ApiToken, redact
+
+log = logging.getLogger("fedmount.controller")
+
+DISCOVERY_PATH = "/discovery/v1/apis/arvados/v1/rest"
+RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+_REQUEST_ID_CHARS = string.ascii_lowercase + string.digits
+
+
+class ApiError(Exception):
+    """An API call that failed: `status` (0 = unreachable), `cluster`, one-line `message`."""
+
+    def __init__(self, status: int, cluster: str, message: str):
+        self.status = status
+        self.cluster = cluster
+        self.message = redact(" ".join(message.split()))
+        super().__init__(f"{cluster}: {self.message}")
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The server's reason, from ``{"errors": [...]}`` when it sent one, in one short line."""
+    try:
+        errors = response.json().get("errors")
+        text = "; ".join(str(e) for e in errors) if errors else ""
+    except (ValueError, AttributeError):
+        text = ""
+    text = text or response.reason_phrase or "no reason given"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def request_id() -> str:
+    return "req-" + "".join(secrets.choice(_REQUEST_ID_CHARS) for _ in range(20))
+
+
+class ControllerClient:
+    """One cluster's API, as seen with one token."""
+
+    def __init__(
+        self,
+        api_host: str,
+        token: ApiToken,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        ca_file: str | None = None,
+        insecure: bool = False,
+        stats: Stats | None = None,
+        retries: int = 4,
+        cluster: str | None = None,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        retry_budget: float = 60.0,
+        timeout: float = 30.0,
+    ):
+        self.api_host = api_host
+        self.token = token
+        self.stats = stats or Stats()
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.retry_budget = retry_budget
+        self._label = cluster or api_host  # the stats/error label until discovery names it
+        verify: ssl.SSLContext | bool = False
+        if not insecure:
+            verify = ssl.create_default_context(cafile=ca_file)
+        self._http = httpx.AsyncClient(
+            transport=transport, verify=verify, timeout=httpx.Timeout(timeout, connect=10.0)
+        )
+        self._discovery: dict[str, Any] | None = None
+        self._discovery_lock = trio.Lock()
+        self._keep_services: list[KeepService] | None = None
+        self._keep_lock = trio.Lock()
+
+    @property
+    def cluster(self) -> str:
+        """The cluster id once discovery named it, else what the caller called it."""
+        return self._label
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def discovery(self) -> dict[str, Any]:
+        async with self._discovery_lock:
+            if self._discovery is None:
+                doc = await self._request(f"https://{self.api_host}{DISCOVERY_PATH}", auth=False)
+                if not isinstance(doc, dict) or not doc.get("uuidPrefix"):
+                    why = f"{self.api_host} served a discovery document without uuidPrefix"
+                    raise ApiError(502, self._label, why)
+                self._discovery = doc
+                self._label = doc["uuidPrefix"]
+            return self._discovery
+
+    async def cluster_id(self) -> str:
+        return (await self.discovery())["uuidPrefix"]
+
+    async def get_collection(self, id: str) -> dict[str, Any]:
+        return await self.call(f"collections/{quote(id, safe='')}")
+
+    async def current_user(self) -> dict[str, Any]:
+        return await self.call("users/current")
+
+    async def keep_services(self) -> list[KeepService]:
+        """The cluster's accessible keep services (disk and proxy), fetched once."""
+        async with self._keep_lock:
+            if self._keep_services is None:
+                answer = await self.call("keep_services/accessible")
+                self._keep_services = [
+                    KeepService(
+                        uuid=item["uuid"],
+                        root_url="{}://{}:{}/".format(
+                            "https" if item.get("service_ssl_flag") else "http",
+                            item["service_host"],
+                            item["service_port"],
+                        ),
+                        service_type=item.get("service_type") or "disk",
+                        read_only=bool(item.get("read_only")),
+                    )
+                    for item in answer.get("items", [])
+                ]
+            return list(self._keep_services)
+
+    async def call(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """GET ``<rootUrl><servicePath><path>``; non-string parameters are JSON-encoded."""
+        doc = await self.discovery()
+        base = doc.get("rootUrl") or f"https://{self.api_host}/"
+        url = base.rstrip("/") + "/" + (doc.get("servicePath") or "arvados/v1/").strip("/") + "/" + path
+        query = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (params or {}).items()}
+        answer = await self._request(url, params=query)
+        if not isinstance(answer, dict):
+            raise ApiError(502, self._label, f"GET {path}: the answer is not a JSON object")
+        return answer
+
+    async def _request(self, url: str, *, auth: bool = True, params: dict[str, str] | None = None) -> Any:
+        headers = {"Accept": "application/json", "X-Request-Id": request_id()}
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token.text}"
+        path = httpx.URL(url).path
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            self.stats.add("api_requests", cluster=self._label)
+            try:
+                response = await self._http.get(url, headers=headers, params=params)
+                self.stats.add("api_bytes", len(response.content), cluster=self._label)
+                if response.status_code not in RETRY_STATUSES:
+                    return self._answer(path, response)
+                failure = ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response)}")
+            except httpx.TransportError as e:
+                failure = ApiError(0, self._label, f"cannot reach {self.api_host}: {type(e).__name__}: {e}")
+            delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+            if attempt >= self.retries or time.monotonic() - started + delay > self.retry_budget:
+                self.stats.add("api_errors", cluster=self._label)
+                raise failure
+            attempt += 1
+            self.stats.add("api_retries", cluster=self._label)
+            log.debug("retrying in %.2fs after %s", delay, failure)
+            await trio.sleep(delay)
+
+    def _answer(self, path: str, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            self.stats.add("api_errors", cluster=self._label)
+            raise ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response)}")
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(502, self._label, f"GET {path}: the answer is not JSON") from None

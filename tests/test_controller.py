@@ -1,0 +1,208 @@
+"""ControllerClient against a fake cluster behind httpx.MockTransport (no sockets)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from fedmount.blocks.keep import KeepService
+from fedmount.federation.controller import ApiError, ControllerClient
+from fedmount.federation.tokens import parse_token
+from fedmount.stats import Stats
+
+HOME_TOKEN = "v2/zzzzz-gj3su-000000000000001/" + "s3cr3t" * 8  # the fake federation's (conftest.py)
+
+
+def client(fake, **kw) -> ControllerClient:
+    kw.setdefault("backoff", 0.001)
+    return ControllerClient("api.zzzzz.example", fake.token, transport=fake.transport, **kw)
+
+
+async def test_discovery_is_fetched_once_and_names_the_cluster(fake):
+    c = client(fake)
+    assert await c.cluster_id() == "zzzzz"
+    await c.current_user()
+    await c.current_user()
+    paths = [r.path for r in fake.requests]
+    assert paths.count("/discovery/v1/apis/arvados/v1/rest") == 1
+    assert c.cluster == "zzzzz"
+    await c.aclose()
+
+
+async def test_discovery_is_sent_without_token_and_calls_with_bearer(fake):
+    c = client(fake)
+    await c.current_user()
+    assert fake.requests[0].token is None
+    assert fake.requests[1].token == HOME_TOKEN
+    await c.aclose()
+
+
+async def test_get_collection_by_uuid_and_pdh_percent_encodes(fake):
+    rec = fake.add_collection("zzzzz", "1", {"a.txt": b"hello"})
+    c = client(fake)
+    assert (await c.get_collection(rec["uuid"]))["manifest_text"] == rec["manifest_text"]
+    by_pdh = await c.get_collection(rec["portable_data_hash"])
+    assert by_pdh["uuid"] == rec["portable_data_hash"]
+    await c.aclose()
+
+
+async def test_pdh_path_is_percent_encoded():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.raw_path)
+        if request.url.path.startswith("/discovery"):
+            return httpx.Response(200, json={"uuidPrefix": "zzzzz", "rootUrl": "https://h/"})
+        return httpx.Response(200, json={"uuid": "x"})
+
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=httpx.MockTransport(handler))
+    await c.get_collection("d41d8cd98f00b204e9800998ecf8427e+0")
+    assert seen[-1] == b"/arvados/v1/collections/d41d8cd98f00b204e9800998ecf8427e%2B0"
+    await c.aclose()
+
+
+async def test_keep_services_are_cached_dataclasses(fake):
+    c = client(fake)
+    services = await c.keep_services()
+    assert services == [
+        KeepService("zzzzz-bi6l4-000000000025107", "http://keep0.zzzzz.example:25107/", "disk", False),
+        KeepService("zzzzz-bi6l4-000000000025108", "http://keep1.zzzzz.example:25108/", "disk", False),
+    ]
+    await c.keep_services()
+    assert [r.path for r in fake.requests].count("/arvados/v1/keep_services/accessible") == 1
+    await c.aclose()
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 408])
+async def test_transient_statuses_are_retried(fake, status):
+    fake.home.fail_next = [status, status]
+    stats = Stats()
+    c = client(fake, stats=stats)
+    assert (await c.current_user())["is_active"]
+    assert stats.get("api_retries") == 2
+    await c.aclose()
+
+
+async def test_network_errors_are_retried(fake):
+    fake.home.fail_next = [httpx.ConnectError("refused"), httpx.ReadTimeout("slow")]
+    c = client(fake)
+    assert await c.cluster_id() == "zzzzz"
+    await c.aclose()
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 422])
+async def test_answers_are_not_retried(fake, status):
+    c = client(fake)
+    await c.discovery()
+    fake.home.fail_next = [status]
+    with pytest.raises(ApiError) as info:
+        await c.current_user()
+    assert info.value.status == status and info.value.cluster == "zzzzz"
+    assert len(fake.requests) == 2
+    await c.aclose()
+
+
+async def test_retries_are_bounded_by_count(fake):
+    fake.home.fail_next = [503] * 10
+    c = client(fake, retries=3)
+    with pytest.raises(ApiError) as info:
+        await c.discovery()
+    assert info.value.status == 503 and "injected 503" in info.value.message
+    assert len(fake.requests) == 4
+    await c.aclose()
+
+
+async def test_retries_are_bounded_by_time(fake):
+    fake.home.fail_next = [503] * 100
+    c = client(fake, retries=100, backoff=0.05, max_backoff=0.05, retry_budget=0.3)
+    started = time.monotonic()
+    with pytest.raises(ApiError):
+        await c.discovery()
+    assert time.monotonic() - started < 0.6
+    assert len(fake.requests) < 100
+    await c.aclose()
+
+
+async def test_backoff_grows_exponentially_with_jitter(fake, monkeypatch):
+    import fedmount.federation.controller as controller
+
+    delays = []
+
+    async def fake_sleep(seconds):
+        delays.append(seconds)
+
+    monkeypatch.setattr(controller.trio, "sleep", fake_sleep)
+    fake.home.fail_next = [503] * 4
+    c = client(fake, backoff=1.0, max_backoff=4.0, retries=4, retry_budget=1000)
+    await c.discovery()
+    caps = [1.0, 2.0, 4.0, 4.0]
+    assert len(delays) == 4 and all(0 <= d <= cap for d, cap in zip(delays, caps, strict=True))
+    await c.aclose()
+
+
+async def test_unreachable_is_status_zero_and_one_line(fake):
+    fake.home.fail_next = [httpx.ConnectError("Connection refused\nsecond line")] * 3
+    c = client(fake, retries=2)
+    with pytest.raises(ApiError) as info:
+        await c.discovery()
+    assert info.value.status == 0 and "\n" not in str(info.value)
+    assert "cannot reach api.zzzzz.example" in str(info.value)
+    await c.aclose()
+
+
+async def test_error_message_never_contains_the_token():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/discovery"):
+            return httpx.Response(200, json={"uuidPrefix": "zzzzz"})
+        return httpx.Response(401, json={"errors": [f"bad token {HOME_TOKEN}\nBearer {HOME_TOKEN}"]})
+
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=httpx.MockTransport(handler))
+    with pytest.raises(ApiError) as info:
+        await c.current_user()
+    text = str(info.value)
+    assert HOME_TOKEN not in text and "s3cr3t" not in text and "\n" not in text
+    await c.aclose()
+
+
+async def test_non_json_answer_is_an_api_error():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/discovery"):
+            return httpx.Response(200, json={"uuidPrefix": "zzzzz"})
+        return httpx.Response(200, content=b"<html>proxy</html>")
+
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=httpx.MockTransport(handler))
+    with pytest.raises(ApiError, match="not JSON"):
+        await c.current_user()
+    await c.aclose()
+
+
+async def test_discovery_without_uuid_prefix_is_rejected():
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"kind": "x"}))
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=transport)
+    with pytest.raises(ApiError, match="without uuidPrefix"):
+        await c.discovery()
+    await c.aclose()
+
+
+async def test_stats_count_requests_and_bytes_per_cluster(fake):
+    stats = Stats()
+    c = client(fake, stats=stats, cluster="zzzzz")
+    await c.current_user()
+    assert stats.get("api_requests", cluster="zzzzz") == 2
+    assert stats.get("api_bytes", cluster="zzzzz") > 50
+    await c.aclose()
+
+
+def test_tls_settings_build_the_client(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    token = parse_token(HOME_TOKEN)
+    ControllerClient("h", token, ca_file=str(ca_file))
+    ControllerClient("h", token, insecure=True)
+    with pytest.raises(FileNotFoundError):
+        ControllerClient("h", token, ca_file=str(tmp_path / "missing.pem"))
