@@ -15,7 +15,6 @@ slow path: the body is copied through user space in chunks.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import struct
@@ -186,15 +185,9 @@ class Handler(BaseHTTPRequestHandler):
                 body.close()
 
     def _sendfile(self, body: FileBody) -> int:
-        sent = 0
+        """socket.sendfile: os.sendfile in a loop that waits out EAGAIN under the socket timeout."""
         with open(body.path, "rb") as f:
-            out = self.connection.fileno()
-            while sent < body.length:
-                n = os.sendfile(out, f.fileno(), sent, body.length - sent)
-                if n == 0:
-                    break
-                sent += n
-        return sent
+            return self.connection.sendfile(f, 0, body.length)
 
     def _copy(self, chunks: Iterable[bytes], fault: Fault | None) -> int:
         sent, started = 0, time.monotonic()
