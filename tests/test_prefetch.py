@@ -1,0 +1,205 @@
+"""BlockReader/FileReader over a real manifest, a real cache and an in-process Keep transport."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import trio
+
+from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.keep import BlockNotFound, KeepClient, KeepRoute, KeepService
+from fedmount.blocks.prefetch import BlockReader
+from fedmount.blocks.transport import Response, Sink, Timeouts
+from fedmount.federation.manifest import File, parse_manifest
+from fedmount.stats import Stats
+
+KiB, MiB = 1 << 10, 1 << 20
+SERVICES = tuple(KeepService(f"zzzzz-bi6l4-{i:015x}", f"http://keep{i}.test:25107/") for i in range(2))
+ROUTE = KeepRoute("zzzzz", "v2/zzzzz-gj3su-000000000000000/secret", SERVICES)
+
+
+class Keepstore:
+    """A BlockTransport serving a dict of blocks; counts GETs and the peak concurrency."""
+
+    def __init__(self, blocks: list[bytes], missing: frozenset[str] = frozenset()):
+        self.blocks = {hashlib.md5(b).hexdigest(): b for b in blocks}
+        self.missing = missing
+        self.gets: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+
+    def __call__(
+        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+    ) -> Response:
+        block_hash = url.rsplit("/", 1)[1][:32]
+        with self.lock:
+            self.gets.append(block_hash)
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            self.gate.wait(10)
+            if block_hash in self.missing:
+                return Response(404)
+            data = self.blocks[block_hash]
+            sink(memoryview(data))
+            return Response(200, bytearray(data))
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def pattern(size: int, seed: int) -> bytes:
+    unit = hashlib.sha256(b"%d" % seed).digest()
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def locator_text(data: bytes) -> str:
+    return f"{hashlib.md5(data).hexdigest()}+{len(data)}"
+
+
+def make(
+    tmp_path: Path, blocks: list[bytes], files: str, **kw: int
+) -> tuple[BlockReader, Keepstore, Stats, dict[str, File]]:
+    manifest = parse_manifest(". " + " ".join(locator_text(b) for b in blocks) + " " + files + "\n")
+    store = Keepstore(blocks)
+    stats = Stats()
+    keep = KeepClient(store, stats=stats, backoff=0)
+    cache = BlockCache(str(tmp_path), disk_limit=256 * MiB, ram_limit=64 * MiB, stats=stats)
+    return BlockReader(keep, cache, stats=stats, **kw), store, stats, dict(manifest.walk())
+
+
+async def settle(stats: Stats) -> None:
+    """Wait until no fetch is in flight."""
+    await trio.sleep(0)
+    with trio.fail_after(10):
+        while stats.get("prefetch_inflight_bytes"):
+            await trio.sleep(0.005)
+
+
+async def test_concurrent_readers_of_one_block_share_one_get(tmp_path: Path) -> None:
+    block = pattern(2 * MiB, 1)
+    reader, store, stats, files = make(tmp_path, [block], f"0:{len(block)}:f")
+    store.gate.clear()
+    results: list[bytes] = []
+
+    async def read_one(i: int) -> None:
+        handle = reader.open(files["f"], ROUTE)
+        results.append(await handle.read(i * 100 * KiB, 4 * KiB))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(read_one, i)
+        await trio.sleep(0.05)
+        store.gate.set()
+    assert len(store.gets) == 1
+    assert sorted(results) == sorted(block[i * 100 * KiB : i * 100 * KiB + 4 * KiB] for i in range(10))
+
+
+async def test_sequential_reader_grows_window_and_seek_resets_it(tmp_path: Path) -> None:
+    blocks = [pattern(MiB, i) for i in range(12)]
+    whole = b"".join(blocks)
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{len(whole)}:big", prefetch_blocks=4)
+    handle = reader.open(files["big"], ROUTE)
+    windows = []
+    got = bytearray()
+    for offset in range(0, 5 * MiB, 128 * KiB):
+        got += await handle.read(offset, 128 * KiB)
+        windows.append(handle.window)
+    assert bytes(got) == whole[: 5 * MiB]
+    assert windows[0] == 1 and windows[8] == 2 and windows[16] == 4 and max(windows) == 4
+    await settle(stats)
+    assert stats.get("prefetch_started") > 0
+    assert stats.get("prefetch_used") >= 3
+    assert len(store.gets) == len(set(store.gets))  # never the same block twice
+    assert await handle.read(MiB + 5, 10) == whole[MiB + 5 : MiB + 15]  # a seek back
+    assert handle.window == 0
+
+
+async def test_random_reader_does_not_prefetch(tmp_path: Path) -> None:
+    blocks = [pattern(MiB, i) for i in range(40)]
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{40 * MiB}:f")
+    handle = reader.open(files["f"], ROUTE)
+    for offset in (35 * MiB + 7, 2 * MiB + 3, 30 * MiB, 20 * KiB + 1):
+        await handle.read(offset, 100)
+    await settle(stats)
+    assert stats.get("prefetch_started") == 0
+
+
+async def test_prefetch_crosses_file_boundaries_in_the_stream(tmp_path: Path) -> None:
+    blocks = [pattern(300 * KiB, i) for i in range(3)]
+    files_text = f"0:{300 * KiB}:a.txt {300 * KiB}:{300 * KiB}:b.txt {600 * KiB}:{300 * KiB}:c.txt"
+    reader, store, stats, files = make(tmp_path, blocks, files_text)
+    assert await reader.open(files["a.txt"], ROUTE).read(0, 128 * KiB) == blocks[0][: 128 * KiB]
+    await settle(stats)
+    assert len(store.gets) == 2  # a.txt's block, and b.txt's block ahead of time
+    assert await reader.open(files["b.txt"], ROUTE).read(0, 300 * KiB) == blocks[1]
+    assert len(store.gets) == 2
+    assert stats.get("prefetch_used") == 1
+
+
+async def test_small_files_packed_in_one_block(tmp_path: Path) -> None:
+    block = pattern(64 * KiB, 7)
+    names = " ".join(f"{i * 4 * KiB}:{4 * KiB}:f{i}" for i in range(16))
+    reader, store, stats, files = make(tmp_path, [block], names)
+    for i in range(16):
+        assert (
+            await reader.open(files[f"f{i}"], ROUTE).read(0, 64 * KiB)
+            == block[i * 4 * KiB : (i + 1) * 4 * KiB]
+        )
+    assert len(store.gets) == 1
+
+
+async def test_read_spanning_blocks_assembles_pieces(tmp_path: Path) -> None:
+    blocks = [pattern(100 * KiB, i) for i in range(4)]
+    whole = b"".join(blocks)
+    reader, _, _, files = make(tmp_path, blocks, f"10:{len(whole) - 20}:f")
+    handle = reader.open(files["f"], ROUTE)
+    assert await handle.read(50 * KiB, 250 * KiB) == whole[10 + 50 * KiB : 10 + 300 * KiB]
+    assert await handle.read(0, 10 * MiB) == whole[10:-10]
+    assert await handle.read(len(whole), 10) == b""
+
+
+async def test_block_error_reaches_the_reader(tmp_path: Path) -> None:
+    good, bad = pattern(1000, 1), pattern(1000, 2)
+    reader, store, _, files = make(tmp_path, [good, bad], "0:2000:f")
+    store.missing = frozenset({hashlib.md5(bad).hexdigest()})
+    handle = reader.open(files["f"], ROUTE)
+    assert await handle.read(0, 1000) == good
+    with pytest.raises(BlockNotFound, match=re.escape(locator_text(bad))):
+        await handle.read(1000, 1000)
+
+
+async def test_prefetch_respects_memory_budget(tmp_path: Path) -> None:
+    blocks = [pattern(MiB, i) for i in range(8)]
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{8 * MiB}:f", prefetch_memory=MiB)
+    handle = reader.open(files["f"], ROUTE)
+    await handle.read(0, 128 * KiB)  # the demand fetch finished; one block of budget left
+    await settle(stats)
+    assert stats.get("prefetch_started") == 1
+
+
+async def test_prefetch_concurrency_per_service_is_bounded(tmp_path: Path) -> None:
+    blocks = [pattern(256 * KiB, i) for i in range(24)]
+    size = 24 * 256 * KiB
+    reader, store, stats, files = make(
+        tmp_path, blocks, f"0:{size}:f", prefetch_blocks=16, per_service=1, per_cluster=2
+    )
+    store.gate.clear()
+    handle = reader.open(files["f"], ROUTE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle.read, 0, 128 * KiB)
+        await trio.sleep(0.05)
+        store.gate.set()
+    for offset in range(0, size, 128 * KiB):
+        await handle.read(offset, 128 * KiB)
+    await settle(stats)
+    # two services, one prefetch each, plus demand reads which are never limited
+    assert store.peak <= 3
