@@ -1,0 +1,231 @@
+"""Federation routing, token salting and PDH verification against a fake federation."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from fedmount.federation.controller import ApiError
+from fedmount.federation.federation import Federation, parse_timestamp
+from fedmount.federation.ids import parse_collection_id
+from fedmount.federation.manifest import parse_manifest
+from fedmount.federation.settings import Settings
+from fedmount.federation.tokens import ApiToken, salt_for
+from fedmount.stats import Stats
+
+
+def settings(fake) -> Settings:
+    return Settings("api.zzzzz.example", fake.token)
+
+
+async def connect(fake, mode="home", **kw) -> Federation:
+    kw.setdefault("backoff", 0.001)
+    return await Federation.connect(settings(fake), mode=mode, transport=fake.transport, **kw)
+
+
+def assert_home_token_stays_home(fake) -> None:
+    for cid, cluster in fake.clusters.items():
+        seen = fake.tokens_seen(cluster.host)
+        if cid != "zzzzz":
+            assert fake.token.text not in seen
+            assert seen <= {None, salt_for(fake.token, cid).text}
+
+
+async def test_connect_reads_discovery_and_checks_token(fake):
+    fake.home.ttl = 3600
+    fed = await connect(fake)
+    assert fed.home_cluster == "zzzzz" and fed.blob_signature_ttl == 3600
+    assert fed.remote_clusters == ["zbbbb", "zcccc"]
+    assert fed.user["uuid"] == "zzzzz-tpzed-000000000000001"
+    assert [r.path for r in fake.requests] == [
+        "/discovery/v1/apis/arvados/v1/rest",
+        "/arvados/v1/users/current",
+    ]
+    await fed.aclose()
+
+
+async def test_wrong_token_is_one_line_api_error(fake):
+    fake.home.tokens = {"something else"}
+    with pytest.raises(ApiError) as info:
+        await connect(fake)
+    e = info.value
+    assert e.status == 401 and e.cluster == "zzzzz" and "check ARVADOS_API_TOKEN" in str(e)
+    assert "\n" not in str(e) and "s3cr3t" not in str(e)
+
+
+async def test_unreachable_home_is_one_line_api_error(fake):
+    fake.home.fail_next = [httpx.ConnectError("Connection refused")] * 10
+    with pytest.raises(ApiError) as info:
+        await connect(fake, retries=1)
+    assert info.value.status == 0 and "check ARVADOS_API_HOST" in str(info.value)
+
+
+async def test_bad_mode_is_rejected(fake):
+    with pytest.raises(ValueError):
+        await connect(fake, mode="sideways")
+
+
+async def test_home_mode_local_uuid(fake):
+    rec = fake.add_collection("zzzzz", "1", {"a.txt": b"hello"})
+    fed = await connect(fake)
+    got = await fed.get_collection(parse_collection_id(rec["uuid"]))
+    assert got.uuid == rec["uuid"] and got.portable_data_hash == rec["portable_data_hash"]
+    assert got.cluster == "zzzzz" and got.record == rec
+    assert got.route.cluster == "zzzzz" and got.route.token == fake.token.text
+    assert [s.root_url for s in got.route.services] == [
+        "http://keep0.zzzzz.example:25107/",
+        "http://keep1.zzzzz.example:25108/",
+    ]
+    assert got.modified_at == pytest.approx(parse_timestamp("2024-05-06T07:08:09.123456789Z"))
+    assert parse_manifest(got.manifest_text).find("a.txt").size == 5
+    await fed.aclose()
+
+
+async def test_home_mode_remote_uuid_goes_through_home_with_r_hints(fake):
+    rec = fake.add_collection("zbbbb", "2", {"b.txt": b"remote bytes"})
+    fed = await connect(fake)
+    got = await fed.get_collection(parse_collection_id(rec["uuid"]))
+    assert got.cluster == "zbbbb" and got.route.cluster == "zzzzz" and got.route.token == fake.token.text
+    loc = parse_manifest(got.manifest_text).find("b.txt").segments()[0].locator
+    assert loc.remote is not None and loc.remote[0] == "zbbbb"
+    assert {r.host for r in fake.requests} == {"api.zzzzz.example"}
+    await fed.aclose()
+
+
+async def test_home_mode_pdh_verified(fake):
+    rec = fake.add_collection("zzzzz", "3", {"c.txt": b"content"})
+    fed = await connect(fake)
+    got = await fed.get_collection(parse_collection_id(rec["portable_data_hash"]))
+    assert got.uuid == rec["portable_data_hash"] and got.route.cluster == "zzzzz"
+    await fed.aclose()
+
+
+async def test_pdh_answer_that_does_not_hash_is_rejected_naming_the_cluster(fake):
+    rec = fake.add_collection("zzzzz", "4", {"d.txt": b"content"})
+    pdh = rec["portable_data_hash"]
+    fake.home.collections[pdh] = dict(rec, manifest_text=rec["manifest_text"].replace("d.txt", "e.txt"))
+    fed = await connect(fake)
+    with pytest.raises(ApiError) as info:
+        await fed.get_collection(parse_collection_id(pdh))
+    assert info.value.status == 502 and info.value.cluster == "zzzzz" and "hash" in info.value.message
+    await fed.aclose()
+
+
+async def test_direct_mode_remote_uuid_uses_salted_token_and_remote_keep(fake):
+    rec = fake.add_collection("zbbbb", "5", {"f.txt": b"direct"})
+    fed = await connect(fake, mode="direct")
+    got = await fed.get_collection(parse_collection_id(rec["uuid"]))
+    salted = salt_for(fake.token, "zbbbb").text
+    assert got.route.cluster == "zbbbb" and got.route.token == salted
+    assert all(s.uuid.startswith("zbbbb-") for s in got.route.services)
+    assert got.manifest_text == rec["manifest_text"]  # +A, signed for the salted token
+    assert fake.tokens_seen("api.zbbbb.example") == {None, salted}
+    assert_home_token_stays_home(fake)
+    # One discovery per cluster, however many collections.
+    await fed.get_collection(parse_collection_id(fake.add_collection("zbbbb", "6", {"g": b"x"})["uuid"]))
+    discoveries = [
+        r for r in fake.requests if r.host == "api.zbbbb.example" and r.path.startswith("/discovery")
+    ]
+    assert len(discoveries) == 1
+    await fed.aclose()
+
+
+async def test_direct_mode_home_uuid_stays_home(fake):
+    rec = fake.add_collection("zzzzz", "7", {"h": b"home"})
+    fed = await connect(fake, mode="direct")
+    got = await fed.get_collection(parse_collection_id(rec["uuid"]))
+    assert got.route.cluster == "zzzzz" and got.route.token == fake.token.text
+    assert {r.host for r in fake.requests} == {"api.zzzzz.example"}
+    await fed.aclose()
+
+
+async def test_direct_mode_pdh_tries_home_then_all_remotes(fake):
+    rec = fake.add_collection("zcccc", "8", {"i": b"only on zcccc"})
+    del fake.home.collections[rec["uuid"]]
+    fed = await connect(fake, mode="direct")
+    got = await fed.get_collection(parse_collection_id(rec["portable_data_hash"]))
+    assert got.route.cluster == "zcccc" and got.route.token == salt_for(fake.token, "zcccc").text
+    assert got.cluster == "zcccc"
+    hosts = [r.host for r in fake.requests if "/collections/" in r.path]
+    assert hosts[0] == "api.zzzzz.example" and set(hosts) == {
+        "api.zzzzz.example",
+        "api.zbbbb.example",
+        "api.zcccc.example",
+    }
+    assert_home_token_stays_home(fake)
+    await fed.aclose()
+
+
+async def test_direct_mode_pdh_skips_a_remote_with_a_bad_manifest(fake):
+    rec = fake.add_collection("zcccc", "9", {"j": b"good"})
+    pdh = rec["portable_data_hash"]
+    fake.clusters["zbbbb"].collections[pdh] = dict(
+        rec, manifest_text=rec["manifest_text"].replace(":j", ":k")
+    )
+    fed = await connect(fake, mode="direct")
+    got = await fed.get_collection(parse_collection_id(pdh))
+    assert got.route.cluster == "zcccc"
+    await fed.aclose()
+
+
+@pytest.mark.parametrize(
+    "remote_failures, status",
+    [((404, 404), 404), ((404, 503), 502), ((404, 403), 422)],
+)
+async def test_direct_mode_pdh_failures_combine_like_the_controller(fake, remote_failures, status):
+    for cid, failure in zip(("zbbbb", "zcccc"), remote_failures, strict=True):
+        fake.clusters[cid].fail_next = [failure] * 10
+    fed = await connect(fake, mode="direct", retries=1)
+    with pytest.raises(ApiError) as info:
+        await fed.get_collection(parse_collection_id("0123456789abcdef0123456789abcdef+5"))
+    assert info.value.status == status and "not found in the federation" in info.value.message
+    await fed.aclose()
+
+
+async def test_direct_mode_unknown_cluster(fake):
+    fed = await connect(fake, mode="direct")
+    with pytest.raises(ApiError) as info:
+        await fed.get_collection(parse_collection_id("zqqqq-4zz18-000000000000001"))
+    assert info.value.status == 404 and "not a remote cluster of zzzzz" in info.value.message
+    assert_home_token_stays_home(fake)
+    await fed.aclose()
+
+
+async def test_remote_down_retries_then_fails(fake):
+    rec = fake.add_collection("zbbbb", "10", {"k": b"x"})
+    fake.clusters["zbbbb"].fail_next = [503, httpx.ConnectError("refused")]
+    stats = Stats()
+    fed = await connect(fake, mode="direct", stats=stats)
+    got = await fed.get_collection(parse_collection_id(rec["uuid"]))
+    assert got.route.cluster == "zbbbb"
+    assert stats.get("api_retries", cluster="zbbbb") == 2
+    assert stats.get("api_requests", cluster="zbbbb") >= 3
+    await fed.aclose()
+
+
+async def test_already_salted_token_is_never_sent_to_a_remote(fake):
+    salted_home = ApiToken(fake.token.uuid, "0123456789" * 4)  # a 40-hex secret counts as salted
+    fake.home.tokens = {salted_home.text}
+    fed = await Federation.connect(
+        Settings("api.zzzzz.example", salted_home), mode="direct", transport=fake.transport
+    )
+    with pytest.raises(ApiError, match="cannot salt"):
+        await fed.get_collection(parse_collection_id("zbbbb-4zz18-000000000000001"))
+    assert {r.host for r in fake.requests} == {"api.zzzzz.example"}
+    await fed.aclose()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2024-05-06T07:08:09Z", 1714979289.0),
+        ("2024-05-06T07:08:09.5Z", 1714979289.5),
+        ("2024-05-06T07:08:09.123456789Z", 1714979289.123456789),
+        ("2024-05-06T09:08:09+02:00", 1714979289.0),
+        (None, None),
+        ("", None),
+        ("yesterday", None),
+    ],
+)
+def test_parse_timestamp(text, expected):
+    assert parse_timestamp(text) == (pytest.approx(expected) if expected else None)
