@@ -1,0 +1,89 @@
+"""Tokens: parsing, salting (reference test vectors, §5) and redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmount.federation.tokens import ApiToken, TokenError, parse_token, redact, salt_for, salted_secret
+
+SECRET = "3kg6k6lzmp9kj5cpkcoxie963cmvjahbt2fod9zru30k1jqdmi"
+TOKEN = f"v2/zhome-gj3su-077z32aux8dg2s1/{SECRET}"
+
+
+@pytest.mark.parametrize(
+    "cluster, salted",
+    [
+        ("zmock", "7fd31b61f39c0e82a4155592163218272cedacdc"),
+        ("zzzzz", "282d7d172b6cfdce364c5ed12ddf7417b2d00065"),
+    ],
+)
+def test_salting_test_vectors(cluster, salted):
+    assert salted_secret(SECRET, cluster) == salted
+    token = salt_for(parse_token(TOKEN), cluster)
+    assert token.text == f"v2/zhome-gj3su-077z32aux8dg2s1/{salted}"
+    assert token.is_salted
+
+
+def test_token_of_the_target_cluster_is_sent_unchanged():
+    token = parse_token(TOKEN)
+    assert salt_for(token, "zhome") is token
+
+
+def test_already_salted_token_is_not_salted_again():
+    salted = salt_for(parse_token(TOKEN), "zmock")
+    assert salt_for(salted, "zother") is salted
+
+
+def test_container_token_drops_its_fourth_field_when_salted():
+    token = parse_token(f"{TOKEN}/zhome-dz642-0123456789abcde")
+    assert token.container_uuid == "zhome-dz642-0123456789abcde"
+    assert token.text == f"{TOKEN}/zhome-dz642-0123456789abcde"
+    salted = salt_for(token, "zmock")
+    assert salted.container_uuid is None and salted.text.endswith("/7fd31b61f39c0e82a4155592163218272cedacdc")
+
+
+def test_parse_token_fields():
+    token = parse_token(f"  {TOKEN}\n")
+    assert (token.uuid, token.secret, token.cluster, token.text) == (
+        "zhome-gj3su-077z32aux8dg2s1",
+        SECRET,
+        "zhome",
+        TOKEN,
+    )
+    assert not token.is_salted
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (SECRET, "v1"),
+        ("Bearer xyz", "not an Arvados v2 token"),
+        ("v2/zhome-tpzed-077z32aux8dg2s1/abc", "api_client_authorization"),
+        ("v2/zhome-gj3su-077z32aux8dg2s1/", "secret"),
+        ("v2/zhome-gj3su-077z32aux8dg2s1/ab-c", "secret"),
+        ("v2/a/b/c/d", "not an Arvados v2 token"),
+    ],
+)
+def test_bad_tokens(text, words):
+    with pytest.raises(TokenError, match=words):
+        parse_token(text)
+
+
+def test_repr_hides_the_secret():
+    assert SECRET not in repr(parse_token(TOKEN))
+    assert SECRET not in repr(ApiToken("zhome-gj3su-077z32aux8dg2s1", SECRET))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"token {TOKEN} rejected",
+        f"Authorization: Bearer {SECRET}",
+        f"Authorization: OAuth2 {SECRET}",
+        f"GET /x?api_token={SECRET}&y=1",
+        f"{TOKEN}/zhome-dz642-0123456789abcde",
+    ],
+)
+def test_redact_masks_tokens(text):
+    out = redact(text)
+    assert SECRET not in out and "<token>" in out
