@@ -59,8 +59,8 @@ def _keyed(text: str) -> dict[str, int]:
     return out
 
 
-def cgroup_sample(pid: int, root: str = CGROUP_ROOT) -> tuple[float, float, int, int] | None:
-    """`(user s, system s, memory bytes, peak bytes)` from pid's own cgroup, or None."""
+def _cgroups(pid: int | str) -> dict[str, str] | None:
+    """`{controller: path}` from /proc/<pid>/cgroup ("" is the v2 unified hierarchy)."""
     text = _read(f"/proc/{pid}/cgroup")
     if text is None:
         return None
@@ -69,8 +69,19 @@ def cgroup_sample(pid: int, root: str = CGROUP_ROOT) -> tuple[float, float, int,
         _, controllers, path = line.split(":", 2)
         for c in controllers.split(",") if controllers else [""]:
             paths[c] = path
-    if paths.get("memory", paths.get("", "/")) in ("/", ""):
-        return None  # not a container cgroup: the figures would be the host's
+    return paths
+
+
+def cgroup_sample(pid: int, root: str = CGROUP_ROOT) -> tuple[float, float, int, int] | None:
+    """`(user s, system s, memory bytes, peak bytes)` from pid's own cgroup, or None when
+    pid shares a cgroup with this process (the figures would be ours, or the host's)."""
+    paths, own = _cgroups(pid), _cgroups("self") or {}
+    if paths is None:
+        return None
+    if any(paths.get(c) == own.get(c) for c in ("memory", "cpuacct") if c in paths) or (
+        "memory" not in paths and paths.get("") == own.get("")
+    ):
+        return None
     if "memory" in paths and "cpuacct" in paths:
         cpu = _read(f"{root}/cpuacct{paths['cpuacct']}/cpuacct.stat")
         mem = _read(f"{root}/memory{paths['memory']}/memory.usage_in_bytes")
@@ -157,7 +168,7 @@ class Sampler:
         f = self.figures
         f.cpu_user_seconds = max(f.cpu_user_seconds, user)
         f.cpu_system_seconds = max(f.cpu_system_seconds, system)
-        f.mem_rss_bytes = mem
+        f.mem_rss_bytes = mem or f.mem_rss_bytes
         f.mem_peak_bytes = max(f.mem_peak_bytes, peak, mem)
         f.samples += 1
         f.source = source

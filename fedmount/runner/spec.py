@@ -154,7 +154,7 @@ def parse_record(record: Any) -> ContainerSpec:
     elif not cwd.startswith("/"):
         raise SpecError("cwd", f"{cwd!r} must be an absolute path inside the container")
 
-    env = record.get("environment") or {}
+    env = _object(record, "environment")
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
@@ -163,7 +163,7 @@ def parse_record(record: Any) -> ContainerSpec:
         if not name or "=" in name:
             raise SpecError(f"environment[{name!r}]", "is not a valid variable name")
 
-    mounts_in = record.get("mounts") or {}
+    mounts_in = _object(record, "mounts")
     if not isinstance(mounts_in, dict):
         raise SpecError("mounts", "must be an object keyed by target path")
     mounts = {target: _parse_mount(target, m) for target, m in mounts_in.items()}
@@ -187,12 +187,18 @@ def parse_record(record: Any) -> ContainerSpec:
         environment=dict(env),
         mounts=mounts,
         output_path=output_path,
-        constraints=_parse_constraints(record.get("runtime_constraints") or {}),
+        constraints=_parse_constraints(_object(record, "runtime_constraints")),
         uuid=record.get("uuid") if isinstance(record.get("uuid"), str) else None,
         raw=record,
     )
     _check_nesting(spec)
     return spec
+
+
+def _object(record: dict[str, Any], name: str) -> Any:
+    """An optional object field: absent or null is empty; anything else is checked by the caller."""
+    value = record.get(name)
+    return {} if value is None else value
 
 
 def _parse_mount(target: Any, m: Any) -> Mount:
