@@ -1,0 +1,201 @@
+"""``fedmount locate``, ``fedmount stage`` and ``fedmount unpin``: argument parsing and exit status.
+
+`fedmount.cli` dispatches ``fedmount NAME ARGS...`` to ``locate_main`` / ``stage_main`` /
+``unpin_main`` with the remaining arguments; each returns the exit status:
+
+- locate: 0 every question answered (and, with ``--cluster X``, X holds every block);
+  1 with ``--cluster X``: answered, and X lacks at least one block; 2 something could not
+  be answered (bad ID, unknown collection, unreachable cluster or keepstore) or bad usage.
+- stage: 0 every block of every collection is in the cache; 2 otherwise; 130 interrupted
+  (what was fetched stays cached: run the same command again to fetch the rest).
+- unpin: 0 every ID released; 2 otherwise.
+
+Settings come from the environment as for the mount (ARVADOS_API_HOST, ...); the cache
+options name the same cache a mount uses, so a staged block is a mount's cache hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from fedmount.blocks.cache import BlockCache
+from fedmount.cli import parse_size, setup_logging
+from fedmount.federation.settings import Settings, SettingsError
+
+from .estimate import DEFAULT_BYTES_PER_SECOND, ThroughputBook
+from .federation_view import FederationView, keep_client_for
+from .locate import locate_collections
+from .progress import human_bytes
+from .stage import DEFAULT_STAGE_CONCURRENCY, stage_with, unpin_collections
+from .view import LookupFailure
+
+LOCATE_HELP = f"""\
+For each collection (UUID or portable data hash of any cluster), ask every cluster of the
+federation how many of its blocks its Keep holds (HEAD requests, with the token that
+cluster accepts), count what this host's cache already has, show which cluster would serve
+each block, and estimate the time to pull the rest from each cluster at the throughput
+fedmount observed (default {human_bytes(DEFAULT_BYTES_PER_SECOND)}/s until `fedmount stage`
+has measured one). Exit 0: complete answer; with --cluster X: 0 X holds every block,
+1 it does not, 2 the question could not be answered completely."""
+
+STAGE_HELP = """\
+Pull collections into this host's block cache ahead of a run, in parallel, with progress on
+stderr. Blocks already cached are skipped, so an interrupted stage resumes where it
+stopped. Every block is md5-verified before it enters the cache. A later mount or
+fedmount-run reads them without contacting Keep. With --pin the blocks are never evicted
+until `fedmount unpin`."""
+
+UNPIN_HELP = """\
+Release the pins `fedmount stage --pin` took for these collections (blocks another pinned
+collection still needs stay pinned). The blocks stay cached until evicted normally."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-cache-dir", metavar="DIR",
+                   help="The block cache directory, as given to the mount (default: the mount's default).")
+    p.add_argument("--debug", action="store_true", help="Log debugging detail.")
+
+
+def _add_route(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--route", choices=("home", "direct"), default="home",
+                   help="Read the way a mount with this --route reads (default home).")
+    p.add_argument("--concurrency", metavar="N", type=int, default=None,
+                   help="Requests in flight at once (default: 16 for locate, 4 for stage).")
+
+
+def build_locate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmount locate", description=LOCATE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
+    p.add_argument("--json", action="store_true", help="Print the fedmount-locate/1 JSON document.")
+    p.add_argument("--cluster", metavar="X",
+                   help="Only ask cluster X; the exit status answers whether X holds every block.")
+    _add_route(p)
+    _add_common(p)
+    return p
+
+
+def build_stage_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmount stage", description=STAGE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
+    p.add_argument("--pin", action="store_true", help="Keep the blocks from eviction until `fedmount unpin`.")
+    p.add_argument("--json", action="store_true", help="Print the fedmount-stage/1 JSON document on stdout.")
+    p.add_argument("--quiet", action="store_true", help="No progress display.")
+    p.add_argument("--disk-cache-size", metavar="BYTES", type=parse_size, default=0,
+                   help="Cache size, as given to the mount (default: the mount's default).")
+    _add_route(p)
+    _add_common(p)
+    return p
+
+
+def build_unpin_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmount unpin", description=UNPIN_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
+    _add_common(p)
+    return p
+
+
+def _settings() -> Settings | None:
+    try:
+        return Settings.from_environment()
+    except SettingsError as exc:
+        print(f"fedmount: {exc}", file=sys.stderr)
+        return None
+
+
+def _cache(args: argparse.Namespace, disk_limit: int) -> BlockCache:
+    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit, ram_limit=64 << 20)
+
+
+DEFAULT_DISK_LIMIT = 10 << 30
+
+
+def locate_main(argv: Sequence[str]) -> int:
+    args = build_locate_parser().parse_args(argv)
+    setup_logging(args.debug, None)
+    settings = _settings()
+    if settings is None:
+        return 2
+    cache = _cache(args, DEFAULT_DISK_LIMIT)
+
+    async def run() -> int:
+        book = ThroughputBook.in_cache_dir(cache.directory)
+        try:
+            async with FederationView.open(settings, mode=args.route) as view:
+                report = await locate_collections(
+                    args.ids, view, keep_client_for(settings, retries=1), cache, book,
+                    cluster=args.cluster, concurrency=args.concurrency or 16,
+                )
+        except LookupFailure as exc:
+            if args.json:
+                print(json.dumps({"schema": "fedmount-locate/1", "complete": False, "error": str(exc),
+                                  "collections": []}, indent=1))
+            else:
+                print(f"fedmount locate: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(report.to_json(), indent=1))
+        else:
+            sys.stdout.write(report.render())
+        return report.exit_status()
+
+    return trio.run(run)
+
+
+def stage_main(argv: Sequence[str]) -> int:
+    args = build_stage_parser().parse_args(argv)
+    setup_logging(args.debug, None)
+    settings = _settings()
+    if settings is None:
+        return 2
+    cache = _cache(args, args.disk_cache_size or DEFAULT_DISK_LIMIT)
+
+    async def run() -> int:
+        async with FederationView.open(settings, mode=args.route) as view:
+            report = await stage_with(
+                args.ids, view, keep_client_for(settings), cache, pin=args.pin,
+                concurrency=args.concurrency or DEFAULT_STAGE_CONCURRENCY,
+                progress_stream=None if args.quiet else sys.stderr,
+            )
+        if args.json:
+            print(json.dumps(report.to_json(), indent=1))
+        else:
+            sys.stderr.write(report.render())
+        return report.exit_status()
+
+    try:
+        return trio.run(run)
+    except LookupFailure as exc:
+        print(f"fedmount stage: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nfedmount stage: interrupted; blocks fetched so far stay cached: run the same command "
+              "again to fetch the rest", file=sys.stderr)
+        return 130
+
+
+def unpin_main(argv: Sequence[str]) -> int:
+    args = build_unpin_parser().parse_args(argv)
+    setup_logging(args.debug, None)
+    cache = _cache(args, DEFAULT_DISK_LIMIT)
+
+    def open_view():  # type: ignore[no-untyped-def]
+        settings = _settings()
+        if settings is None:
+            raise LookupFailure("cannot resolve IDs without ARVADOS_API_HOST and ARVADOS_API_TOKEN")
+        return FederationView.open(settings)
+
+    results = trio.run(unpin_collections, args.ids, cache, open_view)
+    for r in results:
+        if r.error:
+            print(f"{r.id}: error: {r.error}", file=sys.stderr)
+        else:
+            print(f"{r.id}: unpinned {r.blocks} blocks")
+    return 0 if all(r.error is None for r in results) else 2

@@ -1,0 +1,147 @@
+"""`LocalityView` over the real federation: `Federation` for reads, one controller per cluster.
+
+- `resolve` goes through `Federation.get_collection` in the mount's mode, so the route is
+  exactly the one a mount would use.
+- `copy_at(cluster, pdh)` asks that cluster's own controller, directly: the home
+  controller with the home token; a remote one (its host from the home discovery
+  document's ``remoteHosts``) with the token salted for it (`salt_for`), which is the only
+  token a remote cluster may ever see. Its answer carries ``+A`` signatures it issued for
+  exactly that token, which its keepstores accept on HEAD. An answer made of ``+R``
+  locators came from federation forwarding (the cluster has no copy of its own), and a
+  404 means no copy either: both return None. The route is that cluster's
+  ``keep_services/accessible`` with the same token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
+from fedmount.blocks.keep import KeepClient, KeepRoute
+from fedmount.blocks.transport import Urllib3Transport
+from fedmount.federation.controller import ApiError, ControllerClient
+from fedmount.federation.federation import Federation
+from fedmount.federation.ids import CollectionId
+from fedmount.federation.manifest import ManifestError, parse_manifest, portable_data_hash
+from fedmount.federation.settings import Settings
+from fedmount.federation.tokens import salt_for
+from fedmount.stats import Stats
+
+from .view import ClusterCopy, LookupFailure, Resolved
+
+
+def _failure(what: str, exc: ApiError) -> LookupFailure:
+    if exc.status == 0:
+        return LookupFailure(f"{what}: cluster {exc.cluster} unreachable ({exc.message})")
+    if exc.status in (401, 403):
+        return LookupFailure(
+            f"{what}: cluster {exc.cluster} refused the token ({exc.message}); check ARVADOS_API_TOKEN"
+        )
+    return LookupFailure(f"{what}: {exc}")
+
+
+def keep_client_for(settings: Settings, stats: Stats | None = None, *, retries: int = 3) -> KeepClient:
+    """A KeepClient that trusts what the controller clients trust."""
+    transport = Urllib3Transport(ca_file=settings.ca_file, insecure=settings.insecure)
+    return KeepClient(transport, stats=stats, retries=retries)
+
+
+class FederationView:
+    def __init__(
+        self,
+        federation: Federation,
+        settings: Settings,
+        *,
+        mode: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+        stats: Stats | None = None,
+    ):
+        self.federation = federation
+        self.home_cluster = federation.home_cluster
+        self.mode = mode
+        self._settings = settings
+        self._transport = transport
+        self._stats = stats
+        self._remotes: dict[str, ControllerClient] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        mode: str = "home",
+        transport: httpx.AsyncBaseTransport | None = None,
+        stats: Stats | None = None,
+    ) -> AsyncIterator[FederationView]:
+        """Connect (raises LookupFailure if the home cluster cannot be used) and close afterwards."""
+        try:
+            federation = await Federation.connect(settings, mode=mode, transport=transport, stats=stats)
+        except ApiError as exc:
+            raise _failure(f"cannot connect to the home cluster {settings.api_host}", exc) from None
+        view = cls(federation, settings, mode=mode, transport=transport, stats=stats)
+        try:
+            yield view
+        finally:
+            for client in view._remotes.values():
+                await client.aclose()
+            await federation.aclose()
+
+    async def _controller(self, cluster: str) -> ControllerClient:
+        """The home controller (home token) or a remote one with the token salted for it."""
+        if cluster == self.home_cluster:
+            return self.federation.home
+        if cluster not in self._remotes:
+            hosts = (await self.federation.home.discovery()).get("remoteHosts") or {}
+            token = salt_for(self._settings.token, cluster)
+            if cluster not in hosts or token == self._settings.token:
+                raise LookupFailure(f"cannot ask cluster {cluster}: no host or salted token for it")
+            self._remotes[cluster] = ControllerClient(
+                hosts[cluster],
+                token,
+                transport=self._transport,
+                ca_file=self._settings.ca_file,
+                insecure=self._settings.insecure,
+                stats=self._stats,
+                cluster=cluster,
+            )
+        return self._remotes[cluster]
+
+    async def clusters(self) -> list[str]:
+        return [self.home_cluster, *self.federation.remote_clusters]
+
+    async def resolve(self, cid: CollectionId) -> Resolved:
+        try:
+            record = await self.federation.get_collection(cid)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise LookupFailure(
+                    f"collection {cid} not found on any cluster of the federation "
+                    "(or not readable with this token)"
+                ) from None
+            raise _failure(f"cannot get collection {cid}", exc) from None
+        return Resolved(
+            record.uuid, record.portable_data_hash, record.manifest_text, record.cluster, record.route
+        )
+
+    async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None:
+        try:
+            client = await self._controller(cluster)
+            record = await client.get_collection(pdh)
+            text = record.get("manifest_text") or ""
+            if portable_data_hash(text) != pdh:
+                raise LookupFailure(f"cluster {cluster} answered {pdh} with another collection's manifest")
+            locators = parse_manifest(text).blocks()
+            if any(loc.remote is not None and loc.signature is None for loc in locators):
+                return None  # forwarded from another cluster: no copy of its own
+            services = await client.keep_services()
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise _failure(f"cannot ask cluster {cluster}", exc) from None
+        except ManifestError as exc:
+            raise LookupFailure(f"cluster {cluster} sent a malformed manifest for {pdh}: {exc}") from None
+        route = KeepRoute(cluster, client.token.text, tuple(services))
+        return ClusterCopy(cluster, str(record.get("uuid") or pdh), locators, route)

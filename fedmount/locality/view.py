@@ -1,0 +1,63 @@
+"""What `locate` and `stage` need to know about the federation, behind one small interface.
+
+`LocalityView` answers two questions:
+
+- `resolve(cid)`: the collection as fedmount would read it (manifest + `KeepRoute`), through
+  the same `Federation` a mount uses, in the same mode (home-proxied or direct).
+- `copy_at(cluster, pdh)`: the collection as *that* cluster's controller has it, asked
+  directly (the home token for the home cluster, the token salted for it elsewhere), with
+  block signatures that cluster issued for that token, plus the route to its own keep
+  services. A cluster that only knows the collection through federation forwarding
+  answers with ``+R`` locators (signed by another cluster): that is not a copy, and
+  neither is a 404. Both return None, and the blocks count as absent there.
+
+Failures that stop an answer raise `LookupFailure` with a one-line message (no token),
+which the caller reports per collection or per cluster instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from fedmount.blocks.keep import KeepRoute
+from fedmount.federation.ids import CollectionId, Locator
+
+
+class LookupFailure(Exception):
+    """One line that says what could not be looked up and why."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A collection as fedmount reads it."""
+
+    uuid: str
+    portable_data_hash: str
+    manifest_text: str
+    owner_cluster: str | None
+    route: KeepRoute
+
+
+@dataclass(frozen=True)
+class ClusterCopy:
+    """A cluster's own copy of a collection: locators signed for `route.token`."""
+
+    cluster: str
+    uuid: str
+    locators: Sequence[Locator]
+    route: KeepRoute
+
+
+class LocalityView(Protocol):
+    home_cluster: str
+    mode: str  # "home" or "direct": how `resolve` routes reads
+
+    async def clusters(self) -> list[str]:
+        """Every cluster of the federation, home first."""
+        ...
+
+    async def resolve(self, cid: CollectionId) -> Resolved: ...
+
+    async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None: ...
