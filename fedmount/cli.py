@@ -1,0 +1,226 @@
+"""The ``fedmount`` command line.
+
+``fedmount [options] MOUNTPOINT`` mounts; ``fedmount --unmount MOUNTPOINT`` unmounts
+without talking to any API. arv-mount's read-path flags are accepted where they mean the
+same thing, so fedmount can stand in for arv-mount under crunch-run-like wrappers; its
+write flags are refused with a one-line reason (exit 2).
+
+Subcommands (``fedmount NAME ...``) dispatch on the first argument through `SUBCOMMANDS`
+before the mount parser sees anything, so later tools (``fedmount locate``, ``fedmount
+stage``) register one line here and own their own argument parsing.
+
+The help strings below are also the text of ``man/fedmount.1``; a unit test keeps the two
+in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from fedmount import __version__
+from fedmount.federation.tokens import redact
+
+# name -> "module:function"; the function takes the remaining argv and returns an exit status.
+SUBCOMMANDS: dict[str, str] = {}
+
+DESCRIPTION = """\
+Mount Arvados collections of every cluster of a federation, read-only, at MOUNTPOINT.
+The mount root holds README and by_id/: look up any collection UUID or portable data
+hash under by_id/ and its files appear. Settings come from ARVADOS_API_HOST,
+ARVADOS_API_TOKEN, ARVADOS_API_HOST_INSECURE and ~/.config/arvados/settings.conf."""
+
+EPILOG = """\
+Statistics: MOUNTPOINT/.fedmount/stats.json (hidden). Extended attributes: getfattr -d FILE.
+See fedmount(1)."""
+
+REFUSED = {
+    "--read-write": "fedmount is read-only; write results with arv-put",
+    "--mount-tmp": "fedmount has no writable scratch collections; use a local directory and arv-put",
+}
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``64M``, ``64MiB``, ``1.5G`` (binary multiples)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 1048576, 512M, 2GiB)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * 1024 ** "_kmgtp".index(unit)) if unit else int(number)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _dir_name(text: str) -> str:
+    if not text or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a single directory name such as by_id")
+    return text
+
+
+class _Refuse(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        parser.exit(2, f"fedmount: {option_string} is not supported: {REFUSED[self.dest_flag]}\n")
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object):
+        self.dest_flag = option_strings[0]
+        super().__init__(option_strings, dest, **kwargs)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedmount", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="Directory to mount on (or to unmount, with --unmount).")
+    p.add_argument("--version", action="version", version=f"fedmount {__version__}")
+
+    g = p.add_argument_group("layout (default: README and by_id/ at the root)")
+    g.add_argument("--collection", metavar="ID",
+                   help="Mount the one collection with this UUID or portable data hash at the root.")
+    g.add_argument("--mount-by-id", metavar="DIR", action="append", default=[], type=_dir_name,
+                   help="Make DIR at the root a by_id directory (collections by UUID or PDH). Repeatable; "
+                   "replaces the default layout.")
+    g.add_argument("--mount-by-pdh", metavar="DIR", action="append", default=[], type=_dir_name,
+                   help="Make DIR at the root a directory of collections by portable data hash only. "
+                   "Repeatable; replaces the default layout.")
+
+    g = p.add_argument_group("lifecycle")
+    g.add_argument("--foreground", action="store_true",
+                   help="Stay in the foreground (default: detach once the mount is ready).")
+    g.add_argument("--exec", dest="exec_args", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="Mount, run CMD with its arguments (everything after --exec), unmount, and exit "
+                   "with CMD's status. Put MOUNTPOINT before --exec.")
+    g.add_argument("--unmount", action="store_true",
+                   help="Unmount MOUNTPOINT, even if its daemon is dead or hung, without contacting any API.")
+    g.add_argument("--unmount-timeout", metavar="SECONDS", type=_positive_float, default=2.0,
+                   help="How long --unmount (and --replace) keep trying (default 2).")
+    g.add_argument("--replace", action="store_true",
+                   help="If MOUNTPOINT is already a FUSE mount (live or dead), unmount it first.")
+    g.add_argument("--allow-other", action="store_true",
+                   help="Let other users (and containers) read the mount; needs user_allow_other in "
+                   "/etc/fuse.conf unless run as root.")
+    g.add_argument("--subtype", metavar="NAME", default="fedmount",
+                   help="Filesystem subtype shown in /proc/mounts as fuse.NAME (default fedmount).")
+    g.add_argument("--read-only", action="store_true",
+                   help="Accepted for arv-mount compatibility; fedmount is always read-only.")
+
+    g = p.add_argument_group("federation")
+    g.add_argument("--route", choices=("home", "direct"), default="home",
+                   help="home: read remote blocks through the home cluster's keepstore (as arv-mount "
+                   "does); direct: read them from the owning cluster's Keep with a salted token.")
+    g.add_argument("--refresh-time", metavar="SECONDS", type=_positive_float, default=15.0,
+                   help="How often collections addressed by UUID are re-checked, and how long a "
+                   "collection id that does not exist is remembered as missing (default 15).")
+
+    g = p.add_argument_group("cache and read-ahead")
+    cache_kind = g.add_mutually_exclusive_group()
+    cache_kind.add_argument("--disk-cache", dest="cache_kind", action="store_const", const="disk",
+                            default="disk", help="Keep blocks in a host-wide disk cache, over a RAM cache "
+                            "(default).")
+    cache_kind.add_argument("--ram-cache", dest="cache_kind", action="store_const", const="ram",
+                            help="Keep blocks in RAM only.")
+    g.add_argument("--disk-cache-dir", metavar="DIR",
+                   help="Disk cache directory, shared by every fedmount on the host "
+                   "(default $XDG_CACHE_HOME/fedmount/blocks or ~/.cache/fedmount/blocks).")
+    g.add_argument("--file-cache", metavar="BYTES", type=parse_size, default=0,
+                   help="Size of the disk cache, or of the RAM cache with --ram-cache, as arv-mount "
+                   "takes it (0: automatic).")
+    g.add_argument("--disk-cache-size", metavar="BYTES", type=parse_size, default=0,
+                   help="Size of the disk cache (default: --file-cache, else 10%% of the cache "
+                   "filesystem, at most 25%% of its free space).")
+    g.add_argument("--ram-cache-size", metavar="BYTES", type=parse_size, default=0,
+                   help="Size of the RAM cache (default 256M, or --file-cache with --ram-cache).")
+    g.add_argument("--prefetch-blocks", metavar="N", type=int, default=None,
+                   help="How many blocks to read ahead of a sequential reader (default: the block "
+                   "reader's own).")
+    g.add_argument("--read-ahead-kb", metavar="KB", type=int, default=4096,
+                   help="Kernel read-ahead of the mount (its BDI read_ahead_kb); needs root, skipped "
+                   "otherwise; 0 keeps the kernel default (default 4096).")
+
+    g = p.add_argument_group("statistics and logging")
+    g.add_argument("--crunchstat-interval", metavar="SECONDS", type=_positive_float, default=0.0,
+                   help="Print crunchstat: lines (keep calls, bytes, cache hits, FUSE ops, process "
+                   "figures) to stderr every SECONDS (0: never).")
+    g.add_argument("--stats-port", metavar="PORT", type=int, default=None,
+                   help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics.")
+    g.add_argument("--debug", action="store_true", help="Log debugging detail.")
+    g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr).")
+
+    g = p.add_argument_group("accepted for arv-mount compatibility, without effect")
+    g.add_argument("--disable-event-listening", action="store_true",
+                   help="fedmount never listens to events: UUID collections are re-checked every "
+                   "--refresh-time.")
+    g.add_argument("--storage-classes", metavar="LIST", help="Only matters for writing; ignored.")
+
+    g = p.add_argument_group("refused (fedmount is read-only)")
+    for flag, reason in REFUSED.items():
+        takes_value = flag == "--mount-tmp"
+        g.add_argument(flag, action=_Refuse, nargs=1 if takes_value else 0,
+                       metavar="DIR" if takes_value else None, help=f"Refused: {reason}.")
+    return p
+
+
+class RedactingFilter(logging.Filter):
+    """Masks anything token-shaped in a record, its arguments and its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def setup_logging(debug: bool, logfile: str | None) -> None:
+    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fedmount[%(process)d] %(levelname)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("httpx", "httpcore", "urllib3", "pyfuse3", "trio"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.collection and (args.mount_by_id or args.mount_by_pdh):
+        parser.error("--collection cannot be combined with --mount-by-id/--mount-by-pdh")
+    names = args.mount_by_id + args.mount_by_pdh
+    if len(set(names)) != len(names):
+        parser.error("each --mount-by-id/--mount-by-pdh directory name may be given once")
+    if args.exec_args is not None and not args.exec_args:
+        parser.error("--exec needs a command")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module, function = SUBCOMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    args = parse_args(argv)
+    from fedmount import mount  # after parsing: --help stays fast and needs no FUSE
+
+    setup_logging(args.debug, args.logfile)
+    if args.unmount:
+        return mount.unmount_command(os.path.abspath(args.mountpoint), args.unmount_timeout)
+    return mount.run(mount.MountOptions.from_args(args))

@@ -1,0 +1,236 @@
+"""The thin pyfuse3 adapter over `Tree`: the only module that imports pyfuse3.
+
+Each handler converts arguments (names arrive as bytes and are decoded as UTF-8 with
+surrogate escapes, so any byte string round-trips), calls the model, and converts the
+answer into pyfuse3's types. Every handler goes through `_guard`, which
+
+- counts the operation and its time (``fuse_ops`` and ``fuse_seconds``, label ``op``);
+- turns `FsError` into `pyfuse3.FUSEError` with its errno;
+- turns any other exception into EIO, logging one line at error level and the traceback
+  at debug level. Nothing escapes into pyfuse3, whose main loop would die of it.
+
+A lookup that fails with ENOENT and a `FsError.cache_for` is answered with a negative
+entry (inode 0) and that entry timeout, so the kernel itself remembers that the name does
+not exist. Every modifying operation answers EROFS (the mount is also made ``ro``, so
+the kernel refuses most of them before they get here).
+
+`mount`, `serve`, `terminate` and `close` wrap pyfuse3's lifecycle for `fedmount.mount`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from fedmount.stats import Stats
+
+from .tree import Attr, FsError, Handle, Node, Tree
+
+log = logging.getLogger("fedmount.fuse")
+
+T = TypeVar("T")
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _decode(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _encode(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _guard(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    def decorate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def handler(self: FuseOperations, *args: Any) -> T:
+            started = time.monotonic()
+            self.stats.add("fuse_ops", op=op)
+            try:
+                return await fn(self, *args)
+            except FsError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as e:  # a bug: keep serving, say so once, details at debug level
+                self.stats.add("fuse_unexpected_errors", op=op)
+                log.error("Unhandled exception during FUSE operation %s: %s: %s", op, type(e).__name__, e)
+                log.debug("traceback of the %s failure", op, exc_info=True)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                self.stats.add("fuse_seconds", time.monotonic() - started, op=op)
+
+        return handler
+
+    return decorate
+
+
+class FuseOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree, stats: Stats, uid: int | None = None, gid: int | None = None):
+        super().__init__()
+        self.tree = tree
+        self.stats = stats
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._files: dict[int, Handle] = {}
+        self._dirs: dict[int, list[tuple[str, Node]]] = {}
+        self._next_fh = 1
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = 0
+        e.entry_timeout = attr.entry_timeout
+        e.attr_timeout = attr.attr_timeout
+        e.st_mode = attr.mode
+        e.st_nlink = 2 if attr.is_dir else 1
+        e.st_uid = self.uid
+        e.st_gid = self.gid
+        e.st_rdev = 0
+        e.st_size = attr.size
+        e.st_blksize = 1 << 20
+        e.st_blocks = attr.blocks
+        ns = int(attr.mtime * 1e9)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
+        return e
+
+    # -- reading ------------------------------------------------------------------
+
+    @_guard("lookup")
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        try:
+            node = await self.tree.lookup(parent_inode, _decode(name))
+        except FsError as e:
+            if e.errno != errno.ENOENT or not e.cache_for:
+                raise
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0  # a negative entry the kernel keeps for entry_timeout
+            negative.entry_timeout = e.cache_for
+            return negative
+        return self._entry(node.attr())
+
+    @_guard("getattr")
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.tree.getattr(inode))
+
+    @_guard("opendir")
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        entries = await self.tree.listdir(inode)
+        fh = self._fh()
+        self._dirs[fh] = entries
+        return fh
+
+    @_guard("readdir")
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._dirs[fh]
+        for index in range(start_id, len(entries)):
+            name, node = entries[index]
+            try:
+                attr = node.attr()
+            except FsError:  # went away since opendir (a UUID collection changed)
+                continue
+            if not pyfuse3.readdir_reply(token, _encode(name), self._entry(attr), index + 1):
+                break
+
+    @_guard("releasedir")
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_guard("open")
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise FsError(errno.EROFS)
+        handle = await self.tree.open(inode)
+        fh = self._fh()
+        self._files[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
+
+    @_guard("read")
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = await self._files[fh].read(off, size)
+        self.stats.add("fuse_read_bytes", len(data))
+        return data
+
+    @_guard("release")
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    @_guard("statfs")
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        out = pyfuse3.StatvfsData()
+        for key, value in self.tree.statfs().items():
+            setattr(out, key, value)
+        return out
+
+    @_guard("getxattr")
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return self.tree.getxattr(inode, _decode(name))
+
+    @_guard("listxattr")
+    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
+        return [_encode(n) for n in self.tree.listxattr(inode)]
+
+    @_guard("readlink")
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        raise FsError(errno.EINVAL)  # there are no symlinks
+
+    # -- writing: never --------------------------------------------------------------
+
+    async def _refuse(self, *args: Any) -> Any:
+        raise FsError(errno.EROFS)
+
+    setattr = _guard("setattr")(_refuse)
+    mknod = _guard("mknod")(_refuse)
+    mkdir = _guard("mkdir")(_refuse)
+    unlink = _guard("unlink")(_refuse)
+    rmdir = _guard("rmdir")(_refuse)
+    symlink = _guard("symlink")(_refuse)
+    rename = _guard("rename")(_refuse)
+    link = _guard("link")(_refuse)
+    write = _guard("write")(_refuse)
+    create = _guard("create")(_refuse)
+    setxattr = _guard("setxattr")(_refuse)
+    removexattr = _guard("removexattr")(_refuse)
+
+
+def mount(ops: FuseOperations, mountpoint: str, *, subtype: str, allow_other: bool) -> None:
+    """Mount (read-only). Raises OSError with a one-line reason if the kernel refuses."""
+    options = {"fsname=fedmount", f"subtype={subtype}", "ro", "default_permissions"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"cannot mount on {mountpoint} ({e}); is /dev/fuse usable and the "
+                                 "directory not already mounted?") from None
+
+
+async def serve() -> None:
+    """Run the FUSE main loop until unmounted or `terminate` is called."""
+    await pyfuse3.main()
+
+
+def terminate() -> None:
+    pyfuse3.terminate()
+
+
+def close(unmount: bool) -> None:
+    pyfuse3.close(unmount=unmount)

@@ -1,0 +1,151 @@
+"""The daemon's numbers, outside the process: crunchstat lines and a Prometheus endpoint.
+
+(The third way out, ``.fedmount/stats.json`` inside the mount, is a file of `tree.py`.)
+
+crunchstat
+    ``--crunchstat-interval N`` writes arv-mount's lines to stderr every N seconds, each
+    with the running totals and the change over the interval::
+
+        crunchstat: keepcalls 0 put 12 get -- interval 10.0000 seconds 0 put 2 get
+
+    The arv-mount groups (``keepcalls``, ``net:keep0``, ``keepcache``, ``fuseops``,
+    ``blkio:0:0``, ``fuseop:<op>``) come first so that tools that parse arv-mount's output
+    keep working; fedmount adds one ``net:keep:<cluster>`` group per cluster, ``prefetch``
+    and the process figures from psutil (``cpu`` user/sys seconds, ``mem`` rss bytes).
+
+Prometheus
+    ``--stats-port PORT`` serves `Stats.prometheus_text` (plus ``process_*`` gauges) at
+    ``http://127.0.0.1:PORT/metrics``: a minimal HTTP/1.0 responder on trio, loopback only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import psutil
+import trio
+
+from fedmount.stats import Stats
+
+log = logging.getLogger("fedmount.stats")
+
+Group = tuple[str, list[tuple[str, float]]]
+
+
+def _labelled(stats: Stats, name: str, label: str) -> dict[str, float]:
+    """``{label value: value}`` of a counter labelled by `label` (other labels summed)."""
+    series = stats.snapshot().get(name)
+    out: dict[str, float] = {}
+    if isinstance(series, dict):
+        for labels, value in series.items():
+            for pair in labels.split(","):
+                key, _, val = pair.partition("=")
+                if key == label:
+                    out[val] = out.get(val, 0) + value
+    return out
+
+
+def process_figures(process: psutil.Process) -> dict[str, float]:
+    cpu = process.cpu_times()
+    rss = process.memory_info().rss
+    return {"cpu_user_seconds": cpu.user, "cpu_system_seconds": cpu.system, "rss_bytes": rss}
+
+
+def crunchstat_groups(stats: Stats, process: psutil.Process) -> list[Group]:
+    ops = _labelled(stats, "fuse_ops", "op")
+    op_seconds = _labelled(stats, "fuse_seconds", "op")
+    figures = process_figures(process)
+    groups: list[Group] = [
+        ("keepcalls", [("put", 0), ("get", stats.get("keep_requests"))]),
+        ("net:keep0", [("tx", 0), ("rx", stats.get("keep_bytes"))]),
+        ("keepcache", [("hit", stats.get("cache_hits")), ("miss", stats.get("cache_misses"))]),
+        ("fuseops", [("write", 0), ("read", ops.get("read", 0))]),
+        ("blkio:0:0", [("write", 0), ("read", stats.get("fuse_read_bytes"))]),
+    ]
+    for op in sorted(ops):
+        groups.append((f"fuseop:{op}", [("count", ops[op]), ("time", op_seconds.get(op, 0.0))]))
+    keep_bytes = _labelled(stats, "keep_bytes", "cluster")
+    keep_requests = _labelled(stats, "keep_requests", "cluster")
+    keep_errors = _labelled(stats, "keep_errors", "cluster")
+    for cluster in sorted(set(keep_bytes) | set(keep_requests)):
+        groups.append((f"net:keep:{cluster}", [
+            ("rx", keep_bytes.get(cluster, 0)), ("requests", keep_requests.get(cluster, 0)),
+            ("errors", keep_errors.get(cluster, 0)),
+        ]))  # fmt: skip
+    groups.append(("prefetch", [("depth", stats.get("prefetch_depth")),
+                                ("started", stats.get("prefetch_started"))]))
+    groups.append(("cpu", [("user", figures["cpu_user_seconds"]), ("sys", figures["cpu_system_seconds"])]))
+    groups.append(("mem", [("rss", figures["rss_bytes"])]))
+    return groups
+
+
+def _value(value: float, name: str) -> str:
+    if name in ("time", "user", "sys"):
+        return f"{float(value):.6f} {name}"
+    return f"{int(value)} {name}"
+
+
+class CrunchStat:
+    """Formats groups as arv-mount does: totals, then ``-- interval`` and the changes."""
+
+    def __init__(self, interval: float, groups: Callable[[], list[Group]]):
+        self.interval = interval
+        self._groups = groups
+        self._previous: dict[tuple[str, str], float] = {}
+
+    def lines(self) -> list[str]:
+        out = []
+        for prefix, values in self._groups():
+            totals = " ".join(_value(v, n) for n, v in values)
+            deltas = " ".join(_value(v - self._previous.get((prefix, n), 0), n) for n, v in values)
+            out.append(f"crunchstat: {prefix} {totals} -- interval {self.interval:.4f} seconds {deltas}")
+            self._previous.update(((prefix, n), v) for n, v in values)
+        return out
+
+    async def run(self, stream: TextIO = sys.stderr) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            stream.write("".join(line + "\n" for line in self.lines()))
+            stream.flush()
+
+
+def prometheus_text(stats: Stats, process: psutil.Process) -> str:
+    extra = "".join(
+        f"# TYPE fedmount_process_{name} gauge\nfedmount_process_{name} {value:g}\n"
+        for name, value in process_figures(process).items()
+    )
+    return stats.prometheus_text() + extra
+
+
+async def serve_prometheus(stats: Stats, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+    """Serve ``/metrics`` on 127.0.0.1:`port` until cancelled; OSError if the port is taken."""
+    process = psutil.Process()
+
+    async def answer(stream: trio.SocketStream) -> None:
+        try:
+            request = b""
+            with trio.move_on_after(5):
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+            parts = request.split(b" ", 2)
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/", b"/metrics"):
+                status, body = "200 OK", prometheus_text(stats, process).encode()
+            else:
+                status, body = "404 Not Found", b"try GET /metrics\n"
+            head = (f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            await stream.send_all(head.encode() + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)
+    await trio.serve_listeners(answer, listeners, task_status=task_status)

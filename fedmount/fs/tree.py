@@ -1,0 +1,758 @@
+"""The filesystem as a plain async model: what each inode is, what it contains, how fresh.
+
+The pyfuse3 adapter (`fuse.py`) is a thin shell over `Tree`; unit tests drive `Tree`
+directly with small fakes of the federation and the block reader.
+
+Layout
+    The default root holds ``README`` and ``by_id/``. A lookup of any collection UUID or
+    PDH under ``by_id/`` resolves it through ``Federation.get_collection`` and from then on
+    the collection is listed there. ``--mount-by-id DIR`` / ``--mount-by-pdh DIR`` build a
+    root of such directories instead (``by_pdh`` refuses UUIDs), as crunch-run uses them;
+    ``--collection ID`` puts one collection at the root. ``by_id/README`` exists only once
+    the mount is ready (crunch-run polls for it). Every collection root has arv-mount's
+    hidden ``.arvados#collection`` (the API record as JSON), and the mount root has a
+    hidden ``.fedmount/stats.json`` (the daemon's `Stats`); readdir lists neither.
+
+Inodes
+    `InodeTable` keys: a collection's entries are keyed by (where the collection is
+    mounted, path inside it, kind), so numbers survive manifest refreshes. A node of a
+    collection holds only its path; it re-resolves the path in the collection's current
+    manifest whenever the collection's generation moved on, and answers ENOENT if the path
+    went away.
+
+Freshness
+    A collection addressed by PDH never changes: its entries and attributes may be cached
+    by the kernel for the life of the mount and its files are opened with ``keep_cache``,
+    so a second read is served from the page cache. A collection addressed by UUID is
+    re-fetched when touched after ``refresh_time``; if its PDH changed, the new manifest
+    replaces the old one (next generation). The kernel caches its entries and attributes
+    for ``refresh_time`` and drops its pages at each open.
+
+    Block signatures expire. Every collection records the earliest ``+A``/``+R`` expiry of
+    its manifest and re-fetches itself when half of the time left has passed (never more
+    often than `MIN_SIGNATURE_REFRESH`), whatever its kind. Open files keep working: a
+    handle notices the new generation at its next read and, if the file's blocks are the
+    same (same ``hash+size``, offsets and lengths), reopens its block reader on the new,
+    freshly signed segments; if the file's content changed (UUID collection), the handle
+    keeps reading the snapshot it opened.
+
+    A refresh that fails keeps the old manifest (its signatures may well still be valid),
+    logs one line and is retried after `RETRY_AFTER_ERROR` seconds.
+
+Negative answers
+    Names that cannot be a collection id (`looks_like_collection_id`) are refused without
+    any API call. A collection id the API does not know is remembered for
+    ``negative_ttl`` seconds in a `NegativeCache`, and `FsError.cache_for` tells the
+    adapter that the kernel may cache the negative entry for as long.
+
+Errors
+    Everything that fails raises `FsError(errno)`: unknown ids ENOENT, expired or wrong
+    tokens EACCES, unreachable clusters, block errors and malformed manifests EIO. The
+    failure is logged in one line naming the collection and the cluster; nothing else in
+    the mount is affected.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import re
+import stat
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from fedmount.blocks.keep import BlockError, KeepRoute
+from fedmount.federation.controller import ApiError
+from fedmount.federation.ids import CollectionId, looks_like_collection_id, parse_collection_id
+from fedmount.federation.manifest import Directory, File, Manifest, ManifestError, parse_manifest
+from fedmount.stats import Stats
+
+from .inodes import ROOT_INODE, InodeTable, NegativeCache
+
+log = logging.getLogger("fedmount.fs")
+
+FOREVER = 10 * 365 * 86400.0  # "infinite" kernel cache timeout
+MIN_SIGNATURE_REFRESH = 2.0
+RETRY_AFTER_ERROR = 30.0
+XATTR_PREFIX = "user.arvados."
+COLLECTION_RECORD_NAME = ".arvados#collection"
+STATS_DIR_NAME = ".fedmount"
+STATS_FILE_NAME = "stats.json"
+BLOCK_SIZE = 4096  # statfs unit
+_SIGNATURE_EXPIRY_RE = re.compile(r"\+[AR][0-9a-z-]*@([0-9a-f]{8})\b")
+
+
+class FsError(Exception):
+    """A filesystem answer other than success: an errno, and how long it may be cached."""
+
+    def __init__(self, code: int, message: str = "", cache_for: float = 0.0):
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
+        self.cache_for = cache_for
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    ino: int
+    is_dir: bool
+    size: int
+    mtime: float
+    entry_timeout: float
+    attr_timeout: float
+
+    @property
+    def mode(self) -> int:
+        return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
+
+    @property
+    def blocks(self) -> int:
+        """512-byte blocks, as st_blocks counts them."""
+        return (self.size + 511) // 512
+
+
+class CollectionRecordLike(Protocol):
+    uuid: str
+    portable_data_hash: str
+    manifest_text: str
+    modified_at: float | None
+    cluster: str
+    record: dict[str, Any]
+    route: KeepRoute
+
+
+class FederationLike(Protocol):
+    async def get_collection(self, cid: CollectionId) -> CollectionRecordLike: ...
+
+
+class FileReaderLike(Protocol):
+    async def read(self, offset: int, size: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class BlockReaderLike(Protocol):
+    def open(self, file: File, route: KeepRoute) -> FileReaderLike: ...
+
+
+@dataclass
+class Layout:
+    """What the root holds: one collection, custom by-id/by-pdh directories, or the default."""
+
+    collection: str | None = None
+    by_id: list[str] = field(default_factory=list)
+    by_pdh: list[str] = field(default_factory=list)
+
+
+ROOT_README = """\
+This is a fedmount: read-only access to Arvados collections of every cluster of a federation.
+
+  by_id/<collection UUID or portable data hash>/   one collection, from any cluster
+
+by_id/ starts out empty: look a collection up by name (ls, cd, cat) and it appears.
+Collections addressed by portable data hash never change and are cached by the kernel;
+collections addressed by UUID are re-checked every few seconds.
+
+Each collection directory has a hidden .arvados#collection file (its API record as JSON).
+Extended attributes (getfattr -d FILE) under user.arvados.* give the collection's uuid,
+portable data hash and cluster, a file's block locators and how much of it is cached.
+Daemon statistics: .fedmount/stats.json at the root of the mount.
+"""
+
+BY_ID_README = """\
+This directory gives access to Arvados collections as subdirectories named by UUID
+(zzzzz-4zz18-0123456789abcde) or portable data hash (0123456789abcdef0123456789abcdef+123),
+of any cluster of the federation. It appears empty until you look a collection up
+(for instance `ls {name}/<id>`); from then on the collection is listed here.
+"""
+
+BY_PDH_README = """\
+This directory gives access to Arvados collections as subdirectories named by portable
+data hash (0123456789abcdef0123456789abcdef+123), of any cluster of the federation. It
+appears empty until you look a collection up; from then on the collection is listed here.
+"""
+
+
+def _earliest_signature_expiry(text: str) -> int | None:
+    expiries = _SIGNATURE_EXPIRY_RE.findall(text)
+    return min(int(e, 16) for e in expiries) if expiries else None
+
+
+def _parse(text: str) -> tuple[Manifest, int | None]:
+    return parse_manifest(text), _earliest_signature_expiry(text)
+
+
+def _segment_keys(file: File) -> list[tuple[str, int, int]]:
+    return [(s.locator.key, s.block_offset, s.length) for s in file.segments()]
+
+
+class Node:
+    """Something with an inode number and attributes."""
+
+    ino: int
+    is_dir = False
+
+    async def fresh(self) -> None:
+        """Bring the node up to date (a UUID collection may re-fetch itself)."""
+
+    def attr(self) -> Attr:
+        raise NotImplementedError
+
+    def xattr_names(self) -> list[str]:
+        return []
+
+    def xattr(self, name: str) -> bytes:
+        raise FsError(errno.ENODATA)
+
+
+class DirNode(Node):
+    is_dir = True
+
+    async def lookup(self, name: str) -> Node:
+        raise NotImplementedError
+
+    async def entries(self) -> list[tuple[str, Node]]:
+        raise NotImplementedError
+
+
+class Handle:
+    """An open file."""
+
+    keep_cache = False
+    direct_io = False
+
+    async def read(self, offset: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class BytesHandle(Handle):
+    """An open generated file: the bytes as they were when it was opened."""
+
+    def __init__(self, data: bytes, keep_cache: bool, direct_io: bool):
+        self._data = data
+        self.keep_cache = keep_cache
+        self.direct_io = direct_io
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self._data[offset : offset + size]
+
+
+class GeneratedFile(Node):
+    """A file whose bytes come from a function: READMEs, stats, collection records.
+
+    `static` files (READMEs) never change and are cached by the kernel like PDH content;
+    the others are regenerated at each open and read with direct I/O, so their size in
+    `stat` is only an indication."""
+
+    def __init__(self, tree: Tree, ino: int, content: Callable[[], bytes], *, static: bool,
+                 mtime: Callable[[], float], entry_timeout: float = FOREVER):
+        self.tree = tree
+        self.ino = ino
+        self._content = content
+        self.static = static
+        self._mtime = mtime
+        self._entry_timeout = entry_timeout
+
+    def attr(self) -> Attr:
+        return Attr(self.ino, False, len(self._content()), self._mtime(), self._entry_timeout,
+                    FOREVER if self.static else 0.0)
+
+    async def open(self) -> Handle:
+        return BytesHandle(self._content(), keep_cache=self.static, direct_io=not self.static)
+
+
+class StaticDir(DirNode):
+    """A directory with a fixed set of entries (the root, ``.fedmount``)."""
+
+    def __init__(self, tree: Tree, ino: int, entries: dict[str, Node], hidden: dict[str, Node] | None = None):
+        self.tree = tree
+        self.ino = ino
+        self.children = entries
+        self.hidden = hidden or {}
+
+    def attr(self) -> Attr:
+        return Attr(self.ino, True, 0, self.tree.started, FOREVER, FOREVER)
+
+    async def lookup(self, name: str) -> Node:
+        node = self.children.get(name) or self.hidden.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT, cache_for=self.tree.negative_ttl)
+        return node
+
+    async def entries(self) -> list[tuple[str, Node]]:
+        return list(self.children.items())
+
+
+class ByIdDir(DirNode):
+    """``by_id/`` (or ``by_pdh/``): collections appear when looked up by UUID or PDH."""
+
+    def __init__(self, tree: Tree, ino: int, name: str, pdh_only: bool):
+        self.tree = tree
+        self.ino = ino
+        self.name = name
+        self.pdh_only = pdh_only
+        self._collections: dict[str, Collection] = {}
+        self._negative = NegativeCache(tree.negative_ttl, tree.clock)
+        self._locks: dict[str, trio.Lock] = {}
+        text = (BY_PDH_README if pdh_only else BY_ID_README.format(name=name)).encode()
+        self.readme = GeneratedFile(tree, tree.table.number(("readme", ino)), lambda: text, static=True,
+                                    mtime=lambda: tree.started)
+        tree.table.bind(self.readme.ino, self.readme)
+
+    def attr(self) -> Attr:
+        return Attr(self.ino, True, 0, self.tree.started, FOREVER, FOREVER)
+
+    async def lookup(self, name: str) -> Node:
+        tree = self.tree
+        if name == "README":
+            if not tree.ready:
+                raise FsError(errno.ENOENT)  # not cached: crunch-run polls for it
+            return self.readme
+        coll = self._collections.get(name)
+        if coll is None:
+            if not looks_like_collection_id(name):
+                tree.stats.add("lookups_refused_locally")
+                raise FsError(errno.ENOENT, cache_for=tree.negative_ttl)
+            cid = parse_collection_id(name)
+            if self.pdh_only and not cid.is_pdh:
+                tree.stats.add("lookups_refused_locally")
+                raise FsError(errno.ENOENT, cache_for=tree.negative_ttl)
+            if name in self._negative:
+                tree.stats.add("lookups_negative_cached")
+                raise FsError(errno.ENOENT, cache_for=tree.negative_ttl)
+            lock = self._locks.setdefault(name, trio.Lock())
+            async with lock:  # concurrent lookups of one name make one API call
+                coll = self._collections.get(name)
+                if coll is None:
+                    coll = await self._load(name, cid)
+            self._locks.pop(name, None)
+        try:
+            await coll.fresh()
+        except FsError as e:
+            if e.errno == errno.ENOENT:  # a UUID collection that was deleted
+                self._collections.pop(name, None)
+                self._negative.add(name)
+            raise
+        return coll.root
+
+    async def _load(self, name: str, cid: CollectionId) -> Collection:
+        try:
+            record, manifest, expiry = await self.tree.fetch(cid)
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                self._negative.add(name)
+                e.cache_for = self.tree.negative_ttl
+            raise
+        root_ino = self.tree.table.number((self.ino, name))
+        coll = Collection(self.tree, cid, (self.ino, name), root_ino, record, manifest, expiry)
+        self._collections[name] = coll
+        return coll
+
+    async def entries(self) -> list[tuple[str, Node]]:
+        out: list[tuple[str, Node]] = [("README", self.readme)] if self.tree.ready else []
+        out.extend((name, coll.root) for name, coll in self._collections.items())
+        return out
+
+
+class Collection:
+    """One mounted collection: its record, parsed manifest, generation and refresh times."""
+
+    def __init__(self, tree: Tree, cid: CollectionId, key: Hashable, root_ino: int,
+                 record: CollectionRecordLike, manifest: Manifest, expiry: int | None):
+        self.tree = tree
+        self.cid = cid
+        self.key = key
+        self.record = record
+        self.manifest = manifest
+        self.generation = 0
+        self._lock = trio.Lock()
+        self._root_ino = root_ino
+        self._nodes: dict[tuple[str, bool], Node] = {}
+        self._set_times(expiry)
+        self.root = self.node("", True)
+        record_ino = tree.table.number((key, COLLECTION_RECORD_NAME))
+        self.record_file = GeneratedFile(tree, record_ino, self._record_json, static=False,
+                                         mtime=self.mtime, entry_timeout=self.timeout)
+        tree.table.bind(record_ino, self.record_file)
+
+    @property
+    def immutable(self) -> bool:
+        return self.cid.is_pdh
+
+    @property
+    def timeout(self) -> float:
+        return FOREVER if self.immutable else self.tree.refresh_time
+
+    def mtime(self) -> float:
+        return self.record.modified_at or self.tree.started
+
+    def describe(self) -> str:
+        return f"collection {self.cid} (cluster {self.record.cluster})"
+
+    def _record_json(self) -> bytes:
+        return (json.dumps(self.record.record, indent=1, sort_keys=True) + "\n").encode()
+
+    def _set_times(self, expiry: int | None) -> None:
+        tree = self.tree
+        self.checked_at = tree.clock()
+        if expiry is None:
+            self.signatures_refresh_at = math.inf
+        else:
+            now = tree.wall()
+            self.signatures_refresh_at = now + max((expiry - now) / 2, MIN_SIGNATURE_REFRESH)
+
+    def _due(self) -> bool:
+        if self.tree.wall() >= self.signatures_refresh_at:
+            return True
+        return not self.immutable and self.tree.clock() - self.checked_at >= self.tree.refresh_time
+
+    async def fresh(self) -> None:
+        """Re-fetch the record if it is due (UUID re-check or signature half-life)."""
+        if not self._due():
+            return
+        async with self._lock:
+            if not self._due():  # another task refreshed it while we waited
+                return
+            signatures_due = self.tree.wall() >= self.signatures_refresh_at
+            self.tree.stats.add("collection_refreshes")
+            try:
+                record, manifest, expiry = await self.tree.fetch(self.cid)
+            except FsError as e:
+                if e.errno == errno.ENOENT and not self.immutable:
+                    raise
+                # Keep serving what we have (fetch logged why); try again a little later.
+                self.checked_at = self.tree.clock()
+                if signatures_due:
+                    self.signatures_refresh_at = self.tree.wall() + RETRY_AFTER_ERROR
+                return
+            if record.portable_data_hash != self.record.portable_data_hash or signatures_due:
+                if record.portable_data_hash != self.record.portable_data_hash:
+                    log.info("%s changed: %s -> %s", self.describe(), self.record.portable_data_hash,
+                             record.portable_data_hash)
+                self.record, self.manifest = record, manifest
+                self.generation += 1
+                self._set_times(expiry)
+            else:
+                self.record = record
+                self.checked_at = self.tree.clock()
+
+    def node(self, path: str, is_dir: bool) -> Node:
+        """The node of `path` (``""`` is the root) of the given kind; made once."""
+        node = self._nodes.get((path, is_dir))
+        if node is None:
+            ino = self._root_ino if path == "" else self.tree.table.number((self.key, path, is_dir))
+            node = CollectionDir(self, path, ino) if is_dir else CollectionFile(self, path, ino)
+            self._nodes[(path, is_dir)] = node
+            self.tree.table.bind(ino, node)
+        return node
+
+    def resolve(self, path: str) -> Directory | File | None:
+        return self.manifest.find(path) if path else self.manifest.root
+
+    def child(self, path: str, entry: Directory | File) -> Node:
+        return self.node(path, isinstance(entry, Directory))
+
+    def xattr_names(self) -> list[str]:
+        return [XATTR_PREFIX + n for n in ("uuid", "portable_data_hash", "cluster")]
+
+    def xattr(self, name: str) -> bytes:
+        values = {
+            "uuid": self.record.uuid,
+            "portable_data_hash": self.record.portable_data_hash,
+            "cluster": self.record.cluster,
+        }
+        value = values.get(name.removeprefix(XATTR_PREFIX)) if name.startswith(XATTR_PREFIX) else None
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value.encode()
+
+
+class CollectionDir(DirNode):
+    def __init__(self, coll: Collection, path: str, ino: int):
+        self.coll = coll
+        self.path = path
+        self.ino = ino
+
+    async def fresh(self) -> None:
+        await self.coll.fresh()
+
+    def _dir(self) -> Directory:
+        entry = self.coll.resolve(self.path)
+        if not isinstance(entry, Directory):
+            raise FsError(errno.ENOENT, f"{self.coll.describe()}: {self.path} is gone")
+        return entry
+
+    def attr(self) -> Attr:
+        return Attr(self.ino, True, 0, self.coll.mtime(), self.coll.timeout, self.coll.timeout)
+
+    def _child_path(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path else name
+
+    async def lookup(self, name: str) -> Node:
+        await self.coll.fresh()
+        entry = self._dir().get(name)
+        if entry is not None:
+            return self.coll.child(self._child_path(name), entry)
+        if self.path == "":
+            if name == COLLECTION_RECORD_NAME:
+                return self.coll.record_file
+            if self.coll.tree.root is self:
+                return await self.coll.tree.hidden_root.lookup(name)
+        raise FsError(errno.ENOENT, cache_for=self.coll.timeout)
+
+    async def entries(self) -> list[tuple[str, Node]]:
+        await self.coll.fresh()
+        coll = self.coll
+        return [(name, coll.child(self._child_path(name), entry)) for name, entry in self._dir().entries()]
+
+    def xattr_names(self) -> list[str]:
+        return self.coll.xattr_names()
+
+    def xattr(self, name: str) -> bytes:
+        return self.coll.xattr(name)
+
+
+class CollectionFile(Node):
+    def __init__(self, coll: Collection, path: str, ino: int):
+        self.coll = coll
+        self.path = path
+        self.ino = ino
+        self._generation = -1
+        self._file: File | None = None
+
+    async def fresh(self) -> None:
+        await self.coll.fresh()
+
+    @property
+    def file(self) -> File:
+        """The manifest file at this path in the collection's current generation."""
+        if self._generation != self.coll.generation:
+            entry = self.coll.resolve(self.path)
+            self._file = entry if isinstance(entry, File) else None
+            self._generation = self.coll.generation
+        if self._file is None:
+            raise FsError(errno.ENOENT, f"{self.coll.describe()}: {self.path} is gone")
+        return self._file
+
+    def attr(self) -> Attr:
+        return Attr(self.ino, False, self.file.size, self.coll.mtime(), self.coll.timeout, self.coll.timeout)
+
+    async def open(self) -> Handle:
+        await self.coll.fresh()
+        return CollectionFileHandle(self)
+
+    def xattr_names(self) -> list[str]:
+        return self.coll.xattr_names() + [XATTR_PREFIX + "locators", XATTR_PREFIX + "cached_bytes"]
+
+    def xattr(self, name: str) -> bytes:
+        if name == XATTR_PREFIX + "locators":
+            keys = dict.fromkeys(s.locator.key for s in self.file.segments())
+            return " ".join(keys).encode()
+        if name == XATTR_PREFIX + "cached_bytes":
+            cached = self.coll.tree.cached_bytes
+            total = 0
+            for s in self.file.segments():
+                have = cached(s.locator.key)
+                total += s.length if have >= s.locator.size else s.length * have // max(s.locator.size, 1)
+            return str(total).encode()
+        return self.coll.xattr(name)
+
+
+class CollectionFileHandle(Handle):
+    """An open collection file: a block reader over the file as it was at open time.
+
+    When the collection moves to a new generation (refreshed signatures, or a UUID
+    collection that changed), the next read reopens the reader on the new segments if the
+    file's blocks are the same; otherwise the handle keeps its snapshot."""
+
+    def __init__(self, node: CollectionFile):
+        self.node = node
+        self.coll = node.coll
+        self.keep_cache = self.coll.immutable
+        self._file = node.file
+        self._generation = self.coll.generation
+        self._reader = self.coll.tree.reader.open(self._file, self.coll.record.route)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        coll = self.coll
+        await coll.fresh()
+        if coll.generation != self._generation:
+            self._generation = coll.generation
+            try:
+                new = self.node.file
+            except FsError:
+                new = None
+            if new is not None and _segment_keys(new) == _segment_keys(self._file):
+                self._reader.close()
+                self._file = new
+                self._reader = coll.tree.reader.open(new, coll.record.route)
+        try:
+            return await self._reader.read(offset, size)
+        except BlockError as e:
+            coll.tree.stats.add("read_errors", cluster=coll.record.route.cluster)
+            message = f"{coll.describe()}: reading {self.node.path}: {e}"
+            log.error("%s", message)
+            raise FsError(errno.EIO, message) from e
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class Tree:
+    """The whole mount: inode table, root, and the operations the adapter forwards."""
+
+    def __init__(
+        self,
+        federation: FederationLike,
+        reader: BlockReaderLike,
+        *,
+        stats: Stats,
+        layout: Layout | None = None,
+        refresh_time: float = 15.0,
+        negative_ttl: float | None = None,
+        cached_bytes: Callable[[str], int] = lambda key: 0,
+        cache_usage: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.federation = federation
+        self.reader = reader
+        self.stats = stats
+        self.layout = layout or Layout()
+        self.refresh_time = refresh_time
+        self.negative_ttl = refresh_time if negative_ttl is None else negative_ttl
+        self.cached_bytes = cached_bytes
+        self.cache_usage = cache_usage
+        self.clock = clock
+        self.wall = wall
+        self.started = wall()
+        self.ready = False
+        self.table: InodeTable[Node] = InodeTable()
+        stats_ino = self.table.number(("stats", STATS_FILE_NAME))
+        stats_file = GeneratedFile(self, stats_ino, self._stats_json, static=False, mtime=self.wall)
+        self.table.bind(stats_ino, stats_file)
+        self.hidden_root = StaticDir(self, self.table.number(("stats",)), {STATS_FILE_NAME: stats_file})
+        self.table.bind(self.hidden_root.ino, self.hidden_root)
+        # With --collection the root is that collection once `start` has loaded it.
+        placeholder = self.layout.collection is not None
+        self.root: DirNode = StaticDir(self, ROOT_INODE, {}) if placeholder else self._default_root()
+        self.table.bind(ROOT_INODE, self.root)
+
+    def _default_root(self) -> DirNode:
+        layout = self.layout
+        entries: dict[str, Node] = {}
+        if layout.by_id or layout.by_pdh:
+            for names, pdh_only in ((layout.by_id, False), (layout.by_pdh, True)):
+                for name in names:
+                    entries[name] = self._by_id_dir(name, pdh_only)
+        else:
+            readme = ROOT_README.encode()
+            ino = self.table.number(("readme", ROOT_INODE))
+            entries["README"] = GeneratedFile(self, ino, lambda: readme, static=True,
+                                              mtime=lambda: self.started)
+            self.table.bind(ino, entries["README"])
+            entries["by_id"] = self._by_id_dir("by_id", False)
+        return StaticDir(self, ROOT_INODE, entries, {STATS_DIR_NAME: self.hidden_root})
+
+    def _by_id_dir(self, name: str, pdh_only: bool) -> ByIdDir:
+        node = ByIdDir(self, self.table.number(("dir", name)), name, pdh_only)
+        self.table.bind(node.ino, node)
+        return node
+
+    async def start(self) -> None:
+        """Load what must exist before mounting: the ``--collection`` collection.
+
+        Raises `FsError` with a one-line message if it cannot be loaded."""
+        if self.layout.collection is None:
+            return
+        try:
+            cid = parse_collection_id(self.layout.collection)
+        except ValueError as e:
+            raise FsError(errno.EINVAL, str(e)) from None
+        record, manifest, expiry = await self.fetch(cid)
+        coll = Collection(self, cid, ("root",), ROOT_INODE, record, manifest, expiry)
+        assert isinstance(coll.root, CollectionDir)
+        self.root = coll.root
+
+    async def fetch(self, cid: CollectionId) -> tuple[CollectionRecordLike, Manifest, int | None]:
+        """The record and parsed manifest of `cid`, or FsError (logged in one line)."""
+        try:
+            record = await self.federation.get_collection(cid)
+        except ApiError as e:
+            # 422: the federation's "every cluster said no, not all with 404".
+            code = {404: errno.ENOENT, 422: errno.ENOENT, 401: errno.EACCES, 403: errno.EACCES}.get(
+                e.status, errno.EIO
+            )
+            message = f"collection {cid} (cluster {e.cluster or '?'}): {e.message}"
+            if code == errno.ENOENT:
+                log.info("%s", message)
+            else:
+                self.stats.add("api_errors", cluster=e.cluster)
+                log.error("%s", message)
+            raise FsError(code, message) from None
+        try:
+            manifest, expiry = await trio.to_thread.run_sync(_parse, record.manifest_text)
+        except ManifestError as e:
+            message = f"collection {cid} (cluster {record.cluster}): {e}"
+            self.stats.add("manifest_errors", cluster=record.cluster)
+            log.error("%s", message)
+            raise FsError(errno.EIO, message) from None
+        self.stats.add("collections_loaded", cluster=record.cluster)
+        return record, manifest, expiry
+
+    def _stats_json(self) -> bytes:
+        return (json.dumps(self.stats.snapshot(), indent=1, sort_keys=True) + "\n").encode()
+
+    # -- operations the adapter forwards -------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise FsError(errno.ESTALE)
+        return node
+
+    def dir(self, ino: int) -> DirNode:
+        node = self.node(ino)
+        if not isinstance(node, DirNode):
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    async def lookup(self, parent: int, name: str) -> Node:
+        return await self.dir(parent).lookup(name)
+
+    async def getattr(self, ino: int) -> Attr:
+        node = self.node(ino)
+        await node.fresh()
+        return node.attr()
+
+    async def listdir(self, ino: int) -> list[tuple[str, Node]]:
+        return await self.dir(ino).entries()
+
+    async def open(self, ino: int) -> Handle:
+        node = self.node(ino)
+        if isinstance(node, DirNode):
+            raise FsError(errno.EISDIR)
+        assert isinstance(node, (GeneratedFile, CollectionFile))
+        return await node.open()
+
+    def listxattr(self, ino: int) -> list[str]:
+        return self.node(ino).xattr_names()
+
+    def getxattr(self, ino: int, name: str) -> bytes:
+        return self.node(ino).xattr(name)
+
+    def statfs(self) -> dict[str, int]:
+        capacity, used = self.cache_usage()
+        blocks = capacity // BLOCK_SIZE
+        free = max(capacity - used, 0) // BLOCK_SIZE
+        return {
+            "f_bsize": BLOCK_SIZE, "f_frsize": BLOCK_SIZE, "f_blocks": blocks, "f_bfree": free,
+            "f_bavail": free, "f_files": len(self.table), "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
+        }  # fmt: skip
