@@ -27,7 +27,11 @@ from fedmount import __version__
 from fedmount.federation.tokens import redact
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "locate": "fedmount.locality.commands:locate_main",
+    "stage": "fedmount.locality.commands:stage_main",
+    "unpin": "fedmount.locality.commands:unpin_main",
+}
 
 DESCRIPTION = """\
 Mount Arvados collections of every cluster of a federation, read-only, at MOUNTPOINT.

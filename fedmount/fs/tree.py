@@ -503,8 +503,8 @@ class CollectionDir(DirNode):
         if self.path == "":
             if name == COLLECTION_RECORD_NAME:
                 return self.coll.record_file
-            if self.coll.tree.root is self:
-                return await self.coll.tree.hidden_root.lookup(name)
+            if name == STATS_DIR_NAME and self.coll.tree.root is self:
+                return self.coll.tree.stats_dir
         raise FsError(errno.ENOENT, cache_for=self.coll.timeout)
 
     async def entries(self) -> list[tuple[str, Node]]:
@@ -638,8 +638,8 @@ class Tree:
         stats_ino = self.table.number(("stats", STATS_FILE_NAME))
         stats_file = GeneratedFile(self, stats_ino, self._stats_json, static=False, mtime=self.wall)
         self.table.bind(stats_ino, stats_file)
-        self.hidden_root = StaticDir(self, self.table.number(("stats",)), {STATS_FILE_NAME: stats_file})
-        self.table.bind(self.hidden_root.ino, self.hidden_root)
+        self.stats_dir = StaticDir(self, self.table.number(("stats",)), {STATS_FILE_NAME: stats_file})
+        self.table.bind(self.stats_dir.ino, self.stats_dir)
         # With --collection the root is that collection once `start` has loaded it.
         placeholder = self.layout.collection is not None
         self.root: DirNode = StaticDir(self, ROOT_INODE, {}) if placeholder else self._default_root()
@@ -659,7 +659,7 @@ class Tree:
                                               mtime=lambda: self.started)
             self.table.bind(ino, entries["README"])
             entries["by_id"] = self._by_id_dir("by_id", False)
-        return StaticDir(self, ROOT_INODE, entries, {STATS_DIR_NAME: self.hidden_root})
+        return StaticDir(self, ROOT_INODE, entries, {STATS_DIR_NAME: self.stats_dir})
 
     def _by_id_dir(self, name: str, pdh_only: bool) -> ByIdDir:
         node = ByIdDir(self, self.table.number(("dir", name)), name, pdh_only)

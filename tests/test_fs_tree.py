@@ -1,0 +1,525 @@
+"""The filesystem model without a mount: layout, attributes, freshness, errors.
+
+The federation and the block reader are small fakes of their interfaces
+(`Federation.get_collection`, `BlockReader.open` -> `FileReader.read/close`); manifests are
+parsed by the real parser.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from fedmount.blocks.keep import BlockError, KeepRoute
+from fedmount.federation.controller import ApiError
+from fedmount.federation.ids import CollectionId, parse_locator
+from fedmount.federation.manifest import File, portable_data_hash
+from fedmount.fs.inodes import ROOT_INODE, InodeTable, NegativeCache
+from fedmount.fs.tree import FOREVER, FsError, Layout, Tree
+from fedmount.stats import Stats
+
+NOW = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Record:
+    uuid: str
+    portable_data_hash: str
+    manifest_text: str
+    modified_at: float | None
+    cluster: str
+    record: dict[str, Any]
+    route: KeepRoute
+
+
+def block_token(data: bytes, expiry: float | None) -> str:
+    loc = f"{hashlib.md5(data).hexdigest()}+{len(data)}"
+    return loc if expiry is None else f"{loc}+A{'a' * 40}@{int(expiry):08x}"
+
+
+def manifest_of(files: dict[str, bytes], expiry: float | None) -> tuple[str, dict[str, bytes]]:
+    """One stream per directory, one block per file; returns text and the blocks by key."""
+    by_dir: dict[str, list[tuple[str, bytes]]] = {}
+    for path, data in files.items():
+        d, _, name = path.rpartition("/")
+        by_dir.setdefault(d, []).append((name, data))
+    lines, blocks = [], {}
+    for d, entries in sorted(by_dir.items()):
+        tokens, segs, pos = [], [], 0
+        for name, data in entries:
+            if data:
+                tokens.append(block_token(data, expiry))
+                blocks[f"{hashlib.md5(data).hexdigest()}+{len(data)}"] = data
+            segs.append(f"{pos}:{len(data)}:{name.replace(' ', chr(92) + '040')}")
+            pos += len(data)
+        tokens = tokens or ["d41d8cd98f00b204e9800998ecf8427e+0"]
+        lines.append(" ".join([f"./{d}" if d else ".", *tokens, *segs]))
+    return "".join(line + "\n" for line in lines), blocks
+
+
+@dataclass
+class FakeFederation:
+    """`Federation.get_collection` over a dict; counts calls; can fail on demand."""
+
+    wall: Clock
+    collections: dict[str, Record] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    fail: dict[str, Exception] = field(default_factory=dict)
+    blocks: dict[str, bytes] = field(default_factory=dict)
+    signature_ttl: float = 14 * 86400
+
+    def put(self, uuid: str, files: dict[str, bytes], cluster: str | None = None,
+            text: str | None = None) -> Record:
+        expiry = self.wall() + self.signature_ttl
+        made, blocks = manifest_of(files, expiry)
+        text = made if text is None else text
+        self.blocks.update(blocks)
+        cluster = cluster or uuid[:5]
+        pdh = portable_data_hash(text)
+        route = KeepRoute(cluster, "token", ())
+        rec = Record(uuid, pdh, text, NOW - 3600, cluster, {"uuid": uuid, "portable_data_hash": pdh,
+                                                             "manifest_text": text}, route)
+        self.collections[uuid] = rec
+        self.collections[pdh] = Record(pdh, pdh, text, None, cluster, {"uuid": pdh}, route)
+        return rec
+
+    def resign(self) -> None:
+        """New signatures for every collection, as a fresh API answer would carry."""
+        expiry = int(self.wall() + self.signature_ttl)
+        for rec in self.collections.values():
+            rec.manifest_text = re.sub(r"\+A[0-9a-f]{40}@[0-9a-f]{8}", f"+A{'b' * 40}@{expiry:08x}",
+                                       rec.manifest_text)
+
+    async def get_collection(self, cid: CollectionId) -> Record:
+        self.calls.append(cid.text)
+        if cid.text in self.fail:
+            raise self.fail[cid.text]
+        rec = self.collections.get(cid.text)
+        if rec is None:
+            raise ApiError(404, cid.cluster or "zzzzz", f"GET collections/{cid.text}: not found")
+        return Record(**vars(rec))
+
+
+class FakeFileReader:
+    def __init__(self, owner: FakeBlockReader, file: File):
+        self.owner = owner
+        self.file = file
+        self.closed = False
+        self.locators = [str(s.locator) for s in file.segments()]
+
+    async def read(self, offset: int, size: int) -> bytes:
+        if self.owner.broken:
+            raise BlockError(parse_locator(self.locators[0]), "zbbbb: every keep service failed")
+        out = b""
+        for s in self.file.segments():
+            if s.file_offset + s.length <= offset or s.file_offset >= offset + size:
+                continue
+            block = self.owner.blocks[s.locator.key][s.block_offset : s.block_offset + s.length]
+            start = max(offset - s.file_offset, 0)
+            out += block[start : offset + size - s.file_offset]
+        self.owner.reads += 1
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeBlockReader:
+    blocks: dict[str, bytes]
+    opened: list[FakeFileReader] = field(default_factory=list)
+    broken: bool = False
+    reads: int = 0
+
+    def open(self, file: File, route: KeepRoute) -> FakeFileReader:
+        reader = FakeFileReader(self, file)
+        self.opened.append(reader)
+        return reader
+
+
+UUID_A = "zzzzz-4zz18-aaaaaaaaaaaaaaa"
+UUID_B = "zbbbb-4zz18-bbbbbbbbbbbbbbb"
+FILES_A = {"hello.txt": b"hello world\n", "dir/sub/deep.bin": bytes(range(256)) * 10, "dir/empty": b""}
+FILES_B = {"remote file.txt": b"from zbbbb\n"}
+
+
+@pytest.fixture
+def world():
+    wall, mono = Clock(NOW), Clock(1000.0)
+    fed = FakeFederation(wall)
+    fed.put(UUID_A, FILES_A)
+    fed.put(UUID_B, FILES_B)
+    reader = FakeBlockReader(fed.blocks)
+    stats = Stats()
+
+    def make(**kwargs: Any) -> Tree:
+        return Tree(fed, reader, stats=stats, clock=mono, wall=wall, refresh_time=15.0, **kwargs)
+
+    return fed, reader, stats, wall, mono, make
+
+
+async def path_node(tree: Tree, path: str):
+    ino = ROOT_INODE
+    for part in path.split("/"):
+        ino = (await tree.lookup(ino, part)).ino
+    return ino
+
+
+async def read_all(tree: Tree, path: str) -> bytes:
+    handle = await tree.open(await path_node(tree, path))
+    try:
+        return await handle.read(0, 1 << 30)
+    finally:
+        handle.close()
+
+
+async def names(tree: Tree, ino: int) -> list[str]:
+    return [name for name, _ in await tree.listdir(ino)]
+
+
+async def test_root_lists_readme_and_by_id_and_hides_stats(world):
+    fed, reader, stats, *_, make = world
+    tree = make()
+    assert await names(tree, ROOT_INODE) == ["README", "by_id"]
+    assert b"by_id" in await read_all(tree, "README")
+    stats.add("keep_bytes", 42, cluster="zbbbb")
+    snapshot = json.loads(await read_all(tree, ".fedmount/stats.json"))
+    assert snapshot["keep_bytes"] == {"cluster=zbbbb": 42}
+    assert fed.calls == []
+
+
+async def test_by_id_readme_appears_only_when_ready(world):
+    *_, make = world
+    tree = make()
+    by_id = await path_node(tree, "by_id")
+    with pytest.raises(FsError) as e:
+        await tree.lookup(by_id, "README")
+    assert e.value.errno == errno.ENOENT and e.value.cache_for == 0  # the kernel must ask again
+    assert await names(tree, by_id) == []
+    tree.ready = True
+    assert b"portable data hash" in await read_all(tree, "by_id/README")
+    assert await names(tree, by_id) == ["README"]
+
+
+async def test_uuid_and_pdh_of_any_cluster_resolve_and_list(world):
+    fed, *_, make = world
+    tree = make()
+    assert await read_all(tree, f"by_id/{UUID_B}/remote file.txt") == b"from zbbbb\n"
+    pdh = fed.collections[UUID_A].portable_data_hash
+    assert await read_all(tree, f"by_id/{pdh}/dir/sub/deep.bin") == FILES_A["dir/sub/deep.bin"]
+    assert await names(tree, await path_node(tree, "by_id")) == [UUID_B, pdh]
+    assert sorted(await names(tree, await path_node(tree, f"by_id/{pdh}"))) == ["dir", "hello.txt"]
+    assert await names(tree, await path_node(tree, f"by_id/{pdh}/dir")) == ["sub", "empty"]
+
+
+async def test_attributes_modes_sizes_times_and_stable_inodes(world):
+    fed, *_, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin")
+    attr = await tree.getattr(ino)
+    assert attr.mode == stat.S_IFREG | 0o444 and attr.size == 2560 and attr.blocks == 5
+    assert attr.mtime == NOW - 3600
+    assert attr.attr_timeout == attr.entry_timeout == 15.0  # UUID: re-checked
+    d = await tree.getattr(await path_node(tree, f"by_id/{UUID_A}/dir"))
+    assert d.mode == stat.S_IFDIR | 0o555
+    assert await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin") == ino
+    empty = await tree.getattr(await path_node(tree, f"by_id/{UUID_A}/dir/empty"))
+    assert empty.size == 0 and await read_all(tree, f"by_id/{UUID_A}/dir/empty") == b""
+    pdh = fed.collections[UUID_A].portable_data_hash
+    p = await tree.getattr(await path_node(tree, f"by_id/{pdh}/hello.txt"))
+    assert p.attr_timeout == p.entry_timeout == FOREVER and p.ino != ino
+
+
+async def test_names_are_decoded_from_the_manifest(world):
+    *_, make = world
+    tree = make()
+    assert "remote file.txt" in await names(tree, await path_node(tree, f"by_id/{UUID_B}"))
+
+
+async def test_names_that_cannot_be_ids_never_reach_the_api(world):
+    fed, _, stats, *_, make = world
+    tree = make()
+    by_id = await path_node(tree, "by_id")
+    bare_hash = "d41d8cd98f00b204e9800998ecf8427e"
+    for name in ("not-a-thing", "zzzzz-tpzed-aaaaaaaaaaaaaaa", "0123", ".hidden", bare_hash):
+        with pytest.raises(FsError) as e:
+            await tree.lookup(by_id, name)
+        assert e.value.errno == errno.ENOENT and e.value.cache_for > 0
+    assert fed.calls == []
+    assert stats.get("lookups_refused_locally") == 5
+
+
+async def test_unknown_collection_is_cached_negatively_for_a_while(world):
+    fed, _, _, _, mono, make = world
+    tree = make()
+    by_id = await path_node(tree, "by_id")
+    missing = "zbbbb-4zz18-000000000000000"
+    for _ in range(3):
+        with pytest.raises(FsError) as e:
+            await tree.lookup(by_id, missing)
+        assert e.value.errno == errno.ENOENT and e.value.cache_for == 15.0
+    assert fed.calls == [missing]
+    mono.t += 16
+    fed.put(missing, {"new": b"now it exists"})
+    assert await read_all(tree, f"by_id/{missing}/new") == b"now it exists"
+
+
+async def test_by_pdh_refuses_uuids_without_asking(world):
+    fed, *_, make = world
+    tree = make(layout=Layout(by_id=["by_uuid"], by_pdh=["by_id"]))
+    assert await names(tree, ROOT_INODE) == ["by_uuid", "by_id"]
+    with pytest.raises(FsError) as e:
+        await path_node(tree, f"by_id/{UUID_A}")
+    assert e.value.errno == errno.ENOENT and fed.calls == []
+    pdh = fed.collections[UUID_A].portable_data_hash
+    assert await read_all(tree, f"by_id/{pdh}/hello.txt") == b"hello world\n"
+    assert await read_all(tree, f"by_uuid/{UUID_A}/hello.txt") == b"hello world\n"
+
+
+async def test_collection_layout_puts_one_collection_at_the_root(world):
+    fed, *_, make = world
+    tree = make(layout=Layout(collection=UUID_B))
+    await tree.start()
+    assert await names(tree, ROOT_INODE) == ["remote file.txt"]
+    assert await read_all(tree, "remote file.txt") == b"from zbbbb\n"
+    assert json.loads(await read_all(tree, ".arvados#collection"))["uuid"] == UUID_B
+    assert "stats.json" in await names(tree, await path_node(tree, ".fedmount"))
+
+
+async def test_collection_layout_of_a_missing_collection_fails_to_start(world):
+    *_, make = world
+    tree = make(layout=Layout(collection="zbbbb-4zz18-000000000000000"))
+    with pytest.raises(FsError) as e:
+        await tree.start()
+    assert e.value.errno == errno.ENOENT and "zbbbb-4zz18-000000000000000" in str(e.value)
+
+
+async def test_hidden_collection_record(world):
+    fed, *_, make = world
+    tree = make()
+    coll = await path_node(tree, f"by_id/{UUID_A}")
+    assert ".arvados#collection" not in await names(tree, coll)
+    record = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
+    assert record["manifest_text"] == fed.collections[UUID_A].manifest_text
+    attr = await tree.getattr(await path_node(tree, f"by_id/{UUID_A}/.arvados#collection"))
+    assert attr.attr_timeout == 0 and attr.mode == stat.S_IFREG | 0o444
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (ApiError(401, "zbbbb", "token expired"), errno.EACCES),
+        (ApiError(403, "zbbbb", "forbidden"), errno.EACCES),
+        (ApiError(0, "zbbbb", "connection refused"), errno.EIO),
+        (ApiError(502, "zbbbb", "bad gateway"), errno.EIO),
+    ],
+)
+async def test_api_errors_map_to_errnos_and_one_log_line(world, caplog, error, code):
+    fed, *_, make = world
+    tree = make()
+    fed.fail[UUID_B] = error
+    with caplog.at_level(logging.ERROR, "fedmount.fs"), pytest.raises(FsError) as e:
+        await path_node(tree, f"by_id/{UUID_B}")
+    assert e.value.errno == code and e.value.cache_for == 0
+    [line] = [r.getMessage() for r in caplog.records]
+    assert UUID_B in line and "zbbbb" in line and "\n" not in line
+    assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello world\n"  # the rest still works
+
+
+async def test_malformed_manifest_is_eio_naming_collection_and_cluster(world, caplog):
+    fed, *_, make = world
+    fed.put("zcccc-4zz18-ccccccccccccccc", {}, text=". not-a-locator 0:1:x\n")
+    tree = make()
+    with caplog.at_level(logging.ERROR, "fedmount.fs"), pytest.raises(FsError) as e:
+        await path_node(tree, "by_id/zcccc-4zz18-ccccccccccccccc")
+    assert e.value.errno == errno.EIO
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "zcccc-4zz18-ccccccccccccccc" in line and "cluster zcccc" in line and "line 1" in line
+
+
+async def test_block_error_is_eio_and_logged(world, caplog):
+    _, reader, stats, *_, make = world
+    tree = make()
+    handle = await tree.open(await path_node(tree, f"by_id/{UUID_B}/remote file.txt"))
+    reader.broken = True
+    with caplog.at_level(logging.ERROR, "fedmount.fs"), pytest.raises(FsError) as e:
+        await handle.read(0, 10)
+    assert e.value.errno == errno.EIO
+    [line] = [r.getMessage() for r in caplog.records]
+    assert UUID_B in line and "remote file.txt" in line and "zbbbb" in line
+    assert stats.get("read_errors", cluster="zbbbb") == 1
+
+
+async def test_pdh_files_open_with_keep_cache_uuid_files_without(world):
+    fed, *_, make = world
+    tree = make()
+    pdh = fed.collections[UUID_A].portable_data_hash
+    assert (await tree.open(await path_node(tree, f"by_id/{pdh}/hello.txt"))).keep_cache
+    assert not (await tree.open(await path_node(tree, f"by_id/{UUID_A}/hello.txt"))).keep_cache
+    with pytest.raises(FsError) as e:
+        await tree.open(await path_node(tree, f"by_id/{pdh}/dir"))
+    assert e.value.errno == errno.EISDIR
+
+
+async def test_uuid_collection_is_rechecked_after_refresh_time(world):
+    fed, _, _, _, mono, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    await tree.getattr(ino)
+    assert fed.calls == [UUID_A]
+    mono.t += 10
+    await tree.getattr(ino)
+    assert fed.calls == [UUID_A]  # not due yet
+    fed.put(UUID_A, {**FILES_A, "hello.txt": b"hello again, longer\n"})
+    mono.t += 6
+    attr = await tree.getattr(ino)
+    assert fed.calls == [UUID_A, UUID_A]
+    assert attr.size == len(b"hello again, longer\n") and attr.ino == ino
+    assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello again, longer\n"
+
+
+async def test_removed_path_of_changed_uuid_collection_is_enoent(world):
+    fed, _, _, _, mono, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin")
+    fed.put(UUID_A, {"hello.txt": b"hello world\n"})
+    mono.t += 16
+    with pytest.raises(FsError) as e:
+        await tree.getattr(ino)
+    assert e.value.errno == errno.ENOENT
+
+
+async def test_pdh_collection_is_never_rechecked_before_signatures_age(world):
+    fed, _, _, wall, mono, make = world
+    tree = make()
+    pdh = fed.collections[UUID_A].portable_data_hash
+    ino = await path_node(tree, f"by_id/{pdh}/hello.txt")
+    mono.t += 86400
+    wall.t += 86400
+    await tree.getattr(ino)
+    assert fed.calls == [pdh]
+
+
+async def test_signatures_are_refreshed_and_open_files_keep_reading(world):
+    fed, reader, _, wall, _, make = world
+    fed.signature_ttl = 1000
+    fed.put(UUID_A, FILES_A)
+    tree = make()
+    pdh = fed.collections[UUID_A].portable_data_hash
+    handle = await tree.open(await path_node(tree, f"by_id/{pdh}/dir/sub/deep.bin"))
+    assert await handle.read(0, 4) == bytes(range(4))
+    old = reader.opened[-1]
+    assert "@" in old.locators[0]
+    wall.t += 400  # before half the time left: nothing
+    await handle.read(0, 4)
+    assert fed.calls == [pdh]
+    wall.t += 200  # past half: the next touch re-fetches and re-signs
+    fed.resign()
+    assert await handle.read(4, 4) == bytes(range(4, 8))
+    assert fed.calls == [pdh, pdh]
+    new = reader.opened[-1]
+    assert new is not old and old.closed and new.locators != old.locators
+    assert new.locators[0].split("+A")[0] == old.locators[0].split("+A")[0]
+
+
+async def test_failed_refresh_keeps_serving(world, caplog):
+    fed, _, _, _, mono, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    fed.fail[UUID_A] = ApiError(0, "zzzzz", "connection refused")
+    mono.t += 16
+    with caplog.at_level(logging.ERROR, "fedmount.fs"):
+        assert (await tree.getattr(ino)).size == 12
+    assert any(UUID_A in r.getMessage() for r in caplog.records)
+    assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello world\n"
+
+
+async def test_xattrs_name_collection_cluster_locators_and_cached_bytes(world):
+    fed, *_, make = world
+    deep = FILES_A["dir/sub/deep.bin"]
+    key = f"{hashlib.md5(deep).hexdigest()}+{len(deep)}"
+    tree = make(cached_bytes=lambda k: len(deep) if k == key else 0)
+    ino = await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin")
+    assert set(tree.listxattr(ino)) == {
+        "user.arvados.uuid", "user.arvados.portable_data_hash", "user.arvados.cluster",
+        "user.arvados.locators", "user.arvados.cached_bytes",
+    }  # fmt: skip
+    assert tree.getxattr(ino, "user.arvados.uuid") == UUID_A.encode()
+    pdh = fed.collections[UUID_A].portable_data_hash
+    assert tree.getxattr(ino, "user.arvados.portable_data_hash") == pdh.encode()
+    assert tree.getxattr(ino, "user.arvados.cluster") == b"zzzzz"
+    assert tree.getxattr(ino, "user.arvados.locators") == key.encode()  # no signature
+    assert tree.getxattr(ino, "user.arvados.cached_bytes") == b"2560"
+    hello = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    assert tree.getxattr(hello, "user.arvados.cached_bytes") == b"0"
+    d = await path_node(tree, f"by_id/{UUID_B}")
+    assert tree.getxattr(d, "user.arvados.cluster") == b"zbbbb"
+    with pytest.raises(FsError) as e:
+        tree.getxattr(d, "user.arvados.nope")
+    assert e.value.errno == errno.ENODATA
+    assert tree.listxattr(ROOT_INODE) == []
+
+
+async def test_statfs_reports_cache_and_files(world):
+    *_, make = world
+    tree = make(cache_usage=lambda: (1 << 30, 1 << 28))
+    await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    s = tree.statfs()
+    assert s["f_bsize"] * s["f_blocks"] == 1 << 30
+    assert s["f_bsize"] * s["f_bavail"] == 3 << 28
+    assert s["f_files"] >= 5 and s["f_namemax"] == 255
+
+
+async def test_concurrent_lookups_of_one_collection_make_one_call(world):
+    import trio
+
+    fed, *_, make = world
+    tree = make()
+    by_id = await path_node(tree, "by_id")
+    inos = []
+
+    async def look() -> None:
+        inos.append((await tree.lookup(by_id, UUID_B)).ino)
+
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(look)
+    assert fed.calls == [UUID_B] and len(set(inos)) == 1
+
+
+def test_inode_table_keys_are_stable_and_never_reused():
+    table: InodeTable[str] = InodeTable()
+    a = table.number(("c", "a"))
+    b = table.number(("c", "b"))
+    assert a != b and table.number(("c", "a")) == a and ROOT_INODE not in (a, b)
+    table.bind(a, "node-a")
+    table.bind(a, "node-a2")
+    assert table.get(a) == "node-a2" and table.get(b) is None
+
+
+def test_negative_cache_expires_and_is_bounded():
+    clock = Clock(0.0)
+    cache = NegativeCache(10, clock, limit=2)
+    cache.add("x")
+    assert "x" in cache
+    clock.t = 11
+    assert "x" not in cache
+    for name in ("a", "b", "c"):
+        cache.add(name)
+    assert "c" in cache and "a" not in cache
