@@ -35,7 +35,7 @@ from fedmount.blocks.keep import KeepService, probe_order
 from fedmount.federation.ids import Locator
 from fedmount.federation.manifest import File, parse_manifest
 
-from .workloads import BenchCollection, BenchError, Mount, collection_path, dd_read, drop_page_cache
+from .workloads import BenchCollection, BenchError, Mount, dd_read, drop_page_cache
 
 BODY_CHUNK = 1 << 20
 
@@ -48,8 +48,9 @@ class NullfsSubject:
 
     name = "nullfs"
 
-    def __init__(self, collections: Sequence[BenchCollection], workdir: str, read_ahead_kb: int,
-                 python: str) -> None:
+    def __init__(
+        self, collections: Sequence[BenchCollection], workdir: str, read_ahead_kb: int, python: str
+    ) -> None:
         self.workdir = workdir
         self.read_ahead_kb = read_ahead_kb
         self.python = python
@@ -62,27 +63,31 @@ class NullfsSubject:
             json.dump({"files": files}, f)
 
     def mount(self, *, cold: bool) -> Mount:
+        """A fresh mount (a new inode for every file, so nothing is in the page cache)."""
         if cold:
             drop_page_cache()
-        argv = [self.python, "-m", "bench.nullfs", "--spec", self.spec,
-                "--read-ahead-kb", str(self.read_ahead_kb), os.path.join(self.workdir, "mnt")]
-        return Mount(argv, os.path.join(self.workdir, "mnt"), os.path.join(self.workdir, "nullfs.log"),
-                     ready="by_id/README", env={**os.environ, "PYTHONPATH": _repo_root()})
+        mountpoint = os.path.join(self.workdir, "mnt")
+        argv = [
+            self.python,
+            "-m",
+            "bench.nullfs",
+            "--spec",
+            self.spec,
+            "--read-ahead-kb",
+            str(self.read_ahead_kb),
+            mountpoint,
+        ]
+        return Mount(
+            argv,
+            mountpoint,
+            os.path.join(self.workdir, "nullfs.log"),
+            ready="by_id/README",
+            env={**os.environ, "PYTHONPATH": _repo_root()},
+        )
 
 
 def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fuse_sequential(subject: NullfsSubject, collection: BenchCollection, path: str, read_size: int,
-                    runs: int) -> list[float]:
-    """Bytes per second of ``dd`` through the null filesystem, one fresh mount per run."""
-    size = collection.files[path]
-    samples = []
-    for _ in range(runs):
-        with subject.mount(cold=False) as m:
-            samples.append(size / dd_read(collection_path(m, collection, path), read_size, size))
-    return samples
 
 
 # --- page cache ------------------------------------------------------------------------------
@@ -107,61 +112,81 @@ def page_cache_sequential(workdir: str, size: int, read_size: int, runs: int) ->
 
 @dataclass
 class ClusterAccess:
-    """How a client reaches one cluster: from the federation state file."""
+    """How a client reaches one cluster's controller."""
 
     api_host: str
     token: str
     ca_cert: str
 
-    @classmethod
-    def home_of(cls, state: dict[str, Any]) -> ClusterAccess:
-        home = state["clusters"][state["home"]]
-        return cls(api_host=home["api_host"], token=home["token"], ca_cert=state["ca_cert"])
+
+class Api:
+    """The two controller calls a Keep client needs, as plain HTTPS GETs."""
+
+    def __init__(self, access: ClusterAccess) -> None:
+        self.access = access
+        self.http = urllib3.PoolManager(
+            ca_certs=access.ca_cert, retries=False, timeout=urllib3.Timeout(connect=10, read=300)
+        )
+
+    def _get(self, path: str) -> dict[str, Any]:
+        resp = self.http.request(
+            "GET",
+            f"https://{self.access.api_host}{path}",
+            headers={"Authorization": f"Bearer {self.access.token}"},
+        )
+        if resp.status != 200:
+            raise BenchError(f"GET {path} on {self.access.api_host} answered {resp.status}")
+        return json.loads(resp.data)
+
+    def collection(self, uuid: str) -> dict[str, Any]:
+        return self._get(f"/arvados/v1/collections/{quote(uuid, safe='')}")
+
+    def keep_services(self) -> list[KeepService]:
+        return [
+            KeepService(
+                uuid=s["uuid"],
+                service_type=s.get("service_type", "disk"),
+                root_url=f"{'https' if s['service_ssl_flag'] else 'http'}://{s['service_host']}:"
+                f"{s['service_port']}",
+            )
+            for s in self._get("/arvados/v1/keep_services/accessible")["items"]
+        ]
 
 
 class KeepCeiling:
     """Raw GETs of one file's blocks from the keepstores a home-mode client would use."""
 
     def __init__(self, access: ClusterAccess, collection_uuid: str, path: str, threads: int) -> None:
-        self.access = access
+        self.token = access.token
         self.threads = threads
-        self.http = urllib3.PoolManager(maxsize=threads, ca_certs=access.ca_cert, retries=False,
-                                        timeout=urllib3.Timeout(connect=10, read=120))
-        record = self._api(f"/arvados/v1/collections/{quote(collection_uuid, safe='')}")
-        file = parse_manifest(record["manifest_text"]).find(path)
+        self.http = urllib3.PoolManager(
+            maxsize=threads,
+            ca_certs=access.ca_cert,
+            retries=False,
+            timeout=urllib3.Timeout(connect=10, read=120),
+        )
+        api = Api(access)
+        file = parse_manifest(api.collection(collection_uuid)["manifest_text"]).find(path)
         if not isinstance(file, File):
             raise BenchError(f"{path} is not a file of collection {collection_uuid}")
         seen: dict[str, Locator] = {}
         for seg in file.segments():
             seen.setdefault(seg.locator.key, seg.locator)
         self.blocks = list(seen.values())
-        items = self._api("/arvados/v1/keep_services/accessible")["items"]
-        self.services = [
-            KeepService(uuid=s["uuid"], service_type=s.get("service_type", "disk"),
-                        root_url=f"{'https' if s['service_ssl_flag'] else 'http'}://{s['service_host']}:"
-                                 f"{s['service_port']}")
-            for s in items
-        ]
+        self.services = api.keep_services()
         if not self.services:
             raise BenchError(f"{access.api_host} lists no keep services")
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(b.size for b in self.blocks)
-
-    def _api(self, path: str) -> dict[str, Any]:
-        resp = self.http.request("GET", f"https://{self.access.api_host}{path}",
-                                 headers={"Authorization": f"Bearer {self.access.token}"})
-        if resp.status != 200:
-            raise BenchError(f"GET {path} on {self.access.api_host} answered {resp.status}")
-        return json.loads(resp.data)
 
     def get(self, locator: Locator) -> int:
         """GET one block (trying services in rendezvous order); the number of body bytes."""
         outcomes = []
         for service in probe_order(locator.hash, self.services):
-            resp = self.http.request("GET", f"{service.root_url}/{locator}", preload_content=False,
-                                     headers={"Authorization": f"Bearer {self.access.token}"})
+            resp = self.http.request(
+                "GET",
+                f"{service.root_url}/{locator}",
+                preload_content=False,
+                headers={"Authorization": f"Bearer {self.token}"},
+            )
             try:
                 if resp.status != 200:
                     outcomes.append(f"{service.root_url}: {resp.status}")
@@ -181,8 +206,14 @@ class KeepCeiling:
             total = sum(pool.map(self.get, self.blocks))
         return total / (time.perf_counter() - start)
 
-    def first_block_seconds(self) -> float:
-        """Seconds to GET the file's first block, alone."""
-        start = time.perf_counter()
-        self.get(self.blocks[0])
-        return time.perf_counter() - start
+    def samples(self, runs: int) -> list[float]:
+        return [self.parallel_read() for _ in range(runs)]
+
+    def first_block_samples(self, runs: int) -> list[float]:
+        """Seconds to GET the file's first block, alone, once per run."""
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.get(self.blocks[0])
+            samples.append(time.perf_counter() - start)
+        return samples

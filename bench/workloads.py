@@ -24,18 +24,19 @@ or warm (the disk cache of earlier runs), and tell where a collection's file is 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import psutil
-
-from .report import Result
 
 DD_RE = re.compile(r"^(\d+) bytes .* copied, ([0-9.e+-]+) s,", re.MULTILINE)
 
@@ -54,8 +55,16 @@ class Mount:
     path relative to the mountpoint, "" for the mount itself) exists inside a mounted
     `mountpoint`. Leaving unmounts and waits for the daemon to exit."""
 
-    def __init__(self, argv: Sequence[str], mountpoint: str, log_path: str, *, ready: str = "",
-                 env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        mountpoint: str,
+        log_path: str,
+        *,
+        ready: str = "",
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         self.argv = list(argv)
         self.mountpoint = mountpoint
         self.log_path = log_path
@@ -72,14 +81,17 @@ class Mount:
     def __enter__(self) -> Mount:
         os.makedirs(self.mountpoint, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + self.timeout
         target = os.path.join(self.mountpoint, self.ready)
         while not (os.path.ismount(self.mountpoint) and os.path.exists(target)):
             if self.process.poll() is not None:
-                raise BenchError(f"{self.argv[0]} exited with status {self.process.returncode} before "
-                                 f"{target} appeared: {last_line(self.log_path)}")
+                raise BenchError(
+                    f"{self.argv[0]} exited with status {self.process.returncode} before "
+                    f"{target} appeared: {last_line(self.log_path)}"
+                )
             if time.monotonic() > deadline:
                 self.__exit__(None, None, None)
                 raise BenchError(f"{target} did not appear within {self.timeout:.0f} s; see {self.log_path}")
@@ -134,8 +146,12 @@ def drop_page_cache() -> bool:
 def dd_read(path: str, read_size: int, expect: int) -> float:
     """Seconds dd took to read all of `path` (which must be `expect` bytes) in `read_size` reads."""
     os.stat(path)
-    out = subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={read_size}"], capture_output=True,
-                         text=True, env={**os.environ, "LC_ALL": "C"})
+    out = subprocess.run(
+        ["dd", f"if={path}", "of=/dev/null", f"bs={read_size}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LC_ALL": "C"},
+    )
     if out.returncode != 0:
         raise BenchError(f"dd of {path} failed: {out.stderr.strip().splitlines()[-1:]}")
     m = DD_RE.search(out.stderr)
@@ -188,8 +204,10 @@ def cat_files(paths: Sequence[str], expect_bytes: int) -> float:
     out = subprocess.run(["sh", "-c", "xargs -0 cat | wc -c"], input=listing, capture_output=True)
     elapsed = time.perf_counter() - start
     if out.returncode != 0 or int(out.stdout or 0) != expect_bytes:
-        raise BenchError(f"cat of {len(paths)} files read {out.stdout.strip().decode() or 0} bytes, "
-                         f"expected {expect_bytes}: {out.stderr.decode(errors='replace').strip()[:200]}")
+        raise BenchError(
+            f"cat of {len(paths)} files read {out.stdout.strip().decode() or 0} bytes, "
+            f"expected {expect_bytes}: {out.stderr.decode(errors='replace').strip()[:200]}"
+        )
     return elapsed
 
 
@@ -210,46 +228,185 @@ def first_byte(path: str) -> float:
 
 @dataclass
 class BenchCollection:
+    """A benchmark collection as created in the federation: where it lives and its files."""
+
     name: str
     uuid: str
     cluster: str
     files: dict[str, int]
-    manifest_size: int = 0
     entries: int = field(init=False)
 
     def __post_init__(self) -> None:
-        dirs = {os.path.dirname(p) for p in self.files}
-        for d in list(dirs):
-            while d:
-                d = os.path.dirname(d)
+        dirs = set()
+        for path in self.files:
+            d = os.path.dirname(path)
+            while d and d not in dirs:
                 dirs.add(d)
-        dirs.discard("")
+                d = os.path.dirname(d)
         self.entries = len(self.files) + len(dirs) + 1  # + the collection directory itself
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
 
 
 class Subject(Protocol):
-    """The filesystem under test: fresh mounts of it, and where things are in them."""
+    """The filesystem under test. `mount` gives a fresh mount (a context manager yielding a
+    `Mount`): cold = empty disk cache and page cache dropped; warm = the disk cache that
+    earlier warm mounts filled. Collections are at ``MOUNT/by_id/UUID/``."""
 
     name: str
 
-    def mount(self, *, cold: bool) -> Mount: ...
-
-    def collection_dir(self, mount: Mount, collection: BenchCollection) -> str: ...
+    def mount(self, *, cold: bool) -> AbstractContextManager[Mount]: ...
 
 
 def collection_path(mount: Mount, collection: BenchCollection, path: str = "") -> str:
     return os.path.join(mount.mountpoint, "by_id", collection.uuid, path)
 
 
-def repeat(runs: int, one_run: Callable[[], float]) -> list[float]:
-    return [one_run() for _ in range(runs)]
+class FedmountSubject:
+    """fedmount itself: ``fedmount --foreground`` against the federation's home cluster."""
+
+    name = "fedmount"
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: str,
+        read_ahead_kb: int,
+        fedmount: str,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.env = env  # ARVADOS_API_HOST, ARVADOS_API_TOKEN and the CA of the home cluster
+        self.workdir = workdir
+        self.read_ahead_kb = read_ahead_kb
+        self.fedmount = fedmount
+        self.extra_args = list(extra_args)
+        self.warm_cache = os.path.join(workdir, "warm-cache")
+        self.mounts = 0
+
+    @contextmanager
+    def mount(self, *, cold: bool) -> Iterator[Mount]:
+        self.mounts += 1
+        cache = os.path.join(self.workdir, f"cold-cache-{self.mounts}") if cold else self.warm_cache
+        if cold:
+            drop_page_cache()
+        mountpoint = os.path.join(self.workdir, "mnt")
+        argv = [
+            self.fedmount,
+            "--foreground",
+            "--read-ahead-kb",
+            str(self.read_ahead_kb),
+            "--disk-cache-dir",
+            cache,
+            *self.extra_args,
+            mountpoint,
+        ]
+        try:
+            with Mount(
+                argv,
+                mountpoint,
+                os.path.join(self.workdir, "fedmount.log"),
+                ready="by_id/README",
+                env=self.env,
+            ) as m:
+                yield m
+        finally:
+            if cold:
+                shutil.rmtree(cache, ignore_errors=True)
 
 
-def guarded(result: Result, measure: Callable[[], None]) -> Result:
-    """Run `measure` (which fills `result`); a failure becomes `result.error`, one line."""
+def daemon_stats(mount: Mount) -> dict:
+    """The daemon's own counters (``.fedmount/stats.json``), {} if it has none."""
     try:
-        measure()
-    except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the others
-        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    return result
+        with open(os.path.join(mount.mountpoint, ".fedmount", "stats.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
+
+# --- the workloads: each returns one sample per run --------------------------------------
+
+
+def sequential(
+    subject: Subject, c: BenchCollection, path: str, read_size: int, runs: int, *, cold: bool
+) -> list[float]:
+    """Bytes/s of ``dd`` of one file, a fresh mount per run (cold: fresh disk cache too)."""
+    size = c.files[path]
+    if not cold:
+        with subject.mount(cold=False) as m:  # fill the disk cache
+            dd_read(collection_path(m, c, path), read_size, size)
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=cold) as m:
+            samples.append(size / dd_read(collection_path(m, c, path), read_size, size))
+    return samples
+
+
+def second_read(subject: Subject, c: BenchCollection, path: str, read_size: int, runs: int) -> list[float]:
+    """Bytes/s of the second ``dd`` of a file in the same mount."""
+    size = c.files[path]
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            dd_read(collection_path(m, c, path), read_size, size)
+            samples.append(size / dd_read(collection_path(m, c, path), read_size, size))
+    return samples
+
+
+def random_reads(
+    subject: Subject, c: BenchCollection, path: str, read_size: int, count: int, runs: int
+) -> list[float]:
+    """Reads/s of `count` preads of `read_size` at random aligned offsets; warm disk cache, fresh mount."""
+    offsets = random_offsets(c.files[path], read_size, count)
+    with subject.mount(cold=False) as m:  # fill the disk cache
+        dd_read(collection_path(m, c, path), 1 << 20, c.files[path])
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            samples.append(count / random_read(collection_path(m, c, path), offsets, read_size))
+    return samples
+
+
+def metadata_walk(subject: Subject, c: BenchCollection, runs: int) -> list[float]:
+    """Seconds for find + stat of every entry of a collection, from a mount that just became ready."""
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            samples.append(find_stat(collection_path(m, c), c.entries))
+    return samples
+
+
+def small_files(subject: Subject, c: BenchCollection, runs: int, *, cold: bool) -> list[float]:
+    """Files/s of ``cat`` of every file of a collection (its directory stat'ed first)."""
+    if not cold:
+        with subject.mount(cold=False) as m:
+            cat_files([collection_path(m, c, p) for p in c.files], c.total_bytes)
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=cold) as m:
+            os.stat(collection_path(m, c))
+            paths = [collection_path(m, c, p) for p in c.files]
+            samples.append(len(paths) / cat_files(paths, c.total_bytes))
+    return samples
+
+
+def time_to_first_byte(subject: Subject, c: BenchCollection, path: str, runs: int) -> list[float]:
+    """Seconds from open to the first byte of a file none of whose blocks is cached (its stat done)."""
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=True) as m:
+            os.stat(collection_path(m, c, path))
+            samples.append(first_byte(collection_path(m, c, path)))
+    return samples
+
+
+def daemon_rss(subject: Subject, c: BenchCollection, runs: int) -> tuple[list[float], list[float]]:
+    """(RSS after listing every entry of the collection with find, RSS of the idle mount before), bytes."""
+    listed, idle = [], []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            idle.append(float(m.rss()))
+            find_stat(collection_path(m, c), c.entries)
+            listed.append(float(m.rss()))
+    return listed, idle

@@ -96,8 +96,14 @@ def test_lower_ceiling_picks_lowest_median():
 
 def test_document_round_trips_through_json_and_validates():
     results = [
-        Result("cold", "d", Target("ratio_at_least", 0.7, ">= 0.7"), Figure("B/s", [1e8, 2e8]),
-               Figure("B/s", [3e8]), "fuse"),
+        Result(
+            "cold",
+            "d",
+            Target("ratio_at_least", 0.7, ">= 0.7"),
+            Figure("B/s", [1e8, 2e8]),
+            Figure("B/s", [3e8]),
+            "fuse",
+        ),
         Result("random 4 KiB", "d", Target("report"), Figure("ops/s", [100.0, 200.0, 300.0])),
     ]
     doc = json.loads(json.dumps(make_doc(results)))
@@ -154,8 +160,14 @@ def test_format_value(value, unit, text):
 
 def test_table_shows_every_workload_verdict_ceiling_and_machine():
     results = [
-        Result("cold", "d", Target("ratio_at_least", 0.7, ">= 0.7 x fuse"), Figure("B/s", [1e9]),
-               Figure("B/s", [1e9]), "fuse"),
+        Result(
+            "cold",
+            "d",
+            Target("ratio_at_least", 0.7, ">= 0.7 x fuse"),
+            Figure("B/s", [1e9]),
+            Figure("B/s", [1e9]),
+            "fuse",
+        ),
         Result("find", "d", Target("at_most", 2.0, "< 2 s"), Figure("s", [3.0])),
         Result("rss", "d", Target("ratio_at_most", 4.0), error="daemon died"),
     ]

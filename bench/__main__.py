@@ -1,0 +1,499 @@
+"""``python -m bench [--full] [--check-json]``: run the benchmarks, print the table, write the JSON.
+
+Steps:
+
+1. Start an emulated federation in a fresh state directory under /tmp
+   (`integration.harness.Federation`), or use a running one (``--federation STATE_DIR``).
+2. Create the benchmark collections through its add-collection control (generated content):
+   a big file on the home cluster and one on a remote cluster, a collection of small
+   files, a collection with many entries for the metadata walk and a bigger one for the
+   memory figure. Quick mode (the default) uses smaller sizes and fewer runs than
+   ``--full``; the JSON says which.
+3. Measure the ceilings (`bench.ceilings`), then the workloads (`bench.workloads`) against
+   fresh mounts of the filesystem under test (``--target fedmount``, the default, or
+   ``nullfs`` to exercise the machinery without the daemon). The remote workloads and
+   their Keep ceilings run with the remote cluster shaped (added latency and a
+   per-connection bandwidth cap), everything else unshaped.
+4. Write ``bench/results/latest.json`` (`bench.report`) and print the table.
+
+A workload that fails records its error and the others still run. ``--check-json`` reads
+the JSON back and exits 1 if it is malformed or a workload failed to run; it never judges
+a timing, so a missed target does not fail it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from integration.harness import Federation
+
+from . import ceilings, report, workloads
+from .report import Figure, Result, Target
+from .workloads import BenchCollection
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    runs: int
+    seq_size: int
+    small_files: int
+    small_file_size: int
+    walk_entries: int
+    rss_entries: int
+    random_4k_count: int
+    random_1m_count: int
+    read_size: int = MiB
+    read_ahead_kb: int = 4096
+    keep_threads: int = 4
+    remote_latency_ms: int = 20
+    remote_bandwidth: int = 100_000_000
+    ttfb_slack_s: float = 0.020
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(
+            "quick",
+            runs=3,
+            seq_size=256 * MiB,
+            small_files=2_000,
+            small_file_size=4096,
+            walk_entries=10_000,
+            rss_entries=100_000,
+            random_4k_count=2_000,
+            random_1m_count=200,
+        )
+
+    @classmethod
+    def full(cls) -> Config:
+        return cls(
+            "full",
+            runs=5,
+            seq_size=1024 * MiB,
+            small_files=10_000,
+            small_file_size=4096,
+            walk_entries=100_000,
+            rss_entries=1_000_000,
+            random_4k_count=10_000,
+            random_1m_count=1_000,
+        )
+
+
+# --- the federation --------------------------------------------------------------------------
+
+
+def add_collection(
+    fed: Federation, cluster: str, name: str, files: dict[str, int], seed: str, block_size: int = 64 * MiB
+) -> BenchCollection:
+    entry = fed.add_collection(
+        cluster, name, {p: (size, seed) for p, size in files.items()}, block_size=block_size
+    )
+    return BenchCollection(name, entry["uuid"], cluster, files)
+
+
+@contextmanager
+def shaped(fed: Federation, cluster: str, latency_ms: int, bandwidth: int) -> Iterator[None]:
+    """Every service of `cluster` answers `latency_ms` late, each connection capped at `bandwidth` B/s."""
+    fed.set_fault(cluster, "*", latency_ms=latency_ms, bandwidth=bandwidth)
+    try:
+        yield
+    finally:
+        fed.clear_faults(cluster)
+
+
+@contextmanager
+def federation(state_dir: str | None, workdir: str) -> Iterator[Federation]:
+    """A running federation (``--federation``), or one started here in a fresh state directory."""
+    if state_dir:
+        yield Federation.attach(state_dir)
+        return
+    with Federation.start(os.path.join(workdir, "federation"), seed="none") as fed:
+        yield fed
+
+
+def create_collections(fed: Federation, cfg: Config) -> dict[str, BenchCollection]:
+    home = fed.home
+    remote = next(c for c in fed.clusters if c != home)
+    rss_dirs = max(1, cfg.rss_entries // 1000)
+    return {
+        "seq_local": add_collection(fed, home, "bench-seq-local", {"data.bin": cfg.seq_size}, "bench-local"),
+        "seq_remote": add_collection(
+            fed, remote, "bench-seq-remote", {"data.bin": cfg.seq_size}, "bench-remote"
+        ),
+        "small": add_collection(
+            fed,
+            home,
+            "bench-small",
+            {f"d{i // 1000:02d}/f{i:05d}.bin": cfg.small_file_size for i in range(cfg.small_files)},
+            "bench-small",
+            block_size=4 * MiB,
+        ),
+        "walk": add_collection(
+            fed,
+            home,
+            "bench-walk",
+            {f"d{i // 1000:03d}/file-{i:06d}.dat": 64 for i in range(cfg.walk_entries)},
+            "bench-walk",
+        ),
+        "rss": add_collection(
+            fed,
+            home,
+            "bench-rss",
+            {f"d{i % rss_dirs:04d}/file-{i:07d}.dat": 16 for i in range(cfg.rss_entries)},
+            "bench-rss",
+        ),
+    }
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class Run:
+    """One benchmark run: ceilings measured once, workloads each judged against theirs."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        subject: workloads.Subject,
+        nullfs: ceilings.NullfsSubject,
+        fed: Federation,
+        colls: dict[str, BenchCollection],
+        workdir: str,
+    ) -> None:
+        self.cfg = cfg
+        self.subject = subject
+        self.nullfs = nullfs
+        self.fed = fed
+        self.colls = colls
+        self.workdir = workdir
+        self.ceilings: dict[str, tuple[Figure, dict[str, Any]]] = {}
+        self.ceiling_errors: dict[str, str] = {}
+        self.results: list[Result] = []
+        self.access = ceilings.ClusterAccess(fed.api_host(), fed.token(), fed.ca_cert)
+        remote = colls["seq_remote"].cluster
+        mbps = cfg.remote_bandwidth / 1e6
+        self.shaping = f"{remote} shaped: +{cfg.remote_latency_ms} ms, {mbps:.0f} MB/s per connection"
+
+    def progress(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def ceiling(self, name: str, unit: str, how: str, measure: Callable[[], list[float]]) -> None:
+        self.progress(f"ceiling {name}")
+        try:
+            self.ceilings[name] = (Figure(unit, measure()), {"how": how})
+        except Exception as exc:  # noqa: BLE001 - a missing ceiling is reported, the run goes on
+            self.ceiling_errors[name] = one_line(exc)
+
+    def workload(
+        self,
+        name: str,
+        description: str,
+        target: Target,
+        unit: str,
+        measure: Callable[[], list[float]],
+        ceiling: str | tuple[str, ...] | None = None,
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> Result:
+        self.progress(f"workload {name}")
+        result = Result(name, description, target)
+        self.results.append(result)
+        names = (ceiling,) if isinstance(ceiling, str) else (ceiling or ())
+        missing = [n for n in names if n not in self.ceilings]
+        if missing:
+            result.error = "; ".join(
+                f"ceiling {n} failed: {self.ceiling_errors.get(n, 'not measured')}" for n in missing
+            )
+            return result
+        try:
+            result.figure = Figure(unit, measure())
+            if names:
+                result.ceiling_name, result.ceiling = report.lower_ceiling(
+                    {n: self.ceilings[n][0] for n in names}
+                )
+            if extra:
+                result.extra = extra()
+        except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the others
+            result.error = one_line(exc)
+        return result
+
+    def measure_ceilings(self) -> None:
+        cfg, c = self.cfg, self.colls
+        rs = cfg.read_size
+        self.ceiling(
+            "fuse",
+            "B/s",
+            f"nullfs, dd bs={rs}, read_ahead_kb={cfg.read_ahead_kb}, fresh mount per run",
+            lambda: workloads.sequential(self.nullfs, c["seq_local"], "data.bin", rs, cfg.runs, cold=False),
+        )
+        self.ceiling(
+            "fuse_random_4k",
+            "ops/s",
+            "nullfs, same random 4 KiB preads",
+            lambda: workloads.random_reads(
+                self.nullfs, c["seq_local"], "data.bin", 4096, cfg.random_4k_count, cfg.runs
+            ),
+        )
+        self.ceiling(
+            "fuse_random_1m",
+            "ops/s",
+            "nullfs, same random 1 MiB preads",
+            lambda: workloads.random_reads(
+                self.nullfs, c["seq_local"], "data.bin", MiB, cfg.random_1m_count, cfg.runs
+            ),
+        )
+        self.ceiling(
+            "page_cache",
+            "B/s",
+            f"dd bs={rs} of a page-cached local file of the same size",
+            lambda: ceilings.page_cache_sequential(self.workdir, cfg.seq_size, rs, cfg.runs),
+        )
+        self.ceiling(
+            "keep",
+            "B/s",
+            f"{cfg.keep_threads} parallel raw GETs from the home keepstores",
+            lambda: self._keep(c["seq_local"]).samples(cfg.runs),
+        )
+
+    def _keep(self, c: BenchCollection) -> ceilings.KeepCeiling:
+        return ceilings.KeepCeiling(self.access, c.uuid, "data.bin", self.cfg.keep_threads)
+
+    def local_workloads(self) -> None:
+        cfg, c, s = self.cfg, self.colls, self.subject
+        rs, runs = cfg.read_size, cfg.runs
+        size = f"{cfg.seq_size // MiB} MiB"
+        self.workload(
+            f"cold sequential read {size}, local",
+            "dd of a file of the home cluster, fresh disk cache, page cache dropped, fresh mount",
+            Target("ratio_at_least", 0.7, ">= 0.7 x min(FUSE, Keep)"),
+            "B/s",
+            lambda: workloads.sequential(s, c["seq_local"], "data.bin", rs, runs, cold=True),
+            ("fuse", "keep"),
+        )
+        self.workload(
+            f"warm sequential read {size}",
+            "dd of a file whose blocks are in the disk cache, fresh mount",
+            Target("ratio_at_least", 0.8, ">= 0.8 x FUSE"),
+            "B/s",
+            lambda: workloads.sequential(s, c["seq_local"], "data.bin", rs, runs, cold=False),
+            "fuse",
+        )
+        self.workload(
+            f"second read {size}, same mount",
+            "dd of a file just read in the same mount",
+            Target("ratio_at_least", 0.8, ">= 0.8 x page cache"),
+            "B/s",
+            lambda: workloads.second_read(s, c["seq_local"], "data.bin", rs, runs),
+            "page_cache",
+        )
+        self.workload(
+            "random 4 KiB reads, warm",
+            f"{cfg.random_4k_count} preads at random offsets, fresh mount",
+            Target("report"),
+            "ops/s",
+            lambda: workloads.random_reads(s, c["seq_local"], "data.bin", 4096, cfg.random_4k_count, runs),
+            "fuse_random_4k",
+        )
+        self.workload(
+            "random 1 MiB reads, warm",
+            f"{cfg.random_1m_count} preads at random offsets, fresh mount",
+            Target("report"),
+            "ops/s",
+            lambda: workloads.random_reads(s, c["seq_local"], "data.bin", MiB, cfg.random_1m_count, runs),
+            "fuse_random_1m",
+        )
+        walk = c["walk"]
+        self.workload(
+            f"find + stat, {walk.entries:,} entries",
+            "find -printf of a collection, from a mount that "
+            "just became ready (includes fetching the manifest)",
+            Target("at_most", 2.0, "< 2 s"),
+            "s",
+            lambda: workloads.metadata_walk(s, walk, runs),
+            extra=lambda: {"entries": walk.entries},
+        )
+        small = c["small"]
+        label = f"cat {len(small.files):,} x {cfg.small_file_size // 1024} KiB files"
+        warm = self.workload(
+            f"{label}, warm",
+            "xargs -0 cat, blocks in the disk cache, fresh mount",
+            Target("report"),
+            "files/s",
+            lambda: workloads.small_files(s, small, runs, cold=False),
+        )
+        if warm.figure is not None:
+            self.ceilings["small_files_warm"] = (warm.figure, {"how": f"the '{warm.name}' workload"})
+        self.workload(
+            f"{label}, cold",
+            "xargs -0 cat, fresh disk cache, page cache dropped, fresh mount",
+            Target("ratio_at_least", 0.5, "within 2x warm"),
+            "files/s",
+            lambda: workloads.small_files(s, small, runs, cold=True),
+            "small_files_warm",
+        )
+        rss = c["rss"]
+        manifest = len(ceilings.Api(self.access).collection(rss.uuid)["manifest_text"].encode())
+        self.ceilings["manifest_text"] = (
+            Figure("B", [float(manifest)]),
+            {"how": f"signed manifest of {rss.name}"},
+        )
+        idle: list[float] = []
+
+        def measure_rss() -> list[float]:
+            listed, before = workloads.daemon_rss(s, rss, runs)
+            idle.extend(before)
+            return listed
+
+        self.workload(
+            f"daemon RSS, {len(rss.files):,}-file collection listed",
+            "RSS of the daemon after find of every entry",
+            Target("ratio_at_most", 4.0, "<= 4 x manifest"),
+            "B",
+            measure_rss,
+            "manifest_text",
+            extra=lambda: {"idle_rss_median": sorted(idle)[len(idle) // 2]},
+        )
+
+    def remote_workloads(self) -> None:
+        cfg, c, s = self.cfg, self.colls, self.subject
+        remote = c["seq_remote"]
+        with shaped(self.fed, remote.cluster, cfg.remote_latency_ms, cfg.remote_bandwidth):
+            self.ceiling(
+                "keep_remote",
+                "B/s",
+                f"{cfg.keep_threads} parallel raw GETs, {self.shaping}",
+                lambda: self._keep(remote).samples(self.cfg.runs),
+            )
+            self.ceiling(
+                "keep_remote_block",
+                "s",
+                f"one raw GET of the file's first block, {self.shaping}",
+                lambda: self._keep(remote).first_block_samples(self.cfg.runs),
+            )
+            self.workload(
+                f"cold sequential read {cfg.seq_size // MiB} MiB, remote",
+                f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}",
+                Target("ratio_at_least", 0.8, ">= 0.8 x Keep (shaped)"),
+                "B/s",
+                lambda: workloads.sequential(s, remote, "data.bin", cfg.read_size, cfg.runs, cold=True),
+                "keep_remote",
+            )
+            self.workload(
+                "time to first byte, uncached remote block",
+                f"open + 1-byte read, file stat'ed first, fresh disk cache, {self.shaping}",
+                Target("ceiling_plus", cfg.ttfb_slack_s, "<= one block GET + 20 ms"),
+                "s",
+                lambda: workloads.time_to_first_byte(s, remote, "data.bin", cfg.runs),
+                "keep_remote_block",
+            )
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description="fedmount benchmarks against ceilings measured in the same run."
+    )
+    p.add_argument("--full", action="store_true", help="full sizes and more runs (default: quick mode)")
+    p.add_argument(
+        "--check-json",
+        action="store_true",
+        help="after the run, check the JSON written; exit 1 "
+        "if it is malformed or a workload could not run (timings are never judged)",
+    )
+    p.add_argument(
+        "--target",
+        choices=("fedmount", "nullfs"),
+        default="fedmount",
+        help="filesystem under test (nullfs: exercise the benchmark without the daemon)",
+    )
+    p.add_argument(
+        "--federation", metavar="STATE_DIR", help="use this running federation instead of starting one"
+    )
+    p.add_argument("--output", default=RESULTS, help=f"JSON results file (default {RESULTS})")
+    p.add_argument("--runs", type=int, help="runs per figure (default 3 quick, 5 full)")
+    p.add_argument("--read-ahead-kb", type=int, help="read_ahead_kb of every mount (default 4096)")
+    p.add_argument(
+        "--fedmount",
+        default=shutil.which("fedmount") or os.path.join(os.path.dirname(sys.executable), "fedmount"),
+        help="the fedmount command",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = Config.full() if args.full else Config.quick()
+    overrides = {k: v for k, v in (("runs", args.runs), ("read_ahead_kb", args.read_ahead_kb)) if v}
+    cfg = Config(**{**cfg.__dict__, **overrides})
+    started = time.time()
+    notes = [
+        f"{cfg.mode} mode: {cfg.seq_size // MiB} MiB files, {cfg.walk_entries:,}-entry walk, "
+        f"{cfg.rss_entries:,}-file RSS collection, {cfg.small_files:,} small files, "
+        f"{cfg.runs} runs per figure"
+        + ("" if args.full else " (--full: 1 GiB / 100,000 / 1,000,000 / 10,000 and 5 runs)")
+    ]
+    workdir = tempfile.mkdtemp(prefix="fedmount-bench-", dir="/tmp")
+    try:
+        if not workloads.drop_page_cache():
+            notes.append("could not drop the page cache (not root): cold runs may read cached pages")
+        with federation(args.federation, workdir) as fed:
+            print(f"[bench] creating collections in {fed.control_url}", file=sys.stderr, flush=True)
+            colls = create_collections(fed, cfg)
+            nullfs = ceilings.NullfsSubject(
+                list(colls.values()), os.path.join(workdir, "nullfs"), cfg.read_ahead_kb, sys.executable
+            )
+            subject: workloads.Subject = (
+                nullfs
+                if args.target == "nullfs"
+                else workloads.FedmountSubject(
+                    fed.env(), os.path.join(workdir, "fedmount"), cfg.read_ahead_kb, args.fedmount
+                )
+            )
+            run = Run(cfg, subject, nullfs, fed, colls, workdir)
+            run.measure_ceilings()
+            run.local_workloads()
+            run.remote_workloads()
+        notes += [f"ceiling {n} failed: {e}" for n, e in run.ceiling_errors.items()]
+        doc = report.document(
+            mode=cfg.mode,
+            target_fs=args.target,
+            settings=cfg.__dict__ | {"remote": colls["seq_remote"].cluster},
+            ceilings=run.ceilings,
+            results=run.results,
+            machine_info=report.machine(),
+            started_at=started,
+            duration_s=time.time() - started,
+            notes=notes,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report.write(doc, args.output)
+    print(report.table(doc))
+    print(f"\nwritten to {args.output}")
+    if args.check_json:
+        with open(args.output, encoding="utf-8") as f:
+            problems = report.validate(json.load(f))
+        for p in problems:
+            print(f"check-json: {p}", file=sys.stderr)
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
