@@ -44,3 +44,29 @@ def fed(federation, request) -> Federation:
 
     request.addfinalizer(restore)
     return federation
+
+
+@pytest.fixture
+def sdk(federation, monkeypatch):
+    """`sdk(cluster=None, token=None)`: a real arvados-python-client API object for a cluster.
+
+    The SDK finds the run's CA through ``SSL_CERT_FILE`` (``arvados.util.ca_certs_path``);
+    retries are kept small so that a failing call fails in seconds, and no discovery cache.
+    """
+    import arvados
+
+    monkeypatch.setenv("SSL_CERT_FILE", federation.ca_cert)
+    monkeypatch.delenv("ARVADOS_API_HOST_INSECURE", raising=False)
+    monkeypatch.delenv("ARVADOS_KEEP_SERVICES", raising=False)
+
+    def make(cluster: str | None = None, token: str | None = None):
+        return arvados.api(
+            "v1",
+            host=federation.api_host(cluster),
+            token=token or federation.token(cluster),
+            insecure=False,
+            num_retries=1,
+            cache=False,
+        )
+
+    return make

@@ -22,14 +22,17 @@ goes to ``DIR/emulator.log``) and returns once ``DIR/federation.json`` exists.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +42,16 @@ SERVICES = ("controller", "keep0", "keep1")
 
 class EmulatorError(RuntimeError):
     pass
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
 
 
 class Federation:
@@ -204,12 +217,15 @@ class Federation:
         files: Mapping[str, object],
         empty_dirs: Iterable[str] = (),
         block_size: int | None = None,
+        claim_pdh: str | None = None,
     ) -> dict:
         """Add a collection; a file is bytes, str, (size, seed) for generated content, or a SPEC dict."""
         specs = {path: _spec(content) for path, content in files.items()}
         body: dict = {"cluster": cluster, "name": name, "files": specs, "empty_dirs": list(empty_dirs)}
         if block_size:
             body["block_size"] = block_size
+        if claim_pdh:
+            body["claim_pdh"] = claim_pdh
         entry = self.control("POST", "/collections", body)
         self.state["collections"][name] = entry
         return entry
@@ -218,6 +234,41 @@ class Federation:
         return self.control(
             "POST", "/blocks/delete", {"cluster": cluster, "service": service, "locator": locator}
         )["deleted"]
+
+    # --- raw HTTP ------------------------------------------------------------------------
+
+    def request(
+        self,
+        cluster: str | None,
+        path: str,
+        *,
+        service: str = "controller",
+        method: str = "GET",
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
+        """One request to a service (https with the CA for controllers); `token` as Bearer."""
+        cluster = cluster or self.home
+        hdrs = {"X-Request-Id": "req-harness", **(headers or {})}
+        if token is not None:
+            hdrs["Authorization"] = f"Bearer {token}"
+        if service == "controller":
+            host, port = self.api_host(cluster).rsplit(":", 1)
+            ctx = ssl.create_default_context(cafile=self.ca_cert)
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, int(port), timeout=60, context=ctx
+            )
+        else:
+            url = self.keep_services(cluster)[int(service.removeprefix("keep"))]
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
 
     # --- request log ---------------------------------------------------------------------
 

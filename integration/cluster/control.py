@@ -18,11 +18,12 @@ JSON in, JSON out; errors are ``{"error": "..."}`` with status 400 (bad request)
     change the blob signature TTL (all clusters by default); signatures made under the old
     TTL stop verifying, as on a real cluster whose config changed.
 ``POST /collections`` ``{"cluster": "zbbbb", "name": "x", "files": {PATH: SPEC},
-"empty_dirs": [...], "block_size": N}``
+"empty_dirs": [...], "block_size": N, "claim_pdh": PDH}``
     add a collection; SPEC is ``{"data": "<base64>"}``, ``{"text": "..."}`` or
     ``{"size": N, "seed": "s"}`` (generated content, see `content`). Answers its
     federation.json entry (cluster, uuid, portable_data_hash, files) and rewrites
-    federation.json.
+    federation.json. ``claim_pdh`` (tests only) makes the record claim a PDH its manifest
+    does not hash to: a lying remote for the PDH fan-out check.
 ``POST /blocks/delete`` ``{"cluster": "zbbbb", "service": "keep0", "locator": "hash+size..."}``
     remove a block from one keepstore's volume; answers ``{"deleted": true|false}``.
 """
@@ -92,6 +93,7 @@ class ControlHandler(Handler):
                 files,
                 body.get("empty_dirs", ()),
                 int(body.get("block_size", 1 << 26)),
+                body.get("claim_pdh"),
             )
             self.server.write_state()
             return Response.json(200, entry)

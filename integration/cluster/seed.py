@@ -38,8 +38,12 @@ def add_collection(
     files: Mapping[str, bytes | Generated],
     empty_dirs: Iterable[str] = (),
     block_size: int = MAX_BLOCK,
+    claim_pdh: str | None = None,
 ) -> dict:
-    """Store the blocks, create the collection, remember it under `name`; its federation.json entry."""
+    """Store the blocks, create the collection, remember it under `name`; its federation.json entry.
+
+    `claim_pdh` makes a lying cluster: the record claims that PDH whatever its manifest hashes to.
+    """
     if cluster_id not in world.clusters:
         raise KeyError(f"unknown cluster {cluster_id!r}; known: {sorted(world.clusters)}")
     if not 1 <= block_size <= MAX_BLOCK:
@@ -47,7 +51,8 @@ def add_collection(
     cluster = world.clusters[cluster_id]
     built = build(files, cluster.store_block, empty_dirs, block_size)
     uuid = uuid_for(cluster_id, "4zz18", name)
-    record = cluster.add_collection(name, built.manifest, uuid=uuid)
+    lie = {"portable_data_hash": claim_pdh} if claim_pdh else {}
+    record = cluster.add_collection(name, built.manifest, uuid=uuid, **lie)
     entry = {
         "cluster": cluster_id,
         "uuid": uuid,
