@@ -93,6 +93,7 @@ class FakeFederation:
         if cluster != "zzzzz":
             proxied = dict(record, manifest_text=signed.replace("+A", f"+R{cluster}-"))
             self.home.collections[uuid] = proxied
+            self.home.collections[pdh] = dict(proxied, uuid=pdh)  # the home controller's fan-out
         return record
 
     def tokens_seen(self, host: str) -> set[str | None]:

@@ -144,11 +144,13 @@ async def test_backoff_grows_exponentially_with_jitter(fake, monkeypatch):
 
 async def test_unreachable_is_status_zero_and_one_line(fake):
     fake.home.fail_next = [httpx.ConnectError("Connection refused\nsecond line")] * 3
-    c = client(fake, retries=2)
+    stats = Stats()
+    c = client(fake, retries=2, stats=stats)
     with pytest.raises(ApiError) as info:
         await c.discovery()
     assert info.value.status == 0 and "\n" not in str(info.value)
     assert "cannot reach api.zzzzz.example" in str(info.value)
+    assert stats.get("api_errors", cluster="api.zzzzz.example") == 1
     await c.aclose()
 
 
@@ -188,9 +190,9 @@ async def test_discovery_without_uuid_prefix_is_rejected():
 
 async def test_stats_count_requests_and_bytes_per_cluster(fake):
     stats = Stats()
-    c = client(fake, stats=stats, cluster="zzzzz")
+    c = client(fake, stats=stats)  # the cluster id comes from discovery, for that request too
     await c.current_user()
-    assert stats.get("api_requests", cluster="zzzzz") == 2
+    assert stats.get("api_requests", cluster="zzzzz") == 2 == stats.get("api_requests")
     assert stats.get("api_bytes", cluster="zzzzz") > 50
     await c.aclose()
 

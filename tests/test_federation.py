@@ -139,9 +139,11 @@ async def test_direct_mode_home_uuid_stays_home(fake):
     await fed.aclose()
 
 
-async def test_direct_mode_pdh_tries_home_then_all_remotes(fake):
+@pytest.mark.parametrize("home_fans_out", [True, False])
+async def test_direct_mode_pdh_tries_home_then_all_remotes(fake, home_fans_out):
     rec = fake.add_collection("zcccc", "8", {"i": b"only on zcccc"})
-    del fake.home.collections[rec["uuid"]]
+    if not home_fans_out:
+        del fake.home.collections[rec["portable_data_hash"]]
     fed = await connect(fake, mode="direct")
     got = await fed.get_collection(parse_collection_id(rec["portable_data_hash"]))
     assert got.route.cluster == "zcccc" and got.route.token == salt_for(fake.token, "zcccc").text

@@ -104,6 +104,8 @@ class ControllerClient:
         self.max_backoff = max_backoff
         self.retry_budget = retry_budget
         self._label = cluster or api_host  # the stats/error label until discovery names it
+        # Counts made before we know the cluster id, added under it once discovery names it.
+        self._pending: list[tuple[str, float]] | None = None if cluster else []
         verify: ssl.SSLContext | bool = False
         if not insecure:
             verify = ssl.create_default_context(cafile=ca_file)
@@ -126,13 +128,27 @@ class ControllerClient:
     async def discovery(self) -> dict[str, Any]:
         async with self._discovery_lock:
             if self._discovery is None:
-                doc = await self._request(f"https://{self.api_host}{DISCOVERY_PATH}", auth=False)
-                if not isinstance(doc, dict) or not doc.get("uuidPrefix"):
-                    why = f"{self.api_host} served a discovery document without uuidPrefix"
-                    raise ApiError(502, self._label, why)
-                self._discovery = doc
-                self._label = doc["uuidPrefix"]
+                try:
+                    doc = await self._request(f"https://{self.api_host}{DISCOVERY_PATH}", auth=False)
+                    if not isinstance(doc, dict) or not doc.get("uuidPrefix"):
+                        why = f"{self.api_host} served a discovery document without uuidPrefix"
+                        raise ApiError(502, self._label, why)
+                    self._discovery = doc
+                    self._label = doc["uuidPrefix"]
+                finally:
+                    self._flush_pending()
             return self._discovery
+
+    def _count(self, name: str, value: float = 1) -> None:
+        if self._pending is not None:
+            self._pending.append((name, value))
+        else:
+            self.stats.add(name, value, cluster=self._label)
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending or [], None
+        for name, value in pending:
+            self.stats.add(name, value, cluster=self._label)
 
     async def cluster_id(self) -> str:
         return (await self.discovery())["uuidPrefix"]
@@ -182,10 +198,10 @@ class ControllerClient:
         started = time.monotonic()
         attempt = 0
         while True:
-            self.stats.add("api_requests", cluster=self._label)
+            self._count("api_requests")
             try:
                 response = await self._http.get(url, headers=headers, params=params)
-                self.stats.add("api_bytes", len(response.content), cluster=self._label)
+                self._count("api_bytes", len(response.content))
                 if response.status_code not in RETRY_STATUSES:
                     return self._answer(path, response)
                 failure = ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response)}")
@@ -193,16 +209,16 @@ class ControllerClient:
                 failure = ApiError(0, self._label, f"cannot reach {self.api_host}: {type(e).__name__}: {e}")
             delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
             if attempt >= self.retries or time.monotonic() - started + delay > self.retry_budget:
-                self.stats.add("api_errors", cluster=self._label)
+                self._count("api_errors")
                 raise failure
             attempt += 1
-            self.stats.add("api_retries", cluster=self._label)
+            self._count("api_retries")
             log.debug("retrying in %.2fs after %s", delay, failure)
             await trio.sleep(delay)
 
     def _answer(self, path: str, response: httpx.Response) -> Any:
         if response.status_code >= 400:
-            self.stats.add("api_errors", cluster=self._label)
+            self._count("api_errors")
             raise ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response)}")
         try:
             return response.json()

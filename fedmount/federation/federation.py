@@ -12,8 +12,9 @@ Two modes (reference/arvados-protocol.md §2, §6 "What a client should do"):
   blocks carry ``+R<cluster>-<sig>`` hints and the home keepstore proxies them.
 - *direct* (for a home whose keepstores cannot proxy): a UUID of cluster C is fetched from
   ``remoteHosts[C]`` with the token salted for C, and its blocks are read from C's own
-  keep services with that salted token. A PDH is asked of the home first, then of every
-  remote concurrently; the first success wins.
+  keep services with that salted token. A PDH is asked of the home first, then (if the
+  home lacks it, or only has it through its own remote fan-out) of every remote
+  concurrently; the first verified answer wins.
 
 The home token never reaches another cluster, by construction: the only code that makes
 a client for a cluster other than home is `_RemoteClients.get`, which builds it with
@@ -195,10 +196,18 @@ class Federation:
         )
 
     async def _pdh_direct(self, cid: CollectionId) -> CollectionRecord:
-        """Home first; then every remote at once, first verified answer wins."""
+        """Home first; then every remote at once, first verified answer wins.
+
+        A home answer with ``+R`` hints is one the home controller fetched from a remote
+        (its own fan-out): its blocks would need the home keepstore to proxy them, which
+        direct mode avoids, so the remotes are asked too and that answer is the fallback."""
         errors: dict[str, ApiError] = {}
+        proxied: CollectionRecord | None = None
         try:
-            return await self._fetch(self.home, cid)
+            record = await self._fetch(self.home, cid)
+            if "+R" not in record.manifest_text:
+                return record
+            proxied = record
         except ApiError as e:
             errors[self.home_cluster] = e
         found: list[CollectionRecord] = []
@@ -215,6 +224,8 @@ class Federation:
                 nursery.start_soon(ask, cluster, nursery.cancel_scope)
         if found:
             return found[0]
+        if proxied is not None:
+            return proxied
         raise _combined(cid, errors)
 
 
