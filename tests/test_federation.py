@@ -81,6 +81,20 @@ async def test_home_mode_local_uuid(fake):
     await fed.aclose()
 
 
+async def test_keep_services_setting_replaces_the_home_list_only(fake):
+    home_rec = fake.add_collection("zzzzz", "12", {"m": b"local keepstore"})
+    remote_rec = fake.add_collection("zbbbb", "13", {"n": b"remote"})
+    s = Settings("api.zzzzz.example", fake.token, keep_services=("http://127.0.0.1:25107/",))
+    fed = await Federation.connect(s, mode="direct", transport=fake.transport)
+    home = await fed.get_collection(parse_collection_id(home_rec["uuid"]))
+    services = [(k.root_url, k.service_type) for k in home.route.services]
+    assert services == [("http://127.0.0.1:25107/", "proxy")]
+    remote = await fed.get_collection(parse_collection_id(remote_rec["uuid"]))
+    assert all(k.uuid.startswith("zbbbb-") for k in remote.route.services)
+    assert "/arvados/v1/keep_services/accessible" not in [r.path for r in fake.requests if "zzzzz" in r.host]
+    await fed.aclose()
+
+
 async def test_home_mode_remote_uuid_goes_through_home_with_r_hints(fake):
     rec = fake.add_collection("zbbbb", "2", {"b.txt": b"remote bytes"})
     fed = await connect(fake)

@@ -79,3 +79,18 @@ def test_ca_bundle_from_environment(tmp_path):
     assert Settings.from_environment({**base, "SSL_CERT_FILE": str(ca)}, conf).ca_file == str(ca)
     with pytest.raises(SettingsError, match="does not exist"):
         Settings.from_environment({**base, "SSL_CERT_FILE": str(tmp_path / "nope.pem")}, conf)
+
+
+def test_keep_services_override(tmp_path):
+    base = {"ARVADOS_API_HOST": "h", "ARVADOS_API_TOKEN": TOKEN}
+    conf = str(tmp_path / "x")
+    env = {**base, "ARVADOS_KEEP_SERVICES": "http://10.0.0.1:25107 https://keep.example/"}
+    assert Settings.from_environment(env, conf).keep_services == (
+        "http://10.0.0.1:25107/",
+        "https://keep.example/",
+    )
+    proxy = Settings.from_environment({**base, "ARVADOS_KEEP_PROXY": "https://p.example"}, conf)
+    assert proxy.keep_services == ("https://p.example/",)
+    assert Settings.from_environment(base, conf).keep_services == ()
+    with pytest.raises(SettingsError, match="not an http"):
+        Settings.from_environment({**base, "ARVADOS_KEEP_SERVICES": "keep.example:25107"}, conf)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import httpx
 import trio
 
-from fedmount.blocks.keep import KeepRoute
+from fedmount.blocks.keep import KeepRoute, KeepService
 from fedmount.stats import Stats
 
 from .controller import ApiError, ControllerClient
@@ -184,7 +184,7 @@ class Federation:
             got = portable_data_hash(manifest_text)
             if got != cid.text:
                 raise ApiError(502, client.cluster, f"answered {cid} with a manifest whose hash is {got}")
-        route = KeepRoute(client.cluster, client.token.text, tuple(await client.keep_services()))
+        route = KeepRoute(client.cluster, client.token.text, await self._services(client))
         return CollectionRecord(
             uuid=record.get("uuid") or cid.text,
             portable_data_hash=record.get("portable_data_hash") or portable_data_hash(manifest_text),
@@ -194,6 +194,15 @@ class Federation:
             record=record,
             route=route,
         )
+
+    async def _services(self, client: ControllerClient) -> tuple[KeepService, ...]:
+        """The client's keep services; for the home, ARVADOS_KEEP_SERVICES if it is set."""
+        if client is self.home and self.settings.keep_services:
+            return tuple(
+                KeepService(f"00000-bi6l4-{i:015d}", url, "proxy")
+                for i, url in enumerate(self.settings.keep_services)
+            )
+        return tuple(await client.keep_services())
 
     async def _pdh_direct(self, cid: CollectionId) -> CollectionRecord:
         """Home first; then every remote at once, first verified answer wins.

@@ -7,6 +7,10 @@ Sources, the first that sets a key wins (as the Arvados SDKs do):
 2. ``settings.conf``: ``KEY=VALUE`` lines (blank lines and ``#`` comments ignored), by
    default ``$XDG_CONFIG_HOME/arvados/settings.conf`` or ``~/.config/arvados/settings.conf``.
 
+``ARVADOS_KEEP_SERVICES`` (space-separated URLs; crunch-run sets it to a node-local
+keepstore) or ``ARVADOS_KEEP_PROXY`` replace the home cluster's keep service list, as they
+do for the Python SDK.
+
 The CA bundle is ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE`` when set, else
 ``/etc/arvados/ca-certificates.crt`` when it exists (crunch-run puts the cluster's CA
 there inside containers), else None: the system's default trust store.
@@ -20,6 +24,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .tokens import ApiToken, TokenError, parse_token
 
@@ -62,6 +67,7 @@ class Settings:
     token: ApiToken
     insecure: bool = False
     ca_file: str | None = None  # None: the system trust store
+    keep_services: tuple[str, ...] = ()  # root URLs overriding the home's keep services
 
     @classmethod
     def from_environment(
@@ -91,4 +97,10 @@ class Settings:
             raise SettingsError(f"CA bundle {ca_file} (REQUESTS_CA_BUNDLE/SSL_CERT_FILE) does not exist")
         if not ca_file and os.path.isfile(ARVADOS_CA_FILE):
             ca_file = ARVADOS_CA_FILE
-        return cls(host, token, insecure, ca_file)
+        keep_text = merged.get("ARVADOS_KEEP_SERVICES") or merged.get("ARVADOS_KEEP_PROXY", "")
+        keep_services = tuple(url if url.endswith("/") else url + "/" for url in keep_text.split())
+        for url in keep_services:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise SettingsError(f"ARVADOS_KEEP_SERVICES: {url!r} is not an http(s) URL")
+        return cls(host, token, insecure, ca_file, keep_services)
