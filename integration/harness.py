@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,6 +286,23 @@ class Federation:
             lines = f.read().decode().splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+
+    def wait_requests(
+        self,
+        since: int = 0,
+        count: int = 1,
+        timeout: float = 10,
+        where: Callable[[dict], bool] | None = None,
+        **match: object,
+    ) -> list[dict]:
+        """Like `requests`, but wait until `count` matching lines exist (a service logs a request
+        after answering it, so a client may see the answer before the line)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.requests(since, **match) if where is None or where(r)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
 
 def _spec(content: object) -> dict:
