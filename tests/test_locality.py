@@ -219,7 +219,7 @@ async def test_locate_cluster_flag_answers_by_exit_status(fed: FakeFederation, k
 async def test_locate_reports_cache_and_serving_per_block(fed: FakeFederation, keep: FakeKeepstores,
                                                           tmp_path: Path) -> None:
     blocks = [make_block(f"c{i}", 2000) for i in range(3)]
-    fed.add(UUID_H, blocks, on=(HOME,))
+    fed.add(UUID_H, blocks, on=(HOME, B))
     cache = cache_at(tmp_path)
     await cache.put(f"{hashlib.md5(blocks[0]).hexdigest()}+2000", blocks[0])
     book = ThroughputBook(None, default=1000.0)
@@ -236,7 +236,7 @@ async def test_locate_reports_cache_and_serving_per_block(fed: FakeFederation, k
     assert col["clusters"][B]["estimate"]["throughput"] == "default"
     assert [b["served_by"] for b in col["block_list"]] == ["cache", HOME, HOME]
     text = report.render()
-    assert "use the default" in text and B in text and "(observed)" in text
+    assert f"estimates for {B} use the default" in text and "(observed)" in text
 
 
 async def test_direct_mode_serves_from_the_owner(keep: FakeKeepstores, tmp_path: Path) -> None:

@@ -88,7 +88,8 @@ def build_stage_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print the fedmount-stage/1 JSON document on stdout.")
     p.add_argument("--quiet", action="store_true", help="No progress display.")
     p.add_argument("--disk-cache-size", metavar="BYTES", type=parse_size, default=0,
-                   help="Cache size, as given to the mount (default: the mount's default).")
+                   help="Evict least recently used unpinned blocks beyond this size while staging "
+                   "(default: evict nothing).")
     _add_route(p)
     _add_common(p)
     return p
@@ -110,11 +111,10 @@ def _settings() -> Settings | None:
         return None
 
 
-def _cache(args: argparse.Namespace, disk_limit: int) -> BlockCache:
-    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit, ram_limit=64 << 20)
-
-
-DEFAULT_DISK_LIMIT = 10 << 30
+def _cache(args: argparse.Namespace, disk_limit: int = 0) -> BlockCache:
+    """The mount's cache directory. No size given: this process evicts nothing (a mount with a
+    smaller cache evicts unpinned blocks when it next writes; --pin prevents that)."""
+    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit or sys.maxsize, ram_limit=64 << 20)
 
 
 def locate_main(argv: Sequence[str]) -> int:
@@ -123,7 +123,7 @@ def locate_main(argv: Sequence[str]) -> int:
     settings = _settings()
     if settings is None:
         return 2
-    cache = _cache(args, DEFAULT_DISK_LIMIT)
+    cache = _cache(args)
 
     async def run() -> int:
         book = ThroughputBook.in_cache_dir(cache.directory)
@@ -155,7 +155,7 @@ def stage_main(argv: Sequence[str]) -> int:
     settings = _settings()
     if settings is None:
         return 2
-    cache = _cache(args, args.disk_cache_size or DEFAULT_DISK_LIMIT)
+    cache = _cache(args, args.disk_cache_size)
 
     async def run() -> int:
         async with FederationView.open(settings, mode=args.route) as view:
@@ -184,7 +184,7 @@ def stage_main(argv: Sequence[str]) -> int:
 def unpin_main(argv: Sequence[str]) -> int:
     args = build_unpin_parser().parse_args(argv)
     setup_logging(args.debug, None)
-    cache = _cache(args, DEFAULT_DISK_LIMIT)
+    cache = _cache(args)
 
     def open_view():  # type: ignore[no-untyped-def]
         settings = _settings()
@@ -199,3 +199,15 @@ def unpin_main(argv: Sequence[str]) -> int:
         else:
             print(f"{r.id}: unpinned {r.blocks} blocks")
     return 0 if all(r.error is None for r in results) else 2
+
+
+COMMANDS = {"locate": locate_main, "stage": stage_main, "unpin": unpin_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedmount.locality NAME ARGS...`` (the same as ``fedmount NAME ARGS...``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: fedmount {{{','.join(COMMANDS)}}} ID... (see --help of each)", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -42,7 +42,7 @@ from fedmount.stats import Stats
 log = logging.getLogger("fedmount.locality")
 
 FILE_NAME = "locality-throughput.json"
-DEFAULT_BYTES_PER_SECOND = 50e6  # 50 MB/s: a modest WAN link; said to be a default wherever shown
+DEFAULT_BYTES_PER_SECOND = 50 * 2**20  # 50 MiB/s: a modest WAN link; said to be a default wherever shown
 EWMA_WEIGHT = 0.3
 MIN_SAMPLE_BYTES = 256 * 1024
 MIN_SAMPLE_SECONDS = 0.01

@@ -5,17 +5,20 @@
 - `copy_at(cluster, pdh)` asks that cluster's own controller, directly: the home
   controller with the home token; a remote one (its host from the home discovery
   document's ``remoteHosts``) with the token salted for it (`salt_for`), which is the only
-  token a remote cluster may ever see. Its answer carries ``+A`` signatures it issued for
-  exactly that token, which its keepstores accept on HEAD. An answer made of ``+R``
-  locators came from federation forwarding (the cluster has no copy of its own), and a
-  404 means no copy either: both return None. The route is that cluster's
-  ``keep_services/accessible`` with the same token.
+  token a remote cluster may ever see. The request carries ``forwarded_for`` so that the
+  cluster answers from its own database and does not fan the PDH out to its remotes: a
+  404 means it has no copy of its own, and so does an answer of ``+R`` locators (signed
+  by another cluster), should a controller forward anyway; both return None. Its answer
+  carries ``+A`` signatures it issued for exactly the token sent, which its keepstores
+  accept on HEAD. The route is that cluster's ``keep_services/accessible`` with the same
+  token.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import quote
 
 import httpx
 
@@ -129,7 +132,11 @@ class FederationView:
     async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None:
         try:
             client = await self._controller(cluster)
-            record = await client.get_collection(pdh)
+            # forwarded_for: answer from this cluster's own database, never fan out to others
+            # (reference/arvados-protocol.md §2 tryLocalThenRemotes); no local copy is a 404.
+            record = await client.call(
+                f"collections/{quote(pdh, safe='')}", {"forwarded_for": f"{self.home_cluster}-"}
+            )
             text = record.get("manifest_text") or ""
             if portable_data_hash(text) != pdh:
                 raise LookupFailure(f"cluster {cluster} answered {pdh} with another collection's manifest")

@@ -251,8 +251,8 @@ class LocateReport:
         for c in self.collections:
             lines.extend(self._render_collection(c))
             lines.append("")
-        defaults = sorted({h.cluster for c in self.collections for h in c.holdings.values()
-                           if not self.book.get(h.cluster).observed})
+        defaults = sorted({name for c in self.collections for name in self._estimated(c)
+                           if not self.book.get(name).observed})
         if defaults:
             lines.append(
                 f"estimates for {', '.join(defaults)} use the default "
@@ -263,6 +263,13 @@ class LocateReport:
         elif not self.complete:
             lines.append("incomplete: some questions above could not be answered")
         return "\n".join(lines).rstrip("\n") + "\n"
+
+    def _estimated(self, c: CollectionReport) -> set[str]:
+        """Clusters whose throughput an estimate shown for `c` relies on."""
+        if c.resolved is None:
+            return set()
+        out = {h.cluster for h in c.holdings.values() if c.uncached_bytes(h.held)}
+        return out | ({c.resolved.route.cluster} if c.uncached_bytes() else set())
 
     def _render_collection(self, c: CollectionReport) -> list[str]:
         if c.resolved is None:

@@ -307,6 +307,8 @@ async def stage_with(
         if progress is not None:
             progress.advance(loc.size)
 
+    if progress is not None:
+        progress.fetch_started()
     try:
         async with trio.open_nursery() as nursery:
             for loc, route in todo:
