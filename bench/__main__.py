@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -41,7 +42,7 @@ from . import ceilings, report, workloads
 from .report import Figure, Result, Target
 from .workloads import BenchCollection
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
+RESULTS = os.path.join(workloads.REPO, "bench", "results", "latest.json")
 MiB = 1 << 20
 
 
@@ -405,6 +406,12 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def default_fedmount() -> list[str]:
+    beside = os.path.join(os.path.dirname(sys.executable), "fedmount")
+    found = shutil.which("fedmount") or (beside if os.access(beside, os.X_OK) else None)
+    return [found] if found else [sys.executable, "-m", "fedmount"]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description="fedmount benchmarks against ceilings measured in the same run."
@@ -430,8 +437,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--read-ahead-kb", type=int, help="read_ahead_kb of every mount (default 4096)")
     p.add_argument(
         "--fedmount",
-        default=shutil.which("fedmount") or os.path.join(os.path.dirname(sys.executable), "fedmount"),
-        help="the fedmount command",
+        type=shlex.split,
+        default=default_fedmount(),
+        help="the fedmount command (default: fedmount on PATH or beside python, else python -m fedmount)",
     )
     return p.parse_args(argv)
 
@@ -462,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
                 nullfs
                 if args.target == "nullfs"
                 else workloads.FedmountSubject(
-                    fed.env(), os.path.join(workdir, "fedmount"), cfg.read_ahead_kb, args.fedmount
+                    fed.env(base=workloads.python_path_env()),
+                    os.path.join(workdir, "fedmount"),
+                    cfg.read_ahead_kb,
+                    args.fedmount,
                 )
             )
             run = Run(cfg, subject, nullfs, fed, colls, workdir)

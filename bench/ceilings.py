@@ -35,7 +35,7 @@ from fedmount.blocks.keep import KeepService, probe_order
 from fedmount.federation.ids import Locator
 from fedmount.federation.manifest import File, parse_manifest
 
-from .workloads import BenchCollection, BenchError, Mount, dd_read, drop_page_cache
+from .workloads import BenchCollection, BenchError, Mount, dd_read, drop_page_cache, python_path_env
 
 BODY_CHUNK = 1 << 20
 
@@ -82,12 +82,8 @@ class NullfsSubject:
             mountpoint,
             os.path.join(self.workdir, "nullfs.log"),
             ready="by_id/README",
-            env={**os.environ, "PYTHONPATH": _repo_root()},
+            env=python_path_env(),
         )
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- page cache ------------------------------------------------------------------------------

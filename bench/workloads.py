@@ -38,6 +38,7 @@ from typing import Protocol
 
 import psutil
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DD_RE = re.compile(r"^(\d+) bytes .* copied, ([0-9.e+-]+) s,", re.MULTILINE)
 
 
@@ -118,6 +119,11 @@ class Mount:
         """Resident memory of the daemon and its children, in bytes."""
         proc = psutil.Process(self.pid)
         return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def python_path_env() -> dict[str, str]:
+    """This environment with the repository on PYTHONPATH (for ``python -m fedmount`` and nullfs)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
 
 
 def last_line(path: str) -> str:
@@ -280,7 +286,7 @@ class FedmountSubject:
         self.env = env  # ARVADOS_API_HOST, ARVADOS_API_TOKEN and the CA of the home cluster
         self.workdir = workdir
         self.read_ahead_kb = read_ahead_kb
-        self.fedmount = fedmount
+        self.fedmount = list(fedmount)
         self.extra_args = list(extra_args)
         self.warm_cache = os.path.join(workdir, "warm-cache")
         self.mounts = 0
@@ -293,7 +299,7 @@ class FedmountSubject:
             drop_page_cache()
         mountpoint = os.path.join(self.workdir, "mnt")
         argv = [
-            self.fedmount,
+            *self.fedmount,
             "--foreground",
             "--read-ahead-kb",
             str(self.read_ahead_kb),
