@@ -31,6 +31,11 @@ the block holding the next file is often already in memory when it is opened. Th
 manifest gives the exact block list up front: no guessing about object sizes, no Range
 requests past the end.
 
+Blocks already on the disk cache are read ahead too, at a finer grain: a sequential
+read asks the cache to load the next ``CHUNK_READAHEAD`` 1 MiB chunks into memory in the
+background (cache.py), so a remount reading warm data does its disk reads and checksum
+checks on another core while the trio thread answers FUSE from memory.
+
 ## Limits
 
 - One fetch per block on the whole host process: an in-flight table keyed by
@@ -80,6 +85,7 @@ MiB = 1 << 20
 SEEK_BACK_TOLERANCE = 1 * MiB
 SEEK_AHEAD_TOLERANCE = 16 * MiB
 TRACKED = 256  # prefetched blocks remembered for the used/wasted accounting
+CHUNK_READAHEAD = 4  # cache chunks (1 MiB) a sequential reader has loaded from disk ahead of it
 
 
 class _Fetch:
@@ -130,13 +136,17 @@ class BlockReader:
     def open(self, file: File, route: KeepRoute) -> FileReader:
         return FileReader(self, file, route)
 
-    async def read(self, locator: Locator, route: KeepRoute, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of one block, from the cache or fetched (once) from Keep."""
+    async def read(
+        self, locator: Locator, route: KeepRoute, offset: int, length: int, *, sequential: bool = False
+    ) -> bytes:
+        """Bytes [offset, offset+length) of one block, from the cache or fetched (once) from Keep.
+
+        A `sequential` reader also gets the next cached chunks loaded into memory ahead of it."""
         key = locator.key
         self._mark_used(key)
         fetch = self._inflight.get(key)
         if fetch is None:
-            data = await self._cache.read(key, offset, length)
+            data = await self._cache.read(key, offset, length, readahead=CHUNK_READAHEAD if sequential else 0)
             if data is not None:
                 return data
             fetch = self._inflight.get(key) or self._start(locator, route, prefetch=False)
@@ -250,7 +260,11 @@ class FileReader:
             take = min(seg.length - start, end - pos)
             if sequential:
                 self._advance(index)
-            pieces.append(await self._reader.read(seg.locator, self._route, seg.block_offset + start, take))
+            pieces.append(
+                await self._reader.read(
+                    seg.locator, self._route, seg.block_offset + start, take, sequential=sequential
+                )
+            )
             pos += take
             index += 1
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
