@@ -394,10 +394,13 @@ class BlockCache:
         return got
 
     def _schedule(self, key: str, lo: int, hi: int) -> None:
-        """Load chunks [lo, hi) that are neither in memory nor being loaded, in the background."""
+        """Load chunks [lo, hi) that are neither in memory nor being loaded, in the background.
+
+        Loads start once at least half of the range is missing, so each worker-thread hop reads
+        several chunks."""
         todo = [i for i in range(lo, hi) if (key, i) not in self._ram and (key, i) not in self._loading]
-        if not todo:
-            return
+        if not todo or (len(todo) < (hi - lo + 1) // 2 and hi < chunk_count(key_size(key))):
+            return  # enough is ahead already: load in batches, not one chunk per thread hop
         done = trio.Event()
         for i in todo:
             self._loading[(key, i)] = done

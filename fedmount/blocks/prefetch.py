@@ -85,7 +85,7 @@ MiB = 1 << 20
 SEEK_BACK_TOLERANCE = 1 * MiB
 SEEK_AHEAD_TOLERANCE = 16 * MiB
 TRACKED = 256  # prefetched blocks remembered for the used/wasted accounting
-CHUNK_READAHEAD = 4  # cache chunks (1 MiB) a sequential reader has loaded from disk ahead of it
+CHUNK_READAHEAD = 8  # cache chunks (1 MiB) a sequential reader has loaded from disk ahead of it
 
 
 class _Fetch:
@@ -271,8 +271,7 @@ class FileReader:
 
     def _advance(self, index: int) -> None:
         """A sequential reader is at segment `index`: grow the window on a new block, prefetch."""
-        segments = self._segments
-        if self._block is not None and segments[self._block].locator.key == segments[index].locator.key:
+        if index == self._block:
             return
         self._block = index
         self._window = min(self._reader.prefetch_blocks, max(1, self._window * 2))
