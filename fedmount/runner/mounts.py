@@ -19,8 +19,9 @@ Mounting (reference/arvados-protocol.md §7, crunch-run's `SetupMounts`):
    the run's (`RunError`).
 
 Unmounting (`FedMount.stop`) never trusts one mechanism: `fedmount --unmount-timeout=8
---unmount` killed after 9 s, then SIGTERM / SIGKILL to the child, then `fusermount3 -u -z` if the mount point
-is still listed in /proc/self/mountinfo.
+--unmount` killed after 9 s, then SIGTERM / SIGKILL to the child, then `fusermount3 -u -z`
+and `umount -l` while the mount is still listed in /proc/self/mountinfo. The mount is
+followed by its mountinfo ID, not its path, so a renamed parent directory cannot hide it.
 
 `prepare_binds` makes the host side of the other mounts: tmp mounts are fresh directories
 (mode 0777 + setgid, as crunch-run), the `output_path` tmp mount is the results' `output/`
@@ -79,15 +80,26 @@ def collection_source(mountpoint: str, mount: CollectionMount) -> str:
     return os.path.join(src, mount.path) if mount.path else src
 
 
-def is_mounted(path: str) -> bool:
-    """Whether `path` is a mount point in this process's mount namespace."""
-    target = os.path.realpath(path)
+def _mountinfo() -> list[tuple[int, str]]:
+    """`(mount ID, mount point)` for every mount in this process's namespace, in order."""
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            point = line.split(" ", 5)[4]
-            if _unescape(point) == target:
-                return True
-    return False
+        return [(int(parts[0]), _unescape(parts[4])) for parts in (line.split(" ", 5) for line in f)]
+
+
+def mount_id(path: str) -> int | None:
+    """The ID of the topmost mount at `path`, or None when nothing is mounted there."""
+    target = os.path.realpath(path)
+    ids = [mid for mid, point in _mountinfo() if point == target]
+    return ids[-1] if ids else None
+
+
+def is_mounted(path: str) -> bool:
+    return mount_id(path) is not None
+
+
+def mount_point_of(mid: int) -> str | None:
+    """Where mount `mid` is now (its directory may have been renamed), or None once it is gone."""
+    return next((point for m, point in _mountinfo() if m == mid), None)
 
 
 def _unescape(field: str) -> str:
@@ -104,6 +116,7 @@ class FedMount:
         self.mountpoint = mountpoint
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.mount_id: int | None = None
         self._logger: threading.Thread | None = None
 
     def start(self, env: dict[str, str], timeout: float) -> float:
@@ -134,6 +147,7 @@ class FedMount:
                     f"{_last_line(self.log_path)} (log: {self.log_path})"
                 )
             if os.path.exists(readme):
+                self.mount_id = mount_id(self.mountpoint)
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise RunError(f"fedmount did not serve {readme} within {timeout:g} s; see {self.log_path}")
@@ -170,17 +184,20 @@ class FedMount:
             why = errno.errorcode.get(exc.errno or 0, str(exc.errno))
             raise RunError(f"{field_name}: reading {path} failed ({why}); see {self.log_path}") from None
 
+    def mounted_at(self) -> str | None:
+        """Where our mount is now: followed by mount ID once known, so a renamed parent
+        directory cannot hide it; None when it is not mounted."""
+        if self.mount_id is not None:
+            return mount_point_of(self.mount_id)
+        return self.mountpoint if is_mounted(self.mountpoint) else None
+
     def stop(self) -> None:
         """Unmount and end the child, whatever state they are in."""
-        if is_mounted(self.mountpoint):
+        point = self.mounted_at()
+        if point is not None:
             try:
                 subprocess.run(
-                    [
-                        *self.unmount_argv,
-                        f"--unmount-timeout={UNMOUNT_TIMEOUT_SECONDS}",
-                        "--unmount",
-                        self.mountpoint,
-                    ],
+                    [*self.unmount_argv, f"--unmount-timeout={UNMOUNT_TIMEOUT_SECONDS}", "--unmount", point],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -190,14 +207,14 @@ class FedMount:
                 pass
         if self.proc is not None:
             _end(self.proc, KILL_AFTER_SECONDS)
-        if is_mounted(self.mountpoint):
-            for tool in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
-                try:
-                    subprocess.run([*tool, self.mountpoint], stderr=subprocess.DEVNULL, timeout=10)
-                except (OSError, subprocess.TimeoutExpired):
-                    continue
-                if not is_mounted(self.mountpoint):
-                    break
+        for tool in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+            point = self.mounted_at()
+            if point is None:
+                break
+            try:
+                subprocess.run([*tool, point], stderr=subprocess.DEVNULL, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
         if self._logger is not None:
             self._logger.join(timeout=2)
 

@@ -1,0 +1,344 @@
+"""fedmount-run end to end: real fedmount mounts, real Docker and bubblewrap containers.
+
+Inputs come from collections on the home cluster (zzzzz) and on remote clusters of the
+emulated federation; the container image is the busybox test image (integration/images.py)
+stored as arv-keepdocker stores it in a collection on a remote cluster, so it reaches the
+daemon through Keep and the mount. After every test — passing, refused, failing or
+interrupted — the test's private temporary directory must be empty, /proc/mounts must list
+nothing under it, and Docker must hold no container of ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from integration import images
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = [sys.executable, "-m", "fedmount.runner.cli"]
+MISSING_PDH = "0badc0ffee0badc0ffee0badc0ffee00+42"
+RUNNING: list[subprocess.Popen] = []
+
+
+def _fuse_usable() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        return "not root and no fusermount3"
+    try:
+        import pyfuse3  # noqa: F401
+
+        from fedmount import mount  # noqa: F401
+    except ImportError as exc:
+        return f"fedmount cannot mount here: {exc}"
+    return None
+
+
+def _docker_usable() -> str | None:
+    if shutil.which("docker") is None:
+        return "docker is not installed"
+    res = subprocess.run(
+        ["sh", str(REPO / "integration" / "ensure_docker.sh")], capture_output=True, text=True
+    )
+    return None if res.returncode == 0 else f"no Docker daemon: {res.stderr.strip()}"
+
+
+pytestmark = pytest.mark.skipif(_fuse_usable() is not None, reason=str(_fuse_usable()))
+
+
+@pytest.fixture(scope="module")
+def docker():
+    why = _docker_usable()
+    if why:
+        pytest.skip(why)
+    images.ensure_image()
+
+
+@pytest.fixture(scope="module")
+def image_collection(federation, docker, tmp_path_factory) -> dict:
+    """The test image as an arv-keepdocker collection on remote cluster zbbbb."""
+    tar = Path(images.save_image(str(tmp_path_factory.mktemp("image"))))
+    return federation.add_collection("zbbbb", "runner-image", {tar.name: tar.read_bytes()})
+
+
+@pytest.fixture
+def tmpdir_clean(tmp_path):
+    """`--tmpdir` for one run; afterwards it must be empty, unmounted, and no container left.
+
+    A run the test left running (it failed half-way) gets SIGTERM first, so that a failing
+    test cannot leave a mount behind for the next one."""
+    tdir = tmp_path / "t"
+    tdir.mkdir()
+    yield tdir
+    for proc in RUNNING:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    RUNNING.clear()
+    assert [ln for ln in Path("/proc/mounts").read_text().splitlines() if str(tdir) in ln] == []
+    assert os.listdir(tdir) == []
+    if shutil.which("docker"):
+        left = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", "label=fedmount-run"], capture_output=True, text=True
+        ).stdout.split()
+        assert left == []
+
+
+def fedmount_run(fed, record: dict, out: Path, tmpdir: Path, *args: str, wait: bool = True):
+    rec = out.parent / f"{out.name}.json"
+    rec.write_text(json.dumps(record))
+    argv = [
+        *RUN,
+        str(rec),
+        "--output-dir",
+        str(out),
+        "--tmpdir",
+        str(tmpdir),
+        "--crunchstat-interval",
+        "1",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        argv, env=fed.env("zzzzz"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    RUNNING.append(proc)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=300)
+    proc.stdout_text, proc.stderr_text = stdout, stderr
+    return proc
+
+
+def result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+def no_token_in(out: Path, fed) -> None:
+    secrets = {t.split("/")[2] for t in (c["token"] for c in fed.clusters.values())}
+    for path in out.rglob("*"):
+        if path.is_file() and path.name not in ("stdout.txt",):
+            text = path.read_text(errors="replace")
+            assert not any(s in text for s in secrets), f"token in {path}"
+
+
+def wait_for(predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def record(fed, image: dict, command: str, **over) -> dict:
+    text, nested = fed.collections["text"], fed.collections["nested"]
+    rec = {
+        "command": ["sh", "-c", command],
+        "container_image": image["uuid"],
+        "cwd": "/out",
+        "environment": {"GREETING": "hi"},
+        "mounts": {
+            "/out": {"kind": "tmp"},
+            "/local": {"kind": "collection", "portable_data_hash": text["portable_data_hash"]},
+            "/remote": {"kind": "collection", "uuid": nested["uuid"], "path": "a/b"},
+        },
+        "output_path": "/out",
+        # a RAM cache of its own: every run reads from Keep, whatever earlier runs cached
+        "runtime_constraints": {"ram": 256 << 20, "vcpus": 1, "keep_cache_ram": 64 << 20},
+    }
+    rec.update(over)
+    return rec
+
+
+READ_BOTH = (
+    "cat /local/hello.txt /remote/c/deep.txt; md5sum /local/data/numbers.csv > /out/sum.txt; echo $GREETING"
+)
+
+
+@pytest.mark.parametrize("runtime", ["docker", "local"])
+def test_inputs_from_local_and_remote_clusters_reach_the_container(
+    fed, image_collection, tmpdir_clean, tmp_path, runtime
+):
+    out = tmp_path / "results"
+    proc = fedmount_run(
+        fed, record(fed, image_collection, READ_BOTH), out, tmpdir_clean, "--runtime", runtime
+    )
+    assert proc.returncode == 0, proc.stderr_text
+    assert (out / "stdout.txt").read_text() == "hello world\ndeep\nhi\n"
+    numbers = "".join(f"{i},{i * i}\n" for i in range(1000)).encode()
+    assert (out / "output" / "sum.txt").read_text().split()[0] == hashlib.md5(numbers).hexdigest()
+    r = result(out)
+    assert r["state"] == "Complete" and r["exit_code"] == 0 and r["error"] is None and r["runtime"] == runtime
+    assert sum(r["fedmount"]["bytes_read_by_cluster"].values()) > 0
+    assert r["resources"]["samples"] >= 0 and r["timings"]["mount_seconds"] > 0
+    no_token_in(out, fed)
+
+
+def test_image_is_loaded_from_a_remote_collection_through_the_mount(
+    fed, image_collection, tmpdir_clean, tmp_path
+):
+    image_id = next(iter(image_collection["files"]))[: -len(".tar")]
+    subprocess.run(["docker", "rmi", "--force", image_id], capture_output=True)
+    assert images.image_id(image_id) is None
+    mark = fed.mark()
+    out = tmp_path / "results"
+    proc = fedmount_run(fed, record(fed, image_collection, "true"), out, tmpdir_clean, "--runtime", "docker")
+    assert proc.returncode == 0, proc.stderr_text
+    assert images.image_id(image_id) == image_id
+    assert result(out)["timings"]["image_seconds"] > 0
+    # the tarball's blocks were fetched from Keep (through the home keepstore or zbbbb's)
+    assert any(r["service"].startswith("keep") and r["method"] == "GET" for r in fed.requests(since=mark))
+
+
+@pytest.mark.parametrize("runtime", ["docker", "local"])
+def test_exit_code_and_stderr_are_propagated(fed, image_collection, tmpdir_clean, tmp_path, runtime):
+    out = tmp_path / "results"
+    proc = fedmount_run(
+        fed, record(fed, image_collection, "echo oops >&2; exit 7"), out, tmpdir_clean, "--runtime", runtime
+    )
+    assert proc.returncode == 7
+    assert (out / "stderr.txt").read_text() == "oops\n"
+    r = result(out)
+    assert r["state"] == "Complete" and r["exit_code"] == 7
+
+
+@pytest.mark.parametrize("runtime", ["docker", "local"])
+@pytest.mark.parametrize("api", [False, True])
+def test_api_variables_are_present_only_when_asked_for(
+    fed, image_collection, tmpdir_clean, tmp_path, runtime, api
+):
+    out = tmp_path / "results"
+    cmd = (
+        'env | cut -d= -f1 | grep "^ARVADOS_" | sort; [ "$ARVADOS_API_TOKEN" = "$EXPECT" ] && echo same; true'
+    )
+    rec = record(fed, image_collection, cmd, runtime_constraints={"API": api})
+    rec["environment"] = {"EXPECT": fed.token("zzzzz")}
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", runtime)
+    assert proc.returncode == 0, proc.stderr_text
+    expected = "ARVADOS_API_HOST\nARVADOS_API_TOKEN\nsame\n" if api else ""
+    assert (out / "stdout.txt").read_text() == expected
+    no_token_in(out, fed)
+
+
+def test_stdin_comes_from_a_collection_file(fed, image_collection, tmpdir_clean, tmp_path):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "wc -l")
+    rec["mounts"]["stdin"] = {
+        "kind": "collection",
+        "uuid": fed.collections["text"]["uuid"],
+        "path": "data/numbers.csv",
+    }
+    rec["mounts"]["stdout"] = {"kind": "file", "path": "/out/count.txt"}
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", "docker")
+    assert proc.returncode == 0, proc.stderr_text
+    assert (out / "output" / "count.txt").read_text().strip() == "1000"
+    assert (out / "stdout.txt").read_text().strip() == "1000"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            lambda rec: rec["mounts"]["/local"].update(portable_data_hash=MISSING_PDH),
+            'mounts["/local"].portable_data_hash: collection',
+        ),
+        (lambda rec: rec["mounts"]["/remote"].update(path="a/nothing"), 'mounts["/remote"].path:'),
+        (lambda rec: rec.update(container_image="zzzzz-4zz18-000000000000000"), "container_image:"),
+    ],
+)
+def test_missing_inputs_are_refused_after_mounting_and_nothing_is_left(
+    fed, image_collection, tmpdir_clean, tmp_path, change, field
+):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "true")
+    change(rec)
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", "docker")
+    assert proc.returncode == 2
+    assert proc.stderr_text.startswith(f"fedmount-run: {field}") and proc.stderr_text.count("\n") == 1
+    assert result(out)["state"] == "Cancelled"
+
+
+def test_image_collection_without_a_tarball_is_refused(fed, image_collection, tmpdir_clean, tmp_path):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "true", container_image=fed.collections["text"]["portable_data_hash"])
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", "docker")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr_text.startswith("fedmount-run: container_image: collection")
+        and "holds no" in proc.stderr_text
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda rec: rec["mounts"].update({"/k": {"kind": "keep"}}), 'mounts["/k"].kind'),
+        (lambda rec: rec["mounts"]["/local"].update(writable=True), 'mounts["/local"].writable'),
+        (lambda rec: rec.pop("command"), "command"),
+    ],
+)
+def test_unsupported_records_are_refused_before_anything_starts(
+    fed, image_collection, tmpdir_clean, tmp_path, change, field
+):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "true")
+    change(rec)
+    proc = fedmount_run(fed, rec, out, tmpdir_clean)
+    assert proc.returncode == 2
+    assert proc.stderr_text.startswith(f"fedmount-run: {field}:") and proc.stderr_text.count("\n") == 1
+    assert not out.exists()
+
+
+def test_invalid_json_is_refused(fed, tmpdir_clean, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"command": ["true"')
+    proc = subprocess.run(
+        [*RUN, str(bad), "--output-dir", str(tmp_path / "o"), "--tmpdir", str(tmpdir_clean)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(f"fedmount-run: {bad}: not valid JSON")
+
+
+@pytest.mark.parametrize("runtime", ["docker", "local"])
+def test_sigterm_stops_the_container_and_unmounts(fed, image_collection, tmpdir_clean, tmp_path, runtime):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "echo started; sleep 120")
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", runtime, wait=False)
+    wait_for(lambda: (out / "stdout.txt").exists() and (out / "stdout.txt").read_text() == "started\n")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert stderr == "fedmount-run: interrupted by SIGTERM\n"
+    r = result(out)
+    assert r["state"] == "Cancelled" and r["exit_code"] is None
+    assert subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True).returncode == 1
+
+
+def test_fedmount_dying_stops_the_container(fed, image_collection, tmpdir_clean, tmp_path):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "echo started; sleep 120")
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", "docker", wait=False)
+    wait_for(lambda: (out / "stdout.txt").exists() and (out / "stdout.txt").read_text() == "started\n")
+    mnt = str(next(Path(tmpdir_clean).glob("fedmount-run-*/mnt")))
+    daemon = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and "--foreground" in p.info["cmdline"] and mnt in p.info["cmdline"]
+    ]
+    assert len(daemon) == 1
+    os.kill(daemon[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert stderr.startswith("fedmount-run: fedmount exited during the run")
+    assert result(out)["state"] == "Cancelled"
