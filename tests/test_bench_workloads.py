@@ -1,0 +1,81 @@
+"""bench.workloads and bench.__main__ helpers that need no mount and no socket: readers on local
+files, random offsets, collection entry counts, the quick/full configurations."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from bench import workloads
+from bench.__main__ import Config, default_fedmount, parse_args
+from bench.workloads import BenchCollection, BenchError
+
+
+def test_dd_read_reports_seconds_and_checks_the_size(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(3 << 20))
+    assert workloads.dd_read(str(path), 1 << 20, 3 << 20) > 0
+    with pytest.raises(BenchError, match="expected"):
+        workloads.dd_read(str(path), 1 << 20, 4 << 20)
+
+
+def test_dd_output_is_parsed_in_the_c_locale():
+    text = "3+0 records in\n3+0 records out\n3145728 bytes (3.1 MB, 3.0 MiB) copied, 0.00123 s, 2.6 GB/s\n"
+    m = workloads.DD_RE.search(text)
+    assert m is not None and (m.group(1), float(m.group(2))) == ("3145728", 0.00123)
+
+
+def test_random_offsets_are_aligned_in_range_and_reproducible():
+    offsets = workloads.random_offsets(10 * 4096 + 100, 4096, 500)
+    assert offsets == workloads.random_offsets(10 * 4096 + 100, 4096, 500)
+    assert all(o % 4096 == 0 and o + 4096 <= 10 * 4096 + 100 for o in offsets)
+    assert len(set(offsets)) == 10
+    with pytest.raises(BenchError):
+        workloads.random_offsets(100, 4096, 1)
+
+
+def test_random_read_and_first_byte_on_a_local_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(64 * 4096))
+    assert workloads.random_read(str(path), workloads.random_offsets(64 * 4096, 4096, 50), 4096) > 0
+    assert workloads.first_byte(str(path)) > 0
+    with pytest.raises(BenchError, match="short read"):
+        workloads.random_read(str(path), [64 * 4096], 4096)
+
+
+def test_find_stat_and_cat_check_what_they_saw(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x", "a/b/y", "z"):
+        (tmp_path / name).write_bytes(b"1234")
+    assert workloads.find_stat(str(tmp_path), 6) > 0
+    with pytest.raises(BenchError, match="saw 6 entries"):
+        workloads.find_stat(str(tmp_path), 7)
+    paths = [str(tmp_path / n) for n in ("a/x", "a/b/y", "z")]
+    assert workloads.cat_files(paths, 12) > 0
+    with pytest.raises(BenchError, match="expected 13"):
+        workloads.cat_files(paths, 13)
+
+
+def test_collection_entries_count_files_directories_and_itself():
+    c = BenchCollection("c", "zzzzz-4zz18-000000000000000", "zzzzz", {"a/b/f1": 1, "a/f2": 2, "g": 3})
+    assert c.entries == 3 + 2 + 1
+    assert c.total_bytes == 6
+
+
+def test_quick_mode_is_smaller_than_full_mode():
+    quick, full = Config.quick(), Config.full()
+    assert quick.mode == "quick" and full.mode == "full"
+    assert full.seq_size == 1 << 30 and full.walk_entries == 100_000 and full.rss_entries == 1_000_000
+    assert full.small_files == 10_000
+    for name in ("runs", "seq_size", "small_files", "walk_entries", "rss_entries"):
+        assert getattr(quick, name) < getattr(full, name)
+
+
+def test_command_line_defaults_to_quick_mode_against_fedmount():
+    args = parse_args([])
+    assert (args.full, args.check_json, args.target) == (False, False, "fedmount")
+    assert parse_args(["--fedmount", "python3 -m fedmount"]).fedmount == ["python3", "-m", "fedmount"]
+    command = default_fedmount()
+    assert command[0].endswith("fedmount") or command == [sys.executable, "-m", "fedmount"]
