@@ -146,7 +146,12 @@ def locate_main(argv: Sequence[str]) -> int:
             sys.stdout.write(report.render())
         return report.exit_status()
 
-    return trio.run(run)
+    status = 130
+    try:
+        status = trio.run(run)
+    except* KeyboardInterrupt:
+        print("\nfedmount locate: interrupted", file=sys.stderr)
+    return status
 
 
 def stage_main(argv: Sequence[str]) -> int:
@@ -170,15 +175,16 @@ def stage_main(argv: Sequence[str]) -> int:
             sys.stderr.write(report.render())
         return report.exit_status()
 
+    status = 2
     try:
-        return trio.run(run)
-    except LookupFailure as exc:
-        print(f"fedmount stage: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        status = trio.run(run)
+    except* LookupFailure as group:
+        print(f"fedmount stage: {group.exceptions[0]}", file=sys.stderr)
+    except* KeyboardInterrupt:  # trio may deliver it inside an exception group
         print("\nfedmount stage: interrupted; blocks fetched so far stay cached: run the same command "
               "again to fetch the rest", file=sys.stderr)
-        return 130
+        status = 130
+    return status
 
 
 def unpin_main(argv: Sequence[str]) -> int:

@@ -18,8 +18,9 @@ Algorithm of `stage_with`:
 5. A `Progress` line on stderr shows bytes, rate and ETA. A `TransferMeter` measures the
    aggregate rate per cluster (the cluster whose keep services answered) and stores it in
    the `ThroughputBook`, which `locate` uses for its estimates, even after an interrupt.
-6. Afterwards the blocks are checked again: any that a too-small cache already evicted
-   are reported (raise the cache size or use ``--pin``).
+6. Afterwards the blocks are checked again on disk (a fresh disk-only view of the cache
+   directory: this process's memory tier would hide evictions): any that a too-small
+   cache already evicted are reported (raise the cache size or use ``--pin``).
 
 Pins and `unpin`: the cache's pin table is a set of keys without owners, so two staged
 collections sharing a block would lose the shared pin when either is unpinned. `PinBook`
@@ -318,8 +319,9 @@ async def stage_with(
         book.save()
         if progress is not None:
             progress.finish()
+    on_disk = BlockCache(cache.directory, sys.maxsize, 0)  # the disk tier alone, as a later mount sees it
     for key, state in report.outcome.items():
-        if state == "fetched" and cache.cached_bytes(key) < plan[key][0].size:
+        if state == "fetched" and on_disk.cached_bytes(key) < plan[key][0].size:
             report.outcome[key] = "evicted"
     return report
 
