@@ -32,6 +32,7 @@ import json
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urlsplit
 
 from fedmount.federation.tokens import TokenError, parse_token, salt_for
@@ -237,14 +238,23 @@ class KeepstoreHandler(Handler):
 
 
 def _verified(resp: http.client.HTTPResponse, block_hash: str):
-    """Yield the body, holding back the last chunk until its md5 is known to be right."""
+    """Yield the body, holding back the last chunk until its md5 is known to be right.
+
+    The md5 runs in a worker thread (hashlib releases the GIL), overlapped with sending.
+    """
     md5 = hashlib.md5()
     held = b""
-    while chunk := resp.read(1 << 20):
-        if held:
-            yield held
-        md5.update(chunk)
-        held = chunk
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        pending = None
+        while chunk := resp.read(4 << 20):
+            if held:
+                yield held
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(md5.update, chunk)
+            held = chunk
+        if pending is not None:
+            pending.result()
     if md5.hexdigest() != block_hash:
         raise ConnectionResetError(f"checksum mismatch from remote for {block_hash}")
     if held:
