@@ -128,7 +128,7 @@ class Progress:
         pct = 100.0 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
         rate = self.rate()
         parts = [
-            f"{pct:3.0f}%",
+            f"{pct:3.0f}%" if self.tty else f"{pct:.0f}%",  # fixed width only where it is redrawn
             f"{human_bytes(self.done_bytes)} of {human_bytes(self.total_bytes)}",
             f"{human_bytes(rate)}/s" if rate else "-- /s",
             f"ETA {human_duration(self.eta())}",
