@@ -1,0 +1,180 @@
+"""The command line, the man page, log redaction, mountinfo parsing, cache sizing, crunchstat."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import logging
+import re
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedmount import cli
+from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, prometheus_text
+from fedmount.mount import MountOptions, _cache_config, mountinfo
+from fedmount.stats import Stats
+
+MAN = Path(__file__).resolve().parent.parent / "man" / "fedmount.1"
+TOKEN = "v2/zzzzz-gj3su-000000000000001/" + "s3cr3t" * 8
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def man_text() -> str:
+    """The man page's words: roff escapes and font changes removed."""
+    text = MAN.read_text()
+    text = re.sub(r"\\f[BIR]", "", text).replace("\\-", "-").replace("\\e", "\\")
+    return squash(text)
+
+
+def test_every_option_is_in_the_man_page_in_the_same_words():
+    page = man_text()
+    parser = cli.build_parser()
+    assert squash(cli.DESCRIPTION) in page
+    for action in parser._actions:
+        if action.help in (None, argparse.SUPPRESS) or action.dest in ("help", "version"):
+            continue
+        for flag in action.option_strings:
+            assert flag in page, flag
+        assert squash(action.help.replace("%%", "%")) in page, action.option_strings
+
+
+def test_help_mentions_every_arv_mount_read_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--foreground", "--exec", "--unmount", "--unmount-timeout", "--replace", "--allow-other",
+                 "--mount-by-id", "--mount-by-pdh", "--collection", "--disk-cache", "--disk-cache-dir",
+                 "--file-cache", "--ram-cache", "--crunchstat-interval", "--read-only", "--subtype",
+                 "--disable-event-listening", "--storage-classes", "--debug", "--logfile", "--route",
+                 "--prefetch-blocks", "--ram-cache-size", "--disk-cache-size", "--read-ahead-kb",
+                 "--refresh-time", "--stats-port"):
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize("flag", [["--read-write"], ["--mount-tmp", "tmp0"]])
+def test_write_flags_are_refused_with_one_line_and_status_2(capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args([*flag, "/mnt"])
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert flag[0] in line and ("read-only" in line or "scratch" in line)
+
+
+def test_crunch_run_arguments_parse():
+    args = cli.parse_args([
+        "--foreground", "--storage-classes", "default", "--crunchstat-interval=10", "--allow-other",
+        "--disk-cache", "--disk-cache-dir", "/tmp/c", "--file-cache", "2147483648",
+        "--mount-by-pdh", "by_id", "--disable-event-listening", "--mount-by-id", "by_uuid", "/tmp/keep1",
+    ])  # fmt: skip
+    opts = MountOptions.from_args(args)
+    assert opts.layout.by_pdh == ["by_id"] and opts.layout.by_id == ["by_uuid"]
+    assert opts.file_cache == 2 << 30 and opts.crunchstat_interval == 10 and opts.allow_other
+    assert opts.mountpoint == "/tmp/keep1" and opts.foreground
+
+
+def test_exec_takes_the_rest_of_the_line():
+    args = cli.parse_args(["/mnt", "--exec", "ls", "-l", "--foreground"])
+    assert args.exec_args == ["ls", "-l", "--foreground"] and not args.foreground
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--collection", "x", "--mount-by-id", "by_id", "/m"],
+        ["--mount-by-id", "a/b", "/m"],
+        ["--mount-by-id", "by_id", "--mount-by-pdh", "by_id", "/m"],
+        ["--ram-cache", "--disk-cache", "/m"],
+        ["--file-cache", "lots", "/m"],
+        ["/m", "--exec"],
+    ],
+)
+def test_bad_usage_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1048576", 1 << 20), ("64M", 64 << 20), ("2GiB", 2 << 30), ("1.5k", 1536), ("0", 0)]
+)
+def test_sizes(text, value):
+    assert cli.parse_size(text) == value
+
+
+def test_subcommands_dispatch_to_existing_functions():
+    for name, target in cli.SUBCOMMANDS.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+
+
+def test_logs_never_contain_a_token():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(cli.RedactingFilter())
+    logger = logging.getLogger("fedmount.test-redaction")
+    logger.addHandler(handler)
+    try:
+        logger.error("sent Authorization: Bearer %s to %s", TOKEN, "zbbbb")
+        try:
+            raise ValueError(f"bad token {TOKEN}")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    out = stream.getvalue()
+    assert "s3cr3t" not in out and "<token>" in out and "zbbbb" in out and "ValueError" in out
+
+
+def test_mountinfo_parsing_unescapes_paths(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "90 22 0:57 / /tmp/with\\040space rw,nosuid,nodev,relatime shared:50 - fuse.fedmount fedmount ro\n"
+    )
+    root, fuse = mountinfo(str(info))
+    assert not root.is_fuse and root.path == "/"
+    assert fuse.is_fuse and fuse.path == "/tmp/with space" and (fuse.major, fuse.minor) == (0, 57)
+
+
+def test_cache_configuration_follows_arv_mount_flags(tmp_path):
+    ram = MountOptions("/m", cache_kind="ram", file_cache=100 << 20)
+    assert _cache_config(ram) == (None, 0, 100 << 20)
+    disk = MountOptions("/m", disk_cache_dir=str(tmp_path), file_cache=5 << 30)
+    assert _cache_config(disk) == (str(tmp_path), 5 << 30, 256 << 20)
+    auto = MountOptions("/m", disk_cache_dir=str(tmp_path / "new"), ram_cache_size=1 << 20)
+    directory, size, ram_size = _cache_config(auto)
+    assert directory == str(tmp_path / "new") and size >= 64 << 20 and ram_size == 1 << 20
+
+
+def test_crunchstat_lines_look_like_arv_mount():
+    stats = Stats()
+    stats.add("keep_requests", 3, cluster="zbbbb")
+    stats.add("keep_bytes", 1000, cluster="zbbbb")
+    stats.add("cache_hits", 5, tier="ram")
+    stats.add("fuse_ops", 7, op="read")
+    stats.add("fuse_seconds", 0.5, op="read")
+    cs = CrunchStat(10, lambda: crunchstat_groups(stats, psutil.Process()))
+    first = {line.split(" -- ")[0].split()[1]: line for line in cs.lines()}
+    assert first["keepcalls"] == "crunchstat: keepcalls 0 put 3 get -- interval 10.0000 seconds 0 put 3 get"
+    assert first["keepcache"].startswith("crunchstat: keepcache 5 hit 0 miss --")
+    assert first["fuseop:read"].startswith("crunchstat: fuseop:read 7 count 0.500000 time --")
+    assert first["net:keep:zbbbb"].startswith("crunchstat: net:keep:zbbbb 1000 rx 3 requests 0 errors")
+    assert "mem" in first and "cpu" in first
+    stats.add("keep_requests", 2, cluster="zbbbb")
+    second = {line.split(" -- ")[0].split()[1]: line for line in cs.lines()}
+    assert second["keepcalls"].endswith("seconds 0 put 2 get")
+
+
+def test_prometheus_text_has_counters_and_process_gauges():
+    stats = Stats()
+    stats.add("keep_bytes", 1000, cluster="zbbbb")
+    text = prometheus_text(stats, psutil.Process())
+    assert 'fedmount_keep_bytes{cluster="zbbbb"} 1000' in text
+    assert "fedmount_process_rss_bytes" in text
