@@ -16,10 +16,11 @@ process against the same server and the same 64 MiB blocks:
   FUSE ceiling (a null pyfuse3 filesystem, ~1.1-1.3 GB/s at 128 KiB) is measured by the
   end-to-end benchmarks.
 
-The server is a tiny threaded HTTP/1.1 server that answers every GET with ``sendfile`` of
-the block file named in the path (a stand-in for a keepstore until the emulated
-federation's harness is usable from here). Usage: ``python -m bench.bench_blocks [--runs N]
-[--blocks N] [--block-mib N]``.
+By default the blocks are a collection written to the home cluster of the emulated
+federation (`integration.harness`), read with their signed locators and the home token
+from the keepstore each block's rendezvous order picks first; ceilings GET the same URL.
+``--local`` serves random blocks from a tiny in-process ``sendfile`` HTTP server instead.
+Usage: ``python -m bench.bench_blocks [--runs N] [--blocks N] [--block-mib N] [--local]``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import trio
 import urllib3
 
 from fedmount.blocks.cache import BlockCache
-from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService
+from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService, probe_order
 from fedmount.blocks.prefetch import BlockReader
 from fedmount.federation.ids import Locator
 from fedmount.federation.manifest import parse_manifest
 from fedmount.stats import Stats
+from integration.harness import Federation
 
 READ = 128 << 10
 
@@ -81,9 +83,14 @@ class SendfileServer:
                         conn.sendfile(f)
 
 
-def raw_socket_get(port: int, name: str, size: int) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(f"GET /{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+def raw_socket_get(url: str, size: int, token: str) -> None:
+    """GET over a plain blocking socket, body received into one buffer and dropped."""
+    parsed = urllib3.util.parse_url(url)
+    with socket.create_connection((parsed.host, parsed.port)) as s:
+        s.sendall(
+            f"GET {parsed.request_uri} HTTP/1.1\r\nHost: {parsed.netloc}\r\nAuthorization: Bearer {token}\r\n"
+            "Accept: application/octet-stream\r\n\r\n".encode()
+        )
         buf = bytearray(size + 4096)
         view = memoryview(buf)
         got, body_start = 0, -1
@@ -93,11 +100,15 @@ def raw_socket_get(port: int, name: str, size: int) -> None:
                 raise RuntimeError("server closed early")
             got += n
             if body_start < 0 and (end := buf.find(b"\r\n\r\n", 0, got)) >= 0:
+                if not buf.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(bytes(buf[:end]).decode(errors="replace"))
                 body_start = end + 4
 
 
-def urllib3_get(pool: urllib3.PoolManager, url: str, size: int) -> bytearray:
-    resp = pool.request("GET", url, preload_content=False)
+def urllib3_get(pool: urllib3.PoolManager, url: str, size: int, token: str) -> bytearray:
+    resp = pool.request("GET", url, preload_content=False, headers={"Authorization": f"Bearer {token}"})
+    if resp.status != 200:
+        raise RuntimeError(f"GET {url}: HTTP {resp.status}")
     body = bytearray(size)
     view = memoryview(body)
     got = 0
@@ -116,95 +127,117 @@ def timed(fn: Callable[[], object], nbytes: int, runs: int) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
+def local_blocks(work: str, count: int, size: int) -> tuple[KeepRoute, list[Locator]]:
+    """Random blocks served by a `SendfileServer`."""
+    served = os.path.join(work, "served")
+    os.mkdir(served)
+    locators = []
+    for _ in range(count):
+        data = os.urandom(size)
+        digest = hashlib.md5(data).hexdigest()
+        with open(os.path.join(served, digest), "wb") as f:
+            f.write(data)
+        locators.append(Locator(digest, size, ("A" + "0" * 40 + "@7fffffff",)))
+    server = SendfileServer(served)
+    service = KeepService("zzzzz-bi6l4-000000000000000", f"http://127.0.0.1:{server.port}/")
+    return KeepRoute("zzzzz", "v2/zzzzz-gj3su-000000000000000/benchsecret", (service,)), locators
+
+
+def federation_blocks(fed: Federation, count: int, size: int) -> tuple[KeepRoute, list[Locator]]:
+    """A collection of `count` blocks on the home cluster's keepstores; its signed locators."""
+    entry = fed.add_collection(fed.home, "bench-blocks", {"blocks.bin": (count * size, "bench-blocks")})
+    reply = fed.request(fed.home, f"/arvados/v1/collections/{entry['uuid']}", token=fed.token())
+    locators = parse_manifest(reply.json()["manifest_text"]).blocks()
+    items = fed.request(fed.home, "/arvados/v1/keep_services/accessible", token=fed.token()).json()["items"]
+    services = tuple(
+        KeepService(
+            i["uuid"],
+            f"http{'s' if i['service_ssl_flag'] else ''}://{i['service_host']}:{i['service_port']}/",
+        )
+        for i in items
+    )
+    return KeepRoute(fed.home, fed.token(), services), locators
+
+
+def measure(work: str, route: KeepRoute, locators: list[Locator], runs: int) -> dict[str, object]:
+    size = locators[0].size
+    total = sum(x.size for x in locators)
+    urls = [probe_order(x.hash, route.services)[0].root_url + str(x) for x in locators]
+    pool = urllib3.PoolManager(maxsize=4)
+    out: dict[str, object] = {"block_bytes": size, "blocks": len(locators), "runs": runs}
+    out["raw_socket"] = timed(lambda: [raw_socket_get(u, size, route.token) for u in urls], total, runs)
+    out["urllib3"] = timed(lambda: [urllib3_get(pool, u, size, route.token) for u in urls], total, runs)
+    out["urllib3_md5"] = timed(
+        lambda: [hashlib.md5(urllib3_get(pool, u, size, route.token)).hexdigest() for u in urls], total, runs
+    )
+    stats = Stats()
+    keep = KeepClient(stats=stats)
+
+    async def fetch_all() -> None:
+        for x in locators:
+            await keep.get(x, route)
+
+    out["keep_get"] = timed(lambda: trio.run(fetch_all), total, runs)
+
+    cache_dir = os.path.join(work, "cache")
+
+    async def fill() -> None:
+        cache = BlockCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
+        for x in locators:
+            await cache.put(x.key, await keep.get(x, route))
+
+    trio.run(fill)
+
+    manifest = parse_manifest(". " + " ".join(str(x) for x in locators) + f" 0:{total}:file\n")
+    ((_, file),) = manifest.walk()
+
+    async def warm_read() -> None:
+        cache = BlockCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
+        handle = BlockReader(keep, cache).open(file, route)
+        for offset in range(0, total, READ):
+            await handle.read(offset, READ)
+        assert stats.get("cache_misses") == 0, "the warm read missed the cache"
+
+    def pread_all() -> None:
+        for x in locators:
+            fd = os.open(os.path.join(cache_dir, "blocks", x.hash[:2], x.key), os.O_RDONLY)
+            for offset in range(0, size, READ):
+                os.pread(fd, READ, offset)
+            os.close(fd)
+
+    out["cache_pread"] = timed(pread_all, total, runs)
+    out["cache_warm"] = timed(lambda: trio.run(warm_read), total, runs)
+    med = {k: v["median"] for k, v in out.items() if isinstance(v, dict)}
+    out["ratio_keep_vs_raw_socket"] = med["keep_get"] / med["raw_socket"]
+    out["ratio_keep_vs_urllib3"] = med["keep_get"] / med["urllib3"]
+    out["ratio_keep_vs_urllib3_md5"] = med["keep_get"] / med["urllib3_md5"]
+    out["ratio_cache_warm_vs_pread"] = med["cache_warm"] / med["cache_pread"]
+    out["unit"] = "B/s"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--block-mib", type=int, default=64)
+    parser.add_argument(
+        "--local", action="store_true", help="serve blocks from an in-process sendfile server"
+    )
     args = parser.parse_args()
     size = args.block_mib << 20
-    total = size * args.blocks
     with tempfile.TemporaryDirectory(prefix="bench-blocks-") as work:
-        served = os.path.join(work, "served")
-        os.mkdir(served)
-        locators = []
-        for _ in range(args.blocks):
-            data = os.urandom(size)
-            digest = hashlib.md5(data).hexdigest()
-            with open(os.path.join(served, digest), "wb") as f:
-                f.write(data)
-            locators.append(Locator(digest, size, ("A" + "0" * 40 + "@7fffffff",)))
-        del data
-        server = SendfileServer(served)
-        root = f"http://127.0.0.1:{server.port}/"
-        pool = urllib3.PoolManager(maxsize=4)
-        out: dict[str, object] = {
-            "bench": "blocks",
-            "block_bytes": size,
-            "blocks": args.blocks,
-            "runs": args.runs,
-        }
-
-        out["raw_socket"] = timed(
-            lambda: [raw_socket_get(server.port, str(x), size) for x in locators], total, args.runs
-        )
-        out["urllib3"] = timed(
-            lambda: [urllib3_get(pool, root + str(x), size) for x in locators], total, args.runs
-        )
-        out["urllib3_md5"] = timed(
-            lambda: [hashlib.md5(urllib3_get(pool, root + str(x), size)).hexdigest() for x in locators],
-            total,
-            args.runs,
-        )
-
-        stats = Stats()
-        keep = KeepClient(stats=stats)
-        route = KeepRoute(
-            "zzzzz",
-            "v2/zzzzz-gj3su-000000000000000/benchsecret",
-            (KeepService("zzzzz-bi6l4-000000000000000", root),),
-        )
-
-        async def fetch_all() -> None:
-            for x in locators:
-                await keep.get(x, route)
-
-        out["keep_get"] = timed(lambda: trio.run(fetch_all), total, args.runs)
-
-        cache_dir = os.path.join(work, "cache")
-
-        async def fill() -> None:
-            cache = BlockCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
-            for x in locators:
-                await cache.put(x.key, await keep.get(x, route))
-
-        trio.run(fill)
-
-        manifest = parse_manifest(". " + " ".join(str(x) for x in locators) + f" 0:{total}:file\n")
-        ((_, file),) = manifest.walk()
-
-        async def warm_read() -> None:
-            cache = BlockCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
-            handle = BlockReader(keep, cache).open(file, route)
-            for offset in range(0, total, READ):
-                await handle.read(offset, READ)
-            assert stats.get("cache_misses") == 0
-
-        def pread_all() -> None:
-            for x in locators:
-                fd = os.open(os.path.join(cache_dir, "blocks", x.hash[:2], x.key), os.O_RDONLY)
-                for offset in range(0, size, READ):
-                    os.pread(fd, READ, offset)
-                os.close(fd)
-
-        out["cache_pread"] = timed(pread_all, total, args.runs)
-        out["cache_warm"] = timed(lambda: trio.run(warm_read), total, args.runs)
-        med = {k: v["median"] for k, v in out.items() if isinstance(v, dict)}
-        out["ratio_keep_vs_raw_socket"] = med["keep_get"] / med["raw_socket"]
-        out["ratio_keep_vs_urllib3"] = med["keep_get"] / med["urllib3"]
-        out["ratio_keep_vs_urllib3_md5"] = med["keep_get"] / med["urllib3_md5"]
-        out["ratio_cache_warm_vs_pread"] = med["cache_warm"] / med["cache_pread"]
-        out["unit"] = "B/s"
+        if args.local:
+            route, locators = local_blocks(work, args.blocks, size)
+            out = {"bench": "blocks", "server": "local sendfile", **measure(work, route, locators, args.runs)}
+        else:
+            with Federation.start(os.path.join(work, "federation"), seed="none") as fed:
+                route, locators = federation_blocks(fed, args.blocks, size)
+                out = {
+                    "bench": "blocks",
+                    "server": "emulated keepstore",
+                    **measure(work, route, locators, args.runs),
+                }
         print(json.dumps(out))
 
 
