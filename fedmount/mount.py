@@ -100,7 +100,8 @@ class MountOptions:
             foreground=args.foreground, exec_args=args.exec_args, replace=args.replace,
             unmount_timeout=args.unmount_timeout, allow_other=args.allow_other, subtype=args.subtype,
             route=args.route, refresh_time=args.refresh_time, cache_kind=args.cache_kind,
-            disk_cache_dir=args.disk_cache_dir, file_cache=args.file_cache,
+            disk_cache_dir=args.disk_cache_dir and os.path.abspath(args.disk_cache_dir),
+            file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
             prefetch_blocks=args.prefetch_blocks, read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
@@ -289,6 +290,7 @@ def _daemonize() -> Callable[[str | None], None] | int:
         return 1
     os.close(read_end)
     os.setsid()
+    os.chdir("/")  # do not keep the caller's directory (perhaps on another mount) busy
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
 
@@ -327,6 +329,8 @@ def run(opts: MountOptions) -> int:
     except StartupError as e:
         report(str(e))
         return 1
+    except KeyboardInterrupt:  # before the mount was made: nothing to clean up
+        return 130
 
 
 class Daemon:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from fedmount.federation.federation import parse_timestamp
+from fedmount.federation.tokens import parse_token, salt_for
 from integration.harness import Federation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -388,3 +389,29 @@ def test_expired_signatures_are_refreshed_and_an_open_file_keeps_reading(fed, mo
             digest.update(chunk)
     assert digest.hexdigest() == big["files"]["big.bin"]["md5"]
     assert m.stats().get("collection_refreshes", 0) >= 1
+
+
+def test_prometheus_endpoint_serves_the_counters(fed, mount):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    m = mount("--stats-port", str(port))
+    run("cat", str(m / f"by_id/{fed.collections['text']['uuid']}/hello.txt"))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'fedmount_fuse_ops{op="read"}' in text and 'fedmount_keep_bytes{cluster="zzzzz"}' in text
+    assert "fedmount_process_rss_bytes" in text
+
+
+def test_debug_log_never_contains_the_token(fed, mount):
+    m = mount("--debug", "--route", "direct")
+    nested = fed.collections["nested"]
+    run("cat", str(m / f"by_id/{nested['uuid']}/empty.txt"))
+    run("ls", str(m / "by_id/zbbbb-4zz18-000000000000000"), check=False)
+    token = parse_token(fed.token())
+    log = m.log.read_text()
+    assert "DEBUG" in log and token.secret not in log
+    assert all(salt_for(token, cluster).secret not in log for cluster in fed.clusters)

@@ -67,7 +67,7 @@ from typing import Any, Protocol
 
 import trio
 
-from fedmount.blocks.keep import BlockError, KeepRoute
+from fedmount.blocks.keep import BlockError, BlockNotFound, KeepRoute
 from fedmount.federation.controller import ApiError
 from fedmount.federation.ids import CollectionId, looks_like_collection_id, parse_collection_id
 from fedmount.federation.manifest import Directory, File, Manifest, ManifestError, parse_manifest
@@ -597,7 +597,9 @@ class CollectionFileHandle(Handle):
             return await self._reader.read(offset, size)
         except BlockError as e:
             coll.tree.stats.add("read_errors", cluster=coll.record.route.cluster)
-            message = f"{coll.describe()}: reading {self.node.path}: {e}"
+            # "Block not found error" is the phrase crunch-run turns into a runtime warning.
+            what = "Block not found error" if isinstance(e, BlockNotFound) else "Block read error"
+            message = f"{what}: {coll.describe()}: reading {self.node.path}: {e}"
             log.error("%s", message)
             raise FsError(errno.EIO, message) from e
 
