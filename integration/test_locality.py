@@ -225,3 +225,17 @@ def test_locate_in_direct_mode_routes_to_the_owner(fed, tmp_path, route):
     col = json.loads(run.stdout)["collections"][0]
     assert col["route"] == {"cluster": "zcccc", "mode": "direct"}
     assert col["served_by"] == {"zcccc": {"blocks": 2, "bytes": MiB + 5, "via": None}}
+
+
+def test_locate_with_a_cluster_down_reports_it_and_answers_the_rest(fed, tmp_path):
+    entry = place(fed, f"locdown-{uuid.uuid4().hex[:8]}", ("zbbbb", "zcccc"), size=MiB)
+    fed.set_fault("zcccc", "controller", down="refuse")
+    started = time.monotonic()
+    run = cli(fed, tmp_path / "cache", "locate", "--json", entry["uuid"])
+    assert time.monotonic() - started < 30
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    col = json.loads(run.stdout)["collections"][0]
+    assert col["clusters"]["zbbbb"]["holds_all"] is True
+    zc = col["clusters"]["zcccc"]
+    assert zc["holds_all"] is None and "unreachable" in zc["error"] and zc["blocks_unknown"] == 1
+    assert cli(fed, tmp_path / "cache", "locate", "--cluster", "zbbbb", entry["uuid"]).returncode == 0

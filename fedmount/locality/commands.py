@@ -128,7 +128,7 @@ def locate_main(argv: Sequence[str]) -> int:
     async def run() -> int:
         book = ThroughputBook.in_cache_dir(cache.directory)
         try:
-            async with FederationView.open(settings, mode=args.route) as view:
+            async with FederationView.open(settings, mode=args.route, retries=1) as view:
                 report = await locate_collections(
                     args.ids, view, keep_client_for(settings, retries=1), cache, book,
                     cluster=args.cluster, concurrency=args.concurrency or 16,

@@ -60,6 +60,7 @@ class FederationView:
         mode: str,
         transport: httpx.AsyncBaseTransport | None = None,
         stats: Stats | None = None,
+        retries: int = 4,
     ):
         self.federation = federation
         self.home_cluster = federation.home_cluster
@@ -67,6 +68,7 @@ class FederationView:
         self._settings = settings
         self._transport = transport
         self._stats = stats
+        self._retries = retries
         self._remotes: dict[str, ControllerClient] = {}
 
     @classmethod
@@ -78,13 +80,18 @@ class FederationView:
         mode: str = "home",
         transport: httpx.AsyncBaseTransport | None = None,
         stats: Stats | None = None,
+        retries: int = 4,
     ) -> AsyncIterator[FederationView]:
-        """Connect (raises LookupFailure if the home cluster cannot be used) and close afterwards."""
+        """Connect (raises LookupFailure if the home cluster cannot be used) and close afterwards.
+
+        `retries`: per API call, for every controller (fewer: a down cluster is reported sooner)."""
         try:
-            federation = await Federation.connect(settings, mode=mode, transport=transport, stats=stats)
+            federation = await Federation.connect(
+                settings, mode=mode, transport=transport, stats=stats, retries=retries
+            )
         except ApiError as exc:
             raise _failure(f"cannot connect to the home cluster {settings.api_host}", exc) from None
-        view = cls(federation, settings, mode=mode, transport=transport, stats=stats)
+        view = cls(federation, settings, mode=mode, transport=transport, stats=stats, retries=retries)
         try:
             yield view
         finally:
@@ -109,6 +116,7 @@ class FederationView:
                 insecure=self._settings.insecure,
                 stats=self._stats,
                 cluster=cluster,
+                retries=self._retries,
             )
         return self._remotes[cluster]
 
