@@ -151,6 +151,7 @@ def test_missing_final_newline_is_tolerated():
         (f". {A}+33 0:1:\n", 1, 3, "file token"),
         (f". {A}+33 a:1:x\n", 1, 3, "file token"),
         (f". {A}+33 0:34:x\n", 1, 3, "past the 33-byte stream"),
+        (f". {A}+33 0:1:a {1 << 70}:1:x\n", 1, 4, "past the 33-byte stream"),
         (f". {A}+33 0:1:..\n", 1, 3, "not a file name"),
         (f". {A}+33 0:1:x/\n", 1, 3, "not a file name"),
         (f". {A}+33 0:1:../x\n", 1, 3, "'..'"),
