@@ -310,16 +310,21 @@ def test_invalid_json_is_refused(fed, tmpdir_clean, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith(f"fedmount-run: {bad}: not valid JSON")
 
 
-@pytest.mark.parametrize("runtime", ["docker", "local"])
-def test_sigterm_stops_the_container_and_unmounts(fed, image_collection, tmpdir_clean, tmp_path, runtime):
+@pytest.mark.parametrize(
+    ("runtime", "signum"),
+    [("docker", signal.SIGTERM), ("local", signal.SIGTERM), ("docker", signal.SIGINT)],
+)
+def test_sigterm_stops_the_container_and_unmounts(
+    fed, image_collection, tmpdir_clean, tmp_path, runtime, signum
+):
     out = tmp_path / "results"
     rec = record(fed, image_collection, "echo started; sleep 120")
     proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", runtime, wait=False)
     wait_for(lambda: (out / "stdout.txt").exists() and (out / "stdout.txt").read_text() == "started\n")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert stderr == "fedmount-run: interrupted by SIGTERM\n"
+    assert proc.returncode == 128 + signum
+    assert stderr == f"fedmount-run: interrupted by {signal.Signals(signum).name}\n"
     r = result(out)
     assert r["state"] == "Cancelled" and r["exit_code"] is None
     assert subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True).returncode == 1
@@ -342,3 +347,37 @@ def test_fedmount_dying_stops_the_container(fed, image_collection, tmpdir_clean,
     assert proc.returncode == 1
     assert stderr.startswith("fedmount-run: fedmount exited during the run")
     assert result(out)["state"] == "Cancelled"
+
+
+def test_mount_that_cannot_start_fails_the_run_and_leaves_nothing(
+    fed, image_collection, tmpdir_clean, tmp_path
+):
+    """fedmount refuses a token the home cluster does not know: exit 1, its reason on one line."""
+    out = tmp_path / "results"
+    rec = tmp_path / "rec.json"
+    rec.write_text(json.dumps(record(fed, image_collection, "true")))
+    env = {**fed.env("zzzzz"), "ARVADOS_API_TOKEN": "v2/zzzzz-gj3su-000000000000000/nosuchsecret"}
+    proc = subprocess.run(
+        [*RUN, str(rec), "--output-dir", str(out), "--tmpdir", str(tmpdir_clean), "--runtime", "docker"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.startswith("fedmount-run: fedmount exited with status") and proc.stderr.count("\n") == 1
+    )
+    assert "nosuchsecret" not in proc.stderr and "nosuchsecret" not in (out / "fedmount.log").read_text()
+    assert result(out)["state"] == "Cancelled"
+
+
+def test_unknown_local_image_is_refused(fed, image_collection, tmpdir_clean, tmp_path):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "true", container_image="fedmount-test/no-such-image:1")
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", "docker")
+    assert proc.returncode == 2
+    assert proc.stderr_text.startswith(
+        "fedmount-run: container_image: fedmount-test/no-such-image:1 is not a local"
+    )
