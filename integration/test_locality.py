@@ -40,7 +40,7 @@ def settings_for(fed, tmp_path) -> Settings:
 
 
 def cli(fed, cache_dir: Path, *args: str, **popen: object):  # type: ignore[no-untyped-def]
-    cmd = [sys.executable, "-m", "fedmount.locality", *args, "--disk-cache-dir", str(cache_dir)]
+    cmd = [sys.executable, "-m", "fedmount", *args, "--disk-cache-dir", str(cache_dir)]
     env = fed.env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if popen:

@@ -205,15 +205,3 @@ def unpin_main(argv: Sequence[str]) -> int:
         else:
             print(f"{r.id}: unpinned {r.blocks} blocks")
     return 0 if all(r.error is None for r in results) else 2
-
-
-COMMANDS = {"locate": locate_main, "stage": stage_main, "unpin": unpin_main}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedmount.locality NAME ARGS...`` (the same as ``fedmount NAME ARGS...``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: fedmount {{{','.join(COMMANDS)}}} ID... (see --help of each)", file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])

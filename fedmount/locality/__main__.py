@@ -1,5 +1,0 @@
-import sys
-
-from .commands import main
-
-sys.exit(main())
