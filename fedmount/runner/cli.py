@@ -35,7 +35,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from fedmount.runner.crunchstat import Sampler
 from fedmount.runner.mounts import (
@@ -217,7 +217,7 @@ class Run:
         t0 = time.monotonic()
         runtime = mount = sampler = None
         work = None
-        files: list[Any] = []
+        files: list[IO[bytes]] = []
         status = EXIT_FAILED
         try:
             runtime = choose_runtime(self.args.runtime)
@@ -277,7 +277,7 @@ class Run:
             status, self.result["error"] = EXIT_FAILED, str(exc)
         except Interrupted as exc:
             status, self.result["error"] = 128 + exc.signum, str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported in one line, traceback to the debug log
+        except Exception as exc:  # reported in one line; the traceback goes to the debug log
             with open(os.path.join(self.results, "fedmount-run.log"), "a", encoding="utf-8") as log:
                 traceback.print_exc(file=log)
             status, self.result["error"] = (
@@ -296,7 +296,14 @@ class Run:
             print(f"fedmount-run: {self.result['error']}", file=sys.stderr)
         return status
 
-    def _cleanup(self, runtime, mount, sampler, files, work) -> None:  # noqa: ANN001 - the locals of execute
+    def _cleanup(
+        self,
+        runtime: DockerRuntime | LocalRuntime | None,
+        mount: FedMount | None,
+        sampler: Sampler | None,
+        files: list[IO[bytes]],
+        work: str | None,
+    ) -> None:
         """Stop everything execute started, in reverse order; each step runs whatever failed before."""
         steps = []
         if sampler is not None:
@@ -318,7 +325,7 @@ class Run:
         for step in steps:
             try:
                 step()
-            except Exception as exc:  # noqa: BLE001 - keep cleaning, report the first failure
+            except Exception as exc:  # keep cleaning; report the first failure
                 if not self.result["error"]:
                     self.result["error"] = f"cleanup: {exc}"
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TextIO
 
 import psutil
 
@@ -173,7 +174,7 @@ class Sampler:
         f.samples += 1
         f.source = source
 
-    def _write(self, log) -> None:  # noqa: ANN001 - a text file
+    def _write(self, log: TextIO) -> None:
         f = self.figures
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         log.write(f"{now} mem {f.mem_rss_bytes} rss {f.mem_peak_bytes} peak\n")

@@ -21,6 +21,7 @@ import os
 import posixpath
 import shutil
 import tarfile
+from typing import IO
 
 from fedmount.federation.ids import CollectionId
 from fedmount.runner.spec import SpecError
@@ -63,7 +64,7 @@ def extract_rootfs(tarball: str, rootfs: str) -> None:
                     _apply(lt, member, rootfs)
 
 
-def _member(tar: tarfile.TarFile, name: str):  # noqa: ANN202 - tarfile's reader type is private
+def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
     f = tar.extractfile(name)
     if f is None:
         raise SpecError("container_image", f"image tarball has no file {name}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-from typing import IO
+from typing import IO, Any
 
 from fedmount.runner.image import find_image_tarball
 from fedmount.runner.runtimes import Bind, RunError
@@ -77,7 +77,7 @@ class DockerRuntime:
         except (OSError, subprocess.TimeoutExpired):
             return False
 
-    def _docker(self, *args: str, **kw) -> subprocess.CompletedProcess:  # noqa: ANN003
+    def _docker(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run([self.docker, *args], capture_output=True, text=True, **kw)
         except OSError as exc:
