@@ -106,6 +106,16 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedmount-run",
@@ -132,14 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--crunchstat-interval",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="seconds between resource lines in crunchstat.txt and fedmount.log (default 10)",
+        help="seconds between resource lines in crunchstat.txt and fedmount.log; 0 for none (default 10)",
     )
     p.add_argument(
         "--mount-timeout",
-        type=float,
+        type=_seconds,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for the mount to be ready (default 60)",

@@ -10,7 +10,7 @@ container's `State.Pid`, or the bwrap process) every `SAMPLE_SECONDS`:
 - otherwise (bwrap shares the wrapper's cgroup) psutil sums the process tree: RSS of the
   live processes, user/system CPU of each plus what it has reaped from its children.
 
-Every `interval` seconds it appends crunchstat's lines to the log
+Every `interval` seconds (never when it is 0) it appends crunchstat's lines to the log
 (``<time> mem <bytes> rss``, ``<time> cpu <user> user <sys> sys <n> cpus``); `stop()` returns
 the figures for result.json: peak and last memory, CPU seconds, sample count, and the
 source used (`cgroup` or `procfs`). The figures are best effort: a container that lives
@@ -151,11 +151,11 @@ class Sampler:
                 pid = pid or self.pid_of()
                 if pid:
                     self._sample(pid)
-                    if time.monotonic() >= next_line and self.figures.samples:
+                    if self.interval > 0 and time.monotonic() >= next_line and self.figures.samples:
                         self._write(log)
                         next_line = time.monotonic() + self.interval
                 self._stop.wait(SAMPLE_SECONDS)
-            if self.figures.samples:
+            if self.interval > 0 and self.figures.samples:
                 self._write(log)
 
     def _sample(self, pid: int) -> None:
