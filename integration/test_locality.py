@@ -3,9 +3,9 @@
 The same content is placed on one, two and three clusters (the harness's add-collection
 control; identical files give the identical PDH), and one block is deleted from one
 cluster's keepstores for partial placement. Staging is checked through the request log:
-a staged collection is read through the library's BlockReader with no request to any
-keepstore, and a stage interrupted with SIGINT resumes without fetching any block it had
-already cached.
+a staged collection is read through the library's BlockReader, and through a real
+``fedmount --exec`` mount, with no request to any keepstore, and a stage interrupted with
+SIGINT resumes without fetching any block it had already cached.
 """
 
 from __future__ import annotations
@@ -39,10 +39,16 @@ def settings_for(fed, tmp_path) -> Settings:
     return Settings.from_environment(fed.env(), settings_file=str(tmp_path / "none.conf"))
 
 
-def cli(fed, cache_dir: Path, *args: str, **popen: object):  # type: ignore[no-untyped-def]
-    cmd = [sys.executable, "-m", "fedmount", *args, "--disk-cache-dir", str(cache_dir)]
+def env_for(fed) -> dict[str, str]:
     env = fed.env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def cli(fed, cache_dir: Path, *args: str, **popen: object):  # type: ignore[no-untyped-def]
+    """``fedmount ARGS... --disk-cache-dir CACHE_DIR``: run to completion, or a Popen with `popen`."""
+    cmd = [sys.executable, "-m", "fedmount", *args, "--disk-cache-dir", str(cache_dir)]
+    env = env_for(fed)
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=REPO, text=True, **popen)
     return subprocess.run(cmd, env=env, cwd=REPO, text=True, capture_output=True, timeout=120)
@@ -239,3 +245,21 @@ def test_locate_with_a_cluster_down_reports_it_and_answers_the_rest(fed, tmp_pat
     zc = col["clusters"]["zcccc"]
     assert zc["holds_all"] is None and "unreachable" in zc["error"] and zc["blocks_unknown"] == 1
     assert cli(fed, tmp_path / "cache", "locate", "--cluster", "zbbbb", entry["uuid"]).returncode == 0
+
+
+@pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK), reason="needs /dev/fuse")
+def test_staged_collection_is_read_through_a_real_mount_with_no_keep_request(fed, tmp_path):
+    entry = place(fed, f"locm-{uuid.uuid4().hex[:8]}", ("zcccc",), size=4 * MiB + 3)
+    cache = tmp_path / "cache"
+    staged = cli(fed, cache, "stage", "--pin", entry["uuid"])
+    assert staged.returncode == 0, staged.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mark = fed.mark()
+    target = mnt / "by_id" / entry["uuid"] / "data.bin"
+    cmd = [sys.executable, "-m", "fedmount", "--disk-cache-dir", str(cache), str(mnt), "--exec", "md5sum"]
+    run = subprocess.run([*cmd, str(target)], env=env_for(fed), cwd=REPO, text=True, capture_output=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == entry["files"]["data.bin"]["md5"]
+    assert keep_requests(fed, mark) == []
