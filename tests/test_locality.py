@@ -239,6 +239,14 @@ async def test_locate_reports_cache_and_serving_per_block(fed: FakeFederation, k
     assert f"estimates for {B} use the default" in text and "(observed)" in text
 
 
+async def test_locate_suggests_the_pdh_when_home_has_its_own_copy(fed: FakeFederation, keep: FakeKeepstores,
+                                                                  tmp_path: Path) -> None:
+    pdh = fed.add(UUID_B, [make_block("h", 100)], on=(B, HOME))
+    text = (await locate(fed, keep, cache_at(tmp_path), [UUID_B])).render()
+    assert f"note: {HOME} has its own copy; read it by PDH {pdh}" in text
+    assert "note:" not in (await locate(fed, keep, cache_at(tmp_path), [pdh])).render()
+
+
 async def test_direct_mode_serves_from_the_owner(keep: FakeKeepstores, tmp_path: Path) -> None:
     fed = FakeFederation(keep, mode="direct")
     fed.add(UUID_C, [make_block("d", 300)], on=(C,))

@@ -315,6 +315,14 @@ class LocateReport:
             served.append(f"{name}{via} {s['blocks']} blocks ({human_bytes(s['bytes'])})")
         lines.append(f"  read route ({self.mode} mode): " + ", ".join(served or ["nothing to read"]))
         lines.append(f"  est. to pull what is not cached: {_render_estimate(data['estimate'])}")
+        home = c.holdings.get(self.home_cluster)
+        proxied = any(via is not None for _, via in c.serving.values())
+        home_has_all = home is not None and home.holds_all is True
+        if self.mode == "home" and proxied and home_has_all and c.id != r.portable_data_hash:
+            lines.append(
+                f"  note: {self.home_cluster} has its own copy; read it by PDH {r.portable_data_hash} "
+                "to read it from there"
+            )
         return lines
 
 
