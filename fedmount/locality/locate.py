@@ -1,7 +1,8 @@
 """``fedmount locate``: which cluster's Keep holds a collection's blocks, what this host has
 cached, which cluster would serve each block, and how long the rest would take to pull.
 
-Algorithm, per collection ID (UUID or PDH of any cluster), collections in parallel:
+Algorithm, per collection ID (UUID or PDH of any cluster), up to `COLLECTIONS_AT_ONCE`
+collections in parallel:
 
 1. Resolve it the way a mount would (`LocalityView.resolve`): manifest, PDH, read route.
    Its distinct blocks (``hash+size``) are the question. The empty block needs no Keep.
@@ -72,6 +73,7 @@ from .progress import human_bytes, human_duration
 from .view import LocalityView, LookupFailure, Resolved
 
 SCHEMA = "fedmount-locate/1"
+COLLECTIONS_AT_ONCE = 8  # collections resolved and asked about at once (API calls stay bounded too)
 
 
 class BlockProbe(Protocol):
@@ -358,9 +360,15 @@ async def locate_collections(
             return report
         clusters = [cluster]
     limiter = trio.CapacityLimiter(max(1, concurrency))
+    collections = trio.CapacityLimiter(COLLECTIONS_AT_ONCE)
+
+    async def one(c: CollectionReport) -> None:
+        async with collections:
+            await _locate_one(c, clusters, view, keep, cache, limiter)
+
     async with trio.open_nursery() as nursery:
         for c in report.collections:
-            nursery.start_soon(_locate_one, c, clusters, view, keep, cache, limiter)
+            nursery.start_soon(one, c)
     return report
 
 
