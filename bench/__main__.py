@@ -28,6 +28,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -162,8 +163,19 @@ def create_collections(fed: Federation, cfg: Config) -> dict[str, BenchCollectio
 # --- the run ---------------------------------------------------------------------------------
 
 
+Measure = Callable[[int], list[float]]
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    unit: str
+    how: str
+    measure: Measure
+
+
 class Run:
-    """One benchmark run: ceilings measured once, workloads each judged against theirs."""
+    """One benchmark run. Each workload run is preceded by one run of each of its ceilings, so a
+    change of load on this shared machine hits figure and ceiling alike (A/B interleaving)."""
 
     def __init__(
         self,
@@ -181,22 +193,15 @@ class Run:
         self.colls = colls
         self.workdir = workdir
         self.ceilings: dict[str, tuple[Figure, dict[str, Any]]] = {}
-        self.ceiling_errors: dict[str, str] = {}
         self.results: list[Result] = []
         self.access = ceilings.ClusterAccess(fed.api_host(), fed.token(), fed.ca_cert)
-        remote = colls["seq_remote"].cluster
+        self.keep: dict[str, ceilings.KeepCeiling] = {}
         mbps = cfg.remote_bandwidth / 1e6
+        remote = colls["seq_remote"].cluster
         self.shaping = f"{remote} shaped: +{cfg.remote_latency_ms} ms, {mbps:.0f} MB/s per connection"
 
     def progress(self, text: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-    def ceiling(self, name: str, unit: str, how: str, measure: Callable[[], list[float]]) -> None:
-        self.progress(f"ceiling {name}")
-        try:
-            self.ceilings[name] = (Figure(unit, measure()), {"how": how})
-        except Exception as exc:  # noqa: BLE001 - a missing ceiling is reported, the run goes on
-            self.ceiling_errors[name] = one_line(exc)
 
     def workload(
         self,
@@ -204,156 +209,157 @@ class Run:
         description: str,
         target: Target,
         unit: str,
-        measure: Callable[[], list[float]],
-        ceiling: str | tuple[str, ...] | None = None,
+        measure: Measure,
+        ceils: dict[str, Ceiling] | None = None,
         extra: Callable[[], dict[str, Any]] | None = None,
     ) -> Result:
         self.progress(f"workload {name}")
         result = Result(name, description, target)
         self.results.append(result)
-        names = (ceiling,) if isinstance(ceiling, str) else (ceiling or ())
-        missing = [n for n in names if n not in self.ceilings]
-        if missing:
-            result.error = "; ".join(
-                f"ceiling {n} failed: {self.ceiling_errors.get(n, 'not measured')}" for n in missing
-            )
-            return result
+        ceils = ceils or {}
+        samples: dict[str, list[float]] = {n: [] for n in ceils}
+        figure: list[float] = []
         try:
-            result.figure = Figure(unit, measure())
-            if names:
-                result.ceiling_name, result.ceiling = report.lower_ceiling(
-                    {n: self.ceilings[n][0] for n in names}
-                )
+            for _ in range(self.cfg.runs):
+                for n, c in ceils.items():
+                    try:
+                        samples[n] += c.measure(1)
+                    except Exception as exc:
+                        raise workloads.BenchError(f"ceiling {n}: {one_line(exc)}") from exc
+                figure += measure(1)
+            result.figure = Figure(unit, figure)
+            if ceils:
+                figures = {n: Figure(c.unit, samples[n]) for n, c in ceils.items()}
+                result.ceiling_name, result.ceiling = report.lower_ceiling(figures)
+                for n, fig in figures.items():
+                    self._record_ceiling(n, fig, ceils[n].how)
             if extra:
                 result.extra = extra()
         except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the others
             result.error = one_line(exc)
         return result
 
-    def measure_ceilings(self) -> None:
-        cfg, c = self.cfg, self.colls
-        rs = cfg.read_size
-        self.ceiling(
-            "fuse",
-            "B/s",
-            f"nullfs, dd bs={rs}, read_ahead_kb={cfg.read_ahead_kb}, fresh mount per run",
-            lambda: workloads.sequential(self.nullfs, c["seq_local"], "data.bin", rs, cfg.runs, cold=False),
-        )
-        self.ceiling(
-            "fuse_random_4k",
-            "ops/s",
-            "nullfs, same random 4 KiB preads",
-            lambda: workloads.random_reads(
-                self.nullfs, c["seq_local"], "data.bin", 4096, cfg.random_4k_count, cfg.runs
-            ),
-        )
-        self.ceiling(
-            "fuse_random_1m",
-            "ops/s",
-            "nullfs, same random 1 MiB preads",
-            lambda: workloads.random_reads(
-                self.nullfs, c["seq_local"], "data.bin", MiB, cfg.random_1m_count, cfg.runs
-            ),
-        )
-        self.ceiling(
-            "page_cache",
-            "B/s",
-            f"dd bs={rs} of a page-cached local file of the same size",
-            lambda: ceilings.page_cache_sequential(self.workdir, cfg.seq_size, rs, cfg.runs),
-        )
-        self.ceiling(
-            "keep",
-            "B/s",
-            f"{cfg.keep_threads} parallel raw GETs from the home keepstores",
-            lambda: self._keep(c["seq_local"]).samples(cfg.runs),
-        )
+    def _record_ceiling(self, name: str, fig: Figure, how: str) -> None:
+        """Keep every sample of a ceiling, whichever workload it was measured beside."""
+        if name in self.ceilings:
+            fig = Figure(fig.unit, self.ceilings[name][0].samples + fig.samples)
+        self.ceilings[name] = (fig, {"how": how})
 
     def _keep(self, c: BenchCollection) -> ceilings.KeepCeiling:
-        return ceilings.KeepCeiling(self.access, c.uuid, "data.bin", self.cfg.keep_threads)
+        if c.name not in self.keep:
+            self.keep[c.name] = ceilings.KeepCeiling(self.access, c.uuid, "data.bin", self.cfg.keep_threads)
+        return self.keep[c.name]
 
-    def local_workloads(self) -> None:
-        cfg, c, s = self.cfg, self.colls, self.subject
-        rs, runs = cfg.read_size, cfg.runs
+    def local_workloads(self, page_cache: ceilings.PageCacheFile) -> None:
+        cfg, c, s, nf = self.cfg, self.colls, self.subject, self.nullfs
+        rs, seq = cfg.read_size, c["seq_local"]
         size = f"{cfg.seq_size // MiB} MiB"
+        fuse = Ceiling(
+            "B/s",
+            f"nullfs, dd bs={rs}, read_ahead_kb={cfg.read_ahead_kb}, fresh mount per run",
+            lambda n: workloads.sequential(nf, seq, "data.bin", rs, n, cold=False),
+        )
+        keep = Ceiling(
+            "B/s",
+            f"{cfg.keep_threads} parallel raw GETs from the home keepstores",
+            lambda n: self._keep(seq).samples(n),
+        )
         self.workload(
             f"cold sequential read {size}, local",
             "dd of a file of the home cluster, fresh disk cache, page cache dropped, fresh mount",
             Target("ratio_at_least", 0.7, ">= 0.7 x min(FUSE, Keep)"),
             "B/s",
-            lambda: workloads.sequential(s, c["seq_local"], "data.bin", rs, runs, cold=True),
-            ("fuse", "keep"),
+            lambda n: workloads.sequential(s, seq, "data.bin", rs, n, cold=True),
+            {"fuse": fuse, "keep": keep},
         )
         self.workload(
             f"warm sequential read {size}",
             "dd of a file whose blocks are in the disk cache, fresh mount",
             Target("ratio_at_least", 0.8, ">= 0.8 x FUSE"),
             "B/s",
-            lambda: workloads.sequential(s, c["seq_local"], "data.bin", rs, runs, cold=False),
-            "fuse",
+            lambda n: workloads.sequential(s, seq, "data.bin", rs, n, cold=False),
+            {"fuse": fuse},
         )
         self.workload(
             f"second read {size}, same mount",
             "dd of a file just read in the same mount",
             Target("ratio_at_least", 0.8, ">= 0.8 x page cache"),
             "B/s",
-            lambda: workloads.second_read(s, c["seq_local"], "data.bin", rs, runs),
-            "page_cache",
+            lambda n: workloads.second_read(s, seq, "data.bin", rs, n),
+            {
+                "page_cache": Ceiling(
+                    "B/s", f"dd bs={rs} of a page-cached local file of the same size", page_cache.samples
+                )
+            },
         )
-        self.workload(
-            "random 4 KiB reads, warm",
-            f"{cfg.random_4k_count} preads at random offsets, fresh mount",
-            Target("report"),
-            "ops/s",
-            lambda: workloads.random_reads(s, c["seq_local"], "data.bin", 4096, cfg.random_4k_count, runs),
-            "fuse_random_4k",
-        )
-        self.workload(
-            "random 1 MiB reads, warm",
-            f"{cfg.random_1m_count} preads at random offsets, fresh mount",
-            Target("report"),
-            "ops/s",
-            lambda: workloads.random_reads(s, c["seq_local"], "data.bin", MiB, cfg.random_1m_count, runs),
-            "fuse_random_1m",
-        )
+        for label, read_size, count in (
+            ("4 KiB", 4096, cfg.random_4k_count),
+            ("1 MiB", MiB, cfg.random_1m_count),
+        ):
+            self.workload(
+                f"random {label} reads, warm",
+                f"{count} preads at random aligned offsets, disk cache warm, fresh mount",
+                Target("report"),
+                "ops/s",
+                lambda n, rsz=read_size, k=count: workloads.random_reads(s, seq, "data.bin", rsz, k, n),
+                {
+                    f"fuse_random_{label.replace(' ', '').lower()}": Ceiling(
+                        "ops/s",
+                        f"nullfs, the same random {label} preads",
+                        lambda n, rsz=read_size, k=count: workloads.random_reads(
+                            nf, seq, "data.bin", rsz, k, n
+                        ),
+                    )
+                },
+            )
         walk = c["walk"]
         self.workload(
             f"find + stat, {walk.entries:,} entries",
-            "find -printf of a collection, from a mount that "
-            "just became ready (includes fetching the manifest)",
+            "find -printf of a collection from a mount that just became ready (includes the manifest fetch)",
             Target("at_most", 2.0, "< 2 s"),
             "s",
-            lambda: workloads.metadata_walk(s, walk, runs),
+            lambda n: workloads.metadata_walk(s, walk, n),
+            {
+                "fuse_walk": Ceiling(
+                    "s", "nullfs, the same find", lambda n: workloads.metadata_walk(nf, walk, n)
+                )
+            },
             extra=lambda: {"entries": walk.entries},
         )
         small = c["small"]
         label = f"cat {len(small.files):,} x {cfg.small_file_size // 1024} KiB files"
-        warm = self.workload(
+        self.workload(
             f"{label}, warm",
             "xargs -0 cat, blocks in the disk cache, fresh mount",
             Target("report"),
             "files/s",
-            lambda: workloads.small_files(s, small, runs, cold=False),
+            lambda n: workloads.small_files(s, small, n, cold=False),
+            {
+                "fuse_cat": Ceiling(
+                    "files/s",
+                    "nullfs, the same cat",
+                    lambda n: workloads.small_files(nf, small, n, cold=False),
+                )
+            },
         )
-        if warm.figure is not None:
-            self.ceilings["small_files_warm"] = (warm.figure, {"how": f"the '{warm.name}' workload"})
         self.workload(
             f"{label}, cold",
             "xargs -0 cat, fresh disk cache, page cache dropped, fresh mount",
             Target("ratio_at_least", 0.5, "within 2x warm"),
             "files/s",
-            lambda: workloads.small_files(s, small, runs, cold=True),
-            "small_files_warm",
+            lambda n: workloads.small_files(s, small, n, cold=True),
+            {
+                "cat_warm": Ceiling(
+                    "files/s", "the same cat, warm", lambda n: workloads.small_files(s, small, n, cold=False)
+                )
+            },
         )
         rss = c["rss"]
-        manifest = len(ceilings.Api(self.access).collection(rss.uuid)["manifest_text"].encode())
-        self.ceilings["manifest_text"] = (
-            Figure("B", [float(manifest)]),
-            {"how": f"signed manifest of {rss.name}"},
-        )
+        api = ceilings.Api(self.access)
         idle: list[float] = []
 
-        def measure_rss() -> list[float]:
-            listed, before = workloads.daemon_rss(s, rss, runs)
+        def measure_rss(n: int) -> list[float]:
+            listed, before = workloads.daemon_rss(s, rss, n)
             idle.extend(before)
             return listed
 
@@ -363,41 +369,47 @@ class Run:
             Target("ratio_at_most", 4.0, "<= 4 x manifest"),
             "B",
             measure_rss,
-            "manifest_text",
-            extra=lambda: {"idle_rss_median": sorted(idle)[len(idle) // 2]},
+            {
+                "manifest_text": Ceiling(
+                    "B",
+                    f"size of the signed manifest of {rss.name}",
+                    lambda n: [float(len(api.collection(rss.uuid)["manifest_text"].encode()))] * n,
+                )
+            },
+            extra=lambda: {"idle_rss_median": statistics.median(idle)},
         )
 
     def remote_workloads(self) -> None:
-        cfg, c, s = self.cfg, self.colls, self.subject
-        remote = c["seq_remote"]
+        cfg, s = self.cfg, self.subject
+        remote = self.colls["seq_remote"]
         with shaped(self.fed, remote.cluster, cfg.remote_latency_ms, cfg.remote_bandwidth):
-            self.ceiling(
-                "keep_remote",
-                "B/s",
-                f"{cfg.keep_threads} parallel raw GETs, {self.shaping}",
-                lambda: self._keep(remote).samples(self.cfg.runs),
-            )
-            self.ceiling(
-                "keep_remote_block",
-                "s",
-                f"one raw GET of the file's first block, {self.shaping}",
-                lambda: self._keep(remote).first_block_samples(self.cfg.runs),
-            )
             self.workload(
                 f"cold sequential read {cfg.seq_size // MiB} MiB, remote",
                 f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}",
                 Target("ratio_at_least", 0.8, ">= 0.8 x Keep (shaped)"),
                 "B/s",
-                lambda: workloads.sequential(s, remote, "data.bin", cfg.read_size, cfg.runs, cold=True),
-                "keep_remote",
+                lambda n: workloads.sequential(s, remote, "data.bin", cfg.read_size, n, cold=True),
+                {
+                    "keep_remote": Ceiling(
+                        "B/s",
+                        f"{cfg.keep_threads} parallel raw GETs, {self.shaping}",
+                        lambda n: self._keep(remote).samples(n),
+                    )
+                },
             )
             self.workload(
                 "time to first byte, uncached remote block",
                 f"open + 1-byte read, file stat'ed first, fresh disk cache, {self.shaping}",
                 Target("ceiling_plus", cfg.ttfb_slack_s, "<= one block GET + 20 ms"),
                 "s",
-                lambda: workloads.time_to_first_byte(s, remote, "data.bin", cfg.runs),
-                "keep_remote_block",
+                lambda n: workloads.time_to_first_byte(s, remote, "data.bin", n),
+                {
+                    "keep_remote_block": Ceiling(
+                        "s",
+                        f"one raw GET of the file's first block, {self.shaping}",
+                        lambda n: self._keep(remote).first_block_samples(n),
+                    )
+                },
             )
 
 
@@ -477,10 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             run = Run(cfg, subject, nullfs, fed, colls, workdir)
-            run.measure_ceilings()
-            run.local_workloads()
+            with ceilings.PageCacheFile(workdir, cfg.seq_size, cfg.read_size) as page_cache:
+                run.local_workloads(page_cache)
             run.remote_workloads()
-        notes += [f"ceiling {n} failed: {e}" for n, e in run.ceiling_errors.items()]
         doc = report.document(
             mode=cfg.mode,
             target_fs=args.target,

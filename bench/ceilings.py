@@ -89,18 +89,28 @@ class NullfsSubject:
 # --- page cache ------------------------------------------------------------------------------
 
 
-def page_cache_sequential(workdir: str, size: int, read_size: int, runs: int) -> list[float]:
-    """Bytes per second of ``dd`` of a local file of `size` bytes that is already in the page cache."""
-    path = os.path.join(workdir, "page-cache-ceiling.bin")
-    chunk = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        for done in range(0, size, len(chunk)):
-            f.write(chunk[: size - done])
-    dd_read(path, read_size, size)  # every page is now cached
-    try:
-        return [size / dd_read(path, read_size, size) for _ in range(runs)]
-    finally:
-        os.unlink(path)
+class PageCacheFile:
+    """A local file of `size` bytes, read once so every page is cached; a context manager that
+    deletes it. `samples(n)` is bytes per second of ``dd`` of it, n times."""
+
+    def __init__(self, workdir: str, size: int, read_size: int) -> None:
+        self.path = os.path.join(workdir, "page-cache-ceiling.bin")
+        self.size = size
+        self.read_size = read_size
+
+    def __enter__(self) -> PageCacheFile:
+        chunk = os.urandom(1 << 20)
+        with open(self.path, "wb") as f:
+            for done in range(0, self.size, len(chunk)):
+                f.write(chunk[: self.size - done])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.unlink(self.path)
+
+    def samples(self, runs: int) -> list[float]:
+        dd_read(self.path, self.read_size, self.size)  # every page cached, even after a drop
+        return [self.size / dd_read(self.path, self.read_size, self.size) for _ in range(runs)]
 
 
 # --- Keep ------------------------------------------------------------------------------------
