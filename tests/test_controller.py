@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 
 import httpx
@@ -151,6 +152,25 @@ async def test_unreachable_is_status_zero_and_one_line(fake):
     assert info.value.status == 0 and "\n" not in str(info.value)
     assert "cannot reach api.zzzzz.example" in str(info.value)
     assert stats.get("api_errors", cluster="api.zzzzz.example") == 1
+    await c.aclose()
+
+
+async def test_untrusted_certificate_is_named_and_not_retried(fake):
+    def handler(request: httpx.Request) -> httpx.Response:
+        try:
+            raise ssl.SSLCertVerificationError(1, "certificate verify failed")
+        except ssl.SSLCertVerificationError as e:
+            e.verify_message = "self-signed certificate in certificate chain"
+            raise httpx.ConnectError("") from e
+
+    stats = Stats()
+    c = ControllerClient("h", fake.token, transport=httpx.MockTransport(handler), retries=5, stats=stats)
+    with pytest.raises(ApiError) as info:
+        await c.discovery()
+    text = str(info.value)
+    assert "TLS certificate of h is not trusted (self-signed certificate" in text and "\n" not in text
+    assert "REQUESTS_CA_BUNDLE" in text
+    assert stats.get("api_requests") == 1
     await c.aclose()
 
 

@@ -62,6 +62,16 @@ class ApiError(Exception):
         super().__init__(f"{cluster}: {self.message}")
 
 
+def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a transport error, if that is what it is."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _error_text(response: httpx.Response) -> str:
     """The server's reason, from ``{"errors": [...]}`` when it sent one, in one short line."""
     try:
@@ -206,7 +216,9 @@ class ControllerClient:
                     return self._answer(path, response)
                 failure = ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response)}")
             except httpx.TransportError as e:
-                failure = ApiError(0, self._label, f"cannot reach {self.api_host}: {type(e).__name__}: {e}")
+                failure = ApiError(0, self._label, self._transport_failure(e))
+                if _certificate_error(e):
+                    raise failure from None  # retrying cannot make a certificate trusted
             delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
             if attempt >= self.retries or time.monotonic() - started + delay > self.retry_budget:
                 self._count("api_errors")
@@ -215,6 +227,17 @@ class ControllerClient:
             self._count("api_retries")
             log.debug("retrying in %.2fs after %s", delay, failure)
             await trio.sleep(delay)
+
+    def _transport_failure(self, error: httpx.TransportError) -> str:
+        cert = _certificate_error(error)
+        if cert is not None:
+            return (
+                f"the TLS certificate of {self.api_host} is not trusted ({cert.verify_message}): point "
+                "REQUESTS_CA_BUNDLE at the cluster's CA, or set ARVADOS_API_HOST_INSECURE=1"
+            )
+        cause = error.__cause__ or error.__context__
+        reason = str(error) or (f"{type(cause).__name__}: {cause}" if cause else "")
+        return f"cannot reach {self.api_host}: {type(error).__name__}: {reason or 'no reason given'}"
 
     def _answer(self, path: str, response: httpx.Response) -> Any:
         if response.status_code >= 400:
