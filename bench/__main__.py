@@ -103,7 +103,7 @@ def add_collection(
     entry = fed.add_collection(
         cluster, name, {p: (size, seed) for p, size in files.items()}, block_size=block_size
     )
-    return BenchCollection(name, entry["uuid"], cluster, files)
+    return BenchCollection(name, entry["uuid"], cluster, files, entry["portable_data_hash"])
 
 
 @contextmanager
@@ -280,18 +280,16 @@ class Run:
             lambda n: workloads.sequential(s, seq, "data.bin", rs, n, cold=False),
             {"fuse": fuse},
         )
-        self.workload(
-            f"second read {size}, same mount",
-            "dd of a file just read in the same mount",
-            Target("ratio_at_least", 0.8, ">= 0.8 x page cache"),
-            "B/s",
-            lambda n: workloads.second_read(s, seq, "data.bin", rs, n),
-            {
-                "page_cache": Ceiling(
-                    "B/s", f"dd bs={rs} of a page-cached local file of the same size", page_cache.samples
-                )
-            },
-        )
+        page = Ceiling("B/s", f"dd bs={rs} of a page-cached local file of the same size", page_cache.samples)
+        for how, by_pdh in (("UUID", False), ("PDH", True)):
+            self.workload(
+                f"second read {size}, same mount, by {how}",
+                f"dd of a file just read in the same mount, collection addressed by {how}",
+                Target("ratio_at_least", 0.8, ">= 0.8 x page cache"),
+                "B/s",
+                lambda n, p=by_pdh: workloads.second_read(s, seq, "data.bin", rs, n, by_pdh=p),
+                {"page_cache": page},
+            )
         for label, read_size, count in (
             ("4 KiB", 4096, cfg.random_4k_count),
             ("1 MiB", MiB, cfg.random_1m_count),
@@ -355,12 +353,14 @@ class Run:
             },
         )
         rss = c["rss"]
-        api = ceilings.Api(self.access)
+        manifest_size = float(len(ceilings.Api(self.access).collection(rss.uuid)["manifest_text"].encode()))
         idle: list[float] = []
+        growth: list[float] = []
 
         def measure_rss(n: int) -> list[float]:
             listed, before = workloads.daemon_rss(s, rss, n)
             idle.extend(before)
+            growth.extend(a - b for a, b in zip(listed, before, strict=True))
             return listed
 
         self.workload(
@@ -373,10 +373,14 @@ class Run:
                 "manifest_text": Ceiling(
                     "B",
                     f"size of the signed manifest of {rss.name}",
-                    lambda n: [float(len(api.collection(rss.uuid)["manifest_text"].encode()))] * n,
+                    lambda n: [manifest_size] * n,
                 )
             },
-            extra=lambda: {"idle_rss_median": statistics.median(idle)},
+            extra=lambda: {
+                "idle_rss_median": statistics.median(idle),
+                "rss_growth_median": statistics.median(growth),
+                "rss_growth_per_manifest_byte": statistics.median(growth) / manifest_size,
+            },
         )
 
     def remote_workloads(self) -> None:

@@ -44,7 +44,7 @@ BODY_CHUNK = 1 << 20
 
 
 class NullfsSubject:
-    """The null filesystem with the benchmark collections' layout (``by_id/UUID/PATH``)."""
+    """The null filesystem laid out like the mount: ``by_id/UUID/PATH`` and ``by_id/PDH/PATH``."""
 
     name = "nullfs"
 
@@ -57,7 +57,8 @@ class NullfsSubject:
         os.makedirs(workdir, exist_ok=True)
         files = {"by_id/README": 64}
         for c in collections:
-            files.update({f"by_id/{c.uuid}/{path}": size for path, size in c.files.items()})
+            for cid in filter(None, (c.uuid, c.portable_data_hash)):
+                files.update({f"by_id/{cid}/{path}": size for path, size in c.files.items()})
         self.spec = os.path.join(workdir, "nullfs-spec.json")
         with open(self.spec, "w", encoding="utf-8") as f:
             json.dump({"files": files}, f)

@@ -240,6 +240,7 @@ class BenchCollection:
     uuid: str
     cluster: str
     files: dict[str, int]
+    portable_data_hash: str = ""
     entries: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -266,8 +267,12 @@ class Subject(Protocol):
     def mount(self, *, cold: bool) -> AbstractContextManager[Mount]: ...
 
 
-def collection_path(mount: Mount, collection: BenchCollection, path: str = "") -> str:
-    return os.path.join(mount.mountpoint, "by_id", collection.uuid, path)
+def collection_path(
+    mount: Mount, collection: BenchCollection, path: str = "", *, by_pdh: bool = False
+) -> str:
+    """Where `path` of `collection` is in a mount: ``by_id/UUID/path`` (or ``by_id/PDH/path``)."""
+    cid = collection.portable_data_hash if by_pdh else collection.uuid
+    return os.path.join(mount.mountpoint, "by_id", cid, path)
 
 
 class FedmountSubject:
@@ -349,14 +354,16 @@ def sequential(
     return samples
 
 
-def second_read(subject: Subject, c: BenchCollection, path: str, read_size: int, runs: int) -> list[float]:
-    """Bytes/s of the second ``dd`` of a file in the same mount."""
+def second_read(
+    subject: Subject, c: BenchCollection, path: str, read_size: int, runs: int, *, by_pdh: bool = False
+) -> list[float]:
+    """Bytes/s of the second ``dd`` of a file in the same mount (reached by UUID or by PDH)."""
     size = c.files[path]
     samples = []
     for _ in range(runs):
         with subject.mount(cold=False) as m:
-            dd_read(collection_path(m, c, path), read_size, size)
-            samples.append(size / dd_read(collection_path(m, c, path), read_size, size))
+            dd_read(collection_path(m, c, path, by_pdh=by_pdh), read_size, size)
+            samples.append(size / dd_read(collection_path(m, c, path, by_pdh=by_pdh), read_size, size))
     return samples
 
 
