@@ -24,7 +24,6 @@ or warm (the disk cache of earlier runs), and tell where a collection's file is 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -325,15 +324,6 @@ class FedmountSubject:
         finally:
             if cold:
                 shutil.rmtree(cache, ignore_errors=True)
-
-
-def daemon_stats(mount: Mount) -> dict:
-    """The daemon's own counters (``.fedmount/stats.json``), {} if it has none."""
-    try:
-        with open(os.path.join(mount.mountpoint, ".fedmount", "stats.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 # --- the workloads: each returns one sample per run --------------------------------------
