@@ -13,10 +13,7 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,87 +21,11 @@ import pytest
 
 from fedmount.federation.federation import parse_timestamp
 from fedmount.federation.tokens import parse_token, salt_for
-from integration.harness import Federation
+from integration.mounting import Mount, fedmount_cmd, is_mounted, md5sums, requires_fuse, run
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _fuse_unusable() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not readable and writable by this user"
-    if os.geteuid() != 0 and not shutil.which("fusermount3"):
-        return "fusermount3 is not installed (package fuse3)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_fuse_unusable() is not None, reason=str(_fuse_unusable()))
-
-
-def run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, capture_output=True, text=True, errors="surrogateescape", check=check, timeout=120, **kwargs
-    )
-
-
-def fedmount_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedmount", *args]
-
-
-def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
-
-
-class Mount:
-    """A fedmount in the foreground, its log beside the mount point; `stop` unmounts."""
-
-    def __init__(
-        self,
-        fed: Federation,
-        base: Path,
-        *args: str,
-        ready: str = "by_id/README",
-        env: dict[str, str] | None = None,
-    ):
-        self.fed = fed
-        self.path = base / "mnt"
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.log = base / "fedmount.log"
-        self.args = ["--foreground", "--disk-cache-dir", str(base / "cache"), *args, str(self.path)]
-        self.env = env or fed.env()
-        self.proc = subprocess.Popen(
-            fedmount_cmd(*self.args),
-            env=self.env,
-            cwd=REPO,
-            stdout=open(self.log, "ab"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while not (self.path / ready).exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"fedmount exited with {self.proc.returncode}: {self.log.read_text()}")
-            assert time.monotonic() < deadline, f"not ready after 30s: {self.log.read_text()}"
-            time.sleep(0.05)
-
-    def __truediv__(self, rel: str) -> Path:
-        return self.path / rel
-
-    def stats(self) -> dict:
-        return json.loads((self.path / ".fedmount/stats.json").read_text())
-
-    def reads(self) -> float:
-        return self.stats().get("fuse_ops", {}).get("op=read", 0)
-
-    def stop(self) -> None:
-        if is_mounted(self.path):
-            run(*fedmount_cmd("--unmount", "--unmount-timeout", "8", str(self.path)), check=False, cwd=REPO)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+pytestmark = requires_fuse
 
 
 @pytest.fixture
@@ -119,19 +40,6 @@ def mount(fed, tmp_path):
     yield make
     for m in mounts:
         m.stop()
-
-
-def md5sums(root: Path, paths: list[str]) -> dict[str, str]:
-    """``md5sum`` over many files at once (run from `root`, so names stay relative)."""
-    out: dict[str, str] = {}
-    for i in range(0, len(paths), 500):
-        done = run("md5sum", "--", *paths[i : i + 500], cwd=root)
-        for line in done.stdout.splitlines():
-            digest, name = line.split("  ", 1)
-            if digest.startswith("\\"):  # md5sum escapes names holding a backslash or newline
-                digest, name = digest[1:], name.replace("\\\\", "\0").replace("\\n", "\n").replace("\0", "\\")
-            out[name] = digest
-    return out
 
 
 def test_every_demo_file_reads_back_with_its_md5_by_uuid_and_by_pdh(fed, mount):
