@@ -59,6 +59,8 @@ class Federation:
         self.state_dir = state_dir
         self.process = process
         self.state = state
+        # The collections the seed wrote; tests add (and damage) their own beside them.
+        self.seeded_names = frozenset(state["collections"])
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -150,6 +152,11 @@ class Federation:
     @property
     def collections(self) -> dict[str, dict]:
         return self.state["collections"]
+
+    @property
+    def seeded_collections(self) -> dict[str, dict]:
+        """The seed's collections only, untouched by what tests added at run time."""
+        return {name: c for name, c in self.collections.items() if name in self.seeded_names}
 
     @property
     def control_url(self) -> str:

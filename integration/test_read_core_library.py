@@ -61,7 +61,7 @@ async def test_every_demo_collection_resolves_and_reads_by_uuid_and_pdh(fed, tmp
     reader = BlockReader(keep, BlockCache(None, 0, 256 * MiB, stats=stats), stats=stats)
     try:
         assert federation.home_cluster == fed.home
-        for name, seeded in fed.collections.items():
+        for name, seeded in fed.seeded_collections.items():
             for key in ("uuid", "portable_data_hash"):
                 record = await federation.get_collection(parse_collection_id(seeded[key]))
                 assert record.portable_data_hash == seeded["portable_data_hash"]

@@ -318,7 +318,9 @@ def test_sigterm_stops_the_container_and_unmounts(
     fed, image_collection, tmpdir_clean, tmp_path, runtime, signum
 ):
     out = tmp_path / "results"
-    rec = record(fed, image_collection, "echo started; sleep 120")
+    # A sleep no other process on this shared machine runs, so pgrep finds only ours.
+    sleeper = f"sleep {100000 + os.getpid() % 1000 * 100 + signum}"
+    rec = record(fed, image_collection, f"echo started; {sleeper}")
     proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", runtime, wait=False)
     wait_for(lambda: (out / "stdout.txt").exists() and (out / "stdout.txt").read_text() == "started\n")
     proc.send_signal(signum)
@@ -327,7 +329,7 @@ def test_sigterm_stops_the_container_and_unmounts(
     assert stderr == f"fedmount-run: interrupted by {signal.Signals(signum).name}\n"
     r = result(out)
     assert r["state"] == "Cancelled" and r["exit_code"] is None
-    assert subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True).returncode == 1
+    assert subprocess.run(["pgrep", "-f", sleeper], capture_output=True).returncode == 1
 
 
 def test_fedmount_dying_stops_the_container(fed, image_collection, tmpdir_clean, tmp_path):
