@@ -245,3 +245,18 @@ async def test_already_salted_token_is_never_sent_to_a_remote(fake):
 )
 def test_parse_timestamp(text, expected):
     assert parse_timestamp(text) == (pytest.approx(expected) if expected else None)
+
+
+async def test_controller_gives_the_home_token_only_to_the_home_cluster(fake):
+    fed = await connect(fake)  # home mode: the remote clients exist only for direct asks
+    assert fed.controller("zzzzz") is fed.home and fed.home.token == fake.token
+    for cid in ("zbbbb", "zcccc"):
+        client = fed.controller(cid)
+        assert client is fed.controller(cid) and client.cluster == cid
+        assert client.token == salt_for(fake.token, cid) and client.token.text != fake.token.text
+        await client.current_user()
+    with pytest.raises(ApiError) as info:
+        fed.controller("zqqqq")
+    assert info.value.status == 404
+    assert_home_token_stays_home(fake)
+    await fed.aclose()

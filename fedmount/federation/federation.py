@@ -18,7 +18,10 @@ Two modes (reference/arvados-protocol.md §2, §6 "What a client should do"):
 
 The home token never reaches another cluster, by construction: the only code that makes
 a client for a cluster other than home is `_RemoteClients.get`, which builds it with
-``salt_for(token, cluster)`` and refuses a token it cannot salt.
+``salt_for(token, cluster)`` and refuses a token it cannot salt. `Federation.controller`
+is the public way to talk to one cluster's API directly (e.g. `fedmount locate` asking
+each cluster for its own copy): the home client for the home cluster, otherwise that
+same salted remote client.
 
 A PDH answer is trusted only if its manifest hashes to the PDH asked for; otherwise the
 answer is rejected with an error naming the cluster (the controller treats this as a
@@ -162,6 +165,16 @@ class Federation:
     @property
     def remote_clusters(self) -> list[str]:
         return self._remotes.known()
+
+    def controller(self, cluster: str) -> ControllerClient:
+        """The API client of `cluster`: the home client (home token) for the home cluster,
+        otherwise the remote client made with the token salted for it, in any mode.
+
+        Raises `ApiError` (404) for a cluster the home does not know, (400) for a token
+        that cannot be salted. The clients are closed by `aclose`."""
+        if cluster == self.home_cluster:
+            return self.home
+        return self._remotes.get(cluster)
 
     async def aclose(self) -> None:
         await self.home.aclose()

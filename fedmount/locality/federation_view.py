@@ -2,10 +2,10 @@
 
 - `resolve` goes through `Federation.get_collection` in the mount's mode, so the route is
   exactly the one a mount would use.
-- `copy_at(cluster, pdh)` asks that cluster's own controller, directly: the home
-  controller with the home token; a remote one (its host from the home discovery
-  document's ``remoteHosts``) with the token salted for it (`salt_for`), which is the only
-  token a remote cluster may ever see. The request carries ``forwarded_for`` so that the
+- `copy_at(cluster, pdh)` asks that cluster's own controller, directly, through
+  `Federation.controller`: the home controller with the home token; a remote one (its
+  host from the home discovery document's ``remoteHosts``) with the token salted for it,
+  which is the only token a remote cluster may ever see. The request carries ``forwarded_for`` so that the
   cluster answers from its own database and does not fan the PDH out to its remotes: a
   404 means it has no copy of its own, and so does an answer of ``+R`` locators (signed
   by another cluster), should a controller forward anyway; both return None. Its answer
@@ -24,12 +24,11 @@ import httpx
 
 from fedmount.blocks.keep import KeepClient, KeepRoute
 from fedmount.blocks.transport import Urllib3Transport
-from fedmount.federation.controller import ApiError, ControllerClient
+from fedmount.federation.controller import ApiError
 from fedmount.federation.federation import Federation
 from fedmount.federation.ids import CollectionId
 from fedmount.federation.manifest import ManifestError, parse_manifest, portable_data_hash
 from fedmount.federation.settings import Settings
-from fedmount.federation.tokens import salt_for
 from fedmount.stats import Stats
 
 from .view import ClusterCopy, LookupFailure, Resolved
@@ -52,24 +51,10 @@ def keep_client_for(settings: Settings, stats: Stats | None = None, *, retries: 
 
 
 class FederationView:
-    def __init__(
-        self,
-        federation: Federation,
-        settings: Settings,
-        *,
-        mode: str,
-        transport: httpx.AsyncBaseTransport | None = None,
-        stats: Stats | None = None,
-        retries: int = 4,
-    ):
+    def __init__(self, federation: Federation, *, mode: str):
         self.federation = federation
         self.home_cluster = federation.home_cluster
         self.mode = mode
-        self._settings = settings
-        self._transport = transport
-        self._stats = stats
-        self._retries = retries
-        self._remotes: dict[str, ControllerClient] = {}
 
     @classmethod
     @asynccontextmanager
@@ -91,34 +76,11 @@ class FederationView:
             )
         except ApiError as exc:
             raise _failure(f"cannot connect to the home cluster {settings.api_host}", exc) from None
-        view = cls(federation, settings, mode=mode, transport=transport, stats=stats, retries=retries)
+        view = cls(federation, mode=mode)
         try:
             yield view
         finally:
-            for client in view._remotes.values():
-                await client.aclose()
             await federation.aclose()
-
-    async def _controller(self, cluster: str) -> ControllerClient:
-        """The home controller (home token) or a remote one with the token salted for it."""
-        if cluster == self.home_cluster:
-            return self.federation.home
-        if cluster not in self._remotes:
-            hosts = (await self.federation.home.discovery()).get("remoteHosts") or {}
-            token = salt_for(self._settings.token, cluster)
-            if cluster not in hosts or token == self._settings.token:
-                raise LookupFailure(f"cannot ask cluster {cluster}: no host or salted token for it")
-            self._remotes[cluster] = ControllerClient(
-                hosts[cluster],
-                token,
-                transport=self._transport,
-                ca_file=self._settings.ca_file,
-                insecure=self._settings.insecure,
-                stats=self._stats,
-                cluster=cluster,
-                retries=self._retries,
-            )
-        return self._remotes[cluster]
 
     async def clusters(self) -> list[str]:
         return [self.home_cluster, *self.federation.remote_clusters]
@@ -139,7 +101,10 @@ class FederationView:
 
     async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None:
         try:
-            client = await self._controller(cluster)
+            client = self.federation.controller(cluster)
+        except ApiError as exc:
+            raise LookupFailure(f"cannot ask cluster {cluster}: {exc.message}") from None
+        try:
             # forwarded_for: answer from this cluster's own database, never fan out to others
             # (reference/arvados-protocol.md §2 tryLocalThenRemotes); no local copy is a 404.
             record = await client.call(
