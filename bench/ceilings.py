@@ -49,9 +49,15 @@ class NullfsSubject:
     name = "nullfs"
 
     def __init__(
-        self, collections: Sequence[BenchCollection], workdir: str, read_ahead_kb: int, python: str
+        self,
+        collections: Sequence[BenchCollection],
+        workdir: str,
+        read_ahead_kb: int,
+        python: str,
+        keep_cache: bool = False,
     ) -> None:
         self.workdir = workdir
+        self.keep_cache = keep_cache
         self.read_ahead_kb = read_ahead_kb
         self.python = python
         os.makedirs(workdir, exist_ok=True)
@@ -76,6 +82,7 @@ class NullfsSubject:
             self.spec,
             "--read-ahead-kb",
             str(self.read_ahead_kb),
+            *(["--keep-cache"] if self.keep_cache else []),
             mountpoint,
         ]
         return Mount(

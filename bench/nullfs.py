@@ -9,14 +9,16 @@ JSON spec, every inode and its attributes are built once at start, and a read of
 returns a slice of one shared buffer of pseudo-random bytes (offset modulo the buffer
 length), so a 1 GiB file costs no memory and no I/O. Opens do not set ``keep_cache``, so
 the kernel drops the file's pages on every open and each read run really goes through
-FUSE, as a cold or warm (disk-cache) fedmount read does. Kernel attribute and entry
+FUSE, as a cold or warm (disk-cache) fedmount read does; with ``--keep-cache`` they do, which
+gives the best a FUSE file can do when the kernel keeps its pages (a second read of a
+PDH-addressed collection in fedmount). Kernel attribute and entry
 caching is long (the tree never changes), as fedmount's is for collections.
 
 The same tree format lets the benchmark workloads run against this filesystem in place of
 fedmount (``python -m bench --target nullfs``), which is how the workload machinery is
 tested without the daemon.
 
-    python -m bench.nullfs --spec SPEC.json [--read-ahead-kb N] MOUNTPOINT
+    python -m bench.nullfs --spec SPEC.json [--read-ahead-kb N] [--keep-cache] MOUNTPOINT
 
 SPEC.json is ``{"files": {"dir/sub/name": size, ...}}``. The process mounts, sets the
 mount's ``read_ahead_kb`` in ``/sys/class/bdi`` when asked, serves until the mountpoint is
@@ -42,8 +44,9 @@ ATTR_TIMEOUT = 3600.0
 
 
 class NullFS(pyfuse3.Operations):
-    def __init__(self, files: dict[str, int]) -> None:
+    def __init__(self, files: dict[str, int], keep_cache: bool = False) -> None:
         super().__init__()
+        self.keep_cache = keep_cache
         self.pattern = random.Random(0).randbytes(PATTERN_SIZE)
         self.sizes: dict[int, int] = {}
         self.children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
@@ -111,7 +114,7 @@ class NullFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=False)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=self.keep_cache)
 
     async def read(self, fh, off, size):
         end = min(off + size, self.sizes[fh])
@@ -161,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.nullfs", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help='JSON file {"files": {"path": size}}')
     parser.add_argument("--read-ahead-kb", type=int, default=None)
+    parser.add_argument(
+        "--keep-cache", action="store_true", help="let the kernel keep file pages across opens"
+    )
     parser.add_argument("mountpoint")
     args = parser.parse_args(argv)
     with open(args.spec, encoding="utf-8") as f:
         files = json.load(f)["files"]
-    fs = NullFS(files)
+    fs = NullFS(files, keep_cache=args.keep_cache)
     pyfuse3.init(fs, args.mountpoint, set(pyfuse3.default_options) | {"fsname=bench-nullfs", "ro"})
     try:
         trio.run(serve, args.mountpoint, args.read_ahead_kb)
