@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "takes it (0: automatic).")
     g.add_argument("--disk-cache-size", metavar="BYTES", type=parse_size, default=0,
                    help="Size of the disk cache (default: --file-cache, else 10%% of the cache "
-                   "filesystem, at most 25%% of its free space).")
+                   "filesystem, at most 25%% of its free space counting the cache's own blocks as free; "
+                   "fedmount stage uses the same default).")
     g.add_argument("--ram-cache-size", metavar="BYTES", type=parse_size, default=0,
                    help="Size of the RAM cache (default 256M, or --file-cache with --ram-cache).")
     g.add_argument("--prefetch-blocks", metavar="N", type=int, default=None,

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import psutil
 import trio
 
-from fedmount.blocks.cache import BlockCache, default_cache_dir
+from fedmount.blocks.cache import BlockCache, default_cache_dir, default_disk_cache_size
 from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.prefetch import BlockReader
 from fedmount.blocks.transport import Urllib3Transport
@@ -57,7 +57,6 @@ log = logging.getLogger("fedmount")
 
 MiB = 1 << 20
 DEFAULT_RAM_CACHE = 256 * MiB
-MIN_DISK_CACHE = 64 * MiB
 READY_TIMEOUT = 30.0
 FUSECTL = "/sys/fs/fuse/connections"
 
@@ -248,15 +247,7 @@ def _cache_config(opts: MountOptions) -> tuple[str | None, int, int]:
     if opts.cache_kind == "ram":
         return None, 0, opts.ram_cache_size or opts.file_cache or DEFAULT_RAM_CACHE
     directory = opts.disk_cache_dir or default_cache_dir()
-    disk = opts.disk_cache_size or opts.file_cache
-    if not disk:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            vfs = os.statvfs(directory)
-            disk = min(vfs.f_blocks * vfs.f_frsize // 10, vfs.f_bavail * vfs.f_frsize // 4)
-        except OSError:
-            disk = 0
-        disk = max(disk, MIN_DISK_CACHE)
+    disk = opts.disk_cache_size or opts.file_cache or default_disk_cache_size(directory)
     return directory, disk, opts.ram_cache_size or DEFAULT_RAM_CACHE
 
 

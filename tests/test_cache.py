@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from fedmount.blocks.cache import CHUNK, BlockCache, default_cache_dir
+from fedmount.blocks.cache import (
+    CHUNK,
+    MIN_DISK_CACHE,
+    BlockCache,
+    default_cache_dir,
+    default_disk_cache_size,
+)
 from fedmount.stats import Stats
 
 MiB = 1 << 20
@@ -227,3 +235,22 @@ async def test_two_processes_share_one_directory(tmp_path: Path) -> None:
     other = bytes(range(256)) * 4096
     other_key = hashlib.md5(other).hexdigest() + "+" + str(len(other))
     assert await parent.read(other_key, 0, len(other)) == other  # the child's block too
+
+
+def hold_as_much_as_the_filesystem(cache_dir: Path) -> int:
+    """Record (in the index only) a block as big as the filesystem; returns the filesystem's size."""
+    BlockCache(str(cache_dir), disk_limit=MiB, ram_limit=0)  # creates the index
+    vfs = os.statvfs(cache_dir)
+    total = vfs.f_blocks * vfs.f_frsize
+    with sqlite3.connect(cache_dir / "index.sqlite3") as db:
+        db.execute("INSERT INTO blocks VALUES (?, ?, ?)", ("0" * 32 + f"+{total}", total, 0.0))
+    return total
+
+
+def test_default_disk_size_counts_the_caches_own_blocks_as_free(tmp_path: Path) -> None:
+    directory = tmp_path / "new"
+    assert default_disk_cache_size(str(directory)) >= MIN_DISK_CACHE and directory.is_dir()
+    total = hold_as_much_as_the_filesystem(directory)
+    # 25% of (free + held) now exceeds 10% of the filesystem: a full cache does not shrink its bound
+    assert default_disk_cache_size(str(directory)) == max(total // 10, MIN_DISK_CACHE)
+    assert default_disk_cache_size("/proc/self/no-such-dir") == MIN_DISK_CACHE

@@ -6,8 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_cache import hold_as_much_as_the_filesystem  # tests/ is on sys.path under pytest
 
-from fedmount.locality.commands import locate_main, stage_main, unpin_main
+from fedmount.blocks.cache import default_disk_cache_size
+from fedmount.locality.commands import build_stage_parser, disk_limit, locate_main, stage_main, unpin_main
+from fedmount.mount import MountOptions, _cache_config
 
 
 @pytest.fixture
@@ -41,3 +44,16 @@ def test_unpin_of_an_unrecorded_id_needs_settings_and_says_so(
     assert status == 2
     assert "not-an-id: error: invalid UUID" in err
     assert "zzzzz-4zz18-000000000000001: error: cannot resolve IDs without ARVADOS_API_HOST" in err
+
+
+ID = "zzzzz-4zz18-000000000000001"
+
+
+def test_stage_evicts_to_the_bound_a_mount_of_the_same_directory_uses(tmp_path: Path) -> None:
+    directory = tmp_path / "cache"
+    hold_as_much_as_the_filesystem(directory)  # makes the default independent of free space
+    stage = build_stage_parser().parse_args([ID, "--disk-cache-dir", str(directory)])
+    mount_limit = _cache_config(MountOptions("/m", disk_cache_dir=str(directory)))[1]
+    assert disk_limit(stage) == mount_limit == default_disk_cache_size(str(directory))
+    sized = build_stage_parser().parse_args([ID, "--disk-cache-size", "1G"])
+    assert disk_limit(sized) == 1 << 30

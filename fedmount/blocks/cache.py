@@ -47,6 +47,14 @@ on another core while the trio thread keeps serving.
 Degrading. If the directory cannot be created or written (read-only, no space,
 permissions), the cache logs exactly one warning and continues memory-only.
 
+Size. Every process that writes to a directory evicts down to its own ``disk_limit``, so
+the processes sharing one (a mount, `fedmount stage`, `fedmount-run`) should agree on it.
+When no size is given they all use `default_disk_cache_size`, arv-mount's rule
+(sdk/python/arvados/keep.py): the smaller of 10% of the filesystem's size and 25% of its
+available space, where "available" counts the bytes this cache already holds (from the
+index) as available, so the bound does not shrink as the cache fills; at least
+`MIN_DISK_CACHE`.
+
 All disk I/O, hashing and SQLite access run in worker threads (`trio.to_thread`) except
 `pin`/`unpin`/`cached_bytes`, which are small synchronous calls meant for start-up and
 command-line tools. ``directory=None`` selects `default_cache_dir()`; ``disk_limit=0``
@@ -78,11 +86,38 @@ DIGEST = xxhash.xxh3_64_intdigest
 MAGIC = b"FMBLK\x01\x00\x00"
 OPEN_FILES = 64  # block files kept open per process
 TOUCH_INTERVAL = 60.0  # seconds between access-time updates of one block
+MIN_DISK_CACHE = 64 << 20  # the smallest default disk bound: one full-size Keep block
 
 
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fedmount")
+
+
+def default_disk_cache_size(directory: str | None = None) -> int:
+    """The disk tier's bound when none is given (see "Size" in the module docstring).
+
+    Creates `directory` (default `default_cache_dir()`) so that the filesystem it will live
+    on is the one measured; `MIN_DISK_CACHE` if it cannot be created or measured."""
+    directory = directory if directory is not None else default_cache_dir()
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        vfs = os.statvfs(directory)
+    except OSError:
+        return MIN_DISK_CACHE
+    index = os.path.join(directory, "index.sqlite3")
+    held = 0
+    if os.path.exists(index):
+        try:
+            db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=60)
+            try:
+                held = db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.Error:
+            held = 0
+    size = min(vfs.f_blocks * vfs.f_frsize // 10, (vfs.f_bavail * vfs.f_frsize + held) // 4)
+    return max(size, MIN_DISK_CACHE)
 
 
 def key_size(key: str) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import trio
 
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import BlockCache, default_disk_cache_size
 from fedmount.cli import parse_size, setup_logging
 from fedmount.federation.settings import Settings, SettingsError
 
@@ -89,7 +89,7 @@ def build_stage_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="No progress display.")
     p.add_argument("--disk-cache-size", metavar="BYTES", type=parse_size, default=0,
                    help="Evict least recently used unpinned blocks beyond this size while staging "
-                   "(default: evict nothing).")
+                   "(default: the bound a mount of this cache directory uses).")
     _add_route(p)
     _add_common(p)
     return p
@@ -111,10 +111,15 @@ def _settings() -> Settings | None:
         return None
 
 
-def _cache(args: argparse.Namespace, disk_limit: int = 0) -> BlockCache:
-    """The mount's cache directory. No size given: this process evicts nothing (a mount with a
-    smaller cache evicts unpinned blocks when it next writes; --pin prevents that)."""
-    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit or sys.maxsize, ram_limit=64 << 20)
+def disk_limit(args: argparse.Namespace) -> int:
+    """The bound this process evicts to: ``--disk-cache-size``, else the mount's default for the
+    directory (`default_disk_cache_size`), so a stage and a later mount agree on it."""
+    return getattr(args, "disk_cache_size", 0) or default_disk_cache_size(args.disk_cache_dir)
+
+
+def _cache(args: argparse.Namespace) -> BlockCache:
+    """The mount's cache directory, bounded as a mount bounds it (`disk_limit`)."""
+    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit(args), ram_limit=64 << 20)
 
 
 def locate_main(argv: Sequence[str]) -> int:
@@ -160,7 +165,7 @@ def stage_main(argv: Sequence[str]) -> int:
     settings = _settings()
     if settings is None:
         return 2
-    cache = _cache(args, args.disk_cache_size)
+    cache = _cache(args)
 
     async def run() -> int:
         async with FederationView.open(settings, mode=args.route) as view:
