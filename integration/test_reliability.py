@@ -334,3 +334,75 @@ def test_sigkilled_daemon_mid_read_fails_readers_and_unmount_clears_it(fed, moun
     record("daemon SIGKILLed mid-read", outcome="reader gets an error; --unmount clears the dead mount",
            wrong_bytes=0, reader_error_seconds=round(error_seconds, 2),
            unmount_seconds=round(unmount_seconds, 2))  # fmt: skip
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """`small_fs(size, read_only=False)`: a fresh tmpfs (root only), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the cache needs root")
+    made: list[Path] = []
+
+    def make(size: str, read_only: bool = False) -> Path:
+        path = tmp_path / f"fs{len(made)}"
+        path.mkdir()
+        run("mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs", str(path))
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        run("umount", "-l", str(path), check=False)
+
+
+def cache_warnings(m: Mount) -> list[str]:
+    return [ln for ln in m.log.read_text().splitlines() if "WARNING" in ln and "block cache" in ln]
+
+
+@pytest.mark.parametrize("trouble", ["full", "read-only"])
+def test_unusable_disk_cache_degrades_to_memory_with_one_warning(fed, mount, small_fs, record, trouble):
+    cache = small_fs("2m", read_only=trouble == "read-only") / "cache"
+    coll = fresh(fed, "zzzzz", {"a.bin": 6 * MiB, "b.bin": 3 * MiB})
+    m = mount("--disk-cache-dir", str(cache), "--disk-cache-size", "1G")
+    root = m / f"by_id/{coll['uuid']}"
+    try:
+        for _ in range(2):  # the second time from the memory cache (UUID: no page cache at open)
+            for name in ("a.bin", "b.bin"):
+                got = timed_read(root / name, EIO_WITHIN)
+                assert got.ok and got.md5 == coll["files"][name]["md5"], got.error
+        warnings = cache_warnings(m)
+        assert len(warnings) == 1 and "memory cache only" in warnings[0], warnings
+        assert m.stats()["cache_degraded"] == 1
+        assert m.stats()["cache_hits"]["tier=ram"] > 0
+    finally:
+        m.stop()  # before the tmpfs goes
+    record(f"disk cache {trouble}", outcome="degraded to the memory cache, one warning", wrong_bytes=0)
+
+
+def test_corrupt_disk_cache_entries_are_discarded_and_fetched_again(fed, mount, record):
+    coll = fresh(fed, "zzzzz", {"data.bin": 4 * MiB})
+    first = mount()
+    path = first / f"by_id/{coll['uuid']}/data.bin"
+    assert timed_read(path).md5 == coll["files"]["data.bin"]["md5"]
+    hashes = block_hashes(path)
+    first.stop()
+    files = {h: next(first.cache.glob(f"blocks/{h[:2]}/{h}+*")) for h in hashes}
+    flipped, cut = files[hashes[1]], files[hashes[2]]
+    with open(flipped, "r+b") as f:  # one bit flip in the block's bytes
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.truncate(cut, MiB // 2)
+    mark = fed.mark()
+    second = mount("--disk-cache-dir", str(first.cache))
+    path = second / f"by_id/{coll['uuid']}/data.bin"
+    wrong, failed = wrong_bytes_served(path, content(coll, "data.bin"))
+    assert not failed and wrong == 0
+    warnings = cache_warnings(second)
+    assert len(warnings) == 2 and all("corrupt" in w for w in warnings), warnings
+    assert second.stats()["cache_corrupt"] == 2
+    fetched = sorted(r["path"][1:33] for r in keep_gets(fed, mark) if r["status"] == 200)
+    assert fetched == sorted([hashes[1], hashes[2]])  # only the bad entries came from Keep again
+    record("corrupt disk cache entries (bit flip, truncation)", outcome="entries discarded and fetched "
+           "again, one warning each", wrong_bytes=wrong)  # fmt: skip
