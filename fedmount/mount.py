@@ -13,7 +13,9 @@ Start-up, in order, so that every failure is one line *before* anything is mount
    point made from a worker thread has been answered by that loop: only then does
    ``by_id/README`` appear and does the parent get "ready";
 6. SIGINT/SIGTERM end the loop (with ``--exec`` they are forwarded to the command, whose
-   exit ends it); the mount is then unmounted (lazily: a busy mount point detaches).
+   exit ends it); the mount is then unmounted (lazily: a busy mount point detaches);
+7. the Keep throughput this daemon observed per cluster is folded into the cache
+   directory's `ThroughputBook`, which ``fedmount locate`` estimates from.
 
 `unmount` needs no API client, so it works when the API is unreachable, and it clears a
 dead mount ("Transport endpoint is not connected") as arv-mount does: write 1 to the
@@ -44,6 +46,7 @@ import trio
 from fedmount.blocks.cache import BlockCache, default_cache_dir, default_disk_cache_size
 from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.prefetch import BlockReader
+from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
 from fedmount.blocks.transport import Urllib3Transport
 from fedmount.federation.controller import ApiError
 from fedmount.federation.federation import Federation
@@ -355,7 +358,12 @@ class Daemon:
                 await tree.start()
             except FsError as e:
                 raise StartupError(f"cannot mount --collection {opts.layout.collection}: {e}") from None
-            return await self._serve(tree)
+            try:
+                return await self._serve(tree)
+            finally:
+                book = ThroughputBook.in_cache_dir(cache.directory)  # no file for a RAM-only cache
+                record_keep_stats(book, stats)
+                book.save()
         finally:
             await federation.aclose()
 

@@ -265,3 +265,30 @@ def test_staged_collection_is_read_through_a_real_mount_with_no_keep_request(fed
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[0] == entry["files"]["data.bin"]["md5"]
     assert keep_requests(fed, mark) == []
+
+
+@pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK), reason="needs /dev/fuse")
+def test_locate_estimates_from_the_throughput_a_mount_observed(fed, tmp_path):
+    entry = place(fed, f"loct-{uuid.uuid4().hex[:8]}", ("zcccc",), size=4 * MiB)
+    cache = tmp_path / "cache"
+
+    def throughput() -> str:
+        run = cli(fed, cache, "locate", "--json", "--route", "direct", entry["uuid"])
+        assert run.returncode == 0, run.stderr
+        col = json.loads(run.stdout)["collections"][0]
+        assert col["estimate"]["cluster"] == "zcccc"
+        return col["estimate"]["throughput"]
+
+    assert throughput() == "default"
+    for svc in ("keep0", "keep1"):
+        fed.set_fault("zcccc", svc, bandwidth=16 * MiB)  # a quarter second: a measurable sample
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = [sys.executable, "-m", "fedmount", "--route", "direct", "--disk-cache-dir", str(cache), str(mnt),
+           "--exec", "md5sum", str(mnt / "by_id" / entry["uuid"] / "data.bin")]  # fmt: skip
+    run = subprocess.run(cmd, env=env_for(fed), cwd=REPO, text=True, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == entry["files"]["data.bin"]["md5"]
+    book = json.loads((cache / "locality-throughput.json").read_text())["clusters"]
+    assert set(book) == {"zcccc"} and book["zcccc"]["bytes_per_second"] < 17 * MiB
+    assert throughput() == "observed"

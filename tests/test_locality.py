@@ -15,10 +15,10 @@ import pytest
 
 from fedmount.blocks.cache import BlockCache
 from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService
+from fedmount.blocks.throughput import ThroughputBook
 from fedmount.blocks.transport import Response, Sink, Timeouts
 from fedmount.federation.ids import CollectionId, Locator
 from fedmount.federation.manifest import portable_data_hash
-from fedmount.locality.estimate import ThroughputBook
 from fedmount.locality.locate import SCHEMA, locate_collections
 from fedmount.locality.stage import PinBook, stage_with, unpin_collections
 from fedmount.locality.view import ClusterCopy, LookupFailure, Resolved

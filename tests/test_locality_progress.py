@@ -1,23 +1,12 @@
-"""Progress display, human numbers, throughput book and transfer meter (fake clocks, no sockets)."""
+"""Progress display and human numbers (fake clocks, no sockets)."""
 
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import pytest
 
-from fedmount.locality.estimate import (
-    DEFAULT_BYTES_PER_SECOND,
-    EWMA_WEIGHT,
-    FILE_NAME,
-    ThroughputBook,
-    TransferMeter,
-    record_keep_stats,
-)
 from fedmount.locality.progress import PLAIN_INTERVAL, Progress, human_bytes, human_duration
-from fedmount.stats import Stats
 
 MiB = 1 << 20
 
@@ -85,65 +74,3 @@ def test_rate_window_forgets_old_samples() -> None:
         clock.now += 1
         p.advance(MiB // 4)
     assert p.rate() == pytest.approx(MiB / 4, rel=0.2)
-
-
-def test_book_defaults_records_ewma_and_ignores_tiny_samples(tmp_path: Path) -> None:
-    book = ThroughputBook.in_cache_dir(tmp_path)
-    tp = book.get("zbbbb")
-    assert (tp.bytes_per_second, tp.observed, tp.source) == (DEFAULT_BYTES_PER_SECOND, False, "default")
-    assert not book.record("zbbbb", 1000, 1.0)  # latency-dominated
-    assert book.record("zbbbb", 100 * MiB, 1.0)
-    assert book.get("zbbbb").bytes_per_second == 100 * MiB and book.get("zbbbb").observed
-    book.record("zbbbb", 50 * MiB, 1.0)
-    expected = (1 - EWMA_WEIGHT) * 100 * MiB + EWMA_WEIGHT * 50 * MiB
-    assert book.get("zbbbb").bytes_per_second == pytest.approx(expected)
-    assert book.get("zbbbb").seconds_for(int(expected)) == pytest.approx(1.0)
-    book.save()
-    again = ThroughputBook.in_cache_dir(tmp_path)
-    assert again.get("zbbbb").bytes_per_second == pytest.approx(expected) and again.get("zbbbb").samples == 2
-
-
-def test_book_save_merges_with_another_writer(tmp_path: Path) -> None:
-    a, b = ThroughputBook.in_cache_dir(tmp_path), ThroughputBook.in_cache_dir(tmp_path)
-    a.record("zbbbb", 10 * MiB, 1.0)
-    b.record("zcccc", 20 * MiB, 1.0)
-    a.save()
-    b.save()
-    clusters = json.loads((tmp_path / FILE_NAME).read_text())["clusters"]
-    assert set(clusters) == {"zbbbb", "zcccc"}
-
-
-def test_book_ignores_a_corrupt_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / FILE_NAME).write_text("{not json")
-    assert not ThroughputBook.in_cache_dir(tmp_path).get("zzzzz").observed
-    assert "ignoring unreadable throughput file" in caplog.text
-
-
-def test_meter_counts_parallel_fetches_as_one_busy_period() -> None:
-    clock = Clock()
-    meter = TransferMeter(clock)
-    meter.start("zbbbb")
-    meter.start("zbbbb")
-    clock.now += 2
-    meter.finish("zbbbb", 10 * MiB)
-    clock.now += 2
-    meter.finish("zbbbb", 10 * MiB)
-    clock.now += 10  # idle: not counted
-    meter.start("zbbbb")
-    clock.now += 1
-    meter.finish("zbbbb", 0)  # a failed fetch still took time
-    assert meter.busy == {"zbbbb": 5.0} and meter.bytes == {"zbbbb": 20 * MiB}
-    book = ThroughputBook(None)
-    meter.record_into(book)
-    assert book.get("zbbbb").bytes_per_second == pytest.approx(4 * MiB)
-
-
-def test_record_keep_stats_uses_the_keep_clients_counters() -> None:
-    stats = Stats()
-    stats.add("keep_bytes", 30 * MiB, cluster="zcccc")
-    stats.add("keep_seconds", 3.0, cluster="zcccc")
-    stats.add("keep_bad_md5", 1, cluster="zcccc", service="x")
-    book = ThroughputBook(None)
-    record_keep_stats(book, stats)
-    assert book.get("zcccc").bytes_per_second == pytest.approx(10 * MiB)
-    record_keep_stats(book, Stats())  # nothing measured: no change, no error

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 import trio
 
 from fedmount.blocks.cache import BlockCache, default_disk_cache_size
+from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND, ThroughputBook
 from fedmount.cli import parse_size, setup_logging
 from fedmount.federation.settings import Settings, SettingsError
 
-from .estimate import DEFAULT_BYTES_PER_SECOND, ThroughputBook
 from .federation_view import FederationView, keep_client_for
 from .locate import locate_collections
 from .progress import human_bytes

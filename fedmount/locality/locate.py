@@ -65,10 +65,10 @@ from typing import Protocol
 import trio
 
 from fedmount.blocks.keep import BlockError, KeepRoute
+from fedmount.blocks.throughput import ThroughputBook
 from fedmount.federation.ids import EMPTY_BLOCK_HASH, IdError, Locator, parse_collection_id
 from fedmount.federation.manifest import ManifestError, parse_manifest
 
-from .estimate import ThroughputBook
 from .progress import human_bytes, human_duration
 from .view import LocalityView, LookupFailure, Resolved
 

@@ -47,12 +47,12 @@ import trio
 
 from fedmount.blocks.cache import BlockCache
 from fedmount.blocks.keep import BlockError, KeepClient, KeepRoute
+from fedmount.blocks.throughput import ThroughputBook, TransferMeter
 from fedmount.federation.ids import CollectionId, IdError, Locator, parse_collection_id
 from fedmount.federation.manifest import ManifestError, parse_manifest
 from fedmount.federation.settings import Settings
 from fedmount.stats import Stats
 
-from .estimate import ThroughputBook, TransferMeter
 from .federation_view import FederationView, keep_client_for
 from .locate import is_empty_block
 from .progress import Progress, human_bytes

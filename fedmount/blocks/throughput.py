@@ -1,8 +1,10 @@
-"""Observed Keep throughput per cluster, persisted in the cache directory, and transfer estimates.
+"""Observed Keep throughput per cluster, persisted in the block cache's directory.
 
 `fedmount locate` answers "how long would it take to pull this from cluster X?" with
 ``bytes / throughput(X)``. The throughput is what this host actually observed, not a
-guess, so it lives next to the block cache in ``<cache dir>/locality-throughput.json``::
+guess, so it lives next to the block cache in ``<cache dir>/locality-throughput.json``
+(it sits with the blocks layer because every process that reads Keep through that cache
+records into it: mounts, `fedmount stage`, `fedmount-run`)::
 
     {"version": 1,
      "clusters": {"zbbbb": {"bytes_per_second": 8.4e7, "samples": 3, "updated_at": 1760000000.0}}}
@@ -13,8 +15,8 @@ Where the numbers come from:
   bytes received divided by the wall-clock time during which at least one fetch from
   that cluster was in flight. Parallel fetches therefore count as one aggregate rate (the
   rate a prefetching reader sees), not as the sum or the mean of per-request rates.
-- `record_keep_stats` folds in a daemon's `Stats` (``keep_bytes`` / ``keep_seconds`` per
-  cluster, the KeepClient's counters), for a mount to call when it stops.
+- A mount, when it unmounts, folds its `Stats` (``keep_bytes`` / ``keep_seconds`` per
+  cluster, the KeepClient's counters) in with `record_keep_stats` and saves the book.
 
 A new sample moves the stored rate by an exponential moving average (weight
 `EWMA_WEIGHT`), so one slow run does not erase history but a changed network shows up
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from fedmount.stats import Stats
 
-log = logging.getLogger("fedmount.locality")
+log = logging.getLogger("fedmount.throughput")
 
 FILE_NAME = "locality-throughput.json"
 DEFAULT_BYTES_PER_SECOND = 50 * 2**20  # 50 MiB/s: a modest WAN link; said to be a default wherever shown
