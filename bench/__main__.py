@@ -273,6 +273,11 @@ class Run:
             f"{cfg.keep_threads} parallel raw GETs from the home keepstores",
             lambda n: self._keep(seq).samples(n),
         )
+        md5 = Ceiling(
+            "B/s",
+            "one core hashing 64 MiB blocks with MD5 (informative: every cold byte is verified)",
+            lambda n: ceilings.md5_rate(cfg.seq_size, n),
+        )
         self.workload(
             f"cold sequential read {size}, local",
             "dd of a file of the home cluster, fresh disk cache, page cache dropped, fresh mount",
@@ -280,6 +285,7 @@ class Run:
             "B/s",
             lambda n: workloads.sequential(s, seq, "data.bin", rs, n, cold=True),
             {"fuse": fuse, "keep": keep},
+            extra=lambda: {"md5": self.side_ceiling("md5", md5).to_json()},
         )
         self.workload(
             f"warm sequential read {size}",

@@ -14,12 +14,15 @@ Each is measured in the same run as the fedmount figures it divides, with the sa
   byte. The locators and services are obtained like a client does: ``GET
   /arvados/v1/collections/UUID`` and ``GET /arvados/v1/keep_services/accessible`` on the
   home controller with the token and CA from the federation state.
+- **md5** (informative) — one core hashing 64 MiB blocks: every cold byte is verified
+  before it is served, so a single cold reader cannot beat this on a small machine.
 - **page cache** — ``dd`` of a local file of the same size that was just read once, so
   every page is cached: what a second read of a file could cost at best.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -119,6 +122,21 @@ class PageCacheFile:
     def samples(self, runs: int) -> list[float]:
         dd_read(self.path, self.read_size, self.size)  # every page cached, even after a drop
         return [self.size / dd_read(self.path, self.read_size, self.size) for _ in range(runs)]
+
+
+# --- md5 ----------------------------------------------------------------------------------
+
+
+def md5_rate(size: int, runs: int) -> list[float]:
+    """Bytes per second one core hashes with MD5 (64 MiB blocks): what verifying a cold read costs."""
+    block = os.urandom(64 << 20)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(max(1, size // len(block))):
+            hashlib.md5(block).digest()
+        samples.append(max(1, size // len(block)) * len(block) / (time.perf_counter() - start))
+    return samples
 
 
 # --- Keep ------------------------------------------------------------------------------------
