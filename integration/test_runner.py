@@ -383,3 +383,59 @@ def test_unknown_local_image_is_refused(fed, image_collection, tmpdir_clean, tmp
     assert proc.stderr_text.startswith(
         "fedmount-run: container_image: fedmount-test/no-such-image:1 is not a local"
     )
+
+
+def keep_gets(fed, since: int) -> list[dict]:
+    return [r for r in fed.requests(since=since) if r["service"].startswith("keep") and r["method"] == "GET"]
+
+
+def test_staged_run_reads_nothing_from_keep_once_staging_is_done(
+    fed, image_collection, tmpdir_clean, tmp_path
+):
+    out = tmp_path / "results"
+    # the container waits for the test's word, so the request-log mark falls between the stage and its reads
+    wait_then_read = "while [ ! -e /out/go ]; do sleep 0.1; done; " + READ_BOTH
+    rec = record(fed, image_collection, wait_then_read)
+    mark = fed.mark()
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", "local", "--stage", wait=False)
+    wait_for(lambda: "fedmount-run: --stage: done" in _text(out / "fedmount.log") or proc.poll() is not None)
+    assert keep_gets(fed, mark), "the stage fetched nothing"
+    staged = fed.mark()
+    wait_for(lambda: (out / "output").is_dir() or proc.poll() is not None)
+    (out / "output" / "go").touch()
+    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=300)
+    assert proc.returncode == 0, proc.stderr_text
+    assert (out / "stdout.txt").read_text() == "hello world\ndeep\nhi\n"
+    assert keep_gets(fed, staged) == []  # the image unpacking and the container's reads: all from the cache
+    r = result(out)
+    assert r["fedmount"]["keep_requests_by_cluster"] == {} and r["fedmount"]["cache_hits"] > 0
+    stage = r["stage"]
+    assert stage["collections"] == 3 and stage["bytes_staged"] > 0 and stage["seconds"] > 0
+    assert stage["bytes_staged"] + stage["bytes_already_cached"] == stage["bytes"]
+    assert r["timings"]["stage_seconds"] == stage["seconds"]
+    log = (out / "fedmount.log").read_text()
+    assert "fedmount-run: --stage: staging 3 collections" in log and "staged:" in log
+    no_token_in(out, fed)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def test_stage_of_an_unknown_collection_refuses_the_run_with_nothing_mounted(
+    fed, image_collection, tmpdir_clean, tmp_path
+):
+    out = tmp_path / "results"
+    rec = record(fed, image_collection, "true")
+    rec["mounts"]["/local"]["portable_data_hash"] = MISSING_PDH
+    proc = fedmount_run(fed, rec, out, tmpdir_clean, "--runtime", "local", "--stage")
+    assert proc.returncode == 2
+    field = 'mounts["/local"].portable_data_hash'
+    expected = f"fedmount-run: {field}: cannot stage: collection {MISSING_PDH} not found"
+    assert proc.stderr_text.startswith(expected), proc.stderr_text
+    assert proc.stderr_text.count("\n") == 1
+    r = result(out)
+    assert r["state"] == "Cancelled" and r["stage"] is None

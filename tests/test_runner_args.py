@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 
+from test_cache import hold_as_much_as_the_filesystem  # tests/ is on sys.path under pytest
+
+from fedmount.blocks.cache import default_disk_cache_size
 from fedmount.runner.mounts import collection_source, fedmount_args, prepare_binds, stream_path
 from fedmount.runner.runtimes import Bind, container_environment
 from fedmount.runner.runtimes.docker import container_name, create_args
 from fedmount.runner.runtimes.local import bwrap_args
 from fedmount.runner.spec import parse_record
+from fedmount.runner.staging import stage_disk_limit, staged_fields
 
 PDH = "0123456789abcdef0123456789abcdef+123"
 IMAGE_PDH = "fedcba9876543210fedcba9876543210+456"
@@ -75,6 +79,37 @@ def test_an_image_named_by_uuid_also_needs_mount_by_id():
     args = fedmount_args(["fm"], s, "/m", docker=True, cache_dir="/c", crunchstat_interval=10)
     assert "--mount-by-id" in args and "--mount-by-pdh" not in args
     assert "--disk-cache" not in args and "--ram-cache" not in args
+
+
+def test_a_staged_run_always_mounts_with_the_disk_cache_it_staged_into(tmp_path):
+    staged = {"docker": False, "cache_dir": "/c", "crunchstat_interval": 1, "staged": True}
+    ram_only = spec(runtime_constraints={"keep_cache_ram": 1 << 28})
+    args = fedmount_args(["fm"], ram_only, "/m", **staged)
+    assert args[3:8] == ["--disk-cache", "--disk-cache-dir", "/c", "--ram-cache-size", str(1 << 28)]
+    assert "--ram-cache" not in args and "--file-cache" not in args  # fedmount's default bound for /c
+    sized = spec(runtime_constraints={"keep_cache_disk": 2 << 30})
+    args = fedmount_args(["fm"], sized, "/m", **staged)
+    assert args[3:8] == ["--disk-cache", "--disk-cache-dir", "/c", "--file-cache", str(2 << 30)]
+    hold_as_much_as_the_filesystem(tmp_path)  # makes the default independent of free space
+    assert stage_disk_limit(sized, str(tmp_path)) == 2 << 30
+    assert stage_disk_limit(ram_only, str(tmp_path)) == default_disk_cache_size(str(tmp_path))
+
+
+def test_staged_collections_are_named_by_their_record_fields():
+    s = spec(
+        {
+            "/in": {"kind": "collection", "portable_data_hash": PDH, "path": "d"},
+            "/again": {"kind": "collection", "portable_data_hash": PDH},
+            "/all": {"kind": "collection", "uuid": UUID},
+            "stdin": {"kind": "collection", "uuid": UUID, "path": "f.txt"},
+        }
+    )
+    assert staged_fields(s) == {
+        PDH: 'mounts["/in"].portable_data_hash',
+        UUID: 'mounts["/all"].uuid',
+        IMAGE_PDH: "container_image",
+    }
+    assert IMAGE_PDH not in staged_fields(spec(image="busybox:1"))
 
 
 def test_collection_sources_live_under_by_id():

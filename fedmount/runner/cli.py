@@ -4,9 +4,11 @@ The run, in the order crunch-run does it (reference/arvados-protocol.md §7):
 
 1. Parse and validate the record (`spec.py`); a bad record is refused before anything
    starts (exit status 2, one line naming the field).
-2. Make a private temporary directory, start `fedmount` on `<tmp>/mnt` (`mounts.py`), wait
-   for `by_id/README`, stat every collection source (a missing collection or path is the
-   record's fault: exit status 2).
+2. Make a private temporary directory; with ``--stage``, pull every collection the run
+   reads into the disk cache the mount will use (`staging.py`; a collection that cannot
+   be staged is the record's fault: exit status 2, nothing mounted yet). Start `fedmount`
+   on `<tmp>/mnt` (`mounts.py`), wait for `by_id/README`, stat every collection source (a
+   missing collection or path is the record's fault: exit status 2).
 3. Make the image available (`runtimes/*.prepare_image`), create the host side of the
    other mounts, open stdin from the mount, start the container (`runtimes/`), sample its
    resource use (`crunchstat.py`) and watch the mount: if fedmount dies the container is
@@ -35,7 +37,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from fedmount.runner.crunchstat import Sampler
 from fedmount.runner.mounts import (
@@ -51,6 +53,7 @@ from fedmount.runner.runtimes import RunError, container_environment
 from fedmount.runner.runtimes.docker import DockerRuntime
 from fedmount.runner.runtimes.local import LocalRuntime
 from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, load_record
+from fedmount.runner.staging import stage_for_run
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
@@ -88,15 +91,17 @@ environment:
 results (in --output-dir):
   output/ (the output_path mount), stdout.txt, stderr.txt, fedmount.log,
   crunchstat.txt, result.json (state Complete or Cancelled, exit_code, error,
-  timings, bytes read per cluster, cache hits, CPU and memory figures).
-  No token is written to any of them.
+  timings, bytes read per cluster, cache hits, CPU and memory figures; with
+  --stage, "stage": collections, blocks, bytes, bytes_staged,
+  bytes_already_cached, seconds). No token is written to any of them.
 
 exit status:
   the container's exit status when it ran; 1 when the run failed for another
   reason (no runtime, the mount did not come up or died); 2 when the record was
   refused (invalid JSON, missing command, unsupported mount, missing collection,
-  path or image); 128+N when interrupted by signal N (SIGINT, SIGTERM). Every
-  path stops the container, unmounts and removes temporary directories.
+  path or image, a collection --stage could not stage); 128+N when interrupted
+  by signal N (SIGINT, SIGTERM). Every path stops the container, unmounts and
+  removes temporary directories.
 """
 
 
@@ -157,7 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir",
         metavar="DIR",
-        help="fedmount disk cache directory when keep_cache_disk is set (default: a private one, removed)",
+        help="fedmount disk cache directory when keep_cache_disk is set or with --stage "
+        "(default: a private one, removed)",
+    )
+    p.add_argument(
+        "--stage",
+        action="store_true",
+        help="before the container starts, pull every block of every collection the run reads "
+        "(collection mounts and the image) into that disk cache, md5-verified, with progress lines "
+        "in fedmount.log, so that the container's reads need no Keep request; a collection that "
+        "cannot be staged completely refuses the run (exit status 2)",
     )
     p.add_argument(
         "--tmpdir", metavar="DIR", help="where the private temporary directory goes (default $TMPDIR or /tmp)"
@@ -210,6 +224,7 @@ class Run:
             "finished_at": None,
             "timings": {},
             "fedmount": mount_figures({}),
+            "stage": None,
             "resources": None,
             "output_dir": os.path.join(results_dir, "output") if spec.output_path else None,
             "stdout": os.path.join(results_dir, "stdout.txt"),
@@ -221,6 +236,11 @@ class Run:
         self.signals.append(signum)
         if len(self.signals) == 1 and not self.cleaning:
             raise Interrupted(signum)
+
+    def _interrupt(self, signum: int) -> NoReturn:
+        """A signal received by someone else (trio, while staging): interrupt as `_on_signal` does."""
+        self.signals.append(signum)
+        raise Interrupted(signum)
 
     def execute(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -236,6 +256,15 @@ class Run:
             mnt = os.path.join(work, "mnt")
             os.mkdir(mnt)
             cache_dir = self.args.cache_dir or os.path.join(work, "cache")
+            if self.args.stage:
+                self.result["stage"] = stage_for_run(
+                    self.spec,
+                    cache_dir,
+                    self.result["fedmount_log"],
+                    dict(os.environ),
+                    interrupted=self._interrupt,
+                )
+                self.result["timings"]["stage_seconds"] = self.result["stage"]["seconds"]
             argv = fedmount_args(
                 self.fedmount,
                 self.spec,
@@ -243,6 +272,7 @@ class Run:
                 docker=runtime.needs_allow_other,
                 cache_dir=cache_dir,
                 crunchstat_interval=self.args.crunchstat_interval,
+                staged=self.args.stage,
             )
             mount = FedMount(argv, self.fedmount, mnt, self.result["fedmount_log"])
             self.result["timings"]["mount_seconds"] = round(

@@ -6,6 +6,8 @@ Mounting (reference/arvados-protocol.md §7, crunch-run's `SetupMounts`):
    --crunchstat-interval=S`, `--allow-other` for Docker (the daemon, not us, opens the bind
    sources), the cache flags from `runtime_constraints` (`--disk-cache --disk-cache-dir D
    --file-cache N` when `keep_cache_disk` > 0, else `--ram-cache --file-cache N` when
+   `keep_cache_ram` > 0; with `--stage` always a disk cache in D, which holds the staged
+   blocks, with `--file-cache` only if `keep_cache_disk` > 0 and `--ram-cache-size` if
    `keep_cache_ram` > 0), then `--mount-by-pdh by_id --disable-event-listening` when every
    collection the run reads (mounts, stdin, image) is named by PDH, else `--mount-by-id
    by_id`, and the mount point. (`--read-write` and `--storage-classes` are left out:
@@ -57,6 +59,7 @@ def fedmount_args(
     docker: bool,
     cache_dir: str,
     crunchstat_interval: float,
+    staged: bool = False,
 ) -> list[str]:
     args = [*fedmount, "--foreground", f"--crunchstat-interval={crunchstat_interval:g}"]
     if docker:
@@ -64,8 +67,12 @@ def fedmount_args(
     rc = spec.constraints
     if rc.keep_cache_disk > 0:
         args += ["--disk-cache", "--disk-cache-dir", cache_dir, "--file-cache", str(rc.keep_cache_disk)]
+    elif staged:
+        args += ["--disk-cache", "--disk-cache-dir", cache_dir]
     elif rc.keep_cache_ram > 0:
         args += ["--ram-cache", "--file-cache", str(rc.keep_cache_ram)]
+    if staged and rc.keep_cache_ram > 0:
+        args += ["--ram-cache-size", str(rc.keep_cache_ram)]
     if all(c.is_pdh for c in spec.collections()):
         args += ["--mount-by-pdh", "by_id", "--disable-event-listening"]
     else:

@@ -1,0 +1,147 @@
+"""`fedmount-run --stage`: pull every collection the run reads into its fedmount's disk cache first.
+
+Algorithm of `stage_for_run`, called before the mount starts (so a refusal leaves nothing
+mounted) and therefore before the container starts:
+
+1. The collections: every collection mount (stdin included) and the image collection,
+   each with the record field that names it, in record order, each ID once.
+2. The cache: the directory the run's fedmount will be given (`mounts.fedmount_args` with
+   ``staged=True`` always uses a disk cache there), bounded as that fedmount bounds it:
+   ``keep_cache_disk``, else `default_disk_cache_size` of the directory. A stage and the
+   mount that follows therefore agree on what may be evicted.
+3. `fedmount.locality.stage.stage_collections` in home mode (the mount's route, read the
+   way the mount reads), its progress lines (one plain line every few seconds: bytes,
+   rate, ETA) and its final report appended to the run's ``fedmount.log``. Every block is
+   md5-verified before it is cached; blocks already cached are not fetched again.
+4. SIGINT/SIGTERM: trio receives them while staging, cancels the stage, and the caller's
+   `interrupted` callback turns the signal into the runner's usual interruption.
+5. Outcome: a collection that could not be staged completely (bad or unknown ID, an
+   unreadable block, blocks evicted again because the cache is too small) refuses the run
+   with a `SpecError` naming its field (exit status 2); client settings that cannot be
+   read, an unusable home cluster or a cache without a disk tier fail it (`RunError`).
+   Otherwise the figures for result.json: collections, blocks, bytes, bytes staged (fetched
+   now), bytes already cached, seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TextIO
+
+import trio
+
+from fedmount.blocks.cache import BlockCache, default_disk_cache_size
+from fedmount.federation.settings import Settings, SettingsError
+from fedmount.locality.stage import StageReport, stage_collections
+from fedmount.locality.view import LookupFailure
+from fedmount.runner.runtimes import RunError
+from fedmount.runner.spec import ContainerSpec, SpecError
+
+STAGE_RAM_CACHE = 64 << 20  # the stage's own memory tier; the blocks it keeps are on disk
+
+
+def staged_fields(spec: ContainerSpec) -> dict[str, str]:
+    """Collection ID text -> the record field that names it (the first, if several do)."""
+    fields: dict[str, str] = {}
+    for m in spec.collection_mounts():
+        key = "portable_data_hash" if m.collection.is_pdh else "uuid"
+        fields.setdefault(m.collection.text, f'mounts["{m.target}"].{key}')
+    if spec.image_collection is not None:
+        fields.setdefault(spec.image_collection.text, "container_image")
+    return fields
+
+
+def stage_disk_limit(spec: ContainerSpec, cache_dir: str) -> int:
+    """The bound the run's fedmount will give its disk cache in `cache_dir`."""
+    return spec.constraints.keep_cache_disk or default_disk_cache_size(cache_dir)
+
+
+def stage_for_run(
+    spec: ContainerSpec,
+    cache_dir: str,
+    log_path: str,
+    env: dict[str, str],
+    *,
+    interrupted: Callable[[int], NoReturn],
+) -> dict[str, Any]:
+    """Stage the run's collections into `cache_dir` (see the module docstring); the figures."""
+    fields = staged_fields(spec)
+    try:
+        settings = Settings.from_environment(env)
+    except SettingsError as exc:
+        raise RunError(f"--stage: {exc}") from None
+    cache = BlockCache(cache_dir, stage_disk_limit(spec, cache_dir), STAGE_RAM_CACHE)
+    signals: list[int] = []
+    t0 = time.monotonic()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"fedmount-run: --stage: staging {len(fields)} collections into {cache_dir}\n")
+        log.flush()
+        try:
+            report = trio.run(_stage, list(fields), settings, cache, log, signals)
+        except* LookupFailure as group:
+            raise RunError(f"--stage: {group.exceptions[0]}") from None
+        seconds = time.monotonic() - t0
+        if signals:
+            log.write(f"fedmount-run: --stage: interrupted after {seconds:.1f} s\n")
+            interrupted(signals[0])
+        assert report is not None  # only a signal cancels the stage
+        log.write(report.render())
+        log.write(f"fedmount-run: --stage: done in {seconds:.1f} s\n")
+    _refuse_incomplete(report, fields)
+    return _figures(report, seconds)
+
+
+async def _stage(
+    ids: list[str], settings: Settings, cache: BlockCache, log: TextIO, signals: list[int]
+) -> StageReport | None:
+    report: StageReport | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                task_status.started()
+                async for signum in received:
+                    signals.append(signum)
+                    nursery.cancel_scope.cancel()
+
+        await nursery.start(watch)
+        report = await stage_collections(ids, settings, cache, progress_stream=log)
+        nursery.cancel_scope.cancel()
+    return report
+
+
+def _refuse_incomplete(report: StageReport, fields: dict[str, str]) -> None:
+    if report.error is not None:
+        raise RunError(f"--stage: {report.error}")
+    for c in report.to_json()["collections"]:
+        field = fields[c["id"]]
+        if c["error"] is not None:
+            raise SpecError(field, f"cannot stage: {c['error']}")
+        if c["failed"]:
+            more = f" (and {len(c['failed']) - 1} more blocks)" if len(c["failed"]) > 1 else ""
+            raise SpecError(field, f"cannot stage: {c['failed'][0]}{more}")
+        if c["evicted"]["blocks"]:
+            raise SpecError(
+                field,
+                f"cannot stage: {c['evicted']['blocks']} blocks were evicted again: the collections do not "
+                "fit in the cache; raise runtime_constraints.keep_cache_disk",
+            )
+
+
+def _figures(report: StageReport, seconds: float) -> dict[str, Any]:
+    sizes = {k: size for c in report.collections for k, size in c.sizes.items()}
+
+    def total(state: str) -> int:
+        return sum(sizes[k] for k, s in report.outcome.items() if s == state)
+
+    return {
+        "collections": len(report.collections),
+        "blocks": len(sizes),
+        "bytes": sum(sizes.values()),
+        "bytes_staged": total("fetched"),
+        "bytes_already_cached": total("cached"),
+        "seconds": round(seconds, 3),
+    }
+
