@@ -36,6 +36,7 @@ from .tree import Attr, FsError, Handle, Node, Tree
 log = logging.getLogger("fedmount.fuse")
 
 T = TypeVar("T")
+NAME_MAX = 255  # bytes in one name, as statfs reports (f_namemax)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -114,6 +115,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard("lookup")
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:  # the kernel passes names up to 1024 bytes; statfs promises 255
+            raise FsError(errno.ENAMETOOLONG)
         try:
             node = await self.tree.lookup(parent_inode, _decode(name))
         except FsError as e:
