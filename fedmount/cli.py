@@ -7,7 +7,9 @@ write flags are refused with a one-line reason (exit 2).
 
 Subcommands (``fedmount NAME ...``) dispatch on the first argument through `SUBCOMMANDS`
 before the mount parser sees anything, so later tools (``fedmount locate``, ``fedmount
-stage``) register one line here and own their own argument parsing.
+stage``) register one line here and own their own argument parsing. Their synopses and
+descriptions live here too (`SUBCOMMAND_HELP`): ``fedmount --help`` lists them after the
+options and each subcommand's own ``--help`` opens with its description.
 
 The help strings below are also the text of ``man/fedmount.1``; a unit test keeps the two
 in step.
@@ -21,9 +23,11 @@ import logging
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from fedmount import __version__
+from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.federation.tokens import redact
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
@@ -39,7 +43,55 @@ The mount root holds README and by_id/: look up any collection UUID or portable 
 hash under by_id/ and its files appear. Settings come from ARVADOS_API_HOST,
 ARVADOS_API_TOKEN, ARVADOS_API_HOST_INSECURE and ~/.config/arvados/settings.conf."""
 
-EPILOG = """\
+# name -> (synopsis after "fedmount NAME", description)
+SUBCOMMAND_HELP: dict[str, tuple[str, str]] = {
+    "locate": (
+        "ID... [--json] [--cluster X] [--route home|direct] [--concurrency N] [--disk-cache-dir DIR]",
+        "For each collection (UUID or portable data hash of any cluster): how many of its blocks and "
+        "bytes each cluster's Keep holds (HEAD requests with the token that cluster accepts), how much "
+        "this host's cache has, which cluster would serve each block, and the time to pull the rest "
+        "from each cluster at the throughput fedmount observed (fedmount stage and every mount record "
+        f"it in the cache directory; {DEFAULT_BYTES_PER_SECOND >> 20} MiB/s until one has been measured; "
+        "estimates say \"observed\" "
+        "or \"default\"). --json prints the fedmount-locate/1 document. --cluster X asks only X. "
+        "--route answers for a mount with that --route. --concurrency N: HEAD requests at once "
+        "(default 16). Exit: 0 complete answer (with --cluster: X holds every block); 1 X lacks a "
+        "block; 2 something could not be answered (bad or unknown ID, unreachable cluster or keepstore).",
+    ),
+    "stage": (
+        "ID... [--pin] [--json] [--quiet] [--disk-cache-size BYTES] [--route home|direct] "
+        "[--concurrency N] [--disk-cache-dir DIR]",
+        "Pull collections into this host's block cache before a run, in parallel (--concurrency N "
+        "blocks at once, default 4), with progress on stderr (bytes, rate, ETA; --quiet: none). "
+        "Every block is md5-verified before it is cached. Blocks already cached are skipped, so an "
+        "interrupted stage (Ctrl-C, exit 130) resumes when run again. A later mount with the same "
+        "--disk-cache-dir reads the blocks without contacting Keep. --pin keeps them from eviction "
+        "until `fedmount unpin`. --disk-cache-size bounds the cache while staging (default: the bound "
+        "a mount of that directory uses). --json prints the fedmount-stage/1 document on stdout. "
+        "Exit 0 when every block is cached, 2 otherwise.",
+    ),
+    "unpin": (
+        "ID... [--disk-cache-dir DIR]",
+        "Release the pins of `fedmount stage --pin`; blocks another pinned collection needs stay "
+        "pinned. The blocks stay cached until evicted normally. Exit 0 when every ID was released, "
+        "2 otherwise.",
+    ),
+}
+
+
+def _subcommands_text() -> str:
+    lines = ["subcommands (each has its own --help):"]
+    for name, (synopsis, description) in SUBCOMMAND_HELP.items():
+        wrap = {"break_on_hyphens": False, "break_long_words": False}
+        lines += textwrap.wrap(f"fedmount {name} {synopsis}", 90, initial_indent="  ",
+                               subsequent_indent="        ", **wrap)
+        lines += textwrap.wrap(description, 90, initial_indent="      ", subsequent_indent="      ", **wrap)
+    return "\n".join(lines)
+
+
+EPILOG = f"""\
+{_subcommands_text()}
+
 Statistics: MOUNTPOINT/.fedmount/stats.json (hidden). Extended attributes: getfattr -d FILE.
 See fedmount(1)."""
 
@@ -141,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="Keep blocks in RAM only.")
     g.add_argument("--disk-cache-dir", metavar="DIR",
                    help="Disk cache directory, shared by every fedmount on the host "
-                   "(default $XDG_CACHE_HOME/fedmount/blocks or ~/.cache/fedmount/blocks).")
+                   "(default $XDG_CACHE_HOME/fedmount or ~/.cache/fedmount).")
     g.add_argument("--file-cache", metavar="BYTES", type=parse_size, default=0,
                    help="Size of the disk cache, or of the RAM cache with --ram-cache, as arv-mount "
                    "takes it (0: automatic).")

@@ -44,6 +44,22 @@ def test_every_option_is_in_the_man_page_in_the_same_words():
         assert squash(action.help.replace("%%", "%")) in page, action.option_strings
 
 
+def test_subcommands_are_in_help_and_man_page_in_the_same_words(capsys):
+    page = man_text()
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = squash(capsys.readouterr().out)
+    assert set(cli.SUBCOMMAND_HELP) == set(cli.SUBCOMMANDS)
+    for name, (synopsis, description) in cli.SUBCOMMAND_HELP.items():
+        for text in (f"fedmount {name} {synopsis}", description):
+            assert squash(text) in help_text and squash(text) in page, (name, text)
+        module = importlib.import_module(cli.SUBCOMMANDS[name].split(":")[0])
+        parser = getattr(module, f"build_{name}_parser")()
+        assert parser.description == description
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        assert {f for f in flags - {"-h", "--help", "--debug"} if f not in synopsis} == set(), name
+
+
 def test_help_mentions_every_arv_mount_read_flag(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])

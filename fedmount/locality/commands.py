@@ -24,35 +24,14 @@ from collections.abc import Sequence
 import trio
 
 from fedmount.blocks.cache import BlockCache, default_disk_cache_size
-from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND, ThroughputBook
-from fedmount.cli import parse_size, setup_logging
+from fedmount.blocks.throughput import ThroughputBook
+from fedmount.cli import SUBCOMMAND_HELP, parse_size, setup_logging
 from fedmount.federation.settings import Settings, SettingsError
 
 from .federation_view import FederationView, keep_client_for
 from .locate import locate_collections
-from .progress import human_bytes
 from .stage import DEFAULT_STAGE_CONCURRENCY, stage_with, unpin_collections
 from .view import LookupFailure
-
-LOCATE_HELP = f"""\
-For each collection (UUID or portable data hash of any cluster), ask every cluster of the
-federation how many of its blocks its Keep holds (HEAD requests, with the token that
-cluster accepts), count what this host's cache already has, show which cluster would serve
-each block, and estimate the time to pull the rest from each cluster at the throughput
-fedmount observed (default {human_bytes(DEFAULT_BYTES_PER_SECOND)}/s until `fedmount stage`
-has measured one). Exit 0: complete answer; with --cluster X: 0 X holds every block,
-1 it does not, 2 the question could not be answered completely."""
-
-STAGE_HELP = """\
-Pull collections into this host's block cache ahead of a run, in parallel, with progress on
-stderr. Blocks already cached are skipped, so an interrupted stage resumes where it
-stopped. Every block is md5-verified before it enters the cache. A later mount or
-fedmount-run reads them without contacting Keep. With --pin the blocks are never evicted
-until `fedmount unpin`."""
-
-UNPIN_HELP = """\
-Release the pins `fedmount stage --pin` took for these collections (blocks another pinned
-collection still needs stay pinned). The blocks stay cached until evicted normally."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -69,8 +48,7 @@ def _add_route(p: argparse.ArgumentParser) -> None:
 
 
 def build_locate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmount locate", description=LOCATE_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fedmount locate", description=SUBCOMMAND_HELP["locate"][1])
     p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
     p.add_argument("--json", action="store_true", help="Print the fedmount-locate/1 JSON document.")
     p.add_argument("--cluster", metavar="X",
@@ -81,8 +59,7 @@ def build_locate_parser() -> argparse.ArgumentParser:
 
 
 def build_stage_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmount stage", description=STAGE_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fedmount stage", description=SUBCOMMAND_HELP["stage"][1])
     p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
     p.add_argument("--pin", action="store_true", help="Keep the blocks from eviction until `fedmount unpin`.")
     p.add_argument("--json", action="store_true", help="Print the fedmount-stage/1 JSON document on stdout.")
@@ -96,8 +73,7 @@ def build_stage_parser() -> argparse.ArgumentParser:
 
 
 def build_unpin_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmount unpin", description=UNPIN_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fedmount unpin", description=SUBCOMMAND_HELP["unpin"][1])
     p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
     _add_common(p)
     return p
