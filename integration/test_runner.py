@@ -439,3 +439,21 @@ def test_stage_of_an_unknown_collection_refuses_the_run_with_nothing_mounted(
     assert proc.stderr_text.count("\n") == 1
     r = result(out)
     assert r["state"] == "Cancelled" and r["stage"] is None
+
+
+def test_sigint_while_staging_interrupts_the_run_with_nothing_left(
+    fed, image_collection, tmpdir_clean, tmp_path
+):
+    out = tmp_path / "results"
+    for svc in ("keep0", "keep1"):  # home route: every block comes through the home keepstores
+        fed.set_fault("zzzzz", svc, bandwidth=1 << 20)  # the image tarball takes seconds
+    proc = fedmount_run(fed, record(fed, image_collection, "true"), out, tmpdir_clean, "--runtime", "local",
+                        "--stage", wait=False)  # fmt: skip
+    wait_for(lambda: "fedmount-run: --stage: staging" in _text(out / "fedmount.log"))
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr == "fedmount-run: interrupted by SIGINT\n"
+    r = result(out)
+    assert r["state"] == "Cancelled" and r["stage"] is None
+    assert "fedmount-run: --stage: interrupted" in (out / "fedmount.log").read_text()
