@@ -177,6 +177,41 @@ async def test_block_error_reaches_the_reader(tmp_path: Path) -> None:
         await handle.read(1000, 1000)
 
 
+class RecoveringKeepstore(Keepstore):
+    """Answers 404 for the `missing` blocks until every service was asked once: keepstores
+    that come back right after one client's round of attempts failed."""
+
+    def __call__(self, method, url, headers, size, timeouts, sink) -> Response:
+        response = super().__call__(method, url, headers, size, timeouts, sink)
+        block_hash = url.rsplit("/", 1)[1][:32]
+        with self.lock:
+            if self.gets.count(block_hash) >= len(SERVICES):
+                self.missing = self.missing - {block_hash}
+        return response
+
+
+async def test_read_joining_a_failed_prefetch_fetches_again(tmp_path: Path) -> None:
+    first, second = pattern(1 * MiB, 7), pattern(1 * MiB, 8)
+    reader, _, stats, files = make(tmp_path, [first, second], f"0:{2 * MiB}:f")
+    store = RecoveringKeepstore([first, second], missing=frozenset({hashlib.md5(second).hexdigest()}))
+    reader._keep = KeepClient(store, stats=stats, backoff=0)
+    store.gate.clear()
+    handle = reader.open(files["f"], ROUTE)
+    result: list[bytes] = []
+
+    async def read_second() -> None:
+        result.append(await handle.read(1 * MiB, 64 * KiB))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle.read, 0, 64 * KiB)  # sequential: prefetches the second block
+        await trio.sleep(0.05)
+        nursery.start_soon(read_second)  # joins the prefetch, which is about to fail
+        await trio.sleep(0.05)
+        store.gate.set()
+    assert result == [second[: 64 * KiB]]
+    assert stats.get("prefetch_errors") == 1
+
+
 async def test_prefetch_respects_memory_budget(tmp_path: Path) -> None:
     blocks = [pattern(MiB, i) for i in range(8)]
     reader, store, stats, files = make(tmp_path, blocks, f"0:{8 * MiB}:f", prefetch_memory=MiB)

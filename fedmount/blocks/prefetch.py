@@ -48,7 +48,8 @@ checks on another core while the trio thread answers FUSE from memory.
   then owned by the cache's bounded memory tier). Over the budget, prefetch is skipped,
   not queued; the next block change asks again. Demand reads are never limited.
 - A prefetch first checks whether the block is already cached and then costs nothing.
-- Prefetch failures are counted and dropped; the demand read retries and reports.
+- Prefetch failures are counted and dropped; a demand read that was waiting on a failed
+  prefetch starts its own fetch, so its error (or its bytes) are its own.
 
 ## Stats
 
@@ -91,8 +92,9 @@ CHUNK_READAHEAD = 8  # cache chunks (1 MiB) a sequential reader has loaded from 
 class _Fetch:
     """One in-flight block fetch; any number of readers wait on it."""
 
-    def __init__(self, locator: Locator):
+    def __init__(self, locator: Locator, *, prefetch: bool):
         self.locator = locator
+        self.prefetch = prefetch  # a read-ahead: its failure is not a reader's answer
         self.done = trio.Event()
         self.data: bytes | bytearray | None = None  # None after success: the block is in the cache
         self.error: BlockError | None = None
@@ -150,7 +152,14 @@ class BlockReader:
             if data is not None:
                 return data
             fetch = self._inflight.get(key) or self._start(locator, route, prefetch=False)
-        block = await fetch.wait()
+        try:
+            block = await fetch.wait()
+        except BlockError:
+            if not fetch.prefetch:
+                raise
+            # The read joined a read-ahead that failed: that answer was the read-ahead's,
+            # so the reader makes its own attempt (and gets its own error).
+            block = await (self._inflight.get(key) or self._start(locator, route, prefetch=False)).wait()
         if block is None:  # a prefetch found it cached: read it from there
             data = await self._cache.read(key, offset, length)
             if data is not None:
@@ -169,7 +178,7 @@ class BlockReader:
         self._start(locator, route, prefetch=True)
 
     def _start(self, locator: Locator, route: KeepRoute, *, prefetch: bool) -> _Fetch:
-        fetch = _Fetch(locator)
+        fetch = _Fetch(locator, prefetch=prefetch)
         self._inflight[locator.key] = fetch
         self._inflight_bytes += locator.size
         self.stats.set("prefetch_inflight_bytes", self._inflight_bytes)
