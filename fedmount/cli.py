@@ -27,6 +27,7 @@ import textwrap
 from collections.abc import Sequence
 
 from fedmount import __version__
+from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.federation.tokens import redact
 
@@ -203,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "fedmount stage uses the same default).")
     g.add_argument("--ram-cache-size", metavar="BYTES", type=parse_size, default=0,
                    help="Size of the RAM cache (default 256M, or --file-cache with --ram-cache).")
-    g.add_argument("--prefetch-blocks", metavar="N", type=int, default=None,
-                   help="How many blocks to read ahead of a sequential reader (default: the block "
-                   "reader's own).")
+    g.add_argument("--prefetch-blocks", metavar="N", type=int, default=DEFAULT_PREFETCH_BLOCKS,
+                   help="How many blocks to read ahead of a sequential reader "
+                   f"(default {DEFAULT_PREFETCH_BLOCKS}).")
+    g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=_positive_float, default=15.0,
+                   help="Abandon a keep service that sends no byte for this long and read the "
+                   "block from the next replica (default 15).")
     g.add_argument("--read-ahead-kb", metavar="KB", type=int, default=4096,
                    help="Kernel read-ahead of the mount (its BDI read_ahead_kb); needs root, skipped "
                    "otherwise; 0 keeps the kernel default (default 4096).")

@@ -45,9 +45,9 @@ import trio
 
 from fedmount.blocks.cache import BlockCache, default_cache_dir, default_disk_cache_size
 from fedmount.blocks.keep import KeepClient
-from fedmount.blocks.prefetch import BlockReader
+from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS, BlockReader
 from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
-from fedmount.blocks.transport import Urllib3Transport
+from fedmount.blocks.transport import Timeouts, Urllib3Transport
 from fedmount.federation.controller import ApiError
 from fedmount.federation.federation import Federation
 from fedmount.federation.settings import Settings, SettingsError
@@ -89,7 +89,8 @@ class MountOptions:
     file_cache: int = 0
     disk_cache_size: int = 0
     ram_cache_size: int = 0
-    prefetch_blocks: int | None = None
+    prefetch_blocks: int = DEFAULT_PREFETCH_BLOCKS
+    keep_stall_timeout: float = 15.0
     read_ahead_kb: int = 4096
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
@@ -105,7 +106,8 @@ class MountOptions:
             disk_cache_dir=args.disk_cache_dir and os.path.abspath(args.disk_cache_dir),
             file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
-            prefetch_blocks=args.prefetch_blocks, read_ahead_kb=args.read_ahead_kb,
+            prefetch_blocks=args.prefetch_blocks, keep_stall_timeout=args.keep_stall_timeout,
+            read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
         )  # fmt: skip
 
@@ -345,9 +347,8 @@ class Daemon:
             directory, disk_limit, ram_limit = _cache_config(opts)
             cache = BlockCache(directory, disk_limit, ram_limit, stats)
             transport = Urllib3Transport(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
-            keep = KeepClient(transport, stats=stats)
-            extra = {} if opts.prefetch_blocks is None else {"prefetch_blocks": opts.prefetch_blocks}
-            reader = BlockReader(keep, cache, stats=stats, **extra)
+            keep = KeepClient(transport, stats=stats, timeouts=Timeouts(stall=opts.keep_stall_timeout))
+            reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
             capacity = disk_limit or ram_limit
             gauge = "cache_disk_bytes" if disk_limit else "cache_ram_bytes"
             tree = Tree(

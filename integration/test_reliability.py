@@ -234,14 +234,14 @@ def test_corrupt_block_is_refetched_from_the_replica_never_served(fed, mount, re
 
 def test_stalled_keepstore_is_abandoned_for_the_replica(fed, mount, record):
     coll = fresh(fed, "zzzzz", {"data.bin": MiB})
-    m = mount()
+    m = mount("--keep-stall-timeout", "3")
     path = m / f"by_id/{coll['uuid']}/data.bin"
     first, second = first_choice(fed, "zzzzz", block_hashes(path)[0])
     fed.set_fault("zzzzz", first, stall=True)  # status line and headers, then nothing
     mark = fed.mark()
     got = timed_read(path, 90)
     assert got.ok and got.md5 == coll["files"]["data.bin"]["md5"], got.error
-    assert got.seconds < 60, f"a stalled keepstore held the read for {got.seconds:.0f}s"
+    assert got.seconds < 20, f"a stalled keepstore held the read for {got.seconds:.0f}s (stall timeout 3s)"
     assert [r["service"] for r in keep_gets(fed, mark, "zzzzz") if r["status"] == 200] == [second]
     record("stalled transfer (connection open, no bytes)", outcome="abandoned for the replica",
            wrong_bytes=0, recovery_seconds=round(got.seconds, 2))  # fmt: skip

@@ -86,6 +86,7 @@ MiB = 1 << 20
 SEEK_BACK_TOLERANCE = 1 * MiB
 SEEK_AHEAD_TOLERANCE = 16 * MiB
 TRACKED = 256  # prefetched blocks remembered for the used/wasted accounting
+DEFAULT_PREFETCH_BLOCKS = 8  # blocks a sequential reader's window grows to
 CHUNK_READAHEAD = 8  # cache chunks (1 MiB) a sequential reader has loaded from disk ahead of it
 
 
@@ -115,7 +116,7 @@ class BlockReader:
         cache: BlockCache,
         *,
         stats: Stats | None = None,
-        prefetch_blocks: int = 8,
+        prefetch_blocks: int = DEFAULT_PREFETCH_BLOCKS,
         prefetch_memory: int = 512 * MiB,
         per_service: int = 2,
         per_cluster: int = 4,
