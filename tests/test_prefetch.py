@@ -103,10 +103,12 @@ async def test_concurrent_readers_of_one_block_share_one_get(tmp_path: Path) -> 
     assert sorted(results) == sorted(block[i * 100 * KiB : i * 100 * KiB + 4 * KiB] for i in range(10))
 
 
-async def test_sequential_reader_grows_window_and_seek_resets_it(tmp_path: Path) -> None:
+async def test_sequential_reader_opens_wide_doubles_and_seek_resets_it(tmp_path: Path) -> None:
     blocks = [pattern(MiB, i) for i in range(12)]
     whole = b"".join(blocks)
-    reader, store, stats, files = make(tmp_path, blocks, f"0:{len(whole)}:big", prefetch_blocks=4)
+    reader, store, stats, files = make(
+        tmp_path, blocks, f"0:{len(whole)}:big", prefetch_blocks=8, initial_window=2
+    )
     handle = reader.open(files["big"], ROUTE)
     windows = []
     got = bytearray()
@@ -114,13 +116,43 @@ async def test_sequential_reader_grows_window_and_seek_resets_it(tmp_path: Path)
         got += await handle.read(offset, 128 * KiB)
         windows.append(handle.window)
     assert bytes(got) == whole[: 5 * MiB]
-    assert windows[0] == 1 and windows[8] == 2 and windows[16] == 4 and max(windows) == 4
+    # the initial window from the first read, doubling per new block, capped at prefetch_blocks
+    assert windows[0] == 2 and windows[8] == 4 and windows[16] == 8 and max(windows) == 8
     await settle(stats)
     assert stats.get("prefetch_started") > 0
-    assert stats.get("prefetch_used") >= 3
+    assert stats.get("prefetch_used") >= 4
     assert len(store.gets) == len(set(store.gets))  # never the same block twice
     assert await handle.read(MiB + 5, 10) == whole[MiB + 5 : MiB + 15]  # a seek back
     assert handle.window == 0
+
+
+async def test_fresh_reader_has_every_block_of_a_short_file_in_flight_at_once(tmp_path: Path) -> None:
+    blocks = [pattern(MiB, i) for i in range(4)]
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{4 * MiB}:f")
+    store.gate.clear()
+    handle = reader.open(files["f"], ROUTE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle.read, 0, MiB)
+        with trio.fail_after(5):
+            while store.active < 4:  # the demand GET and three read-aheads, before any answer
+                await trio.sleep(0.005)
+        assert handle.window == 4
+        store.gate.set()
+    await settle(stats)
+    assert len(store.gets) == 4
+
+
+async def test_small_first_read_is_a_peek_and_the_next_read_opens_the_window(tmp_path: Path) -> None:
+    blocks = [pattern(MiB, i) for i in range(6)]
+    whole = b"".join(blocks)
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{len(whole)}:f")
+    handle = reader.open(files["f"], ROUTE)
+    assert await handle.read(0, 16 * KiB) == whole[: 16 * KiB]
+    await settle(stats)
+    assert handle.window == 0 and len(store.gets) == 1  # the peek's own block, alone
+    assert await handle.read(16 * KiB, 16 * KiB) == whole[16 * KiB : 32 * KiB]
+    await settle(stats)
+    assert handle.window == 4 and len(store.gets) == 5
 
 
 async def test_random_reader_does_not_prefetch(tmp_path: Path) -> None:
@@ -139,10 +171,20 @@ async def test_prefetch_crosses_file_boundaries_in_the_stream(tmp_path: Path) ->
     reader, store, stats, files = make(tmp_path, blocks, files_text)
     assert await reader.open(files["a.txt"], ROUTE).read(0, 128 * KiB) == blocks[0][: 128 * KiB]
     await settle(stats)
-    assert len(store.gets) == 2  # a.txt's block, and b.txt's block ahead of time
+    assert len(store.gets) == 3  # a.txt's block, and b.txt's and c.txt's blocks ahead of time
     assert await reader.open(files["b.txt"], ROUTE).read(0, 300 * KiB) == blocks[1]
-    assert len(store.gets) == 2
-    assert stats.get("prefetch_used") == 1
+    assert await reader.open(files["c.txt"], ROUTE).read(0, 4 * KiB) == blocks[2][: 4 * KiB]
+    assert len(store.gets) == 3
+    assert stats.get("prefetch_used") == 2
+
+
+async def test_small_file_read_whole_is_not_a_peek(tmp_path: Path) -> None:
+    blocks = [pattern(8 * KiB, i) for i in range(3)]
+    files_text = " ".join(f"{i * 8 * KiB}:{8 * KiB}:{name}" for i, name in enumerate("abc"))
+    reader, store, stats, files = make(tmp_path, blocks, files_text)
+    assert await reader.open(files["a"], ROUTE).read(0, 8 * KiB) == blocks[0]
+    await settle(stats)
+    assert len(store.gets) == 3  # the next files' blocks were fetched ahead
 
 
 async def test_small_files_packed_in_one_block(tmp_path: Path) -> None:

@@ -14,12 +14,32 @@ Like mountpoint-s3's prefetcher, the reader keeps the offset where the previous 
 ended. A read that starts there, or slightly off it (up to 1 MiB back or 16 MiB ahead:
 the kernel's readahead and parallel FUSE requests do not arrive in perfect order), is
 sequential; anything else is a seek and resets the read-ahead window to 0. A file's
-first read at offset 0 counts as sequential. The window is counted in blocks: the first
-sequential read sets it to 1, and every time a sequential reader moves into a new block
-the window doubles, up to ``prefetch_blocks``. Growth per block rather than per request
-keeps the per-read cost at a bisect and a dict lookup (arv-mount had to evaluate its
-prefetch only every 128th read because it was per-request, #21639), and a 64 MiB block
-is long enough for the next one to arrive while it is read.
+first read at offset 0 counts as sequential.
+
+The window is counted in blocks. A sequential reader that moves into a new block sets it
+to ``max(initial_window, 2 * window)``, at most ``prefetch_blocks``: with the defaults a
+fresh reader keeps 4 blocks fetched ahead at once and 8 from its second block on. The
+start is wide on purpose. Keep serves one block per connection, and a remote cluster is
+typically bound per connection (latency, a per-flow bandwidth cap, one keepstore
+disk): a reader that starts at 1 and doubles (1, 2, 4, ...) never has the parallelism
+the link offers while it reads the first few blocks, and a 4-block file is over before
+the window is open (measured here on a cluster shaped to +20 ms and 100 MB/s per
+connection: 0.45 of 4 parallel GETs with 1/2/4, where 4 GETs from the start reach the
+ceiling). Locally, 4 blocks in flight also lets 2 cores hash 2 blocks at once.
+
+One exception keeps probes cheap: a handle's first read that is smaller than ``PEEK``
+(64 KiB) and does not reach the end of the file is a *peek* (``head``, ``file``, a
+1-byte time-to-first-byte probe; the kernel asks 16-32 KiB for those, and 512 KiB or
+more for ``cat``, ``md5sum`` or ``dd``). A peek fetches only its own block, alone, so
+that block arrives as fast as the link allows and nothing is spent on blocks nobody may
+read; the reader's next sequential read opens the window. A small file read whole (the
+read reaches its end) is not a peek: the blocks after it in the stream are the next
+files of its directory.
+
+Growth per block rather than per request keeps the per-read cost at a bisect and a dict
+lookup (arv-mount had to evaluate its prefetch only every 128th read because it was
+per-request, #21639), and a 64 MiB block is long enough for the next one to arrive while
+it is read.
 
 ## What is prefetched
 
@@ -41,12 +61,15 @@ checks on another core while the trio thread answers FUSE from memory.
 - One fetch per block on the whole host process: an in-flight table keyed by
   ``hash+size`` makes every concurrent reader of a block (demand or prefetch, any file,
   any collection) wait for the same GET; the block is cached once and handed to all.
-- Prefetches are bounded by ``per_service`` concurrent GETs to the block's first-choice
-  keep service (rendezvous order) and ``per_cluster`` per cluster, so read-ahead for one
-  file cannot monopolise a keepstore, and by a memory budget ``prefetch_memory``: a
-  prefetch starts only if the bytes of all in-flight fetches stay below it (a block is
-  then owned by the cache's bounded memory tier). Over the budget, prefetch is skipped,
-  not queued; the next block change asks again. Demand reads are never limited.
+- Prefetches are bounded by ``per_service`` concurrent GETs (default 4) to the block's
+  first-choice keep service (rendezvous order) and ``per_cluster`` (default 8) per
+  cluster, so read-ahead cannot monopolise a keepstore, and by a memory budget
+  ``prefetch_memory`` (default 512 MiB, eight 64 MiB blocks): a prefetch starts only if
+  the bytes of all in-flight fetches stay below it (a block is then owned by the
+  cache's bounded memory tier). Over the budget, prefetch is skipped, not queued; the
+  next block change asks again. Demand reads are never limited. The limits are sized
+  so that one sequential reader's full window fits: its GETs spread over a cluster's
+  keepstores by rendezvous order, and with two keepstores a window of 4 puts 2-4 on one.
 - A prefetch first checks whether the block is already cached and then costs nothing.
 - Prefetch failures are counted and dropped; a demand read that was waiting on a failed
   prefetch starts its own fetch, so its error (or its bytes) are its own.
@@ -87,6 +110,8 @@ SEEK_BACK_TOLERANCE = 1 * MiB
 SEEK_AHEAD_TOLERANCE = 16 * MiB
 TRACKED = 256  # prefetched blocks remembered for the used/wasted accounting
 DEFAULT_PREFETCH_BLOCKS = 8  # blocks a sequential reader's window grows to
+INITIAL_WINDOW = 4  # blocks a fresh sequential reader keeps fetched ahead
+PEEK = 64 << 10  # a handle's first read smaller than this (not reaching EOF) prefetches nothing
 CHUNK_READAHEAD = 8  # cache chunks (1 MiB) a sequential reader has loaded from disk ahead of it
 
 
@@ -117,14 +142,16 @@ class BlockReader:
         *,
         stats: Stats | None = None,
         prefetch_blocks: int = DEFAULT_PREFETCH_BLOCKS,
+        initial_window: int = INITIAL_WINDOW,
         prefetch_memory: int = 512 * MiB,
-        per_service: int = 2,
-        per_cluster: int = 4,
+        per_service: int = 4,
+        per_cluster: int = 8,
     ):
         self._keep = keep
         self._cache = cache
         self.stats = stats if stats is not None else Stats()
         self.prefetch_blocks = prefetch_blocks
+        self.initial_window = initial_window
         self._prefetch_memory = prefetch_memory
         self._inflight: dict[str, _Fetch] = {}
         self._inflight_bytes = 0
@@ -246,6 +273,7 @@ class FileReader:
         self._next = 0  # where the previous read ended
         self._window = 0  # blocks to keep fetched ahead of the current one
         self._block: int | None = None  # segment index of the block being read sequentially
+        self._fresh = True  # no read yet: the first one may be a peek
         self._closed = False
 
     @property
@@ -261,6 +289,8 @@ class FileReader:
             self._window = 0
             self._block = None
         self._next = end
+        peek = self._fresh and size < PEEK and end < self.size
+        self._fresh = False
         index = bisect_right(self._starts, offset) - 1
         pieces = []
         pos = offset
@@ -268,7 +298,7 @@ class FileReader:
             seg = self._segments[index]
             start = pos - seg.file_offset
             take = min(seg.length - start, end - pos)
-            if sequential:
+            if sequential and not peek:
                 self._advance(index)
             pieces.append(
                 await self._reader.read(
@@ -284,7 +314,7 @@ class FileReader:
         if index == self._block:
             return
         self._block = index
-        self._window = min(self._reader.prefetch_blocks, max(1, self._window * 2))
+        self._window = min(self._reader.prefetch_blocks, max(self._reader.initial_window, self._window * 2))
         self._reader.stats.set("prefetch_depth", self._window)
         if not self._closed:
             for locator in self._upcoming(index):
