@@ -370,15 +370,16 @@ class Daemon:
 
     async def _serve(self, tree: Tree) -> int:
         opts = self.opts
+        ops = fuse.FuseOperations(tree, self.stats)
         try:
-            fuse.mount(fuse.FuseOperations(tree, self.stats), opts.mountpoint, subtype=opts.subtype,
-                       allow_other=opts.allow_other)
+            fuse.mount(ops, opts.mountpoint, subtype=opts.subtype, allow_other=opts.allow_other)
         except OSError as e:
             raise StartupError(e.strerror or str(e)) from None
         status = 0
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._fuse_loop, nursery.cancel_scope)
+                nursery.start_soon(ops.invalidations)
                 await nursery.start(self._signals)
                 try:
                     with trio.fail_after(READY_TIMEOUT):

@@ -21,7 +21,7 @@ import pytest
 
 from fedmount.federation.federation import parse_timestamp
 from fedmount.federation.tokens import parse_token, salt_for
-from integration.mounting import Mount, fedmount_cmd, is_mounted, md5sums, requires_fuse, run
+from integration.mounting import Mount, fedmount_cmd, is_mounted, md5sums, requires_fuse, run, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -321,3 +321,25 @@ def test_debug_log_never_contains_the_token(fed, mount):
     log = m.log.read_text()
     assert "DEBUG" in log and token.secret not in log
     assert all(salt_for(token, cluster).secret not in log for cluster in fed.clusters)
+
+
+def test_uuid_collection_rereads_from_the_page_cache_and_an_update_shows_after_refresh(fed, mount):
+    name = f"mutable-{time.monotonic_ns()}"
+    first, second = b"first version\n" * 80_000, b"second, longer version\n" * 80_000
+    coll = fed.add_collection(fed.home, name, {"a.txt": first, "b.txt": b"unchanged\n"})
+    newer = fed.add_collection(fed.home, f"{name}-v2", {"a.txt": second, "b.txt": b"unchanged\n"})
+    m = mount("--refresh-time", "2")
+    path = m / f"by_id/{coll['uuid']}/a.txt"
+    assert path.read_bytes() == first
+    before = m.stats()["fuse_read_bytes"]
+    assert path.read_bytes() == first
+    assert m.stats()["fuse_read_bytes"] - before < 64 << 10  # only stats.json itself: not 1 MiB again
+    token = fed.token()
+    got = fed.request(None, f"/arvados/v1/collections/{newer['uuid']}", token=token)
+    update = json.dumps({"collection": {"manifest_text": got.json()["manifest_text"]}}).encode()
+    put = fed.request(None, f"/arvados/v1/collections/{coll['uuid']}", method="PUT", token=token,
+                      headers={"Content-Type": "application/json"}, body=update)
+    assert put.status == 200, put.body
+    wait_for(lambda: path.read_bytes() == second, 15, "the updated content")
+    assert (m / f"by_id/{coll['uuid']}/b.txt").read_bytes() == b"unchanged\n"
+    assert m.stats()["fuse_invalidations"]["kind=data"] >= 1

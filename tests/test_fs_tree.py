@@ -23,7 +23,7 @@ from fedmount.federation.controller import ApiError
 from fedmount.federation.ids import CollectionId, parse_locator
 from fedmount.federation.manifest import File, portable_data_hash
 from fedmount.fs.inodes import ROOT_INODE, InodeTable, NegativeCache
-from fedmount.fs.tree import FOREVER, FsError, Layout, Tree
+from fedmount.fs.tree import FOREVER, FsError, Invalidation, Layout, Tree
 from fedmount.stats import Stats
 
 NOW = 1_800_000_000.0
@@ -366,12 +366,12 @@ async def test_block_error_is_eio_and_logged(world, caplog):
     assert stats.get("read_errors", cluster="zbbbb") == 1
 
 
-async def test_pdh_files_open_with_keep_cache_uuid_files_without(world):
+async def test_pdh_and_uuid_files_open_with_keep_cache(world):
     fed, *_, make = world
     tree = make()
     pdh = fed.collections[UUID_A].portable_data_hash
     assert (await tree.open(await path_node(tree, f"by_id/{pdh}/hello.txt"))).keep_cache
-    assert not (await tree.open(await path_node(tree, f"by_id/{UUID_A}/hello.txt"))).keep_cache
+    assert (await tree.open(await path_node(tree, f"by_id/{UUID_A}/hello.txt"))).keep_cache
     with pytest.raises(FsError) as e:
         await tree.open(await path_node(tree, f"by_id/{pdh}/dir"))
     assert e.value.errno == errno.EISDIR
@@ -403,6 +403,33 @@ async def test_removed_path_of_changed_uuid_collection_is_enoent(world):
     with pytest.raises(FsError) as e:
         await tree.getattr(ino)
     assert e.value.errno == errno.ENOENT
+
+
+async def test_changed_uuid_collection_reports_what_the_kernel_must_forget(world):
+    fed, _, _, wall, mono, make = world
+    tree = make()
+    changes: list[Invalidation] = []
+    tree.on_change = changes.append
+    hello = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    deep = await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin")
+    sub = await path_node(tree, f"by_id/{UUID_A}/dir/sub")
+    empty = await path_node(tree, f"by_id/{UUID_A}/dir/empty")
+    root = await path_node(tree, f"by_id/{UUID_A}")
+    mono.t += 16
+    wall.t += 16
+    fed.resign()  # same content, new signatures: nothing to forget
+    await tree.getattr(hello)
+    assert changes == []
+    mono.t += 16
+    fed.put(UUID_A, {"hello.txt": b"HELLO WORLD\n", "dir/sub/deep.bin": FILES_A["dir/sub/deep.bin"],
+                     "dir/empty/now-a-dir.txt": b"x"})
+    await tree.getattr(hello)
+    [change] = changes
+    dir_ino = await path_node(tree, f"by_id/{UUID_A}/dir")
+    assert set(change.data) == {hello, empty}  # new blocks; a file that became a directory
+    assert change.entries == [(dir_ino, "empty")]
+    assert {root, sub, deep, dir_ino} <= set(change.attrs)  # same content, new mtime
+    assert not set(change.attrs) & set(change.data)
 
 
 async def test_pdh_collection_is_never_rechecked_before_signatures_age(world):

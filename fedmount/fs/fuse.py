@@ -14,6 +14,13 @@ entry (inode 0) and that entry timeout, so the kernel itself remembers that the 
 not exist. Every modifying operation answers EROFS (the mount is also made ``ro``, so
 the kernel refuses most of them before they get here).
 
+The model reports a UUID collection whose content changed as an `Invalidation`
+(`Tree.on_change`); the adapter queues it and `invalidations` (a task of the daemon's
+nursery) hands it to the kernel from a worker thread: ``invalidate_inode`` drops pages
+and attributes, ``invalidate_entry`` directory entries. Never from the trio thread
+itself: the kernel waits for requests pending on those inodes (a read holding a page
+lock), and only the trio thread can answer them.
+
 `mount`, `serve`, `terminate` and `close` wrap pyfuse3's lifecycle for `fedmount.mount`.
 """
 
@@ -22,16 +29,18 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from fedmount.stats import Stats
 
-from .tree import Attr, FsError, Handle, Node, Tree
+from .tree import Attr, FsError, Handle, Invalidation, Node, Tree
 
 log = logging.getLogger("fedmount.fuse")
 
@@ -87,6 +96,26 @@ class FuseOperations(pyfuse3.Operations):
         self._files: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
+        self._changes_in, self._changes_out = trio.open_memory_channel[Invalidation](math.inf)
+        tree.on_change = self._changes_in.send_nowait
+
+    async def invalidations(self) -> None:
+        """Hand every reported `Invalidation` to the kernel, in order, from a worker thread."""
+        async for change in self._changes_out:
+            await trio.to_thread.run_sync(self._invalidate, change)
+
+    def _invalidate(self, change: Invalidation) -> None:
+        calls = [(pyfuse3.invalidate_inode, (ino, False), "data") for ino in change.data]
+        calls += [(pyfuse3.invalidate_inode, (ino, True), "attrs") for ino in change.attrs]
+        calls += [(pyfuse3.invalidate_entry, (p, _encode(n)), "entry") for p, n in change.entries]
+        for call, args, kind in calls:
+            try:
+                call(*args)
+            except OSError as e:  # ENOENT: the kernel holds nothing of it (never looked up, forgotten)
+                if e.errno != errno.ENOENT:
+                    log.warning("cannot invalidate %s %s: %s", kind, args[0], e.strerror)
+                continue
+            self.stats.add("fuse_invalidations", kind=kind)
 
     def _fh(self) -> int:
         fh = self._next_fh

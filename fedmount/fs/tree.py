@@ -22,11 +22,19 @@ Inodes
 
 Freshness
     A collection addressed by PDH never changes: its entries and attributes may be cached
-    by the kernel for the life of the mount and its files are opened with ``keep_cache``,
-    so a second read is served from the page cache. A collection addressed by UUID is
-    re-fetched when touched after ``refresh_time``; if its PDH changed, the new manifest
-    replaces the old one (next generation). The kernel caches its entries and attributes
-    for ``refresh_time`` and drops its pages at each open.
+    by the kernel for the life of the mount. A collection addressed by UUID is re-fetched
+    when touched after ``refresh_time``; if its PDH changed, the new manifest replaces the
+    old one (next generation). The kernel caches its entries and attributes for
+    ``refresh_time``.
+
+    Every collection file is opened with ``keep_cache``, so a second read is served from
+    the page cache: the content of a PDH never changes, so pages are stale only after a
+    UUID collection moved to another PDH. That refresh compares every inode the mount has
+    handed out for the collection with the new manifest and reports an `Invalidation` to
+    ``Tree.on_change``: files whose blocks changed lose their pages and attributes, the
+    other inodes their attributes, and paths that vanished or changed kind lose their
+    directory entry. The adapter passes it to the kernel, so a reader sees the new content
+    once the refresh happened, not a mix of old cached pages and new ones.
 
     Block signatures expire. Every collection records the earliest ``+A``/``+R`` expiry of
     its manifest and re-fetches itself when half of the time left has passed (never more
@@ -114,6 +122,15 @@ class Attr:
     def blocks(self) -> int:
         """512-byte blocks, as st_blocks counts them."""
         return (self.size + 511) // 512
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """What the kernel must forget after a UUID collection changed its content."""
+
+    data: list[int]  # inodes whose pages and attributes are stale
+    attrs: list[int]  # inodes whose attributes only are stale
+    entries: list[tuple[int, str]]  # (parent inode, name) of paths that vanished or changed kind
 
 
 class CollectionRecordLike(Protocol):
@@ -432,13 +449,17 @@ class Collection:
                 if signatures_due:
                     self.signatures_refresh_at = self.tree.wall() + RETRY_AFTER_ERROR
                 return
-            if record.portable_data_hash != self.record.portable_data_hash or signatures_due:
-                if record.portable_data_hash != self.record.portable_data_hash:
+            changed = record.portable_data_hash != self.record.portable_data_hash
+            if changed or signatures_due:
+                if changed:
                     log.info("%s changed: %s -> %s", self.describe(), self.record.portable_data_hash,
                              record.portable_data_hash)
+                old = self.manifest
                 self.record, self.manifest = record, manifest
                 self.generation += 1
                 self._set_times(expiry)
+                if changed:
+                    self.tree.on_change(self._invalidation(old))
             else:
                 self.record = record
                 self.checked_at = self.tree.clock()
@@ -453,8 +474,27 @@ class Collection:
             self.tree.table.bind(ino, node)
         return node
 
-    def resolve(self, path: str) -> Directory | File | None:
-        return self.manifest.find(path) if path else self.manifest.root
+    def resolve(self, path: str, manifest: Manifest | None = None) -> Directory | File | None:
+        """The entry at `path` in `manifest` (default: the current one)."""
+        manifest = manifest or self.manifest
+        return manifest.find(path) if path else manifest.root
+
+    def _invalidation(self, old: Manifest) -> Invalidation:
+        """What the kernel may hold of this collection that `old` -> current made stale."""
+        out = Invalidation([], [], [])
+        for (path, is_dir), node in list(self._nodes.items()):
+            before, after = self.resolve(path, old), self.resolve(path)
+            if path and (after is None or isinstance(after, Directory) != is_dir):
+                parent, _, name = path.rpartition("/")
+                out.entries.append((self.node(parent, True).ino, name))
+                out.data.append(node.ino)
+            elif isinstance(after, File) and (
+                not isinstance(before, File) or _segment_keys(before) != _segment_keys(after)
+            ):
+                out.data.append(node.ino)
+            else:
+                out.attrs.append(node.ino)  # the mtime is the collection's
+        return out
 
     def child(self, path: str, entry: Directory | File) -> Node:
         return self.node(path, isinstance(entry, Directory))
@@ -575,7 +615,7 @@ class CollectionFileHandle(Handle):
     def __init__(self, node: CollectionFile):
         self.node = node
         self.coll = node.coll
-        self.keep_cache = self.coll.immutable
+        self.keep_cache = True  # a changed UUID collection invalidates the pages (Tree.on_change)
         self._file = node.file
         self._generation = self.coll.generation
         self._reader = self.coll.tree.reader.open(self._file, self.coll.record.route)
@@ -636,6 +676,7 @@ class Tree:
         self.wall = wall
         self.started = wall()
         self.ready = False
+        self.on_change: Callable[[Invalidation], None] = lambda invalidation: None  # set by the adapter
         self.table: InodeTable[Node] = InodeTable()
         stats_ino = self.table.number(("stats", STATS_FILE_NAME))
         stats_file = GeneratedFile(self, stats_ino, self._stats_json, static=False, mtime=self.wall)
