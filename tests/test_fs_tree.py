@@ -8,11 +8,13 @@ parsed by the real parser.
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
 import re
 import stat
+import tracemalloc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -428,8 +430,11 @@ async def test_changed_uuid_collection_reports_what_the_kernel_must_forget(world
     dir_ino = await path_node(tree, f"by_id/{UUID_A}/dir")
     assert set(change.data) == {hello, empty}  # new blocks; a file that became a directory
     assert change.entries == [(dir_ino, "empty")]
-    assert {root, sub, deep, dir_ino} <= set(change.attrs)  # same content, new mtime
-    assert not set(change.attrs) & set(change.data)
+    assert set(change.attrs) == {root, dir_ino, sub}  # the directories the kernel looked into
+    assert deep not in change.data  # same blocks: its cached pages stay good
+    new_empty = await path_node(tree, f"by_id/{UUID_A}/dir/empty")
+    assert new_empty != empty and await names(tree, new_empty) == ["now-a-dir.txt"]
+    assert await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin") == deep
 
 
 async def test_pdh_collection_is_never_rechecked_before_signatures_age(world):
@@ -528,6 +533,41 @@ async def test_concurrent_lookups_of_one_collection_make_one_call(world):
         for _ in range(5):
             n.start_soon(look)
     assert fed.calls == [UUID_B] and len(set(inos)) == 1
+
+
+async def test_listing_a_large_collection_keeps_nothing_per_entry(world):
+    fed, _, _, _, _, make = world
+    streams = [f"./d{d} {'acbd18db4cc2f85cedef654fccc4a4d8+3'} " + " ".join(f"0:3:f{i}" for i in range(5000))
+               for d in range(4)]
+    fed.put("zzzzz-4zz18-largelargelarge", {}, text="\n".join(streams) + "\n")
+    tree = make()
+    root = await path_node(tree, "by_id/zzzzz-4zz18-largelargelarge")
+    seen: dict[str, int] = {}
+
+    async def walk(ino: int, prefix: str, record: bool) -> None:
+        entries = await tree.listdir(ino)
+        for i in range(len(entries)):
+            name, node = entries[i]
+            assert (await tree.lookup(ino, name)).ino == node.ino == node.attr().ino
+            if record:
+                seen[prefix + name] = node.ino
+            if node.is_dir:
+                await walk(node.ino, prefix + name + "/", record)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await walk(root, "", False)  # the first walk numbers every entry
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    await walk(root, "", True)
+    assert len(seen) == 20_004 and len(set(seen.values())) == 20_004
+    assert grown < 20_000  # bytes, for 20,004 entries: no object, dict slot or cached attribute each
+    assert (await tree.getattr(seen["d3/f4999"])).size == 3  # a number resolves without its lookup
+    assert tree.statfs()["f_files"] >= 20_004
 
 
 def test_inode_table_keys_are_stable_and_never_reused():

@@ -40,7 +40,7 @@ import trio
 
 from fedmount.stats import Stats
 
-from .tree import Attr, FsError, Handle, Invalidation, Node, Tree
+from .tree import Attr, Entries, FsError, Handle, Invalidation, Tree
 
 log = logging.getLogger("fedmount.fuse")
 
@@ -94,7 +94,7 @@ class FuseOperations(pyfuse3.Operations):
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._files: dict[int, Handle] = {}
-        self._dirs: dict[int, list[tuple[str, Node]]] = {}
+        self._dirs: dict[int, Entries] = {}
         self._next_fh = 1
         self._changes_in, self._changes_out = trio.open_memory_channel[Invalidation](math.inf)
         tree.on_change = self._changes_in.send_nowait

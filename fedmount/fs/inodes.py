@@ -1,15 +1,23 @@
 """Inode numbers that stay stable for the life of a mount, and a TTL'd negative cache.
 
-Inode numbers are handed out from a counter, but keyed: the same key (for instance
-``("coll", "by_id", "zbbbb-4zz18-...", "dir/file.txt", "file")``) always maps back to the
-number it got first, even when the node object behind it is rebuilt (a UUID collection
-whose manifest changed gets new node objects for its files, but `stat` keeps showing the
-same inode numbers for unchanged paths). Numbers are never reused while the mount lives:
-the table keeps every key it has seen. A key costs a tuple and an int, and only paths the
-kernel has looked up or listed ever get one, so this stays small next to the manifests.
+Memory is the design constraint: a mount may list collections of millions of files, and
+the kernel may hold an inode for each of them, so the table must not keep a Python object
+(or even a dict entry) per listed entry. It hands out two kinds of numbers from one
+counter, never reused while the mount lives:
 
-`forget` from the kernel therefore needs no bookkeeping: nothing is freed, and the next
-lookup of the same path finds the same number.
+- Keyed single numbers (`number`, `bind`): the same key (for instance
+  ``("readme", 1)``) always maps back to the number it got first. They are for the few
+  things that have a node object of their own: the root, ``by_id``, READMEs, the stats
+  file, collection roots and record files, and the rare collection entries that appeared
+  after their directory was first seen.
+- Ranges (`allocate`): a collection directory, the first time the kernel looks into it,
+  gets one contiguous range of numbers, one per entry in the order of its manifest
+  directory; its owner (a `RangeOwner`) turns a number of its range back into a node on
+  demand. A range costs the table one array slot and one list slot, whatever its size.
+
+`get` finds a number's node: a dict look-up for single numbers, else a bisection of the
+ranges' start numbers. Since nothing is kept per entry, `forget` from the kernel needs no
+bookkeeping: the next lookup of the same path finds the same number.
 
 `NegativeCache` remembers names that resolved to "no such collection" for a while, so
 repeated `ls by_id/not-there` does not call the API every time.
@@ -18,20 +26,32 @@ repeated `ls by_id/not-there` does not call the API every time.
 from __future__ import annotations
 
 import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 N = TypeVar("N")
+N_co = TypeVar("N_co", covariant=True)
 
 ROOT_INODE = 1
 
 
+class RangeOwner(Protocol[N_co]):
+    """Whoever numbers a range of inodes: makes the node of one of its numbers on demand."""
+
+    def node_at(self, ino: int) -> N_co | None: ...
+
+
 class InodeTable(Generic[N]):
-    """Keyed, never-reused inode numbers and the live node for each."""
+    """Keyed single inode numbers with their live nodes, and ranges with their owners."""
 
     def __init__(self) -> None:
         self._by_key: dict[Hashable, int] = {}
         self._nodes: dict[int, N] = {}
+        self._starts = array("Q")  # ascending: numbers are handed out in order
+        self._ends = array("Q")
+        self._owners: list[RangeOwner[N]] = []
         self._next = ROOT_INODE + 1
 
     def number(self, key: Hashable) -> int:
@@ -47,11 +67,28 @@ class InodeTable(Generic[N]):
         """Make `node` the live object behind `ino` (replacing an older one)."""
         self._nodes[ino] = node
 
+    def allocate(self, count: int, owner: RangeOwner[N]) -> int:
+        """The first of `count` fresh consecutive numbers, whose nodes `owner` makes."""
+        start = self._next
+        self._next += count
+        if count:
+            self._starts.append(start)
+            self._ends.append(start + count)
+            self._owners.append(owner)
+        return start
+
     def get(self, ino: int) -> N | None:
-        return self._nodes.get(ino)
+        node = self._nodes.get(ino)
+        if node is not None:
+            return node
+        i = bisect_right(self._starts, ino) - 1
+        if i < 0 or ino >= self._ends[i]:
+            return None
+        return self._owners[i].node_at(ino)
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        """How many numbers have a node (bound, or in a range)."""
+        return len(self._nodes) + sum(self._ends) - sum(self._starts)
 
 
 class NegativeCache:

@@ -14,11 +14,16 @@ Layout
     hidden ``.fedmount/stats.json`` (the daemon's `Stats`); readdir lists neither.
 
 Inodes
-    `InodeTable` keys: a collection's entries are keyed by (where the collection is
-    mounted, path inside it, kind), so numbers survive manifest refreshes. A node of a
-    collection holds only its path; it re-resolves the path in the collection's current
-    manifest whenever the collection's generation moved on, and answers ENOENT if the path
-    went away.
+    Nothing is kept per collection entry, so a mount can list millions of them (see
+    `InodeTable`). The first time the kernel looks into a collection directory (lookup or
+    readdir), its `Listing` takes one range of inode numbers, one per entry of the
+    manifest directory as it is then; a number is turned back into a node on demand
+    (name from the manifest's packed arrays, attributes derived from the manifest), and
+    the node objects the adapter gets are short-lived. Listings are kept by directory
+    path for the life of the mount, so numbers survive manifest refreshes; a name that a
+    refresh added, or whose kind changed, gets a number of its own. A node of a collection
+    holds only its path; it resolves the path in the collection's current manifest and
+    answers ENOENT if the path went away.
 
 Freshness
     A collection addressed by PDH never changes: its entries and attributes may be cached
@@ -69,8 +74,9 @@ import math
 import re
 import stat
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Any, Protocol
 
 import trio
@@ -226,13 +232,20 @@ class Node:
         raise FsError(errno.ENODATA)
 
 
+class Entries(Protocol):
+    """A directory's entries, read by index (`readdir` resumes at an index)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> tuple[str, Node]: ...
+
+
 class DirNode(Node):
     is_dir = True
 
     async def lookup(self, name: str) -> Node:
         raise NotImplementedError
 
-    async def entries(self) -> list[tuple[str, Node]]:
+    async def entries(self) -> Entries:
         raise NotImplementedError
 
 
@@ -390,10 +403,10 @@ class Collection:
         self.manifest = manifest
         self.generation = 0
         self._lock = trio.Lock()
-        self._root_ino = root_ino
-        self._nodes: dict[tuple[str, bool], Node] = {}
+        self._listings: dict[str, Listing] = {}  # by directory path, once the kernel looked into it
         self._set_times(expiry)
-        self.root = self.node("", True)
+        self.root = CollectionDir(self, "", root_ino)
+        tree.table.bind(root_ino, self.root)
         record_ino = tree.table.number((key, COLLECTION_RECORD_NAME))
         self.record_file = GeneratedFile(tree, record_ino, self._record_json, static=False,
                                          mtime=self.mtime, entry_timeout=self.timeout)
@@ -464,15 +477,12 @@ class Collection:
                 self.record = record
                 self.checked_at = self.tree.clock()
 
-    def node(self, path: str, is_dir: bool) -> Node:
-        """The node of `path` (``""`` is the root) of the given kind; made once."""
-        node = self._nodes.get((path, is_dir))
-        if node is None:
-            ino = self._root_ino if path == "" else self.tree.table.number((self.key, path, is_dir))
-            node = CollectionDir(self, path, ino) if is_dir else CollectionFile(self, path, ino)
-            self._nodes[(path, is_dir)] = node
-            self.tree.table.bind(ino, node)
-        return node
+    def listing(self, directory_node: CollectionDir, directory: Directory) -> Listing:
+        """The inode range of a directory's entries; numbered from `directory` the first time."""
+        listing = self._listings.get(directory_node.path)
+        if listing is None:
+            listing = self._listings[directory_node.path] = Listing(self, directory_node, directory)
+        return listing
 
     def resolve(self, path: str, manifest: Manifest | None = None) -> Directory | File | None:
         """The entry at `path` in `manifest` (default: the current one)."""
@@ -480,24 +490,23 @@ class Collection:
         return manifest.find(path) if path else manifest.root
 
     def _invalidation(self, old: Manifest) -> Invalidation:
-        """What the kernel may hold of this collection that `old` -> current made stale."""
+        """What the kernel may hold of this collection that `old` -> current made stale:
+        every numbered entry of every directory the kernel looked into is compared."""
         out = Invalidation([], [], [])
-        for (path, is_dir), node in list(self._nodes.items()):
-            before, after = self.resolve(path, old), self.resolve(path)
-            if path and (after is None or isinstance(after, Directory) != is_dir):
-                parent, _, name = path.rpartition("/")
-                out.entries.append((self.node(parent, True).ino, name))
-                out.data.append(node.ino)
-            elif isinstance(after, File) and (
-                not isinstance(before, File) or _segment_keys(before) != _segment_keys(after)
-            ):
-                out.data.append(node.ino)
-            else:
-                out.attrs.append(node.ino)  # the mtime is the collection's
+        for path, listing in self._listings.items():
+            out.attrs.append(listing.ino)  # its entries (and the collection's mtime) changed
+            before_dir, after_dir = self.resolve(path, old), self.resolve(path)
+            for name, is_dir, ino in listing.numbered():
+                before = before_dir.get(name) if isinstance(before_dir, Directory) else None
+                after = after_dir.get(name) if isinstance(after_dir, Directory) else None
+                if before is None or isinstance(before, Directory) != is_dir:
+                    continue  # not this entry before the change: the kernel holds nothing of it
+                if after is None or isinstance(after, Directory) != is_dir:
+                    out.entries.append((listing.ino, name))
+                    out.data.append(ino)
+                elif isinstance(after, File) and _segment_keys(before) != _segment_keys(after):  # type: ignore[arg-type]
+                    out.data.append(ino)
         return out
-
-    def child(self, path: str, entry: Directory | File) -> Node:
-        return self.node(path, isinstance(entry, Directory))
 
     def xattr_names(self) -> list[str]:
         return [XATTR_PREFIX + n for n in ("uuid", "portable_data_hash", "cluster")]
@@ -512,6 +521,99 @@ class Collection:
         if value is None:
             raise FsError(errno.ENODATA)
         return value.encode()
+
+
+def _subdir_names(directory: Directory) -> list[str]:
+    """`directory`'s sub-directory names in `Directory.entries` order (they come first)."""
+    return [name for name, _ in takewhile(lambda e: isinstance(e[1], Directory), directory.entries())]
+
+
+class Listing:
+    """One collection directory's entries numbered as one inode range (see `InodeTable`).
+
+    Entry i of the range is entry i of `snapshot`, the manifest directory as it was when
+    the kernel first looked into it: sub-directories first, then files by their index in
+    the directory's packed arrays. Nothing is kept per entry: a number's node is made
+    when asked for (`node_at`). A name that a later generation of a UUID collection added,
+    or whose kind changed, gets a keyed single number and a bound node (`extra`)."""
+
+    __slots__ = ("coll", "path", "ino", "snapshot", "subdirs", "subdir_index", "start", "extra")
+
+    def __init__(self, coll: Collection, directory_node: CollectionDir, snapshot: Directory):
+        self.coll = coll
+        self.path = directory_node.path
+        self.ino = directory_node.ino
+        self.snapshot = snapshot
+        self.subdirs = _subdir_names(snapshot)
+        self.subdir_index = {name: i for i, name in enumerate(self.subdirs)}
+        self.start = coll.tree.table.allocate(len(snapshot), self)
+        self.extra: dict[tuple[str, bool], int] = {}
+
+    def child_path(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path else name
+
+    def _index(self, name: str, is_dir: bool) -> int | None:
+        """Where `name` of that kind is in the snapshot, or None."""
+        if is_dir:
+            return self.subdir_index.get(name)
+        entry = self.snapshot.get(name)
+        return len(self.subdirs) + entry._index if isinstance(entry, File) else None
+
+    def _make(self, name: str, entry: Directory | File | None, is_dir: bool, ino: int) -> Node:
+        path = self.child_path(name)
+        if is_dir:
+            return CollectionDir(self.coll, path, ino)
+        return CollectionFile(self.coll, path, ino, entry if isinstance(entry, File) else None)
+
+    def node(self, name: str, entry: Directory | File) -> Node:
+        """The node of the current entry `name`."""
+        is_dir = isinstance(entry, Directory)
+        index = self._index(name, is_dir)
+        if index is not None:
+            return self._make(name, entry, is_dir, self.start + index)
+        ino = self.extra.get((name, is_dir))
+        if ino is None:
+            table = self.coll.tree.table
+            ino = self.extra[(name, is_dir)] = table.number((self.coll.key, self.child_path(name), is_dir))
+            table.bind(ino, self._make(name, None, is_dir, ino))
+        return self._make(name, entry, is_dir, ino)
+
+    def node_at(self, ino: int) -> Node:
+        """The node of a number of this range (`InodeTable.get`)."""
+        i = ino - self.start
+        if i < len(self.subdirs):
+            return self._make(self.subdirs[i], None, True, ino)
+        file = File(self.snapshot, i - len(self.subdirs))
+        return self._make(file.name, None, False, ino)
+
+    def numbered(self) -> Iterator[tuple[str, bool, int]]:
+        """(name, is_dir, inode) of every entry this listing has numbered."""
+        for i, (name, entry) in enumerate(self.snapshot.entries()):
+            yield name, isinstance(entry, Directory), self.start + i
+        for (name, is_dir), ino in self.extra.items():
+            yield name, is_dir, ino
+
+
+class ListingView:
+    """A collection directory's entries as of `opendir`, made into nodes one at a time."""
+
+    def __init__(self, listing: Listing, directory: Directory):
+        self.listing = listing
+        self.directory = directory
+        self.subdirs = listing.subdirs if directory is listing.snapshot else _subdir_names(directory)
+
+    def __len__(self) -> int:
+        return len(self.directory)
+
+    def __getitem__(self, index: int) -> tuple[str, Node]:
+        if index < len(self.subdirs):
+            name = self.subdirs[index]
+            entry = self.directory.get(name)
+            assert entry is not None
+        else:
+            entry = File(self.directory, index - len(self.subdirs))
+            name = entry.name
+        return name, self.listing.node(name, entry)
 
 
 class CollectionDir(DirNode):
@@ -532,14 +634,12 @@ class CollectionDir(DirNode):
     def attr(self) -> Attr:
         return Attr(self.ino, True, 0, self.coll.mtime(), self.coll.timeout, self.coll.timeout)
 
-    def _child_path(self, name: str) -> str:
-        return f"{self.path}/{name}" if self.path else name
-
     async def lookup(self, name: str) -> Node:
         await self.coll.fresh()
-        entry = self._dir().get(name)
+        directory = self._dir()
+        entry = directory.get(name)
         if entry is not None:
-            return self.coll.child(self._child_path(name), entry)
+            return self.coll.listing(self, directory).node(name, entry)
         if self.path == "":
             if name == COLLECTION_RECORD_NAME:
                 return self.coll.record_file
@@ -547,10 +647,10 @@ class CollectionDir(DirNode):
                 return self.coll.tree.stats_dir
         raise FsError(errno.ENOENT, cache_for=self.coll.timeout)
 
-    async def entries(self) -> list[tuple[str, Node]]:
+    async def entries(self) -> Entries:
         await self.coll.fresh()
-        coll = self.coll
-        return [(name, coll.child(self._child_path(name), entry)) for name, entry in self._dir().entries()]
+        directory = self._dir()
+        return ListingView(self.coll.listing(self, directory), directory)
 
     def xattr_names(self) -> list[str]:
         return self.coll.xattr_names()
@@ -560,12 +660,12 @@ class CollectionDir(DirNode):
 
 
 class CollectionFile(Node):
-    def __init__(self, coll: Collection, path: str, ino: int):
+    def __init__(self, coll: Collection, path: str, ino: int, file: File | None = None):
         self.coll = coll
         self.path = path
         self.ino = ino
-        self._generation = -1
-        self._file: File | None = None
+        self._generation = -1 if file is None else coll.generation  # `file` is of the current one
+        self._file = file
 
     async def fresh(self) -> None:
         await self.coll.fresh()
@@ -775,7 +875,7 @@ class Tree:
         await node.fresh()
         return node.attr()
 
-    async def listdir(self, ino: int) -> list[tuple[str, Node]]:
+    async def listdir(self, ino: int) -> Entries:
         return await self.dir(ino).entries()
 
     async def open(self, ino: int) -> Handle:
