@@ -12,10 +12,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import trio
 
 from fedmount.blocks.cache import (
     CHUNK,
     MIN_DISK_CACHE,
+    STAGED_CHUNKS,
     BlockCache,
     default_cache_dir,
     default_disk_cache_size,
@@ -254,3 +256,40 @@ def test_default_disk_size_counts_the_caches_own_blocks_as_free(tmp_path: Path) 
     # 25% of (free + held) now exceeds 10% of the filesystem: a full cache does not shrink its bound
     assert default_disk_cache_size(str(directory)) == max(total // 10, MIN_DISK_CACHE)
     assert default_disk_cache_size("/proc/self/no-such-dir") == MIN_DISK_CACHE
+
+
+async def test_staged_disk_chunks_are_reused_and_never_serve_stale_bytes(tmp_path: Path) -> None:
+    writer, _ = fresh(tmp_path, disk_limit=128 * MiB)
+    blocks = [make_block(9 * MiB + 123, seed) for seed in range(4)]
+    for key, data in blocks:
+        await writer.put(key, data)
+    reader, stats = fresh(tmp_path, disk_limit=128 * MiB, ram_limit=MiB)
+    wrong: list[tuple[str, int]] = []
+
+    async def stream(key: str, data: bytes, step: int) -> None:
+        for offset in range(0, len(data), step):
+            got = await reader.read(key, offset, step, readahead=4)
+            if got != data[offset : offset + step]:
+                wrong.append((key, offset))
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:  # 4 readers cycle far more chunks than are staged
+        for (key, data), step in zip(blocks, (MiB, 256 << 10, 3 * MiB - 7, 64 << 10), strict=True):
+            nursery.start_soon(stream, key, data, step)
+    assert wrong == []
+    assert len(reader._staged) <= STAGED_CHUNKS
+    assert stats.get("cache_corrupt") == 0
+
+
+async def test_preload_loads_the_start_of_a_block_in_the_background(tmp_path: Path) -> None:
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(6 * MiB)
+    await writer.put(key, data)
+    reader, stats = fresh(tmp_path)
+    reader.preload(key, 0, 4 * MiB)
+    with trio.fail_after(10):
+        while reader._loading:
+            await trio.sleep(0.005)
+    for i in range(4):
+        assert await reader.read(key, i * MiB, MiB) == data[i * MiB : (i + 1) * MiB]
+    assert stats.get("cache_hits", tier="ram") == 4 and stats.get("cache_hits", tier="disk") == 0

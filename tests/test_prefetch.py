@@ -280,3 +280,23 @@ async def test_prefetch_concurrency_per_service_is_bounded(tmp_path: Path) -> No
     await settle(stats)
     # two services, one prefetch each, plus demand reads which are never limited
     assert store.peak <= 3
+
+
+async def test_warm_sequential_reader_finds_the_next_block_loaded_at_the_boundary(tmp_path: Path) -> None:
+    blocks = [pattern(4 * MiB, i) for i in range(3)]
+    whole = b"".join(blocks)
+    first, _, _, files = make(tmp_path, blocks, f"0:{len(whole)}:f")
+    assert await first.open(files["f"], ROUTE).read(0, len(whole)) == whole  # fills the disk cache
+    await settle(first.stats)
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{len(whole)}:f")  # a remount
+    handle = reader.open(files["f"], ROUTE)
+    for offset in range(0, len(whole), MiB):
+        before = stats.get("cache_hits", tier="disk")
+        assert await handle.read(offset, MiB) == whole[offset : offset + MiB]
+        if offset in (4 * MiB, 8 * MiB):  # the first read of a block: already in memory
+            assert stats.get("cache_hits", tier="disk") == before
+        await settle(stats)  # the read-ahead's cache checks
+        with trio.fail_after(10):
+            while reader._cache._loading:  # and the background loads from disk
+                await trio.sleep(0.005)
+    assert store.gets == []
