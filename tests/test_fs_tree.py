@@ -437,6 +437,24 @@ async def test_changed_uuid_collection_reports_what_the_kernel_must_forget(world
     assert await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin") == deep
 
 
+async def test_a_listing_begun_before_a_refresh_gives_current_attributes(world):
+    fed, _, _, _, mono, make = world
+    tree = make()
+    root = await path_node(tree, f"by_id/{UUID_A}")
+    entries = await tree.listdir(root)
+    fed.put(UUID_A, {"dir/x": b"1", "other.txt": b"abcd"})
+    mono.t += 16
+    await tree.getattr(root)  # the refresh
+    attrs = {}
+    for i in range(len(entries)):
+        name, node = entries[i]
+        try:
+            attrs[name] = node.attr().size
+        except FsError as e:
+            attrs[name] = e.errno
+    assert attrs == {"dir": 0, "hello.txt": errno.ENOENT}  # the adapter's readdir skips the gone one
+
+
 async def test_pdh_collection_is_never_rechecked_before_signatures_age(world):
     fed, _, _, wall, mono, make = world
     tree = make()

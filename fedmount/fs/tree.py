@@ -560,23 +560,26 @@ class Listing:
         return len(self.subdirs) + entry._index if isinstance(entry, File) else None
 
     def _make(self, name: str, entry: Directory | File | None, is_dir: bool, ino: int) -> Node:
+        """A node for `ino`; `entry`, if given, is the name's entry in the current manifest."""
         path = self.child_path(name)
         if is_dir:
             return CollectionDir(self.coll, path, ino)
         return CollectionFile(self.coll, path, ino, entry if isinstance(entry, File) else None)
 
-    def node(self, name: str, entry: Directory | File) -> Node:
-        """The node of the current entry `name`."""
+    def node(self, name: str, entry: Directory | File, generation: int) -> Node:
+        """The node of entry `name` of the directory of that collection generation."""
         is_dir = isinstance(entry, Directory)
+        # An older generation's entry (a readdir begun before a refresh): the node resolves its path.
+        current = entry if generation == self.coll.generation else None
         index = self._index(name, is_dir)
         if index is not None:
-            return self._make(name, entry, is_dir, self.start + index)
+            return self._make(name, current, is_dir, self.start + index)
         ino = self.extra.get((name, is_dir))
         if ino is None:
             table = self.coll.tree.table
             ino = self.extra[(name, is_dir)] = table.number((self.coll.key, self.child_path(name), is_dir))
             table.bind(ino, self._make(name, None, is_dir, ino))
-        return self._make(name, entry, is_dir, ino)
+        return self._make(name, current, is_dir, ino)
 
     def node_at(self, ino: int) -> Node:
         """The node of a number of this range (`InodeTable.get`)."""
@@ -600,6 +603,7 @@ class ListingView:
     def __init__(self, listing: Listing, directory: Directory):
         self.listing = listing
         self.directory = directory
+        self.generation = listing.coll.generation
         self.subdirs = listing.subdirs if directory is listing.snapshot else _subdir_names(directory)
 
     def __len__(self) -> int:
@@ -613,7 +617,7 @@ class ListingView:
         else:
             entry = File(self.directory, index - len(self.subdirs))
             name = entry.name
-        return name, self.listing.node(name, entry)
+        return name, self.listing.node(name, entry, self.generation)
 
 
 class CollectionDir(DirNode):
@@ -639,7 +643,7 @@ class CollectionDir(DirNode):
         directory = self._dir()
         entry = directory.get(name)
         if entry is not None:
-            return self.coll.listing(self, directory).node(name, entry)
+            return self.coll.listing(self, directory).node(name, entry, self.coll.generation)
         if self.path == "":
             if name == COLLECTION_RECORD_NAME:
                 return self.coll.record_file
