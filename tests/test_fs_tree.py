@@ -598,6 +598,29 @@ def test_inode_table_keys_are_stable_and_never_reused():
     assert table.get(a) == "node-a2" and table.get(b) is None
 
 
+def test_inode_ranges_resolve_through_their_owner_between_keyed_numbers():
+    @dataclass
+    class Owner:
+        tag: str
+        start: int = 0
+
+        def node_at(self, ino: int) -> str:
+            return f"{self.tag}{ino - self.start}"
+
+    table: InodeTable[str] = InodeTable()
+    first, second, empty = Owner("x"), Owner("y"), Owner("z")
+    first.start = table.allocate(3, first)
+    single = table.number("single")
+    table.bind(single, "s")
+    empty.start = table.allocate(0, empty)
+    second.start = table.allocate(2, second)
+    assert [table.get(first.start + i) for i in range(3)] == ["x0", "x1", "x2"]
+    assert table.get(single) == "s" and single == first.start + 3
+    assert [table.get(second.start + i) for i in range(2)] == ["y0", "y1"]
+    assert table.get(second.start + 2) is None and table.get(ROOT_INODE) is None
+    assert len(table) == 6
+
+
 def test_negative_cache_expires_and_is_bounded():
     clock = Clock(0.0)
     cache = NegativeCache(10, clock, limit=2)
