@@ -67,11 +67,26 @@ async def test_fresh_instance_reads_partial_ranges_from_disk(tmp_path: Path) -> 
     )
     assert stats.get("cache_hits", tier="disk") == 1
     assert reader.cached_bytes(key) == len(data)
-    for offset in range(0, len(data), 128 << 10):
-        assert await reader.read(key, offset, 128 << 10) == data[offset : offset + (128 << 10)]
+    for offset in range(0, len(data), 128 << 10):  # as a sequential reader asks
+        assert await reader.read(key, offset, 128 << 10, readahead=2) == data[offset : offset + (128 << 10)]
     # chunks come from disk a few MiB per worker-thread hop, the rest from memory
     assert stats.get("cache_hits", tier="disk") <= 4
     assert stats.get("cache_hits", tier="ram") >= 30
+
+
+async def test_small_random_reads_of_verified_chunks_copy_only_their_bytes(tmp_path: Path) -> None:
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(32 * MiB)
+    await writer.put(key, data)
+    reader, stats = fresh(tmp_path)
+    for chunk in range(32):  # verifies every chunk; memory keeps only the last STAGED_CHUNKS
+        assert await reader.read(key, chunk * MiB, 4096) == data[chunk * MiB : chunk * MiB + 4096]
+    staged = dict(reader._staged)
+    before = stats.get("cache_hits", tier="disk")
+    for offset in (4096, 700_000, 3 * MiB + 5, 5 * MiB - 4096):  # verified, no longer in memory
+        assert await reader.read(key, offset, 4096) == data[offset : offset + 4096]
+    assert reader._staged == staged  # served without copying whole chunks in
+    assert stats.get("cache_hits", tier="disk") == before + 4
 
 
 async def test_default_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
