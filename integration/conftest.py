@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from integration.harness import Federation
+from integration.mounting import Mount
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +73,19 @@ def sdk(federation, monkeypatch):
         )
 
     return make
+
+
+@pytest.fixture
+def mount(fed, tmp_path):
+    """`mount(*fedmount_args, federation=None, base=None, **Mount options)`: a real fedmount
+    mount of `fed` (or of `federation`) under the test's tmp dir (or `base`), stopped after the test."""
+    mounts: list[Mount] = []
+
+    def make(*args: str, federation: Federation | None = None, base: Path | None = None, **kwargs) -> Mount:
+        m = Mount(federation or fed, base or tmp_path / f"m{len(mounts)}", *args, **kwargs)
+        mounts.append(m)
+        return m
+
+    yield make
+    for m in mounts:
+        m.stop()

@@ -28,20 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = requires_fuse
 
 
-@pytest.fixture
-def mount(fed, tmp_path):
-    mounts: list[Mount] = []
-
-    def make(*args: str, **kwargs) -> Mount:
-        m = Mount(fed, tmp_path / f"m{len(mounts)}", *args, **kwargs)
-        mounts.append(m)
-        return m
-
-    yield make
-    for m in mounts:
-        m.stop()
-
-
 def test_every_demo_file_reads_back_with_its_md5_by_uuid_and_by_pdh(fed, mount):
     m = mount()
     for name, coll in fed.seeded_collections.items():

@@ -58,20 +58,6 @@ def record(tmp_path_factory) -> Recorder:
     return Recorder(tmp_path_factory.getbasetemp() / "reliability.jsonl")
 
 
-@pytest.fixture
-def mount(fed, tmp_path):
-    mounts: list[Mount] = []
-
-    def make(*args: str, federation: Federation | None = None, **kwargs) -> Mount:
-        m = Mount(federation or fed, tmp_path / f"m{len(mounts)}", *args, **kwargs)
-        mounts.append(m)
-        return m
-
-    yield make
-    for m in mounts:
-        m.stop()
-
-
 def fresh(fed: Federation, cluster: str, sizes: dict[str, int], block_size: int = MiB) -> dict:
     """A new collection of generated files (content no other test has), in small blocks.
 

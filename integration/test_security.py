@@ -37,20 +37,6 @@ from integration.mounting import REPO, Mount, md5sums, requires_fuse, run
 pytestmark = requires_fuse
 
 
-@pytest.fixture
-def mount(fed, tmp_path):
-    mounts: list[Mount] = []
-
-    def make(*args: str, base: Path | None = None, **kwargs) -> Mount:
-        m = Mount(fed, base or tmp_path / f"m{len(mounts)}", *args, **kwargs)
-        mounts.append(m)
-        return m
-
-    yield make
-    for m in mounts:
-        m.stop()
-
-
 def secrets_of(fed: Federation) -> set[str]:
     """Every secret that must stay out of sight: the home token's and those salted from it."""
     home = parse_token(fed.token())

@@ -34,20 +34,6 @@ from integration.mounting import REPO, Mount, fedmount_cmd, is_mounted, requires
 pytestmark = requires_fuse
 
 
-@pytest.fixture
-def mount(fed, tmp_path):
-    mounts: list[Mount] = []
-
-    def make(*args: str, **kwargs) -> Mount:
-        m = Mount(fed, tmp_path / f"m{len(mounts)}", *args, **kwargs)
-        mounts.append(m)
-        return m
-
-    yield make
-    for m in mounts:
-        m.stop()
-
-
 def errno_of(path: Path) -> int | None:
     try:
         os.stat(path)
