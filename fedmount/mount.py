@@ -342,7 +342,7 @@ class Daemon:
         try:
             federation = await Federation.connect(self.settings, mode=opts.route, stats=stats)  # type: ignore[arg-type]
         except ApiError as e:
-            raise StartupError(f"cannot use the home cluster {self.settings.api_host}: {e}") from None
+            raise StartupError(f"cannot use the home cluster {self.settings.api_host}: {e.message}") from None
         try:
             directory, disk_limit, ram_limit = _cache_config(opts)
             cache = BlockCache(directory, disk_limit, ram_limit, stats)
