@@ -5,7 +5,9 @@ equally many files with sizes from 1 byte to ~200 kB packed into 64 MiB blocks, 
 locator carrying a ``+A`` signature. Parse time (wall and CPU: the machine may be
 shared) is measured without tracing; the tree's memory is what tracemalloc still holds
 after a second parse (the text was allocated before tracing started, so it is not
-counted), and the transient peak is reported too.
+counted), and the transient peak is reported too. The process's RSS growth over the
+first parse (after a collection, pymalloc pools that stay pinned included) is reported
+as ``rss_growth_bytes``.
 The last line is JSON: ``{"files", "manifest_bytes", "parse_seconds", "tree_bytes",
 "ratio", ...}`` with ``ratio = tree_bytes / manifest_bytes``.
 
@@ -18,11 +20,14 @@ import argparse
 import gc
 import hashlib
 import json
+import os
 import random
 import sys
 import time
 import tracemalloc
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,10 +72,14 @@ def main() -> None:
     print(f"generated {args.files} files in {args.streams} streams: {mb:.1f} MB", file=sys.stderr)
 
     gc.collect()
+    process = psutil.Process(os.getpid())
+    rss_before = process.memory_info().rss
     t0, c0 = time.perf_counter(), time.process_time()
     manifest = parse_manifest(text)
     parse_seconds = time.perf_counter() - t0
     parse_cpu_seconds = time.process_time() - c0
+    gc.collect()
+    rss_growth = process.memory_info().rss - rss_before
     print(f"parse: {parse_seconds:.2f} s ({parse_cpu_seconds:.2f} s CPU)", file=sys.stderr)
     count = sum(1 for _ in manifest.walk())
     assert count == args.files, count
@@ -104,6 +113,7 @@ def main() -> None:
         "tree_bytes": tree_bytes,
         "ratio": round(tree_bytes / manifest_bytes, 3),
         "peak_parse_bytes": peak - base,
+        "rss_growth_bytes": rss_growth,
         "lookup_and_segments_us": round(lookup_us, 2),
     }
     print(json.dumps(result))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from fedmount.federation.ids import Locator
@@ -175,3 +177,29 @@ def test_large_directory_lookup():
         f = m.root.get(f"f{i}")
         assert f.name == f"f{i}" and segs(f) == [(f"{A}+{n}", i, 1, 0)]
     assert m.root.get("f5000") is None
+
+
+def test_non_ascii_and_undecodable_names_round_trip():
+    # Literal non-ASCII takes the bulk path, escapes the token path; "é" repeats across both.
+    text = f". {A}+4 0:1:é 1:1:x 2:1:日本\n. {B}+2 0:1:\\303\\251 1:1:bad\\377\n"
+    m = parse_manifest(text)
+    assert [n for n, _ in m.root.entries()] == ["é", "x", "日本", "bad\udcff"]
+    assert segs(m.root.get("é")) == [(f"{A}+4", 0, 1, 0), (f"{B}+2", 0, 1, 1)]
+    assert m.root.get("日本").name == "日本" and m.root.get("bad\udcff").size == 1
+    assert m.root.get("bad") is None and m.root.get("\udcff") is None
+
+
+def test_parse_memory_is_about_the_tree():
+    """No Python object per file survives its line: the parse peak stays near the tree's size."""
+    n = 20_000
+    lines = [f"./s{s} {A}+{n // 10} " + " ".join(f"{i}:1:file_{s}_{i:05d}.dat" for i in range(n // 10))
+             for s in range(10)]
+    text = "\n".join(lines) + "\n"
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    m = parse_manifest(text)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert sum(1 for _ in m.walk()) == n
+    tree = current - base
+    assert tree < 3 * len(text) and peak - base < 1.5 * tree  # a str per file made the peak 2.5x the tree

@@ -11,25 +11,32 @@ manifests). A last component ``.`` only marks a directory (``0:0:\\056`` keeps a
 directory), and so does a zero-length file named like a directory.
 
 Memory is the design constraint: a collection may have millions of files and a mount may
-hold many collections, so the tree must cost about as much as the text, not ten times it.
-Nothing is built per file except its decoded name:
+hold many collections, so the tree must cost about as much as the text, not ten times it,
+and parsing must not leave the process bigger than the tree. Nothing is kept per file as
+a Python object, not even its name (a million small objects alive through the parse, among
+long-lived per-line ones, pin pymalloc pools that are never given back):
 
 - A `Stream` keeps its locator tokens as the strings of the text plus an `array` of block
   start offsets; `Locator` objects are made when asked for.
-- A `Directory` keeps its files' names concatenated into one string with an array of end
+- A `Directory` keeps its files' decoded names UTF-8 encoded (``surrogatepass``, so any
+  decoded name round-trips) and concatenated into one `bytes` with an array of end
   offsets, the files' pieces as parallel arrays (stream index, stream offset, length),
-  and, for lookups, the names' hashes sorted in an array next to the matching file index:
-  `get()` bisects the hashes and compares the candidate's name. A file's pieces are
-  contiguous in the piece arrays (``piece_start`` is omitted when every file has exactly
-  one piece, the common case).
+  and, for lookups, the names' ``hash()`` sorted in an array next to the matching file
+  index: `get()` bisects the hashes and decodes only the candidates' names to compare.
+  A name is decoded only when asked for (`get`, `entries`, `File.name`). A file's pieces
+  are contiguous in the piece arrays (``piece_start`` is omitted when every file has
+  exactly one piece, the common case).
 - `File` is a two-slot view (directory, index) built on demand; `File.segments()` maps
   each piece to blocks by bisecting the stream's block offsets and builds `Segment`s then.
 
-Parsing appends names and pieces per directory (a line whose file tokens are all plain is
-added in bulk with one regex pass; any escape, ``/`` or anomaly takes the token-by-token
-path, which also produces the precise error); `Directory._finish()` then merges repeated
-names (keeping manifest order), drops directory markers, rejects file/directory clashes
-and packs everything into the arrays above.
+Parsing walks the text line by line (no list of lines); a line's head (stream name and
+locators) is split up to its first file token. Names, their hashes and pieces are
+appended straight into each directory's growing `bytearray` and arrays, so the per-file
+strings of a line die with that line (a line whose file tokens are all plain is added in
+bulk with one regex pass; any escape, ``/`` or anomaly takes the token-by-token path,
+which also produces the precise error). `Directory._finish()` then sorts the hashes; only
+if two are equal or a file is named like a sub-directory does it merge repeated names
+(keeping manifest order), drop directory markers and reject file/directory clashes.
 
 The portable data hash is the md5 of the text with every locator cut to ``hash+size``,
 then ``+`` and the byte length (Go ``PortableDataHash``); the text is not re-normalized.
@@ -43,8 +50,8 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
-from operator import add, itemgetter
+from itertools import accumulate, islice
+from operator import add, eq, itemgetter
 from typing import overload
 
 from .ids import MAX_BLOCK_SIZE, IdError, Locator, parse_locator
@@ -221,8 +228,8 @@ class Directory:
         self.name = name
         self._dirs: dict[str, Directory] = {}
         self._streams = streams
-        # While parsing: one entry per file token (names repeat); packed by _finish().
-        self._names: list[str] | str = []
+        # While parsing: one entry per file token (names repeat, hashes unsorted); see _finish().
+        self._names: bytearray | bytes = bytearray()
         self._name_ends: array = array("I")
         self._hashes: array = array("q")
         self._order: array = array("I")
@@ -252,7 +259,7 @@ class Directory:
 
     def _file_name(self, index: int) -> str:
         start = self._name_ends[index - 1] if index else 0
-        return self._names[start : self._name_ends[index]]  # type: ignore[index]
+        return self._names[start : self._name_ends[index]].decode("utf-8", "surrogatepass")
 
     def _find_file(self, name: str) -> int:
         h = hash(name)
@@ -277,44 +284,63 @@ class Directory:
             sub = self._dirs[name] = Directory(name, self._streams)
         return sub
 
-    def _finish(self) -> None:
-        """Merge repeated names, drop markers, reject clashes, pack names and lookups."""
-        names: list[str] = self._names  # type: ignore[assignment]
-        distinct = set(names)
-        if len(distinct) != len(names) or not distinct.isdisjoint(self._dirs):
-            self._merge(names)
-            names = self._names  # type: ignore[assignment]
-        code = "I" if len(names) < 1 << 32 else "Q"
-        hashes = list(map(hash, names))
-        order = sorted(range(len(names)), key=hashes.__getitem__)
-        self._hashes = array("q", map(hashes.__getitem__, order))
-        self._order = array(code, order)
-        ends = list(accumulate(map(len, names)))
-        self._name_ends = array("I" if not ends or ends[-1] < 1 << 32 else "Q", ends)
-        self._names = "".join(names)
+    def _add_names(self, names: list[str]) -> None:
+        """Append one line's file names (in a directory being parsed) to the packed buffers."""
+        blob = "".join(names)
+        if blob.isascii():
+            data = blob.encode("ascii")
+            lengths: Iterable[int] = map(len, names)
+        else:
+            encoded = [name.encode("utf-8", "surrogatepass") for name in names]
+            data = b"".join(encoded)
+            lengths = map(len, encoded)
+        self._name_ends.extend(islice(accumulate(lengths, initial=len(self._names)), 1, None))
+        self._names += data  # type: ignore[operator]
+        self._hashes.extend(map(hash, names))
 
-    def _merge(self, names: list[str]) -> None:
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            groups.setdefault(name, []).append(i)
+    def _finish(self) -> None:
+        """Sort the lookup hashes; merge repeated names, drop markers, reject clashes if any."""
+        self._names = bytes(self._names)
+        self._sort()
+        hashes = self._hashes
+        if any(map(eq, hashes, islice(hashes, 1, None))) or any(self._find_file(d) >= 0 for d in self._dirs):
+            self._merge()
+            self._sort()
+
+    def _sort(self) -> None:
+        hashes = self._hashes
+        order = sorted(range(len(hashes)), key=hashes.__getitem__)
+        self._hashes = array("q", map(hashes.__getitem__, order))
+        self._order = array("I", order)
+
+    def _merge(self) -> None:
+        names, ends = self._names, self._name_ends
+        groups: dict[bytes, list[int]] = {}
+        start = 0
+        for i, end in enumerate(ends):
+            groups.setdefault(names[start:end], []).append(i)
+            start = end
+        kept, kept_ends, hashes = bytearray(), array("I"), array("q")
         p_stream, p_pos, p_len = array("I"), array("q"), array("q")
         starts = array("Q", [0])
-        kept: list[str] = []
-        for name, pieces in groups.items():
+        for raw, pieces in groups.items():
+            name = raw.decode("utf-8", "surrogatepass")
             if name in self._dirs:
                 if any(self._p_len[i] for i in pieces):
                     line = self._p_stream[pieces[0]] + 1
                     raise ManifestError(line, 0, name, f"file {name!r} clashes with a directory of that name")
                 continue  # a zero-length file named like a directory marks it
-            kept.append(name)
+            kept += raw
+            kept_ends.append(len(kept))
+            hashes.append(hash(name))
             for i in pieces:
                 p_stream.append(self._p_stream[i])
                 p_pos.append(self._p_pos[i])
                 p_len.append(self._p_len[i])
             starts.append(len(p_len))
-        self._names = kept
+        self._names, self._name_ends, self._hashes = bytes(kept), kept_ends, hashes
         self._p_stream, self._p_pos, self._p_len = p_stream, p_pos, p_len
-        self._piece_start = starts if len(p_len) != len(kept) else None
+        self._piece_start = starts if len(p_len) != len(kept_ends) else None
 
 
 class Manifest:
@@ -373,13 +399,12 @@ def _walk_to(root: Directory, parts: list[str], line: int, token: int, text: str
     return node
 
 
-def _parse_locators(tokens: list[str], line: int) -> tuple[list[str], array, int]:
-    """Validate the locator tokens after the stream name; return them, starts, first file token."""
+def _parse_locators(tokens: list[str], line: int, first_file_token: str) -> array:
+    """Validate a line's head: the locator tokens after the stream name; return block starts."""
     starts = array("q", [0])
     total = 0
-    i = 1
     match = _LOCATOR_RE.fullmatch
-    while i < len(tokens) and ":" not in tokens[i]:
+    for i in range(1, len(tokens)):
         m = match(tokens[i])
         size = int(m.group(1)) if m else -1
         if m is None or size > MAX_BLOCK_SIZE:
@@ -391,13 +416,9 @@ def _parse_locators(tokens: list[str], line: int) -> tuple[list[str], array, int
             raise ManifestError(line, i + 1, tokens[i], why)
         total += size
         starts.append(total)
-        i += 1
-    if i == 1:
-        first = tokens[1] if len(tokens) > 1 else ""
-        raise ManifestError(line, 2, first, "a stream needs at least one locator")
-    if i == len(tokens):
-        raise ManifestError(line, 0, "", "a stream needs at least one file token")
-    return tokens[1:i], starts, i
+    if len(tokens) == 1:
+        raise ManifestError(line, 2, first_file_token, "a stream needs at least one locator")
+    return starts
 
 
 def _add_files_fast(
@@ -420,7 +441,7 @@ def _add_files_fast(
         return False
     if max(map(add, pos, length)) > stream_size:
         return False
-    directory._names.extend(names)  # type: ignore[union-attr]
+    directory._add_names(names)
     directory._p_stream.extend(array("I", [stream_index]) * count)
     directory._p_pos.extend(pos)
     directory._p_len.extend(length)
@@ -431,26 +452,36 @@ def parse_manifest(text: str) -> Manifest:
     """Parse manifest text into a `Manifest`; raise `ManifestError` on malformed input."""
     streams: list[Stream] = []
     root = Directory("", streams)
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the final newline (a missing one is tolerated, as the Python SDK does)
     segment = _SEGMENT_RE.fullmatch
-    for lineno, line_text in enumerate(lines, 1):
-        tokens = line_text.split(" ")
+    lineno = 0
+    line_start = 0
+    while line_start < len(text):  # a missing final newline is tolerated, as the Python SDK does
+        line_end = text.find("\n", line_start)
+        if line_end < 0:
+            line_end = len(text)
+        line_text = text[line_start:line_end]
+        line_start = line_end + 1
+        lineno += 1
+        # The head ends before the first token with a colon after the stream name (locators have none).
+        colon = line_text.find(":", line_text.find(" ") + 1) if " " in line_text else -1
+        offset = line_text.rfind(" ", 0, colon) + 1 if colon >= 0 else len(line_text) + 1
+        tokens = line_text[: offset - 1].split(" ")
         stream_name = unescape(tokens[0])
         if stream_name != "." and not stream_name.startswith("./"):
             raise ManifestError(lineno, 1, tokens[0], "a stream name is '.' or starts with './'")
         stream_parts = stream_name.split("/")[1:]
         stream_dir = _walk_to(root, stream_parts, lineno, 1, tokens[0])
-        locator_tokens, starts, first = _parse_locators(tokens, lineno)
+        starts = _parse_locators(tokens, lineno, line_text[offset:].partition(" ")[0])
+        if colon < 0:
+            raise ManifestError(lineno, 0, "", "a stream needs at least one file token")
         stream_index = len(streams)
         stream_size = starts[-1]
-        streams.append(Stream(stream_name, stream_index, locator_tokens, starts))
-        offset = sum(map(len, tokens[:first])) + first  # where the file tokens start
-        if _add_files_fast(stream_dir, line_text, offset, len(tokens) - first, stream_index, stream_size):
+        streams.append(Stream(stream_name, stream_index, tokens[1:], starts))
+        count = line_text.count(" ", offset) + 1
+        if _add_files_fast(stream_dir, line_text, offset, count, stream_index, stream_size):
             continue
-        for t in range(first, len(tokens)):
-            token = tokens[t]
+        first = len(tokens)
+        for t, token in enumerate(line_text[offset:].split(" "), first):
             m = segment(token)
             if m is None:
                 raise ManifestError(lineno, t + 1, token, "expected a file token <position>:<length>:<name>")
@@ -469,7 +500,7 @@ def parse_manifest(text: str) -> Manifest:
                 continue  # marks the directory, which _walk_to created
             if name in ("", ".."):
                 raise ManifestError(lineno, t + 1, token, f"{name!r} is not a file name")
-            directory._names.append(name)  # type: ignore[union-attr]
+            directory._add_names([name])
             directory._p_stream.append(stream_index)
             directory._p_pos.append(pos)
             directory._p_len.append(length)
