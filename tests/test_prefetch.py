@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fedmount.blocks import cache as cache_module
 from fedmount.blocks.cache import BlockCache
 from fedmount.blocks.keep import BlockNotFound, KeepClient, KeepRoute, KeepService
 from fedmount.blocks.prefetch import BlockReader
@@ -92,7 +93,7 @@ async def test_concurrent_readers_of_one_block_share_one_get(tmp_path: Path) -> 
 
     async def read_one(i: int) -> None:
         handle = reader.open(files["f"], ROUTE)
-        results.append(await handle.read(i * 100 * KiB, 4 * KiB))
+        results.append(bytes(await handle.read(i * 100 * KiB, 4 * KiB)))  # a view lasts until an await
 
     async with trio.open_nursery() as nursery:
         for i in range(10):
@@ -242,7 +243,7 @@ async def test_read_joining_a_failed_prefetch_fetches_again(tmp_path: Path) -> N
     result: list[bytes] = []
 
     async def read_second() -> None:
-        result.append(await handle.read(1 * MiB, 64 * KiB))
+        result.append(bytes(await handle.read(1 * MiB, 64 * KiB)))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handle.read, 0, 64 * KiB)  # sequential: prefetches the second block
@@ -300,3 +301,20 @@ async def test_warm_sequential_reader_finds_the_next_block_loaded_at_the_boundar
             while reader._cache._loading:  # and the background loads from disk
                 await trio.sleep(0.005)
     assert store.gets == []
+
+
+async def test_read_across_blocks_from_disk_survives_staged_buffer_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks = [pattern(MiB, i) for i in range(3)]
+    whole = b"".join(blocks)
+    first, _, _, files = make(tmp_path, blocks, f"0:{len(whole)}:f")
+    assert await first.open(files["f"], ROUTE).read(0, len(whole)) == whole  # fills the disk cache
+    await settle(first.stats)
+    monkeypatch.setattr(cache_module, "STAGED_CHUNKS", 1)  # each chunk's buffer is reused by the next load
+    reader, _, _, files = make(tmp_path, blocks, f"0:{len(whole)}:f")  # a remount
+    handle = reader.open(files["f"], ROUTE)
+    one = await handle.read(0, 4 * KiB)
+    assert isinstance(one, memoryview) and one.readonly  # within one chunk: the staged chunk, not a copy
+    assert one == whole[: 4 * KiB]
+    assert await handle.read(0, len(whole)) == whole  # the first pieces' buffers were reused meanwhile

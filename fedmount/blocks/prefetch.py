@@ -8,6 +8,14 @@ the file's segments (bisect over their file offsets) and each piece is asked fro
 miss, from Keep. The pieces are joined in order; a `BlockError` on any of them is raised
 as is (the FUSE layer turns it into EIO; its message says which block and services).
 
+A read is not copied on its way through: a read within one cache chunk comes back as
+the cache's read-only view of that chunk, a read of a block just fetched as a view of
+the fetched bytes. A view of a chunk staged from disk is valid only until the caller's
+next await (cache.py reuses those buffers), so `FileReader.read`'s answer must be used
+or copied before its caller awaits anything; the FUSE adapter hands it to pyfuse3, which
+copies it into the reply synchronously. A read made of several pieces copies each piece
+but the last (an await for the next piece follows it) and joins them.
+
 ## Sequential detection and the window
 
 Like mountpoint-s3's prefetcher, the reader keeps the offset where the previous read
@@ -172,9 +180,10 @@ class BlockReader:
 
     async def read(
         self, locator: Locator, route: KeepRoute, offset: int, length: int, *, sequential: bool = False
-    ) -> bytes:
+    ) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset+length) of one block, from the cache or fetched (once) from Keep.
 
+        Possibly a view valid only until the caller's next await (see the module docstring).
         A `sequential` reader also gets the next cached chunks loaded into memory ahead of it."""
         key = locator.key
         self._mark_used(key)
@@ -198,7 +207,7 @@ class BlockReader:
                 return data
             block = await self._start(locator, route, prefetch=False).wait()
             assert block is not None
-        return bytes(memoryview(block)[offset : offset + length])
+        return memoryview(block)[offset : offset + length].toreadonly()
 
     def preload(self, locator: Locator, offset: int, length: int) -> None:
         """Have the cache load [offset, offset+length) of a block from disk ahead of a reader."""
@@ -289,7 +298,8 @@ class FileReader:
     def window(self) -> int:
         return self._window
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
+        """Bytes [offset, offset+size) of the file; a view valid until the caller's next await."""
         end = min(self.size, offset + size)
         if end <= offset:
             return b""
@@ -309,13 +319,13 @@ class FileReader:
             take = min(seg.length - start, end - pos)
             if sequential and not peek:
                 self._advance(index)
-            pieces.append(
-                await self._reader.read(
-                    seg.locator, self._route, seg.block_offset + start, take, sequential=sequential
-                )
+            piece = await self._reader.read(
+                seg.locator, self._route, seg.block_offset + start, take, sequential=sequential
             )
             pos += take
             index += 1
+            # A view lasts until the next await: copy it if another piece is still to be read.
+            pieces.append(piece if pos >= end else bytes(piece))
         if sequential and not peek and index < len(self._segments):
             # Close to the end of this piece: the cache loads the next block's start from disk.
             nxt = self._segments[index]

@@ -2,7 +2,10 @@
 
 Each handler converts arguments (names arrive as bytes and are decoded as UTF-8 with
 surrogate escapes, so any byte string round-trips), calls the model, and converts the
-answer into pyfuse3's types. Every handler goes through `_guard`, which
+answer into pyfuse3's types. A read's answer may be a view of a block cache buffer that
+is reused once the handler's task yields: it is returned to pyfuse3 untouched, and
+pyfuse3 copies it into the reply before anything else runs (so ``_guard`` must not await
+after the handler returns). Every handler goes through `_guard`, which
 
 - counts the operation and its time (``fuse_ops`` and ``fuse_seconds``, label ``op``);
 - turns `FsError` into `pyfuse3.FUSEError` with its errno;
@@ -194,7 +197,9 @@ class FuseOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
 
     @_guard("read")
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
+        # Possibly a view of a reused cache buffer (blocks/cache.py): nothing may await between
+        # here and pyfuse3's reply, which copies it (fuse_read_async: PyObject_GetBuffer).
         data = await self._files[fh].read(off, size)
         self.stats.add("fuse_read_bytes", len(data))
         return data
