@@ -48,7 +48,9 @@ Memory tier. Two LRUs of verified 1 MiB chunks keyed by ``(key, chunk index)``:
   holds these bytes, so there is no point keeping more than a read-ahead window of them.
   Up to ``FREE_BUFFERS`` spare buffers wait for reuse, enough for one load of a whole
   read-ahead window: with 8 spares a fresh 256 MiB sequential read still mapped ~44 new
-  buffers (and unmapped as many), with 16 about 5, and its CPU time fell by ~15%.
+  buffers (and unmapped as many), with 16 about 5, and its CPU time fell by ~15%. A new
+  buffer is mapped with ``MAP_POPULATE`` (pages in one call instead of 256 faults during
+  the first ``preadv``): in-process CPU for a fresh 256 MiB read 113-123 -> 85-97 ms.
 
 A chunk is read from disk with one ``preadv`` per span of chunks, into staged buffers.
 When the block file is already open and the span is in the page cache, the read happens
@@ -115,6 +117,7 @@ SMALL_READ = 128 * 1024  # random reads up to this size skip the chunk copy once
 STAGED_CHUNKS = 24  # chunks read from disk kept in memory (in reused buffers)
 FREE_BUFFERS = 16  # chunk buffers kept for reuse: a full read-ahead load (prefetch.CHUNK_READAHEAD)
 DIGEST = xxhash.xxh3_64_intdigest
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE  # one mmap call, not 256 faults
 MAGIC = b"FMBLK\x01\x00\x00"
 OPEN_FILES = 64  # block files kept open per process
 TOUCH_INTERVAL = 60.0  # seconds between access-time updates of one block
@@ -284,7 +287,7 @@ class _DiskTier:
                 return None
         count = min(len(buffers), chunk_count(block.size) - first)
         start = first * CHUNK
-        bufs = [b if b is not None else mmap.mmap(-1, CHUNK) for b in buffers[:count]]
+        bufs = [b if b is not None else mmap.mmap(-1, CHUNK, flags=_MAP_FLAGS) for b in buffers[:count]]
         views = [memoryview(b)[: min(CHUNK, block.size - i * CHUNK)] for i, b in enumerate(bufs, first)]
         want = sum(len(v) for v in views)
         got = os.preadv(block.fd, views, start, os.RWF_NOWAIT if nowait else 0)
