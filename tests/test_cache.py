@@ -69,8 +69,9 @@ async def test_fresh_instance_reads_partial_ranges_from_disk(tmp_path: Path) -> 
     assert reader.cached_bytes(key) == len(data)
     for offset in range(0, len(data), 128 << 10):  # as a sequential reader asks
         assert await reader.read(key, offset, 128 << 10, readahead=2) == data[offset : offset + (128 << 10)]
-    # chunks come from disk a few MiB per worker-thread hop, the rest from memory
-    assert stats.get("cache_hits", tier="disk") <= 4
+    # each of the 6 chunks comes from disk once at most (how many reads find a background
+    # load finished is timing: not asserted); all other reads are served from memory
+    assert stats.get("cache_hits", tier="disk") <= 1 + 6
     assert stats.get("cache_hits", tier="ram") >= 30
 
 
