@@ -113,11 +113,12 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** "_kmgtp".index(unit)) if unit else int(number)
 
 
-def _positive_float(text: str) -> float:
+def seconds(text: str) -> float:
+    """argparse type of a SECONDS option (fedmount's and fedmount-run's): a number, not negative."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with CMD's status. Put MOUNTPOINT before --exec.")
     g.add_argument("--unmount", action="store_true",
                    help="Unmount MOUNTPOINT, even if its daemon is dead or hung, without contacting any API.")
-    g.add_argument("--unmount-timeout", metavar="SECONDS", type=_positive_float, default=2.0,
+    g.add_argument("--unmount-timeout", metavar="SECONDS", type=seconds, default=2.0,
                    help="How long --unmount (and --replace) keep trying (default 2).")
     g.add_argument("--replace", action="store_true",
                    help="If MOUNTPOINT is already a FUSE mount (live or dead), unmount it first.")
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--route", choices=("home", "direct"), default="home",
                    help="home: read remote blocks through the home cluster's keepstore (as arv-mount "
                    "does); direct: read them from the owning cluster's Keep with a salted token.")
-    g.add_argument("--refresh-time", metavar="SECONDS", type=_positive_float, default=15.0,
+    g.add_argument("--refresh-time", metavar="SECONDS", type=seconds, default=15.0,
                    help="How often collections addressed by UUID are re-checked, and how long a "
                    "collection id that does not exist is remembered as missing (default 15).")
 
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefetch-blocks", metavar="N", type=int, default=DEFAULT_PREFETCH_BLOCKS,
                    help="How many blocks to read ahead of a sequential reader "
                    f"(default {DEFAULT_PREFETCH_BLOCKS}).")
-    g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=_positive_float, default=15.0,
+    g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=seconds, default=15.0,
                    help="Abandon a keep service that sends no byte for this long and read the "
                    "block from the next replica (default 15).")
     g.add_argument("--read-ahead-kb", metavar="KB", type=int, default=4096,
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "otherwise; 0 keeps the kernel default (default 4096).")
 
     g = p.add_argument_group("statistics and logging")
-    g.add_argument("--crunchstat-interval", metavar="SECONDS", type=_positive_float, default=0.0,
+    g.add_argument("--crunchstat-interval", metavar="SECONDS", type=seconds, default=0.0,
                    help="Print crunchstat: lines (keep calls, bytes, cache hits, FUSE ops, process "
                    "figures) to stderr every SECONDS (0: never).")
     g.add_argument("--stats-port", metavar="PORT", type=int, default=None,

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn
 
+from fedmount.cli import seconds
 from fedmount.runner.crunchstat import Sampler
 from fedmount.runner.mounts import (
     FedMount,
@@ -111,16 +112,6 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedmount-run",
@@ -147,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--crunchstat-interval",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="seconds between resource lines in crunchstat.txt and fedmount.log; 0 for none (default 10)",
     )
     p.add_argument(
         "--mount-timeout",
-        type=_seconds,
+        type=seconds,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for the mount to be ready (default 60)",
