@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import os
 import random
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.spec, encoding="utf-8") as f:
         files = json.load(f)["files"]
     fs = NullFS(files, keep_cache=args.keep_cache)
+    del files
+    gc.freeze()  # the tree lives as long as the process: keep the collector from walking it
     pyfuse3.init(fs, args.mountpoint, set(pyfuse3.default_options) | {"fsname=bench-nullfs", "ro"})
     try:
         trio.run(serve, args.mountpoint, args.read_ahead_kb)
