@@ -16,8 +16,8 @@ import trio
 
 from fedmount.blocks.cache import (
     CHUNK,
+    MAPPED_BLOCKS,
     MIN_DISK_CACHE,
-    STAGED_CHUNKS,
     BlockCache,
     default_cache_dir,
     default_disk_cache_size,
@@ -80,14 +80,16 @@ async def test_small_random_reads_of_verified_chunks_copy_only_their_bytes(tmp_p
     key, data = make_block(32 * MiB)
     await writer.put(key, data)
     reader, stats = fresh(tmp_path)
-    for chunk in range(32):  # verifies every chunk; memory keeps only the last STAGED_CHUNKS
+    for chunk in range(32):  # verifies every chunk
         assert await reader.read(key, chunk * MiB, 4096) == data[chunk * MiB : chunk * MiB + 4096]
-    staged = dict(reader._staged)
     before = stats.get("cache_hits", tier="disk")
-    for offset in (4096, 700_000, 3 * MiB + 5, 5 * MiB - 4096):  # verified, no longer in memory
-        assert await reader.read(key, offset, 4096) == data[offset : offset + 4096]
-    assert reader._staged == staged  # served without copying whole chunks in
+    for offset in (4096, 700_000, 3 * MiB + 5, 5 * MiB - 4096):  # verified: one pread each, no view
+        got = await reader.read(key, offset, 4096)
+        assert isinstance(got, bytearray) and got == data[offset : offset + 4096]
     assert stats.get("cache_hits", tier="disk") == before + 4
+    # larger reads of verified chunks are views of the mapped file, with no copy
+    view = await reader.read(key, 3 * MiB - 5, 2 * MiB)
+    assert isinstance(view, memoryview) and view.readonly and view == data[3 * MiB - 5 : 5 * MiB - 5]
 
 
 async def test_default_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -274,9 +276,9 @@ def test_default_disk_size_counts_the_caches_own_blocks_as_free(tmp_path: Path) 
     assert default_disk_cache_size("/proc/self/no-such-dir") == MIN_DISK_CACHE
 
 
-async def test_staged_disk_chunks_are_reused_and_never_serve_stale_bytes(tmp_path: Path) -> None:
+async def test_concurrent_readers_of_more_block_files_than_are_mapped_get_their_bytes(tmp_path: Path) -> None:
     writer, _ = fresh(tmp_path, disk_limit=128 * MiB)
-    blocks = [make_block(9 * MiB + 123, seed) for seed in range(4)]
+    blocks = [make_block(9 * MiB + 123, seed) for seed in range(MAPPED_BLOCKS + 2)]
     for key, data in blocks:
         await writer.put(key, data)
     reader, stats = fresh(tmp_path, disk_limit=128 * MiB, ram_limit=MiB)
@@ -289,11 +291,16 @@ async def test_staged_disk_chunks_are_reused_and_never_serve_stale_bytes(tmp_pat
                 wrong.append((key, offset))
             await trio.sleep(0)
 
-    async with trio.open_nursery() as nursery:  # 4 readers cycle far more chunks than are staged
-        for (key, data), step in zip(blocks, (MiB, 256 << 10, 3 * MiB - 7, 64 << 10), strict=True):
-            nursery.start_soon(stream, key, data, step)
+    kept: list[tuple[memoryview, bytes]] = []
+    async with trio.open_nursery() as nursery:  # the readers cycle through more blocks than are mapped
+        for i, (key, data) in enumerate(blocks):
+            nursery.start_soon(stream, key, data, (MiB, 256 << 10, 3 * MiB - 7, 200 << 10)[i % 4])
+            view = await reader.read(key, MiB + 5, MiB)
+            assert isinstance(view, memoryview)
+            kept.append((view, data[MiB + 5 : 2 * MiB + 5]))
     assert wrong == []
-    assert len(reader._staged) <= STAGED_CHUNKS
+    assert len(reader._disk._open) <= MAPPED_BLOCKS
+    assert all(view == want for view, want in kept)  # a view outlives its block's place in the LRU
     assert stats.get("cache_corrupt") == 0
 
 

@@ -10,10 +10,11 @@ at offset 0, then a trailer: one xxh3-64 per 1 MiB chunk (little-endian u64), th
 size (u64) and an 8-byte magic. A `put` writes ``<file>.tmp.<pid>.<thread>`` and renames
 it into place, so readers in any process see either no file or a whole one, and two
 processes writing the same block race harmlessly (same content). Reads never load a
-block: they ``os.pread`` the 1 MiB chunks a request touches from a file descriptor kept
-open per hot block, and check each chunk's xxh3 the first time this process reads it
-(measured here: xxh3-64 14.9 GB/s, crc32 3.4 GB/s, md5 0.6 GB/s; the md5 is paid once,
-on insert; crc32 would add ~0.3 ms per MiB to every first read, xxh3 ~0.07 ms). A file
+block: a hot block's file is mapped (``mmap``, read-only, shared) and a read is a view of
+the mapping, which the FUSE reply copies straight out of the page cache; each 1 MiB chunk's
+xxh3 is checked the first time this process reads it (measured here: xxh3-64 14.9 GB/s,
+crc32 3.4 GB/s, md5 0.6 GB/s; the md5 is paid once, on insert; crc32 would add ~0.3 ms per
+MiB to every first read, xxh3 ~0.07 ms). A file
 whose length or trailer is wrong (truncated, foreign) or a chunk whose checksum differs
 (bit flip) makes the block a miss: the file is deleted, ``cache_corrupt`` counted, one
 warning logged, and the caller fetches the block again from Keep. Corrupt bytes are
@@ -35,44 +36,35 @@ bookkeeping cost ~114 us (a SQLite write per access) against ~9 us for a 128 KiB
 ``pread``, and it has no pinning and no per-chunk integrity. diskcache is itself
 "plain files + SQLite"; this module keeps that shape with the index the cache needs.
 
-Memory tier. Two LRUs of verified 1 MiB chunks keyed by ``(key, chunk index)``:
+Memory tier. An LRU of verified 1 MiB chunks of fetched blocks keyed by ``(key, chunk
+index)``: a fresh `put` lands there as zero-copy views of the block, bounded by
+``ram_limit`` bytes (with ``disk_limit=0`` this is the only tier).
 
-- fetched blocks: a fresh `put` lands there as zero-copy views of the block, bounded by
-  ``ram_limit`` bytes (with ``disk_limit=0`` this is the only tier);
-- staged disk chunks: what was read from a block file, at most ``STAGED_CHUNKS``, in
-  page-aligned anonymous buffers (``mmap``) that are reused once their chunk leaves the
-  LRU. Reuse is the point: the kernel's copy into freshly allocated memory ran at
-  ~1.4 GB/s here (page faults), into reused memory at 8-13 GB/s; and a ``bytearray``'s
-  data sits 16 bytes past a page boundary, where the copy out of the page cache ran 4-6x
-  slower than into page-aligned memory (4K aliasing on this CPU). The page cache already
-  holds these bytes, so there is no point keeping more than a read-ahead window of them.
-  Up to ``FREE_BUFFERS`` spare buffers wait for reuse, enough for one load of a whole
-  read-ahead window: with 8 spares a fresh 256 MiB sequential read still mapped ~44 new
-  buffers (and unmapped as many), with 16 about 5, and its CPU time fell by ~15%. A new
-  buffer is mapped with ``MAP_POPULATE`` (pages in one call instead of 256 faults during
-  the first ``preadv``): in-process CPU for a fresh 256 MiB read 113-123 -> 85-97 ms.
+Reading block files. The ``MAPPED_BLOCKS`` most recently read block files stay open and
+mapped. A chunk is verified (its xxh3 against the trailer) by a worker thread, which also
+faults its pages in; once verified, a read of any range of verified chunks is a read-only
+view of the mapping, made on the trio thread without a system call or a copy (a range
+spanning chunks is one view too: the mapping is contiguous). This replaced ``preadv`` into
+reused page-aligned buffers: in a warm sequential read the copy out of the page cache was
+27% of the daemon's CPU (perf; the FUSE reply's own copy 22%) and the buffers' recycling
+made every view valid only until the next await. A view of a mapping is valid as long as it
+is referenced (it keeps the mapping alive after the block leaves the LRU, and after an
+eviction unlinks the file). Files are never written in place (write + rename), so a mapped
+file never shrinks under a reader. The mapped pages of the blocks being read count in the
+daemon's RSS (file-backed, clean, reclaimable: at most ``MAPPED_BLOCKS`` blocks), and a
+page the kernel evicted after its chunk was verified is faulted back in by the reply (a
+disk read on the trio thread; a sequential reader's chunks are verified just before use).
 
-A chunk is read from disk with one ``preadv`` per span of chunks, into staged buffers.
-When the block file is already open and the span is in the page cache, the read happens
-right on the trio thread with ``RWF_NOWAIT`` (the kernel answers EAGAIN instead of
-waiting for a disk; a few hundred microseconds per 8 MiB, no thread hop); otherwise, or
-to open the file, a worker thread does it. Each chunk's xxh3 is checked the first time
-this process reads it (a per-open-block set of verified chunks), never again. A read
-that lies within one chunk returns a read-only view of it, copying nothing; a read
-spanning chunks copies their pieces once (``b"".join``). There is no await between
-finding a staged chunk and returning, but a staged buffer is reused once its chunk leaves
-the LRU, so a view of one is valid only until the caller's next await: the caller hands
-it on synchronously (FUSE: pyfuse3 copies the reply out of it before the handler's task
-can yield, see fs/fuse.py) or copies it (``bytes``) before awaiting anything.
-A small random read (up to ``SMALL_READ``) of chunks already verified is served with one
-non-blocking ``preadv`` of just its bytes, not a copy of whole chunks.
+A small random read (up to ``SMALL_READ``) of verified chunks is served with one
+``preadv(RWF_NOWAIT)`` of just its bytes instead (the kernel answers EAGAIN rather than
+wait for a disk, so a page evicted long after verification never blocks the trio thread).
 
 A sequential reader passes ``readahead=N``: when its read ends in chunk i, chunks
-i+1..i+N are loaded in the background (a load covers every chunk of the range not yet
-in memory or being loaded, and starts once half of the range is missing, so each load
-reads several chunks). `preload` does the same for the start of the next block, so a
-reader crossing into it does not wait. A read that needs a chunk being loaded waits for
-that load instead of reading it again.
+i+1..i+N are verified in the background (a load covers every chunk of the range not yet
+verified or being verified, and starts once half of the range is missing, so each worker
+thread hop verifies several chunks). `preload` does the same for the start of the next
+block, so a reader crossing into it does not wait. A read that needs a chunk being
+verified waits for that load instead of verifying it again.
 
 Degrading. If the directory cannot be created or written (read-only, no space,
 permissions), the cache logs exactly one warning and continues memory-only.
@@ -112,14 +104,11 @@ from fedmount.stats import Stats
 log = logging.getLogger("fedmount.cache")
 
 CHUNK = 1 << 20
-READ_AHEAD_CHUNKS = 2  # chunks a sequential read takes from disk per hop, beyond the ones asked for
-SMALL_READ = 128 * 1024  # random reads up to this size skip the chunk copy once a chunk is verified
-STAGED_CHUNKS = 24  # chunks read from disk kept in memory (in reused buffers)
-FREE_BUFFERS = 16  # chunk buffers kept for reuse: a full read-ahead load (prefetch.CHUNK_READAHEAD)
+READ_AHEAD_CHUNKS = 2  # chunks a sequential read verifies per hop, beyond the ones asked for
+SMALL_READ = 128 * 1024  # random reads up to this size are one non-blocking pread of their bytes
 DIGEST = xxhash.xxh3_64_intdigest
-_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE  # one mmap call, not 256 faults
 MAGIC = b"FMBLK\x01\x00\x00"
-OPEN_FILES = 64  # block files kept open per process
+MAPPED_BLOCKS = 8  # block files kept open and mapped per process
 TOUCH_INTERVAL = 60.0  # seconds between access-time updates of one block
 MIN_DISK_CACHE = 64 << 20  # the smallest default disk bound: one full-size Keep block
 
@@ -186,6 +175,7 @@ class _OpenBlock:
     inode: int
     size: int
     sums: tuple[int, ...]
+    data: memoryview  # read-only view of the block's bytes, mapped (the mapping lives while views do)
     verified: set[int] = field(default_factory=set)
     touched: float = 0.0
 
@@ -257,47 +247,25 @@ class _DiskTier:
         if tail[-len(MAGIC) :] != MAGIC or struct.unpack_from("<Q", tail, 8 * n)[0] != size:
             f.close()
             raise CorruptBlock("bad trailer")
-        block = _OpenBlock(f, f.fileno(), st.st_ino, size, struct.unpack_from(f"<{n}Q", tail))
+        data = memoryview(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) if size else b"")
+        block = _OpenBlock(f, f.fileno(), st.st_ino, size, struct.unpack_from(f"<{n}Q", tail), data)
         with self._open_lock:
             self._open[key] = block
-            while len(self._open) > OPEN_FILES:
+            while len(self._open) > MAPPED_BLOCKS:
                 self._open.popitem(last=False)
         return block
 
-    def read_chunks(
-        self, key: str, first: int, buffers: list[mmap.mmap | None], *, nowait: bool = False
-    ) -> list[tuple[memoryview, mmap.mmap]] | None:
-        """Chunks first.. (one per buffer, clipped to the block) read into `buffers` and verified.
+    def verify(self, key: str, first: int, last: int) -> _OpenBlock | None:
+        """Open and map the block if needed and check chunks first..last (clipped) not yet verified
+        by this process, faulting their pages in; the open block, or None if it is not on disk.
 
-        One ``preadv`` fills them all; a None buffer is allocated here (in the worker thread,
-        which pays for faulting its pages in). Returns (read-only view, buffer) per chunk, or
-        None if the block is not on disk.
-
-        ``nowait=True`` is for the trio thread: it raises `BlockingIOError` instead of doing
-        anything that could wait for a disk (opening the file, bytes not in the page cache,
-        ``RWF_NOWAIT``; an index write; a buffer to allocate)."""
-        if nowait:
-            with self._open_lock:
-                block = self._open.get(key)
-            if block is None or None in buffers or time.time() - block.touched > TOUCH_INTERVAL:
-                raise BlockingIOError("not ready for a non-blocking read")
-        else:
-            block = self._opened(key)
-            if block is None:
-                return None
-        count = min(len(buffers), chunk_count(block.size) - first)
-        start = first * CHUNK
-        bufs = [b if b is not None else mmap.mmap(-1, CHUNK, flags=_MAP_FLAGS) for b in buffers[:count]]
-        views = [memoryview(b)[: min(CHUNK, block.size - i * CHUNK)] for i, b in enumerate(bufs, first)]
-        want = sum(len(v) for v in views)
-        got = os.preadv(block.fd, views, start, os.RWF_NOWAIT if nowait else 0)
-        if got != want:
-            if nowait:
-                raise BlockingIOError("part of the range is not in the page cache")
-            raise CorruptBlock(f"short read: {got} of {want} bytes at offset {start}")
-        for i, view in enumerate(views, first):
+        Runs in a worker thread (it reads the disk). Raises `CorruptBlock` on a bad chunk."""
+        block = self._opened(key)
+        if block is None:
+            return None
+        for i in range(first, min(last, chunk_count(block.size) - 1) + 1):
             if i not in block.verified:
-                if DIGEST(view) != block.sums[i]:
+                if DIGEST(block.data[i * CHUNK : (i + 1) * CHUNK]) != block.sums[i]:
                     raise CorruptBlock(f"chunk {i} failed its checksum")
                 block.verified.add(i)
         now = time.time()
@@ -307,7 +275,32 @@ class _DiskTier:
                 "INSERT INTO blocks VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET atime=?",
                 (key, block.size, now, now),
             )
-        return [(v.toreadonly(), b) for v, b in zip(views, bufs, strict=True)]
+        return block
+
+    def _ready(self, key: str, first: int, last: int) -> _OpenBlock | None:
+        """The open block if chunks first..last are verified and its access time is fresh, else None."""
+        with self._open_lock:
+            block = self._open.get(key)
+            if block is not None:
+                self._open.move_to_end(key)
+        if block is None or time.time() - block.touched > TOUCH_INTERVAL:
+            return None
+        verified = block.verified
+        if not all(i in verified for i in range(first, last + 1)):
+            return None
+        return block
+
+    def verified(self, key: str) -> set[int] | frozenset[int]:
+        """The chunks of the block this process has verified (empty if it is not open)."""
+        with self._open_lock:
+            block = self._open.get(key)
+        return block.verified if block is not None else frozenset()
+
+    def view(self, key: str, offset: int, end: int) -> memoryview | None:
+        """A read-only view of bytes [offset, end) of the mapped block if every chunk they touch is
+        verified (and its access time fresh); None otherwise. No system call, no copy."""
+        block = self._ready(key, offset // CHUNK, (end - 1) // CHUNK)
+        return None if block is None else block.data[offset:end]
 
     def read_verified(self, key: str, offset: int, length: int) -> bytearray | None:
         """Bytes of an open block whose chunks this process has verified, straight from the
@@ -315,11 +308,8 @@ class _DiskTier:
 
         For small random reads: copying whole 1 MiB chunks to serve 4 KiB costs more than
         the read itself, and a verified chunk needs no second check."""
-        with self._open_lock:
-            block = self._open.get(key)
-        if block is None or time.time() - block.touched > TOUCH_INTERVAL:
-            return None
-        if not all(i in block.verified for i in range(offset // CHUNK, (offset + length - 1) // CHUNK + 1)):
+        block = self._ready(key, offset // CHUNK, (offset + length - 1) // CHUNK)
+        if block is None:
             return None
         buf = bytearray(length)
         try:
@@ -393,10 +383,7 @@ class BlockCache:
         self._ram_limit = ram_limit
         self._ram: OrderedDict[tuple[str, int], bytes | memoryview] = OrderedDict()
         self._ram_bytes = 0
-        # chunks read from disk, in buffers that are reused once the chunk leaves (see "Memory tier")
-        self._staged: OrderedDict[tuple[str, int], tuple[memoryview, mmap.mmap]] = OrderedDict()
-        self._free: list[mmap.mmap] = []
-        self._loading: dict[tuple[str, int], trio.Event] = {}  # chunks being read in the background
+        self._loading: dict[tuple[str, int], trio.Event] = {}  # chunks of block files being verified
         self._disk: _DiskTier | None = None
         self._degraded = False
         if disk_limit > 0:
@@ -439,29 +426,12 @@ class BlockCache:
         self._stats.set("cache_ram_bytes", self._ram_bytes)
 
     def _chunk(self, key: str, index: int) -> bytes | memoryview | None:
-        """A chunk from memory (a fetched block's view, or a staged disk chunk), or None."""
+        """A chunk of a fetched block from memory, or None."""
         slot = (key, index)
         chunk = self._ram.get(slot)
         if chunk is not None:
             self._ram.move_to_end(slot)
-            return chunk
-        staged = self._staged.get(slot)
-        if staged is not None:
-            self._staged.move_to_end(slot)
-            return staged[0]
-        return None
-
-    def _stage(self, key: str, index: int, view: memoryview, buffer: mmap.mmap) -> None:
-        old = self._staged.pop((key, index), None)
-        if old is not None:
-            self._recycle(old[1])
-        self._staged[(key, index)] = (view, buffer)
-        while len(self._staged) > STAGED_CHUNKS:
-            self._recycle(self._staged.popitem(last=False)[1][1])
-
-    def _recycle(self, buffer: mmap.mmap) -> None:
-        if len(self._free) < FREE_BUFFERS:
-            self._free.append(buffer)
+        return chunk
 
     # public API --------------------------------------------------------------------
 
@@ -470,129 +440,117 @@ class BlockCache:
     ) -> bytes | bytearray | memoryview | None:
         """Bytes [offset, offset+length) of the block (clipped to its size), or None on a miss.
 
-        A read within one chunk is a read-only view of it, valid only until the caller's next
-        await (see "Memory tier"). ``readahead=N`` (sequential readers) loads the N chunks
-        after this read in the background."""
+        A read within one chunk of a fetched block, or within verified chunks of a block file,
+        is a read-only view (no copy). ``readahead=N`` (sequential readers) has the N chunks
+        after this read verified in the background."""
         size = key_size(key)
         end = min(size, offset + length)
         if end <= offset:
             return b""
         first, last = offset // CHUNK, (end - 1) // CHUNK
         chunks = [self._chunk(key, i) for i in range(first, last + 1)]
-        tier = "ram"
-        if None in chunks:
-            if self._disk is None:
-                return self._miss(length)
+        if None not in chunks:
+            out = self._join(chunks, first, offset, end)
+            tier = "ram"
+        elif self._disk is None:
+            return self._miss(length)
+        else:
+            disk = self._disk
+            tier = "ram"  # verified chunks of a mapped file are read at memory speed
             for i in range(first, last + 1):
                 loading = self._loading.get((key, i))
                 if loading is not None:
                     await loading.wait()
-            # Staged chunks seen before an await may have been recycled since: look again.
-            chunks = [self._chunk(key, i) for i in range(first, last + 1)]
-            if None in chunks and not readahead and end - offset <= SMALL_READ:
-                small = self._disk.read_verified(key, offset, end - offset)
-                if small is not None:
-                    self._stats.add("cache_hits", tier="disk")
-                    self._stats.add("cache_hit_bytes", len(small), tier="disk")
-                    return small
-            if None in chunks:
-                # A sequential reader also gets the next chunks, in the same disk read.
-                got = await self._load(key, first, last + (READ_AHEAD_CHUNKS if readahead else 0))
-                if got is None:
+                    tier = "disk"
+            out = None
+            if not readahead and end - offset <= SMALL_READ:  # see "Reading block files"
+                out = disk.read_verified(key, offset, end - offset)
+                tier = "disk" if out is not None else tier
+            if out is None:
+                out = disk.view(key, offset, end)
+            if out is None:
+                block = await self._verify(key, first, last + (READ_AHEAD_CHUNKS if readahead else 0))
+                if block is None:
                     return self._miss(length)
-                chunks = got[: last - first + 1]
-            tier = "disk"
-        # From here to the return there is no await: no staged buffer can be reused under us.
-        base = first * CHUNK
-        out: memoryview | bytes
-        if len(chunks) == 1:  # a view, no copy: valid until the caller's next await
-            out = memoryview(chunks[0])[offset - base : end - base]  # type: ignore[arg-type]
-        else:
-            pieces = []
-            for i, chunk in enumerate(chunks, first):
-                lo, hi = max(offset, i * CHUNK) - i * CHUNK, min(end, (i + 1) * CHUNK) - i * CHUNK
-                pieces.append(chunk[lo:hi])  # type: ignore[index]
-            out = b"".join(pieces)
+                out, tier = block.data[offset:end], "disk"
         self._stats.add("cache_hits", tier=tier)
         self._stats.add("cache_hit_bytes", len(out), tier=tier)
         if readahead and self._disk is not None:
             self._schedule(key, last + 1, min(chunk_count(size), last + 1 + readahead))
         return out
 
-    async def _load(self, key: str, lo: int, hi: int) -> list[memoryview] | None:
-        """Read chunks lo..hi (inclusive, clipped) from disk into staged buffers; None on a miss.
+    @staticmethod
+    def _join(chunks: list, first: int, offset: int, end: int) -> bytes | memoryview:
+        """[offset, end) out of consecutive chunks from `first`: a view if it lies in one."""
+        base = first * CHUNK
+        if len(chunks) == 1:
+            return memoryview(chunks[0])[offset - base : end - base]
+        pieces = []
+        for i, chunk in enumerate(chunks, first):
+            lo, hi = max(offset, i * CHUNK) - i * CHUNK, min(end, (i + 1) * CHUNK) - i * CHUNK
+            pieces.append(chunk[lo:hi])
+        return b"".join(pieces)
 
-        Chunks not already being loaded are marked as loading meanwhile, so that concurrent
-        reads of them wait for this load instead of starting their own. The views returned
-        are valid until the caller's next await."""
+    async def _verify(self, key: str, lo: int, hi: int, mark: trio.Event | None = None) -> _OpenBlock | None:
+        """Verify chunks lo..hi (inclusive, clipped) of the block file in a worker thread: the open
+        block, or None if it is not on disk, is corrupt (then discarded) or cannot be read.
+
+        Chunks not already being verified are marked with `mark` (a new event by default)
+        meanwhile, so that concurrent reads of them wait for this instead of repeating it."""
         assert self._disk is not None
-        count = min(hi, chunk_count(key_size(key)) - 1) - lo + 1
-        mine = trio.Event()
-        slots = [(key, i) for i in range(lo, lo + count) if (key, i) not in self._loading]
-        for slot in slots:
-            self._loading[slot] = mine
-        buffers: list[mmap.mmap | None] = [self._free.pop() if self._free else None for _ in range(count)]
+        hi = min(hi, chunk_count(key_size(key)) - 1)
+        mine = mark if mark is not None else self._mark(key, lo, hi)
         try:
-            try:
-                try:  # from the page cache, right here: no thread hop
-                    got = self._disk.read_chunks(key, lo, buffers, nowait=True)
-                except OSError:  # would block (or RWF_NOWAIT unsupported): a worker thread does it
-                    got = await trio.to_thread.run_sync(self._disk.read_chunks, key, lo, buffers)
-            except CorruptBlock as exc:
-                await self._corrupt(key, exc)
-                return None
-            except OSError as exc:
-                log.warning("block cache: reading %s failed (%s); fetching it again", key, exc)
-                return None
+            return await trio.to_thread.run_sync(self._disk.verify, key, lo, hi)
+        except CorruptBlock as exc:
+            await self._corrupt(key, exc)
+            return None
+        except OSError as exc:
+            log.warning("block cache: reading %s failed (%s); fetching it again", key, exc)
+            return None
         finally:
-            for slot in slots:
+            for slot in [(key, i) for i in range(lo, hi + 1)]:
                 if self._loading.get(slot) is mine:
                     del self._loading[slot]
             mine.set()
-        if got is None:
-            for buffer in buffers:
-                if buffer is not None:
-                    self._recycle(buffer)
-            return None
-        for i, (view, buffer) in enumerate(got, lo):
-            self._stage(key, i, view, buffer)
-        return [view for view, _ in got]
+
+    def _mark(self, key: str, lo: int, hi: int) -> trio.Event:
+        """Mark chunks lo..hi not already being verified as being verified, with a new event."""
+        event = trio.Event()
+        for i in range(lo, hi + 1):
+            self._loading.setdefault((key, i), event)
+        return event
 
     def preload(self, key: str, offset: int, length: int) -> None:
-        """Load the chunks holding [offset, offset+length) of a block in the background, if it
-        is on disk and they are neither in memory nor being loaded (a reader about to cross
-        into the block)."""
+        """Verify the chunks holding [offset, offset+length) of a block in the background, if it
+        is on disk and they are neither in memory, verified nor being verified (a reader about
+        to cross into the block)."""
         if self._disk is not None:
             size = key_size(key)
             self._schedule(key, offset // CHUNK, min(chunk_count(size), (offset + length - 1) // CHUNK + 1))
 
     def _schedule(self, key: str, lo: int, hi: int) -> None:
-        """Load chunks [lo, hi) that are neither in memory nor being loaded, in the background.
-
-        Loads start once at least half of the range is missing, so each worker-thread hop reads
-        several chunks."""
+        """Verify chunks [lo, hi) that are neither in memory, verified nor being verified, in the
+        background. Starts once at least half of the range is missing, so each worker-thread hop
+        verifies several chunks."""
+        assert self._disk is not None
+        verified = self._disk.verified(key)
         todo = [
             i
             for i in range(lo, hi)
-            if (key, i) not in self._ram and (key, i) not in self._staged and (key, i) not in self._loading
+            if i not in verified and (key, i) not in self._ram and (key, i) not in self._loading
         ]
         if not todo or (len(todo) < (hi - lo + 1) // 2 and hi < chunk_count(key_size(key))):
-            return  # enough is ahead already: load in batches, not one chunk per thread hop
-        done = trio.Event()
-        for i in todo:
-            self._loading[(key, i)] = done
-        trio.lowlevel.spawn_system_task(self._background_load, key, todo, done, name=f"cache load {key}")
+            return  # enough is ahead already: verify in batches, not one chunk per thread hop
+        lo, hi = todo[0], todo[-1]
+        mark = self._mark(key, lo, hi)  # now: a read arriving before the task starts waits for it
+        trio.lowlevel.spawn_system_task(self._background_verify, key, lo, hi, mark, name=f"verify {key}")
 
-    async def _background_load(self, key: str, todo: list[int], done: trio.Event) -> None:
+    async def _background_verify(self, key: str, lo: int, hi: int, mark: trio.Event) -> None:
         try:
-            await self._load(key, todo[0], todo[-1])
+            await self._verify(key, lo, hi, mark)
         except Exception:  # a bug must not take the daemon down; the foreground read retries
-            log.exception("block cache: background load of %s failed", key)
-        finally:
-            for i in todo:
-                if self._loading.get((key, i)) is done:
-                    del self._loading[(key, i)]
-            done.set()
+            log.exception("block cache: background verification of %s failed", key)
 
     def _miss(self, length: int) -> None:
         self._stats.add("cache_misses")
@@ -606,7 +564,6 @@ class BlockCache:
             chunk = self._ram.pop((key, index), None)
             if chunk is not None:
                 self._ram_bytes -= len(chunk)
-            self._staged.pop((key, index), None)
         if self._disk is not None:
             await trio.to_thread.run_sync(self._disk.discard, key)
 

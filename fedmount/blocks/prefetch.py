@@ -8,13 +8,11 @@ the file's segments (bisect over their file offsets) and each piece is asked fro
 miss, from Keep. The pieces are joined in order; a `BlockError` on any of them is raised
 as is (the FUSE layer turns it into EIO; its message says which block and services).
 
-A read is not copied on its way through: a read within one cache chunk comes back as
-the cache's read-only view of that chunk, a read of a block just fetched as a view of
-the fetched bytes. A view of a chunk staged from disk is valid only until the caller's
-next await (cache.py reuses those buffers), so `FileReader.read`'s answer must be used
-or copied before its caller awaits anything; the FUSE adapter hands it to pyfuse3, which
-copies it into the reply synchronously. A read made of several pieces copies each piece
-but the last (an await for the next piece follows it) and joins them.
+A read is not copied on its way through: a read within one block comes back as the
+cache's read-only view (of the block file's mapping, or of one chunk of a block fetched
+into memory), a read of a block just fetched as a view of the fetched bytes; the FUSE
+adapter hands it to pyfuse3, which copies it into the reply. A read made of several
+pieces (it crosses a block boundary) joins them.
 
 ## Sequential detection and the window
 
@@ -61,11 +59,11 @@ manifest gives the exact block list up front: no guessing about object sizes, no
 requests past the end.
 
 Blocks already on the disk cache are read ahead too, at a finer grain: a sequential read
-asks the cache to have the next ``CHUNK_READAHEAD`` 1 MiB chunks of its block in memory
-(cache.py loads them in the background, from the page cache without a thread hop when it
-can), and a read within ``CHUNK_READAHEAD`` MiB of the end of its block has the cache
-`preload` the start of the file's next block, so a remount reading warm data does not
-stall at each block boundary while the next block file is opened and read.
+asks the cache to have the next ``CHUNK_READAHEAD`` 1 MiB chunks of its block verified
+(cache.py checks them in a worker thread, which also faults their pages in), and a read
+within ``CHUNK_READAHEAD`` MiB of the end of its block has the cache `preload` the start
+of the file's next block, so a remount reading warm data does not stall at each block
+boundary while the next block file is opened, mapped and checked.
 
 ## Limits
 
@@ -123,8 +121,7 @@ TRACKED = 256  # prefetched blocks remembered for the used/wasted accounting
 DEFAULT_PREFETCH_BLOCKS = 8  # blocks a sequential reader's window grows to
 INITIAL_WINDOW = 4  # blocks a fresh sequential reader keeps fetched ahead
 PEEK = 64 << 10  # a handle's first read smaller than this (not reaching EOF) prefetches nothing
-CHUNK_READAHEAD = 16  # cache chunks (1 MiB) a sequential reader has loaded from disk ahead of it
-# (cache.STAGED_CHUNKS must hold this window and a load in progress)
+CHUNK_READAHEAD = 16  # cache chunks (1 MiB) a sequential reader has verified ahead of it
 
 
 class _Fetch:
@@ -183,8 +180,8 @@ class BlockReader:
     ) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset+length) of one block, from the cache or fetched (once) from Keep.
 
-        Possibly a view valid only until the caller's next await (see the module docstring).
-        A `sequential` reader also gets the next cached chunks loaded into memory ahead of it."""
+        Possibly a read-only view (see the module docstring). A `sequential` reader also gets
+        the next cached chunks verified ahead of it."""
         key = locator.key
         self._mark_used(key)
         fetch = self._inflight.get(key)
@@ -210,7 +207,7 @@ class BlockReader:
         return memoryview(block)[offset : offset + length].toreadonly()
 
     def preload(self, locator: Locator, offset: int, length: int) -> None:
-        """Have the cache load [offset, offset+length) of a block from disk ahead of a reader."""
+        """Have the cache verify [offset, offset+length) of a block on disk ahead of a reader."""
         if locator.key not in self._inflight:  # a block being fetched lands in memory anyway
             self._cache.preload(locator.key, offset, length)
 
@@ -299,7 +296,7 @@ class FileReader:
         return self._window
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
-        """Bytes [offset, offset+size) of the file; a view valid until the caller's next await."""
+        """Bytes [offset, offset+size) of the file, possibly a read-only view."""
         end = min(self.size, offset + size)
         if end <= offset:
             return b""
@@ -324,8 +321,7 @@ class FileReader:
             )
             pos += take
             index += 1
-            # A view lasts until the next await: copy it if another piece is still to be read.
-            pieces.append(piece if pos >= end else bytes(piece))
+            pieces.append(piece)
         if sequential and not peek and index < len(self._segments):
             # Close to the end of this piece: the cache loads the next block's start from disk.
             nxt = self._segments[index]

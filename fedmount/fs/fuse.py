@@ -2,10 +2,9 @@
 
 Each handler converts arguments (names arrive as bytes and are decoded as UTF-8 with
 surrogate escapes, so any byte string round-trips), calls the model, and converts the
-answer into pyfuse3's types. A read's answer may be a view of a block cache buffer that
-is reused once the handler's task yields: it is returned to pyfuse3 untouched, and
-pyfuse3 copies it into the reply before anything else runs (so ``_guard`` must not await
-after the handler returns). Every handler goes through `_guard`, which
+answer into pyfuse3's types. A read's answer may be a read-only view of the block cache
+(a mapped block file): it is returned to pyfuse3 untouched, which copies it into the
+reply. Every handler goes through `_guard`, which
 
 - counts the operation and its time (``fuse_ops`` and ``fuse_seconds``, label ``op``);
 - turns `FsError` into `pyfuse3.FUSEError` with its errno;
@@ -198,8 +197,6 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard("read")
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
-        # Possibly a view of a reused cache buffer (blocks/cache.py): nothing may await between
-        # here and pyfuse3's reply, which copies it (fuse_read_async: PyObject_GetBuffer).
         data = await self._files[fh].read(off, size)
         self.stats.add("fuse_read_bytes", len(data))
         return data
