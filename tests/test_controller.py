@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import ssl
 import time
 
@@ -46,6 +48,45 @@ async def test_get_collection_by_uuid_and_pdh_percent_encodes(fake):
     assert (await c.get_collection(rec["uuid"]))["manifest_text"] == rec["manifest_text"]
     by_pdh = await c.get_collection(rec["portable_data_hash"])
     assert by_pdh["uuid"] == rec["portable_data_hash"]
+    await c.aclose()
+
+
+class _JsonStream(httpx.AsyncByteStream):
+    """A body made as it is sent, in two chunks, as a socket delivers it (nothing keeps it)."""
+
+    def __init__(self, doc: dict):
+        self.doc = doc
+
+    async def __aiter__(self):
+        body = json.dumps(self.doc).encode()
+        yield body[:10]
+        yield body[10:]
+
+
+async def test_an_answer_body_is_not_kept_after_the_call():
+    """httpx keeps a body read with `aread` on its response, in a reference cycle: a big
+    manifest would outlive the call until the cyclic collector ran."""
+    record = {"uuid": "zzzzz-4zz18-bodybodybodybod", "manifest_text": ". " + "0" * 32 + "+0 0:0:x\n"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/discovery"):
+            return httpx.Response(200, json={"uuidPrefix": "zzzzz", "rootUrl": "https://h/"})
+        return httpx.Response(200, stream=_JsonStream(record))
+
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=httpx.MockTransport(handler))
+    gc.collect()
+    gc.disable()
+    try:
+        assert await c.get_collection(record["uuid"]) == record
+        bodies = [
+            r
+            for o in gc.get_objects()
+            for r in gc.get_referents(o)
+            if isinstance(r, (bytes, bytearray)) and b"bodybodybodybod" in r
+        ]
+    finally:
+        gc.enable()
+    assert bodies == []
     await c.aclose()
 
 

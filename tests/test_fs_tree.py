@@ -7,6 +7,7 @@ parsed by the real parser.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import hashlib
@@ -321,6 +322,48 @@ async def test_hidden_collection_record(world):
     assert record["manifest_text"] == fed.collections[UUID_A].manifest_text
     attr = await tree.getattr(await path_node(tree, f"by_id/{UUID_A}/.arvados#collection"))
     assert attr.attr_timeout == 0 and attr.mode == stat.S_IFREG | 0o444
+
+
+async def test_a_mounted_collection_keeps_its_manifest_text_only_compressed(world):
+    fed, *_, make = world
+    tree = make()
+    await path_node(tree, f"by_id/{UUID_A}")
+    coll = tree.root.children["by_id"]._collections[UUID_A]
+    text = fed.collections[UUID_A].manifest_text
+    kept = [getattr(coll.record, f.name) for f in dataclasses.fields(coll.record)]
+    assert "manifest_text" not in coll.record.fields and text not in kept
+    assert coll.record.answer() == fed.collections[UUID_A].record
+    assert coll.record.fields["uuid"] == UUID_A
+
+
+async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
+    fed, _, _, _, mono, make = world
+    released: list[int] = []
+    monkeypatch.setattr("fedmount.fs.tree.release", lambda: released.append(len(fed.calls)))
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    assert released == [1]
+    mono.t += 16
+    await tree.getattr(ino)  # an unchanged re-check
+    fed.fail[UUID_A] = ApiError(0, "zzzzz", "connection refused")
+    mono.t += 16
+    await tree.getattr(ino)  # a failed one
+    assert released == [1, 2, 3]
+
+
+async def test_an_unchanged_recheck_does_not_parse_the_manifest_again(world, monkeypatch):
+    fed, _, _, _, mono, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    record_before = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
+    parsed: list[str] = []
+    monkeypatch.setattr("fedmount.fs.tree.parse_manifest", lambda text: parsed.append(text))
+    fed.collections[UUID_A].record["name"] = "renamed"  # the record changed, not its content
+    mono.t += 16
+    assert (await tree.getattr(ino)).size == 12
+    assert fed.calls == [UUID_A, UUID_A] and parsed == []
+    record = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
+    assert record == {**record_before, "name": "renamed"}
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,9 @@ fedmount speaks the API protocol (reference/arvados-protocol.md §0–§2, §6):
 - Failures raise `ApiError` with the HTTP status (0 when the cluster could not be reached),
   the cluster, and a one-line message built from the server's ``{"errors": [...]}``,
   passed through `redact` so that no token can leak into a log line.
+- Bodies are read into a buffer of the client's own and decoded from it, so a large
+  answer (a 25 MB manifest) is freed as soon as its caller drops it: a body read by httpx
+  stays on its response, which a reference cycle keeps until the cyclic collector runs.
 - TLS: a CA file, the system trust store, or no verification in insecure mode
   (``ARVADOS_API_HOST_INSECURE``). The transport is injectable: unit tests pass an
   `httpx.MockTransport` and no socket is opened.
@@ -72,10 +75,10 @@ def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | N
     return None
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: httpx.Response, body: bytes | bytearray) -> str:
     """The server's reason, from ``{"errors": [...]}`` when it sent one, in one short line."""
     try:
-        errors = response.json().get("errors")
+        errors = json.loads(body).get("errors")
         text = "; ".join(str(e) for e in errors) if errors else ""
     except (ValueError, AttributeError):
         text = ""
@@ -210,11 +213,11 @@ class ControllerClient:
         while True:
             self._count("api_requests")
             try:
-                response = await self._http.get(url, headers=headers, params=params)
-                self._count("api_bytes", len(response.content))
+                response, body = await self._get(url, headers, params)
+                self._count("api_bytes", len(body))
                 if response.status_code not in RETRY_STATUSES:
-                    return self._answer(path, response)
-                failure = ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response)}")
+                    return self._answer(path, response, body)
+                failure = self._refusal(path, response, body)
             except httpx.TransportError as e:
                 failure = ApiError(0, self._label, self._transport_failure(e))
                 if _certificate_error(e):
@@ -228,6 +231,16 @@ class ControllerClient:
             log.debug("retrying in %.2fs after %s", delay, failure)
             await trio.sleep(delay)
 
+    async def _get(
+        self, url: str, headers: dict[str, str], params: dict[str, str] | None
+    ) -> tuple[httpx.Response, bytearray]:
+        """GET `url`, its body read into a buffer of our own (see the module docstring)."""
+        async with self._http.stream("GET", url, headers=headers, params=params) as response:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+        return response, body
+
     def _transport_failure(self, error: httpx.TransportError) -> str:
         cert = _certificate_error(error)
         if cert is not None:
@@ -239,11 +252,14 @@ class ControllerClient:
         reason = str(error) or (f"{type(cause).__name__}: {cause}" if cause else "")
         return f"cannot reach {self.api_host}: {type(error).__name__}: {reason or 'no reason given'}"
 
-    def _answer(self, path: str, response: httpx.Response) -> Any:
+    def _refusal(self, path: str, response: httpx.Response, body: bytearray) -> ApiError:
+        return ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response, body)}")
+
+    def _answer(self, path: str, response: httpx.Response, body: bytearray) -> Any:
         if response.status_code >= 400:
             self._count("api_errors")
-            raise ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response)}")
+            raise self._refusal(path, response, body)
         try:
-            return response.json()
+            return json.loads(body)
         except ValueError:
             raise ApiError(502, self._label, f"GET {path}: the answer is not JSON") from None

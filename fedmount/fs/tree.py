@@ -52,6 +52,17 @@ Freshness
     A refresh that fails keeps the old manifest (its signatures may well still be valid),
     logs one line and is retried after `RETRY_AFTER_ERROR` seconds.
 
+Memory
+    A mounted collection keeps its parsed manifest (`fedmount.federation.manifest`) and a
+    `KeptRecord`: the API record without its manifest text, which only
+    ``.arvados#collection`` reads and which is kept zlib-compressed. A UUID re-check whose
+    answer has the same PDH (and whose signatures are not due) is not parsed again. Every
+    fetch ends with `fedmount.memory.release`, once the answer and the parse's
+    temporaries are garbage. With a 1,000,000-file collection (25.4 MB manifest), loading
+    it and a ``find`` over it used to leave the daemon 146-165 MB above its idle 39.6 MB
+    (the text, an unparsed re-check's tree and body, and the heap they left free);
+    now 65 MB, which is the tree and the 5.4 MB compressed text.
+
 Negative answers
     Names that cannot be a collection id (`looks_like_collection_id`) are refused without
     any API call. A collection id the API does not know is remembered for
@@ -74,6 +85,7 @@ import math
 import re
 import stat
 import time
+import zlib
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from itertools import takewhile
@@ -85,6 +97,7 @@ from fedmount.blocks.keep import BlockError, BlockNotFound, KeepRoute
 from fedmount.federation.controller import ApiError
 from fedmount.federation.ids import CollectionId, looks_like_collection_id, parse_collection_id
 from fedmount.federation.manifest import Directory, File, Manifest, ManifestError, parse_manifest
+from fedmount.memory import release
 from fedmount.stats import Stats
 
 from .inodes import ROOT_INODE, InodeTable, NegativeCache
@@ -205,8 +218,47 @@ def _earliest_signature_expiry(text: str) -> int | None:
     return min(int(e, 16) for e in expiries) if expiries else None
 
 
-def _parse(text: str) -> tuple[Manifest, int | None]:
-    return parse_manifest(text), _earliest_signature_expiry(text)
+@dataclass(frozen=True, slots=True)
+class KeptRecord:
+    """What a mounted collection keeps of its API record. The manifest text is the bulk of
+    it and only ``.arvados#collection`` reads it (the parsed tree serves the files), so it
+    is kept zlib-compressed (level 1: 25.4 MB -> 5.4 MB in 0.15 s for 1,000,000 files)."""
+
+    uuid: str
+    portable_data_hash: str
+    modified_at: float | None
+    cluster: str
+    route: KeepRoute
+    fields: dict[str, Any]  # the API's answer without its manifest_text
+    packed_manifest: bytes | None  # zlib of that manifest_text; None if the answer had none
+
+    @classmethod
+    def of(cls, record: CollectionRecordLike, packed_manifest: bytes | None) -> KeptRecord:
+        fields = {k: v for k, v in record.record.items() if k != "manifest_text"}
+        return cls(
+            record.uuid,
+            record.portable_data_hash,
+            record.modified_at,
+            record.cluster,
+            record.route,
+            fields,
+            packed_manifest,
+        )
+
+    def answer(self) -> dict[str, Any]:
+        """The API's answer as it came (with the manifest text of the parsed generation)."""
+        if self.packed_manifest is None:
+            return self.fields
+        return {**self.fields, "manifest_text": zlib.decompress(self.packed_manifest).decode()}
+
+
+def _load(record: CollectionRecordLike) -> tuple[KeptRecord, Manifest, int | None]:
+    """Parse a record's manifest and pack the record (run in a worker thread)."""
+    text = record.manifest_text
+    manifest, expiry = parse_manifest(text), _earliest_signature_expiry(text)
+    answered = record.record.get("manifest_text")
+    packed = zlib.compress(answered.encode(), 1) if isinstance(answered, str) else None
+    return KeptRecord.of(record, packed), manifest, expiry
 
 
 def _segment_keys(file: File) -> list[tuple[str, int, int]]:
@@ -395,7 +447,7 @@ class Collection:
     """One mounted collection: its record, parsed manifest, generation and refresh times."""
 
     def __init__(self, tree: Tree, cid: CollectionId, key: Hashable, root_ino: int,
-                 record: CollectionRecordLike, manifest: Manifest, expiry: int | None):
+                 record: KeptRecord, manifest: Manifest, expiry: int | None):
         self.tree = tree
         self.cid = cid
         self.key = key
@@ -427,7 +479,7 @@ class Collection:
         return f"collection {self.cid} (cluster {self.record.cluster})"
 
     def _record_json(self) -> bytes:
-        return (json.dumps(self.record.record, indent=1, sort_keys=True) + "\n").encode()
+        return (json.dumps(self.record.answer(), indent=1, sort_keys=True) + "\n").encode()
 
     def _set_times(self, expiry: int | None) -> None:
         tree = self.tree
@@ -452,8 +504,9 @@ class Collection:
                 return
             signatures_due = self.tree.wall() >= self.signatures_refresh_at
             self.tree.stats.add("collection_refreshes")
+            known = None if signatures_due else self.record  # parse again only if due or changed
             try:
-                record, manifest, expiry = await self.tree.fetch(self.cid)
+                record, manifest, expiry = await self.tree.recheck(self.cid, known)
             except FsError as e:
                 if e.errno == errno.ENOENT and not self.immutable:
                     raise
@@ -463,7 +516,7 @@ class Collection:
                     self.signatures_refresh_at = self.tree.wall() + RETRY_AFTER_ERROR
                 return
             changed = record.portable_data_hash != self.record.portable_data_hash
-            if changed or signatures_due:
+            if manifest is not None:  # changed or signatures_due
                 if changed:
                     log.info("%s changed: %s -> %s", self.describe(), self.record.portable_data_hash,
                              record.portable_data_hash)
@@ -473,6 +526,8 @@ class Collection:
                 self._set_times(expiry)
                 if changed:
                     self.tree.on_change(self._invalidation(old))
+                del old
+                release()  # what no listing or open file still holds of the old generation
             else:
                 self.record = record
                 self.checked_at = self.tree.clock()
@@ -828,8 +883,28 @@ class Tree:
         assert isinstance(coll.root, CollectionDir)
         self.root = coll.root
 
-    async def fetch(self, cid: CollectionId) -> tuple[CollectionRecordLike, Manifest, int | None]:
+    async def fetch(self, cid: CollectionId) -> tuple[KeptRecord, Manifest, int | None]:
         """The record and parsed manifest of `cid`, or FsError (logged in one line)."""
+        record, manifest, expiry = await self.recheck(cid, None)
+        assert manifest is not None
+        return record, manifest, expiry
+
+    async def recheck(
+        self, cid: CollectionId, known: KeptRecord | None
+    ) -> tuple[KeptRecord, Manifest | None, int | None]:
+        """As `fetch`, but an answer with `known`'s portable data hash is not parsed again:
+        it gives (its record with `known`'s manifest text, None, None).
+
+        The answer, its JSON text and the parse's temporaries are garbage once this returns
+        (or raises), so the C heap's free memory is given back to the system then."""
+        try:
+            return await self._fetch(cid, known)
+        finally:
+            release()
+
+    async def _fetch(
+        self, cid: CollectionId, known: KeptRecord | None
+    ) -> tuple[KeptRecord, Manifest | None, int | None]:
         try:
             record = await self.federation.get_collection(cid)
         except ApiError as e:
@@ -844,15 +919,17 @@ class Tree:
                 self.stats.add("api_errors", cluster=e.cluster)
                 log.error("%s", message)
             raise FsError(code, message) from None
+        if known is not None and record.portable_data_hash == known.portable_data_hash:
+            return KeptRecord.of(record, known.packed_manifest), None, None
         try:
-            manifest, expiry = await trio.to_thread.run_sync(_parse, record.manifest_text)
+            kept, manifest, expiry = await trio.to_thread.run_sync(_load, record)
         except ManifestError as e:
             message = f"collection {cid} (cluster {record.cluster}): {e}"
             self.stats.add("manifest_errors", cluster=record.cluster)
             log.error("%s", message)
             raise FsError(errno.EIO, message) from None
         self.stats.add("collections_loaded", cluster=record.cluster)
-        return record, manifest, expiry
+        return kept, manifest, expiry
 
     def _stats_json(self) -> bytes:
         return (json.dumps(self.stats.snapshot(), indent=1, sort_keys=True) + "\n").encode()
