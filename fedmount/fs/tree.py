@@ -59,8 +59,9 @@ Memory
     answer has the same PDH (and whose signatures are not due) is not parsed again. Every
     fetch ends with `fedmount.memory.release`, once the answer and the parse's
     temporaries are garbage. With a 1,000,000-file collection (25.4 MB manifest), loading
-    it and a ``find`` over it used to leave the daemon 146-165 MB above its idle 39.6 MB
-    (the text, an unparsed re-check's tree and body, and the heap they left free);
+    it and a ``find`` over it used to leave the daemon 146-170 MB above its idle 39.6 MB
+    (the text; the tree and HTTP body of a re-check that found nothing new; the heap
+    they left free);
     now 40 MB: the 30.7 MB tree and the 5.4 MB compressed text (80 MB in all, 3.2x
     the manifest).
 
