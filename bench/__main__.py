@@ -13,7 +13,10 @@ Steps:
    fresh mounts of the filesystem under test (``--target fedmount``, the default, or
    ``nullfs`` to exercise the machinery without the daemon). The remote workloads and
    their Keep ceilings run with the remote cluster shaped (added latency and a
-   per-connection bandwidth cap), everything else unshaped.
+   per-connection bandwidth cap), everything else unshaped. The remote cold read runs
+   twice: with the default route (through the home keepstore, which proxies and verifies
+   the remote's blocks; ceiling: raw GETs from the home keepstores) and with
+   ``--route direct`` (ceiling: raw GETs from the remote's keepstores, salted token).
 4. Write ``bench/results/latest.json`` (`bench.report`) and print the table.
 
 A workload that fails records its error and the others still run. ``--check-json`` reads
@@ -37,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from fedmount.federation.tokens import parse_token, salt_for
 from integration.harness import Federation
 
 from . import ceilings, report, workloads
@@ -186,10 +190,12 @@ class Run:
         colls: dict[str, BenchCollection],
         workdir: str,
         only: str | None = None,
+        direct: workloads.Subject | None = None,
     ) -> None:
         self.cfg = cfg
         self.only = only
         self.subject = subject
+        self.direct = direct  # the subject mounted with --route direct, if it has routes
         self.nullfs = nullfs
         self.fed = fed
         self.colls = colls
@@ -197,7 +203,7 @@ class Run:
         self.ceilings: dict[str, tuple[Figure, dict[str, Any]]] = {}
         self.results: list[Result] = []
         self.access = ceilings.ClusterAccess(fed.api_host(), fed.token(), fed.ca_cert)
-        self.keep: dict[str, ceilings.KeepCeiling] = {}
+        self.keep: dict[tuple[str, str], ceilings.KeepCeiling] = {}
         mbps = cfg.remote_bandwidth / 1e6
         remote = colls["seq_remote"].cluster
         self.shaping = f"{remote} shaped: +{cfg.remote_latency_ms} ms, {mbps:.0f} MB/s per connection"
@@ -254,10 +260,19 @@ class Run:
             fig = Figure(fig.unit, self.ceilings[name][0].samples + fig.samples)
         self.ceilings[name] = (fig, {"how": how})
 
-    def _keep(self, c: BenchCollection) -> ceilings.KeepCeiling:
-        if c.name not in self.keep:
-            self.keep[c.name] = ceilings.KeepCeiling(self.access, c.uuid, "data.bin", self.cfg.keep_threads)
-        return self.keep[c.name]
+    def _keep(self, c: BenchCollection, *, direct: bool = False) -> ceilings.KeepCeiling:
+        """Raw GETs of the collection's blocks: from the home keepstores (which proxy a remote
+        collection's blocks), or, `direct`, from the owning cluster's keepstores with the home
+        token salted for it, as fedmount --route direct reads them."""
+        if (c.name, str(direct)) not in self.keep:
+            access = self.access
+            if direct:
+                salted = salt_for(parse_token(self.fed.token()), c.cluster).text
+                access = ceilings.ClusterAccess(self.fed.api_host(c.cluster), salted, self.fed.ca_cert)
+            self.keep[(c.name, str(direct))] = ceilings.KeepCeiling(
+                access, c.uuid, "data.bin", self.cfg.keep_threads
+            )
+        return self.keep[(c.name, str(direct))]
 
     def local_workloads(self, page_cache: ceilings.PageCacheFile) -> None:
         cfg, c, s, nf = self.cfg, self.colls, self.subject, self.nullfs
@@ -429,6 +444,24 @@ class Run:
                     )
                 },
             )
+            if self.direct is not None:
+                direct = self.direct
+                self.workload(
+                    f"cold sequential read {cfg.seq_size // MiB} MiB, remote, --route direct",
+                    "the same dd, fedmount reading the owning cluster's keepstores itself (salted token)"
+                    f" instead of through the home keepstore, {self.shaping}",
+                    Target("ratio_at_least", 0.8, ">= 0.8 x Keep (shaped)"),
+                    "B/s",
+                    lambda n: workloads.sequential(direct, remote, "data.bin", cfg.read_size, n, cold=True),
+                    {
+                        "keep_remote_direct": Ceiling(
+                            "B/s",
+                            f"{cfg.keep_threads} parallel raw GETs from {remote.cluster}'s keepstores, "
+                            f"{self.shaping}",
+                            lambda n: self._keep(remote, direct=True).samples(n),
+                        )
+                    },
+                )
             self.workload(
                 "time to first byte, uncached remote block",
                 f"open + 1-byte read, file stat'ed first, fresh disk cache, {self.shaping}",
@@ -514,17 +547,18 @@ def main(argv: list[str] | None = None) -> int:
             nullfs = ceilings.NullfsSubject(
                 served, os.path.join(workdir, "nullfs"), cfg.read_ahead_kb, sys.executable
             )
-            subject: workloads.Subject = (
-                nullfs
-                if args.target == "nullfs"
-                else workloads.FedmountSubject(
-                    fed.env(base=workloads.python_path_env()),
-                    os.path.join(workdir, "fedmount"),
-                    cfg.read_ahead_kb,
-                    args.fedmount,
+            subject: workloads.Subject = nullfs
+            direct: workloads.Subject | None = None
+            if args.target != "nullfs":
+                env = fed.env(base=workloads.python_path_env())
+                subject = workloads.FedmountSubject(
+                    env, os.path.join(workdir, "fedmount"), cfg.read_ahead_kb, args.fedmount
                 )
-            )
-            run = Run(cfg, subject, nullfs, fed, colls, workdir, args.only)
+                direct = workloads.FedmountSubject(
+                    env, os.path.join(workdir, "fedmount-direct"), cfg.read_ahead_kb, args.fedmount,
+                    ["--route", "direct"],
+                )  # fmt: skip
+            run = Run(cfg, subject, nullfs, fed, colls, workdir, args.only, direct)
             with ceilings.PageCacheFile(workdir, cfg.seq_size, cfg.read_size) as page_cache:
                 run.local_workloads(page_cache)
             run.remote_workloads()
