@@ -42,7 +42,8 @@ class FakeKeep:
         self.lock = threading.Lock()
 
     def __call__(
-        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink,
+        into: memoryview | None = None,
     ) -> Response:
         with self.lock:
             self.calls.append((method, url, dict(headers)))

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from keepfakes import received  # tests/ is on sys.path under pytest
 
 from fedmount.blocks.cache import BlockCache
 from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService
@@ -51,7 +52,8 @@ class FakeKeepstores:
         self.lock = threading.Lock()
 
     def __call__(
-        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink,
+        into: memoryview | None = None,
     ) -> Response:
         cluster = url.split("/")[2].split(".")[1]
         locator = url.split("/")[3]
@@ -70,7 +72,7 @@ class FakeKeepstores:
         if method == "HEAD":
             return Response(200)
         sink(memoryview(data))
-        return Response(200, bytearray(data))
+        return Response(200, received(data, into))
 
     def count(self, method: str) -> int:
         return sum(1 for m, _, _ in self.calls if m == method)
@@ -300,14 +302,14 @@ async def test_head_requests_are_bounded(fed: FakeFederation, keep: FakeKeepstor
     lock = threading.Lock()
     inner = keep.__call__
 
-    def counting(*args):  # type: ignore[no-untyped-def]
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         nonlocal in_flight, peak
         with lock:
             in_flight += 1
             peak = max(peak, in_flight)
         threading.Event().wait(0.002)
         try:
-            return inner(*args)
+            return inner(*args, **kwargs)
         finally:
             with lock:
                 in_flight -= 1

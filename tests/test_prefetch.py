@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from keepfakes import received  # tests/ is on sys.path under pytest
 
 from fedmount.blocks.cache import BlockCache
 from fedmount.blocks.keep import BlockNotFound, KeepClient, KeepRoute, KeepService
@@ -37,7 +38,8 @@ class Keepstore:
         self.peak = 0
 
     def __call__(
-        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink,
+        into: memoryview | None = None,
     ) -> Response:
         block_hash = url.rsplit("/", 1)[1][:32]
         with self.lock:
@@ -50,7 +52,7 @@ class Keepstore:
                 return Response(404)
             data = self.blocks[block_hash]
             sink(memoryview(data))
-            return Response(200, bytearray(data))
+            return Response(200, received(data, into))
         finally:
             with self.lock:
                 self.active -= 1
@@ -223,8 +225,8 @@ class RecoveringKeepstore(Keepstore):
     """Answers 404 for the `missing` blocks until every service was asked once: keepstores
     that come back right after one client's round of attempts failed."""
 
-    def __call__(self, method, url, headers, size, timeouts, sink) -> Response:
-        response = super().__call__(method, url, headers, size, timeouts, sink)
+    def __call__(self, method, url, headers, size, timeouts, sink, into=None) -> Response:
+        response = super().__call__(method, url, headers, size, timeouts, sink, into)
         block_hash = url.rsplit("/", 1)[1][:32]
         with self.lock:
             if self.gets.count(block_hash) >= len(SERVICES):

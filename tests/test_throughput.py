@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from keepfakes import received  # tests/ is on sys.path under pytest
 
 from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService
 from fedmount.blocks.throughput import (
@@ -102,11 +103,12 @@ async def test_a_mounts_keep_counters_make_the_cluster_observed(tmp_path: Path) 
     delay = 0.05
 
     def slow_keep(
-        method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+        method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink,
+        into: memoryview | None = None,
     ) -> Response:
         time.sleep(delay)  # a worker thread, as a real transport would be
         sink(memoryview(data))
-        return Response(200, bytearray(data))
+        return Response(200, received(data, into))
 
     stats = Stats()
     keep = KeepClient(slow_keep, stats=stats)

@@ -20,6 +20,17 @@ whose length or trailer is wrong (truncated, foreign) or a chunk whose checksum 
 warning logged, and the caller fetches the block again from Keep. Corrupt bytes are
 never returned.
 
+Filling. A block fetched from Keep is received straight into its future cache file: the
+fetch asks for a `Reservation` (a new temporary file, ``posix_fallocate``'d to the block's
+size plus trailer so that a full disk fails here with ENOSPC instead of as a SIGBUS later,
+and mapped writable and shared), the transport receives the body into the mapping, and once
+the md5 matched `put` writes the trailer into the mapping and renames the file into place.
+The bytes reach the page cache once, by the socket receive, instead of being received into
+an anonymous buffer (zero-filled first) and then copied by ``write``: perf of a cold remote
+read had that ``write`` at 25% of the daemon's CPU. A fetch that fails abandons its
+reservation (the file is unlinked). Without a disk tier, or when the file cannot be made,
+the fetch receives into a plain buffer and `put` writes it.
+
 Index and eviction. A small SQLite database (``<dir>/index.sqlite3``, WAL mode, shared by
 every process using the directory) records each block's size and last-access time, and
 the set of pinned keys. After a `put`, if the blocks' total size exceeds ``disk_limit``,
@@ -88,6 +99,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import secrets
 import sqlite3
 import struct
 import threading
@@ -164,6 +176,23 @@ def trailer_length(size: int) -> int:
     return 8 * chunk_count(size) + 8 + len(MAGIC)
 
 
+@dataclass
+class Reservation:
+    """A block's future cache file, mapped writable, for a fetch to receive the block into."""
+
+    key: str
+    tmp: str  # the temporary file, renamed into place by `BlockCache.put`, unlinked by `abandon`
+    buffer: memoryview  # writable, the block's size: what the fetch fills
+    mapping: mmap.mmap  # block + trailer; lives as long as views of it do
+
+    def abandon(self) -> None:
+        """The fetch failed: remove the temporary file."""
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
 class CorruptBlock(Exception):
     """A block file failed its length, trailer or chunk checksum."""
 
@@ -225,6 +254,35 @@ class _DiskTier:
                 os.unlink(tmp)
             raise
         self._sql("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?)", (key, len(data), time.time()))
+
+    def reserve(self, key: str) -> Reservation:
+        """A new temporary file for the block, its space allocated, mapped writable (see "Filling")."""
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
+        size = key_size(key)
+        length = size + trailer_length(size)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, length)
+            mapping = mmap.mmap(fd, length)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        return Reservation(key, tmp, memoryview(mapping)[:size], mapping)
+
+    def commit(self, reservation: Reservation) -> None:
+        """Write the trailer of a filled reservation and move its file into place."""
+        size = len(reservation.buffer)
+        try:
+            reservation.mapping[size:] = trailer(reservation.buffer)
+            os.rename(reservation.tmp, self.path(reservation.key))
+        except BaseException:
+            reservation.abandon()
+            raise
+        self._sql("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?)", (reservation.key, size, time.time()))
 
     def _opened(self, key: str) -> _OpenBlock | None:
         with self._open_lock:
@@ -567,26 +625,50 @@ class BlockCache:
         if self._disk is not None:
             await trio.to_thread.run_sync(self._disk.discard, key)
 
-    async def put(self, key: str, data: bytes | bytearray) -> None:
-        """Store a verified block (len(data) must match the key's size) in both tiers."""
+    async def reserve(self, key: str) -> Reservation | None:
+        """A mapped temporary cache file for a fetch of the block to receive into (see "Filling"),
+        or None: no disk tier, an empty block, or the file cannot be made (then `put` writes)."""
+        disk = self._disk
+        if disk is None or key_size(key) == 0:
+            return None
+        try:
+            return await trio.to_thread.run_sync(disk.reserve, key)
+        except OSError as exc:
+            log.debug("block cache: cannot reserve %s (%s); writing it after the fetch", key, exc)
+            return None
+
+    async def put(
+        self, key: str, data: bytes | bytearray | memoryview, reservation: Reservation | None = None
+    ) -> None:
+        """Store a verified block (len(data) must match the key's size) in both tiers; `data` is
+        `reservation.buffer` when the fetch received into one."""
         if len(data) != key_size(key):
             raise ValueError(f"block {key}: got {len(data)} bytes")
+        if reservation is not None and data is not reservation.buffer:  # filled elsewhere: never commit it
+            reservation.abandon()
+            reservation = None
         view = memoryview(data).toreadonly()
         for index in range(chunk_count(len(view))):
             self._ram_put(key, index, view[index * CHUNK : (index + 1) * CHUNK])
         disk = self._disk
         if disk is None:
+            if reservation is not None:
+                reservation.abandon()
             return
         try:
-            evicted, total = await trio.to_thread.run_sync(self._disk_put, disk, key, view)
+            evicted, total = await trio.to_thread.run_sync(self._disk_put, disk, key, view, reservation)
         except (OSError, sqlite3.Error) as exc:
             self._degrade(disk.directory, exc)
             return
         self._stats.add("cache_evictions", evicted)
         self._stats.set("cache_disk_bytes", total)
 
-    def _disk_put(self, disk: _DiskTier, key: str, view: memoryview) -> tuple[int, int]:
-        if not disk.contains(key):
+    def _disk_put(
+        self, disk: _DiskTier, key: str, view: memoryview, reservation: Reservation | None
+    ) -> tuple[int, int]:
+        if reservation is not None:
+            disk.commit(reservation)
+        elif not disk.contains(key):
             disk.write(key, view)
         return disk.evict(self._disk_limit, keep=key)
 

@@ -143,11 +143,16 @@ class KeepClient:
         ordered = probe_order(locator.hash, route.services)
         return sorted(ordered, key=lambda s: self._demoted.get(s.uuid, 0.0) > now)  # stable sort
 
-    async def get(self, locator: Locator, route: KeepRoute) -> bytes | bytearray:
-        """The block's bytes, verified against its md5; raises BlockNotFound or BlockError."""
+    async def get(
+        self, locator: Locator, route: KeepRoute, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
+        """The block's bytes, verified against its md5; raises BlockNotFound or BlockError.
+
+        `into`, a writable buffer of the block's size, receives the bytes (and is returned)
+        instead of a new buffer; after a failure its content is undefined."""
         if locator.size == 0 and locator.hash == EMPTY_BLOCK_HASH:
             return b""
-        body = await self._run(locator, route, "GET")
+        body = await self._run(locator, route, "GET", into)
         assert body is not None
         return body
 
@@ -159,7 +164,9 @@ class KeepClient:
             return False
         return True
 
-    async def _run(self, locator: Locator, route: KeepRoute, method: str) -> bytearray | None:
+    async def _run(
+        self, locator: Locator, route: KeepRoute, method: str, into: memoryview | None = None
+    ) -> bytearray | memoryview | None:
         if not route.services:
             raise BlockError(locator, f"block {locator.key}: cluster {route.cluster} lists no keep services")
         headers = {
@@ -174,7 +181,7 @@ class KeepClient:
                 delay = min(self._max_backoff, self._backoff * 2 ** (round_no - 1))
                 await trio.sleep(delay * random.uniform(0.5, 1.0))
             for service in list(eligible):
-                body, attempt = await self._attempt(locator, route, service, method, headers)
+                body, attempt = await self._attempt(locator, route, service, method, headers, into)
                 if attempt is None:
                     return body
                 last[service.uuid] = attempt
@@ -193,15 +200,23 @@ class KeepClient:
         )
 
     async def _attempt(
-        self, locator: Locator, route: KeepRoute, service: KeepService, method: str, headers: dict[str, str]
-    ) -> tuple[bytearray | None, _Attempt | None]:
+        self,
+        locator: Locator,
+        route: KeepRoute,
+        service: KeepService,
+        method: str,
+        headers: dict[str, str],
+        into: memoryview | None,
+    ) -> tuple[bytearray | memoryview | None, _Attempt | None]:
         """One request to one service: (body, None) on success, else (None, what went wrong)."""
         url = service.root_url.rstrip("/") + "/" + str(locator)
         stats, cluster = self._stats, route.cluster
         started = time.monotonic()
         stats.add("keep_requests", cluster=cluster)
         try:
-            resp, digest = await trio.to_thread.run_sync(self._fetch, method, url, headers, locator.size)
+            resp, digest = await trio.to_thread.run_sync(
+                self._fetch, method, url, headers, locator.size, into
+            )
         except TransportError as exc:
             stats.add("keep_errors", cluster=cluster)
             self._demoted[service.uuid] = time.monotonic() + self._demote_seconds
@@ -229,11 +244,13 @@ class KeepClient:
             service, f"HTTP {resp.status}", done=not _transient(resp.status), not_here=resp.status in NOT_HERE
         )
 
-    def _fetch(self, method: str, url: str, headers: dict[str, str], size: int) -> tuple[Response, str]:
+    def _fetch(
+        self, method: str, url: str, headers: dict[str, str], size: int, into: memoryview | None
+    ) -> tuple[Response, str]:
         """Worker thread: one request, md5 computed while the body arrives."""
         pipe = Md5Pipe(size if method == "GET" else 0)
         try:
-            resp = self._transport(method, url, headers, size, self._timeouts, pipe)
+            resp = self._transport(method, url, headers, size, self._timeouts, pipe, into=into)
         finally:
             digest = pipe.hexdigest()
         return resp, digest

@@ -106,7 +106,7 @@ import trio
 from fedmount.federation.ids import Locator
 from fedmount.stats import Stats
 
-from .cache import BlockCache
+from .cache import BlockCache, Reservation
 from .keep import BlockError, KeepClient, KeepRoute, probe_order
 
 if TYPE_CHECKING:
@@ -131,10 +131,10 @@ class _Fetch:
         self.locator = locator
         self.prefetch = prefetch  # a read-ahead: its failure is not a reader's answer
         self.done = trio.Event()
-        self.data: bytes | bytearray | None = None  # None after success: the block is in the cache
+        self.data: bytes | bytearray | memoryview | None = None  # None after success: in the cache
         self.error: BlockError | None = None
 
-    async def wait(self) -> bytes | bytearray | None:
+    async def wait(self) -> bytes | bytearray | memoryview | None:
         await self.done.wait()
         if self.error is not None:
             raise type(self.error)(self.error.locator, str(self.error)) from self.error
@@ -232,6 +232,7 @@ class BlockReader:
         """Fetch, hand the bytes to the waiters, then cache them. Never raises."""
         locator = fetch.locator
         key = locator.key
+        reservation: Reservation | None = None
         try:
             if prefetch:
                 self.stats.add("prefetch_started")
@@ -239,15 +240,18 @@ class BlockReader:
                 async with self._service_limits[first], self._cluster_limits[route.cluster]:
                     cached = await trio.to_thread.run_sync(self._cache.cached_bytes, key)
                     if cached < locator.size:
-                        fetch.data = await self._keep.get(locator, route)
+                        reservation = await self._cache.reserve(key)
+                        fetch.data = await self._keep.get(locator, route, reservation and reservation.buffer)
             else:
-                fetch.data = await self._keep.get(locator, route)
+                reservation = await self._cache.reserve(key)
+                fetch.data = await self._keep.get(locator, route, reservation and reservation.buffer)
             data = fetch.data
             fetch.done.set()
             if data is not None:
                 if prefetch:
                     self._track(key, locator.size)
-                await self._cache.put(key, data)
+                await self._cache.put(key, data, reservation)
+                reservation = None  # the cache's now
         except BlockError as exc:
             fetch.error = exc
             if prefetch:
@@ -257,6 +261,8 @@ class BlockReader:
             log.exception("fetching block %s failed unexpectedly", key)
             fetch.error = BlockError(locator, f"block {key}: internal error {type(exc).__name__}: {exc}")
         finally:
+            if reservation is not None:  # the fetch failed or was cancelled
+                reservation.abandon()
             if fetch.error is None and not fetch.done.is_set():  # cancelled at shutdown
                 fetch.error = BlockError(locator, f"block {key}: fetch cancelled")
             fetch.done.set()

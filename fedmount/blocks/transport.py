@@ -3,7 +3,9 @@
 `KeepClient` (keep.py) owns the policy (which service, retries, verification); this module
 owns the bytes. A `BlockTransport` is a blocking callable that runs in a trio worker
 thread: it sends one GET or HEAD, and for a 200 GET reads exactly ``size`` bytes into one
-preallocated ``bytearray``, handing every received chunk, in order, to a ``sink``. The
+preallocated buffer (``into``, when the caller gives one: the block cache hands out a
+mapping of the block's future cache file, so the body lands in the page cache with no
+further copy; else a new ``bytearray``), handing every received chunk, in order, to a ``sink``. The
 sink is an `Md5Pipe`, which feeds the chunks to a second thread that computes the md5
 while the next chunk is being received (hashlib releases the GIL for large buffers), so
 hashing overlaps the network instead of following it. Unit tests implement the protocol
@@ -58,7 +60,7 @@ class Timeouts:
 @dataclass
 class Response:
     status: int
-    body: bytearray | None = None  # the block, for a 200 GET only
+    body: bytearray | memoryview | None = None  # the block, for a 200 GET only
 
 
 class TransportError(Exception):
@@ -74,9 +76,17 @@ Sink = Callable[[memoryview], None]
 
 class BlockTransport(Protocol):
     def __call__(
-        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        size: int,
+        timeouts: Timeouts,
+        sink: Sink,
+        into: memoryview | None = None,
     ) -> Response:
-        """Blocking. For a 200 GET return exactly `size` bytes and pass each chunk to `sink` in order."""
+        """Blocking. For a 200 GET return exactly `size` bytes (received into `into`, a writable
+        buffer of `size` bytes, when given) and pass each chunk to `sink` in order."""
         ...
 
 
@@ -125,7 +135,14 @@ class Urllib3Transport:
         )
 
     def __call__(
-        self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        size: int,
+        timeouts: Timeouts,
+        sink: Sink,
+        into: memoryview | None = None,
     ) -> Response:
         try:
             resp = self._pool.request(
@@ -154,7 +171,7 @@ class Urllib3Transport:
             length = resp.headers.get("Content-Length")
             if length is not None and length != str(size):
                 raise TransportError("length", f"Content-Length {length} but the locator says {size}")
-            body = bytearray(size)
+            body = into if into is not None else bytearray(size)
             view = memoryview(body)
             got = 0
             while got < size:
