@@ -7,18 +7,17 @@ Only blocks whose md5 matched their locator are ever `put` (keep.py verifies the
 
 Disk tier (``<dir>/blocks/<hash[:2]>/<hash>+<size>``). A block file holds the block's bytes
 at offset 0, then a trailer: one xxh3-64 per 1 MiB chunk (little-endian u64), the block
-size (u64) and an 8-byte magic. A `put` writes ``<file>.tmp.<pid>.<thread>`` and renames
-it into place, so readers in any process see either no file or a whole one, and two
+size (u64) and an 8-byte magic. A block file is written as ``<file>.tmp.<pid>.<suffix>``
+and renamed into place, so readers in any process see either no file or a whole one, and two
 processes writing the same block race harmlessly (same content). Reads never load a
 block: a hot block's file is mapped (``mmap``, read-only, shared) and a read is a view of
 the mapping, which the FUSE reply copies straight out of the page cache; each 1 MiB chunk's
 xxh3 is checked the first time this process reads it (measured here: xxh3-64 14.9 GB/s,
 crc32 3.4 GB/s, md5 0.6 GB/s; the md5 is paid once, on insert; crc32 would add ~0.3 ms per
-MiB to every first read, xxh3 ~0.07 ms). A file
-whose length or trailer is wrong (truncated, foreign) or a chunk whose checksum differs
-(bit flip) makes the block a miss: the file is deleted, ``cache_corrupt`` counted, one
-warning logged, and the caller fetches the block again from Keep. Corrupt bytes are
-never returned.
+MiB to every first read, xxh3 ~0.07 ms). A file whose length or trailer is wrong
+(truncated, foreign) or a chunk whose checksum differs (bit flip) makes the block a miss:
+the file is deleted, ``cache_corrupt`` counted, one warning logged, and the caller fetches
+the block again from Keep. Corrupt bytes are never returned.
 
 Filling. A block fetched from Keep is received straight into its future cache file: the
 fetch asks for a `Reservation` (a new temporary file, ``posix_fallocate``'d to the block's
@@ -48,8 +47,9 @@ bookkeeping cost ~114 us (a SQLite write per access) against ~9 us for a 128 KiB
 "plain files + SQLite"; this module keeps that shape with the index the cache needs.
 
 Memory tier. An LRU of verified 1 MiB chunks of fetched blocks keyed by ``(key, chunk
-index)``: a fresh `put` lands there as zero-copy views of the block, bounded by
-``ram_limit`` bytes (with ``disk_limit=0`` this is the only tier).
+index)``: a fresh `put` lands there as zero-copy views of the block (of its reservation's
+mapping when it was received into one), bounded by ``ram_limit`` bytes (with
+``disk_limit=0`` this is the only tier).
 
 Reading block files. The ``MAPPED_BLOCKS`` most recently read block files stay open and
 mapped. A chunk is verified (its xxh3 against the trailer) by a worker thread, which also
@@ -90,8 +90,8 @@ index) as available, so the bound does not shrink as the cache fills; at least
 
 All disk I/O, hashing and SQLite access run in worker threads (`trio.to_thread`) except
 `pin`/`unpin`/`cached_bytes`, which are small synchronous calls meant for start-up and
-command-line tools. ``directory=None`` selects `default_cache_dir()`; ``disk_limit=0``
-disables the disk tier.
+command-line tools, and `Reservation.abandon` (one unlink, on a failed fetch).
+``directory=None`` selects `default_cache_dir()`; ``disk_limit=0`` disables the disk tier.
 """
 
 from __future__ import annotations
