@@ -15,7 +15,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -320,12 +322,69 @@ def test_uuid_collection_rereads_from_the_page_cache_and_an_update_shows_after_r
     before = m.stats()["fuse_read_bytes"]
     assert path.read_bytes() == first
     assert m.stats()["fuse_read_bytes"] - before < 64 << 10  # only stats.json itself: not 1 MiB again
-    token = fed.token()
-    got = fed.request(None, f"/arvados/v1/collections/{newer['uuid']}", token=token)
-    update = json.dumps({"collection": {"manifest_text": got.json()["manifest_text"]}}).encode()
-    put = fed.request(None, f"/arvados/v1/collections/{coll['uuid']}", method="PUT", token=token,
-                      headers={"Content-Type": "application/json"}, body=update)
-    assert put.status == 200, put.body
+    give_content(fed, fed.home, coll["uuid"], newer["uuid"])
     wait_for(lambda: path.read_bytes() == second, 15, "the updated content")
     assert (m / f"by_id/{coll['uuid']}/b.txt").read_bytes() == b"unchanged\n"
     assert m.stats()["fuse_invalidations"]["kind=data"] >= 1
+
+
+@pytest.mark.parametrize(("owner", "route"), [("home", "home"), ("remote", "home"), ("remote", "direct")])
+def test_a_recheck_of_an_unchanged_uuid_collection_transfers_no_manifest_and_an_update_shows(
+    fed, mount, owner, route
+):
+    owner = fed.home if owner == "home" else sorted(c for c in fed.clusters if c != fed.home)[0]
+    name = f"rechecked-{time.monotonic_ns()}"
+    files = {f"file-{i:04}.txt": b"the same\n" for i in range(3000)}  # a manifest of some 40 kB
+    coll = fed.add_collection(owner, name, {**files, "a.txt": b"first\n"})
+    newer = fed.add_collection(owner, f"{name}-v2", {**files, "a.txt": b"second\n"})
+    m = mount("--refresh-time", "1", "--route", route)
+    path = m / f"by_id/{coll['uuid']}/a.txt"
+
+    def asked(since: int) -> list[tuple[dict, list[str] | None]]:
+        """(log line, select) of every controller request for the collection since `since`."""
+        out = []
+        for r in fed.requests(since, service="controller", method="GET"):
+            url = urlsplit(r["path"])
+            if url.path.endswith(f"/collections/{coll['uuid']}"):
+                select = parse_qs(url.query).get("select")
+                out.append((r, json.loads(select[0]) if select else None))
+        return out
+
+    mark = fed.mark()
+    assert path.read_bytes() == b"first\n"
+    loads = wait_for_requests(lambda: asked(mark))
+    assert all(s is None and r["bytes"] > 30_000 for r, s in loads)  # the whole record, at first
+    mark = fed.mark()
+    rechecks = wait_for_requests(lambda: path.stat() and asked(mark))
+    assert all(s is not None and "portable_data_hash" in s and "manifest_text" not in s for _, s in rechecks)
+    assert all(r["status"] == 200 and r["bytes"] < 2_000 for r, _ in rechecks)
+    if owner != fed.home and route == "home":  # the home forwarded the select to the owner
+        assert {r["cluster"] for r, _ in rechecks} == {fed.home, owner}
+
+    mark = fed.mark()
+    give_content(fed, owner, coll["uuid"], newer["uuid"])
+    wait_for(lambda: path.read_bytes() == b"second\n", 15, "the updated content")
+    whole = [r for r, s in asked(mark) if s is None]
+    assert whole and all(r["bytes"] > 30_000 for r in whole)  # fetched once the PDH had changed
+
+
+def give_content(fed, cluster: str, uuid: str, source_uuid: str) -> None:
+    """Update collection `uuid` of `cluster` (with a PUT, as a user would) to the content of `source_uuid`."""
+    token = fed.token(cluster)
+    got = fed.request(cluster, f"/arvados/v1/collections/{source_uuid}", token=token)
+    update = json.dumps({"collection": {"manifest_text": got.json()["manifest_text"]}}).encode()
+    put = fed.request(cluster, f"/arvados/v1/collections/{uuid}", method="PUT", token=token,
+                      headers={"Content-Type": "application/json"}, body=update)
+    assert put.status == 200, put.body
+
+
+def wait_for_requests(find: Callable[[], list]) -> list:
+    """What `find` returns once it is not empty (a service logs a request after answering it)."""
+    found: list = []
+
+    def seen() -> list:
+        found[:] = find()
+        return found
+
+    wait_for(seen, 15, "the request log lines")
+    return found

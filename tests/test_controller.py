@@ -105,6 +105,23 @@ async def test_pdh_path_is_percent_encoded():
     await c.aclose()
 
 
+async def test_get_collection_with_select_sends_the_fields_as_a_json_list():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(dict(request.url.params))
+        if request.url.path.startswith("/discovery"):
+            return httpx.Response(200, json={"uuidPrefix": "zzzzz", "rootUrl": "https://h/"})
+        return httpx.Response(200, json={"uuid": "x"})
+
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=httpx.MockTransport(handler))
+    await c.get_collection("zzzzz-4zz18-000000000000001", ["uuid", "portable_data_hash"])
+    await c.get_collection("zzzzz-4zz18-000000000000001")
+    selects = [json.loads(p["select"]) if p else None for p in seen[1:]]
+    assert selects == [["uuid", "portable_data_hash"], None]
+    await c.aclose()
+
+
 async def test_keep_services_are_cached_dataclasses(fake):
     c = client(fake)
     services = await c.keep_services()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -122,6 +124,70 @@ async def test_pdh_answer_that_does_not_hash_is_rejected_naming_the_cluster(fake
     with pytest.raises(ApiError) as info:
         await fed.get_collection(parse_collection_id(pdh))
     assert info.value.status == 502 and info.value.cluster == "zzzzz" and "hash" in info.value.message
+    await fed.aclose()
+
+
+def selecting(fake) -> tuple[httpx.MockTransport, list[tuple[str, list[str] | None]]]:
+    """`fake`'s transport, answering ``select`` as the API does (only those fields, plus
+    ``kind`` and ``etag``); and the (host, select) of every collections request."""
+    asked: list[tuple[str, list[str] | None]] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        response = fake.handle(request)
+        if not request.url.path.startswith("/arvados/v1/collections/"):
+            return response
+        select = json.loads(request.url.params["select"]) if "select" in request.url.params else None
+        asked.append((request.url.host, select))
+        if select is None or response.status_code != 200:
+            return response
+        record = response.json()
+        return httpx.Response(200, json={"kind": "arvados#collection", "etag": "e", **{
+            k: record[k] for k in select if k in record}})
+
+    return httpx.MockTransport(handle), asked
+
+
+@pytest.mark.parametrize(
+    ("mode", "host", "token"),
+    [("home", "api.zzzzz.example", "home"), ("direct", "api.zbbbb.example", "salted")],
+)
+async def test_a_summary_is_routed_like_the_record_and_carries_no_manifest(fake, mode, host, token):
+    rec = fake.add_collection("zbbbb", "21", {"s.txt": b"summary"})
+    transport, asked = selecting(fake)
+    fed = await Federation.connect(settings(fake), mode=mode, transport=transport)
+    cid = parse_collection_id(rec["uuid"])
+    whole = await fed.get_collection(cid)
+    got = await fed.get_summary(cid, ["uuid", "portable_data_hash", "modified_at"])
+    assert asked == [(host, None), (host, ["uuid", "portable_data_hash", "modified_at"])]
+    assert fake.requests[-1].token == (fake.token if token == "home" else salt_for(fake.token, "zbbbb")).text
+    assert not hasattr(got, "manifest_text") and "manifest_text" not in got.record
+    assert (got.uuid, got.portable_data_hash, got.modified_at, got.cluster, got.route) == (
+        whole.uuid, whole.portable_data_hash, whole.modified_at, whole.cluster, whole.route)
+    assert_home_token_stays_home(fake)
+    await fed.aclose()
+
+
+async def test_a_summary_without_a_portable_data_hash_is_rejected(fake):
+    rec = fake.add_collection("zzzzz", "22", {"t.txt": b"no hash"})
+    del fake.home.collections[rec["uuid"]]["portable_data_hash"]
+    transport, _ = selecting(fake)
+    fed = await Federation.connect(settings(fake), transport=transport)
+    with pytest.raises(ApiError) as info:
+        await fed.get_summary(parse_collection_id(rec["uuid"]), ["uuid", "portable_data_hash"])
+    assert info.value.status == 502 and "portable_data_hash" in info.value.message
+    await fed.aclose()
+
+
+@pytest.mark.parametrize("mode", ["home", "direct"])
+async def test_there_is_no_summary_of_a_pdh_nor_one_with_a_manifest(fake, mode):
+    rec = fake.add_collection("zzzzz", "23", {"u.txt": b"verified by its manifest"})
+    fed = await connect(fake, mode=mode)
+    asked = len(fake.requests)
+    with pytest.raises(ValueError):
+        await fed.get_summary(parse_collection_id(rec["portable_data_hash"]), ["portable_data_hash"])
+    with pytest.raises(ValueError):
+        await fed.get_summary(parse_collection_id(rec["uuid"]), ["portable_data_hash", "manifest_text"])
+    assert len(fake.requests) == asked  # refused before asking anyone
     await fed.aclose()
 
 

@@ -23,6 +23,7 @@ import pytest
 
 from fedmount.blocks.keep import BlockError, KeepRoute
 from fedmount.federation.controller import ApiError
+from fedmount.federation.federation import CollectionSummary
 from fedmount.federation.ids import CollectionId, parse_locator
 from fedmount.federation.manifest import File, portable_data_hash
 from fedmount.fs.inodes import ROOT_INODE, InodeTable, NegativeCache
@@ -82,7 +83,8 @@ class FakeFederation:
 
     wall: Clock
     collections: dict[str, Record] = field(default_factory=dict)
-    calls: list[str] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)  # get_collection: whole records
+    summaries: list[tuple[str, list[str]]] = field(default_factory=list)  # get_summary: (id, fields)
     fail: dict[str, Exception] = field(default_factory=dict)
     blocks: dict[str, bytes] = field(default_factory=dict)
     signature_ttl: float = 14 * 86400
@@ -96,8 +98,8 @@ class FakeFederation:
         cluster = cluster or uuid[:5]
         pdh = portable_data_hash(text)
         route = KeepRoute(cluster, "token", ())
-        rec = Record(uuid, pdh, text, NOW - 3600, cluster, {"uuid": uuid, "portable_data_hash": pdh,
-                                                             "manifest_text": text}, route)
+        fields = {"uuid": uuid, "portable_data_hash": pdh, "name": "a collection", "manifest_text": text}
+        rec = Record(uuid, pdh, text, NOW - 3600, cluster, fields, route)
         self.collections[uuid] = rec
         self.collections[pdh] = Record(pdh, pdh, text, None, cluster, {"uuid": pdh}, route)
         return rec
@@ -108,15 +110,28 @@ class FakeFederation:
         for rec in self.collections.values():
             rec.manifest_text = re.sub(r"\+A[0-9a-f]{40}@[0-9a-f]{8}", f"+A{'b' * 40}@{expiry:08x}",
                                        rec.manifest_text)
+            if "manifest_text" in rec.record:
+                rec.record["manifest_text"] = rec.manifest_text
 
-    async def get_collection(self, cid: CollectionId) -> Record:
-        self.calls.append(cid.text)
+    def _find(self, cid: CollectionId) -> Record:
         if cid.text in self.fail:
             raise self.fail[cid.text]
         rec = self.collections.get(cid.text)
         if rec is None:
             raise ApiError(404, cid.cluster or "zzzzz", f"GET collections/{cid.text}: not found")
-        return Record(**vars(rec))
+        return rec
+
+    async def get_collection(self, cid: CollectionId) -> Record:
+        self.calls.append(cid.text)
+        return Record(**vars(self._find(cid)))
+
+    async def get_summary(self, cid: CollectionId, fields: list[str]) -> CollectionSummary:
+        """As the API answers with ``select``: only those fields, and no manifest text."""
+        self.summaries.append((cid.text, list(fields)))
+        rec = self._find(cid)
+        selected = {k: rec.record.get(k) for k in fields}
+        return CollectionSummary(rec.uuid, rec.portable_data_hash, rec.modified_at, rec.cluster, selected,
+                                 rec.route)
 
 
 class FakeFileReader:
@@ -339,7 +354,7 @@ async def test_a_mounted_collection_keeps_its_manifest_text_only_compressed(worl
 async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
     fed, _, _, _, mono, make = world
     released: list[int] = []
-    monkeypatch.setattr("fedmount.fs.tree.release", lambda: released.append(len(fed.calls)))
+    monkeypatch.setattr("fedmount.fs.tree.release", lambda: released.append(len(fed.calls + fed.summaries)))
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
     assert released == [1]
@@ -351,7 +366,7 @@ async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
     assert released == [1, 2, 3]
 
 
-async def test_an_unchanged_recheck_does_not_parse_the_manifest_again(world, monkeypatch):
+async def test_an_unchanged_recheck_fetches_no_manifest_and_parses_nothing(world, monkeypatch):
     fed, _, _, _, mono, make = world
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
@@ -361,9 +376,36 @@ async def test_an_unchanged_recheck_does_not_parse_the_manifest_again(world, mon
     fed.collections[UUID_A].record["name"] = "renamed"  # the record changed, not its content
     mono.t += 16
     assert (await tree.getattr(ino)).size == 12
-    assert fed.calls == [UUID_A, UUID_A] and parsed == []
+    assert fed.calls == [UUID_A] and parsed == []  # the whole record was fetched once, at lookup
+    assert fed.summaries == [(UUID_A, ["name", "portable_data_hash", "uuid"])]
     record = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
-    assert record == {**record_before, "name": "renamed"}
+    assert record == {**record_before, "name": "renamed"}  # with the manifest text it had
+
+
+async def test_a_recheck_that_finds_a_new_pdh_fetches_the_whole_record(world):
+    fed, _, _, _, mono, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    new = fed.put(UUID_A, {"hello.txt": b"hello, world!\n"})
+    mono.t += 16
+    assert (await tree.getattr(ino)).size == 14
+    assert [cid for cid, _ in fed.summaries] == [UUID_A] and fed.calls == [UUID_A, UUID_A]
+    record = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
+    assert record["portable_data_hash"] == new.portable_data_hash
+    assert record["manifest_text"] == new.manifest_text
+
+
+async def test_a_signature_refresh_fetches_the_whole_record_without_asking_for_a_summary(world):
+    fed, _, _, wall, mono, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    fed.resign()
+    wall.t += fed.signature_ttl * 0.6  # past the half-life of the signatures
+    mono.t += 1
+    await tree.getattr(ino)
+    assert fed.summaries == [] and fed.calls == [UUID_A, UUID_A]
+    record = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
+    assert "+A" + "b" * 40 in record["manifest_text"]  # the freshly signed text
 
 
 @pytest.mark.parametrize(

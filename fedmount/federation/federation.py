@@ -26,12 +26,18 @@ same salted remote client.
 A PDH answer is trusted only if its manifest hashes to the PDH asked for; otherwise the
 answer is rejected with an error naming the cluster (the controller treats this as a
 502 from that remote, and so do we).
+
+`Federation.get_summary` asks for a UUID's record without its manifest text (``select``),
+routed as `get_collection` routes it; the home controller passes ``select`` on when it
+forwards a remote UUID. It is what a mounted UUID collection's re-check asks for; there is
+no summary of a PDH, since only its manifest can verify an answer.
 """
 
 from __future__ import annotations
 
 import re
 from calendar import timegm
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,14 +74,22 @@ def parse_timestamp(text: str | None) -> float | None:
 
 
 @dataclass
-class CollectionRecord:
+class CollectionSummary:
+    """A collection's record as the API answered it, without its manifest text."""
+
     uuid: str  # the UUID, or the PDH when looked up by PDH
     portable_data_hash: str
-    manifest_text: str
     modified_at: float | None
     cluster: str  # the cluster that owns (UUID) or served (PDH) the collection
     record: dict[str, Any]  # the API's answer as it came
     route: KeepRoute  # where the blocks are read from, and with which token
+
+
+@dataclass
+class CollectionRecord(CollectionSummary):
+    """A collection's whole record: the summary and its (signed) manifest text."""
+
+    manifest_text: str
 
 
 class _RemoteClients:
@@ -181,12 +195,30 @@ class Federation:
         await self._remotes.aclose()
 
     async def get_collection(self, cid: CollectionId) -> CollectionRecord:
+        client = self._client_for(cid)
+        return await self._pdh_direct(cid) if client is None else await self._fetch(client, cid)
+
+    async def get_summary(self, cid: CollectionId, fields: Sequence[str]) -> CollectionSummary:
+        """The record of UUID `cid` without its manifest text: only `fields` (the API's
+        ``select``; they must include ``portable_data_hash``), asked of the cluster that
+        `get_collection` would ask. A PDH has no summary: an answer for a PDH is trusted only
+        once its manifest hashes to it, so it must carry its manifest (ValueError)."""
+        client = self._client_for(cid)
+        if cid.is_pdh or client is None or "manifest_text" in fields:
+            raise ValueError(f"a summary is of a UUID and without manifest_text, not {cid} / {fields}")
+        record = await client.get_collection(cid.text, fields)
+        pdh = record.get("portable_data_hash")
+        if not isinstance(pdh, str) or not pdh:
+            raise ApiError(502, client.cluster, f"the record of {cid} has no portable_data_hash")
+        return CollectionSummary(**await self._summary_fields(client, cid, record, pdh))
+
+    def _client_for(self, cid: CollectionId) -> ControllerClient | None:
+        """Who is asked for `cid`: the home (home mode, or a home UUID), the owner of a
+        remote UUID (direct mode); None for a PDH in direct mode (see `_pdh_direct`)."""
         owner = cid.cluster
         if self.mode == "home" or owner == self.home_cluster:
-            return await self._fetch(self.home, cid)
-        if owner is not None:
-            return await self._fetch(self._remotes.get(owner), cid)
-        return await self._pdh_direct(cid)
+            return self.home
+        return None if owner is None else self._remotes.get(owner)
 
     async def _fetch(self, client: ControllerClient, cid: CollectionId) -> CollectionRecord:
         record = await client.get_collection(cid.text)
@@ -197,16 +229,22 @@ class Federation:
             got = portable_data_hash(manifest_text)
             if got != cid.text:
                 raise ApiError(502, client.cluster, f"answered {cid} with a manifest whose hash is {got}")
-        route = KeepRoute(client.cluster, client.token.text, await self._services(client))
-        return CollectionRecord(
-            uuid=record.get("uuid") or cid.text,
-            portable_data_hash=record.get("portable_data_hash") or portable_data_hash(manifest_text),
-            manifest_text=manifest_text,
-            modified_at=parse_timestamp(record.get("modified_at")),
-            cluster=cid.cluster or client.cluster,
-            record=record,
-            route=route,
-        )
+        pdh = record.get("portable_data_hash") or portable_data_hash(manifest_text)
+        fields = await self._summary_fields(client, cid, record, pdh)
+        return CollectionRecord(**fields, manifest_text=manifest_text)
+
+    async def _summary_fields(
+        self, client: ControllerClient, cid: CollectionId, record: dict[str, Any], pdh: str
+    ) -> dict[str, Any]:
+        """The `CollectionSummary` fields of `record`, as `client` answered it for `cid`."""
+        return {
+            "uuid": record.get("uuid") or cid.text,
+            "portable_data_hash": pdh,
+            "modified_at": parse_timestamp(record.get("modified_at")),
+            "cluster": cid.cluster or client.cluster,
+            "record": record,
+            "route": KeepRoute(client.cluster, client.token.text, await self._services(client)),
+        }
 
     async def _services(self, client: ControllerClient) -> tuple[KeepService, ...]:
         """The client's keep services; for the home, ARVADOS_KEEP_SERVICES if it is set."""

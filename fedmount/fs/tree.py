@@ -27,10 +27,14 @@ Inodes
 
 Freshness
     A collection addressed by PDH never changes: its entries and attributes may be cached
-    by the kernel for the life of the mount. A collection addressed by UUID is re-fetched
-    when touched after ``refresh_time``; if its PDH changed, the new manifest replaces the
-    old one (next generation). The kernel caches its entries and attributes for
-    ``refresh_time``.
+    by the kernel for the life of the mount. A collection addressed by UUID is re-checked
+    when touched after ``refresh_time``: the re-check asks for its record without the
+    manifest text (``Federation.get_summary``, the API's ``select`` with every field of the
+    kept record but ``manifest_text``: a few hundred bytes where the whole record of a
+    1,000,000-file collection is 25 MB). If the PDH is the same, that record replaces the
+    kept one's fields and nothing is parsed; if it changed, the whole record is fetched and
+    its manifest replaces the old one (next generation). The kernel caches its entries
+    and attributes for ``refresh_time``.
 
     Every collection file is opened with ``keep_cache``, so a second read is served from
     the page cache: the content of a PDH never changes, so pages are stale only after a
@@ -47,7 +51,8 @@ Freshness
     handle notices the new generation at its next read and, if the file's blocks are the
     same (same ``hash+size``, offsets and lengths), reopens its block reader on the new,
     freshly signed segments; if the file's content changed (UUID collection), the handle
-    keeps reading the snapshot it opened.
+    keeps reading the snapshot it opened. The signatures are in the manifest text, so a
+    signature refresh always fetches the whole record.
 
     A refresh that fails keeps the old manifest (its signatures may well still be valid),
     logs one line and is retried after `RETRY_AFTER_ERROR` seconds.
@@ -56,14 +61,13 @@ Memory
     A mounted collection keeps its parsed manifest (`fedmount.federation.manifest`) and a
     `KeptRecord`: the API record without its manifest text, which only
     ``.arvados#collection`` reads and which is kept zlib-compressed. A UUID re-check whose
-    answer has the same PDH (and whose signatures are not due) is not parsed again. Every
-    fetch ends with `fedmount.memory.release`, once the answer and the parse's
-    temporaries are garbage. With a 1,000,000-file collection (25.4 MB manifest), loading
-    it and a ``find`` over it used to leave the daemon 146-170 MB above its idle 39.6 MB
-    (the text; the tree and HTTP body of a re-check that found nothing new; the heap
-    they left free);
-    now 40 MB: the 30.7 MB tree and the 5.4 MB compressed text (80 MB in all, 3.2x
-    the manifest).
+    answer has the same PDH (and whose signatures are not due) transfers and parses no
+    manifest. Every fetch ends with `fedmount.memory.release`, once the answer and the
+    parse's temporaries are garbage. With a 1,000,000-file collection (25.4 MB manifest),
+    loading it and a ``find`` over it used to leave the daemon 146-170 MB above its idle
+    39.6 MB (the text; the tree and HTTP body of a re-check that found nothing new; the
+    heap they left free); now 40 MB: the 30.7 MB tree and the 5.4 MB compressed text
+    (80 MB in all, 3.2x the manifest).
 
 Negative answers
     Names that cannot be a collection id (`looks_like_collection_id`) are refused without
@@ -88,10 +92,10 @@ import re
 import stat
 import time
 import zlib
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import takewhile
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -105,6 +109,7 @@ from fedmount.stats import Stats
 from .inodes import ROOT_INODE, InodeTable, NegativeCache
 
 log = logging.getLogger("fedmount.fs")
+T = TypeVar("T")
 
 FOREVER = 10 * 365 * 86400.0  # "infinite" kernel cache timeout
 MIN_SIGNATURE_REFRESH = 2.0
@@ -114,6 +119,7 @@ COLLECTION_RECORD_NAME = ".arvados#collection"
 STATS_DIR_NAME = ".fedmount"
 STATS_FILE_NAME = "stats.json"
 BLOCK_SIZE = 4096  # statfs unit
+_ALWAYS_SELECTED = frozenset({"kind", "etag", "writable_by"})  # in every answer with `select`
 _SIGNATURE_EXPIRY_RE = re.compile(r"\+[AR][0-9a-z-]*@([0-9a-f]{8})\b")
 
 
@@ -154,18 +160,22 @@ class Invalidation:
     entries: list[tuple[int, str]]  # (parent inode, name) of paths that vanished or changed kind
 
 
-class CollectionRecordLike(Protocol):
+class CollectionSummaryLike(Protocol):
     uuid: str
     portable_data_hash: str
-    manifest_text: str
     modified_at: float | None
     cluster: str
     record: dict[str, Any]
     route: KeepRoute
 
 
+class CollectionRecordLike(CollectionSummaryLike, Protocol):
+    manifest_text: str
+
+
 class FederationLike(Protocol):
     async def get_collection(self, cid: CollectionId) -> CollectionRecordLike: ...
+    async def get_summary(self, cid: CollectionId, fields: Sequence[str]) -> CollectionSummaryLike: ...
 
 
 class FileReaderLike(Protocol):
@@ -235,7 +245,7 @@ class KeptRecord:
     packed_manifest: bytes | None  # zlib of that manifest_text; None if the answer had none
 
     @classmethod
-    def of(cls, record: CollectionRecordLike, packed_manifest: bytes | None) -> KeptRecord:
+    def of(cls, record: CollectionSummaryLike, packed_manifest: bytes | None) -> KeptRecord:
         fields = {k: v for k, v in record.record.items() if k != "manifest_text"}
         return cls(
             record.uuid,
@@ -246,6 +256,11 @@ class KeptRecord:
             fields,
             packed_manifest,
         )
+
+    def summary_fields(self) -> list[str]:
+        """What a re-check selects: every field of this record but its manifest text (so
+        ``.arvados#collection`` stays as fresh as before), less those the API adds anyway."""
+        return sorted({"uuid", "portable_data_hash", *self.fields} - _ALWAYS_SELECTED)
 
     def answer(self) -> dict[str, Any]:
         """The API's answer as it came (with the manifest text of the parsed generation)."""
@@ -894,8 +909,10 @@ class Tree:
     async def recheck(
         self, cid: CollectionId, known: KeptRecord | None
     ) -> tuple[KeptRecord, Manifest | None, int | None]:
-        """As `fetch`, but an answer with `known`'s portable data hash is not parsed again:
-        it gives (its record with `known`'s manifest text, None, None).
+        """As `fetch`, but given `known` (the current record of a UUID collection) it first
+        asks for the record without its manifest text; if that has `known`'s portable data
+        hash, it gives (that record with `known`'s manifest text, None, None), and only
+        otherwise fetches and parses the whole record.
 
         The answer, its JSON text and the parse's temporaries are garbage once this returns
         (or raises), so the C heap's free memory is given back to the system then."""
@@ -907,8 +924,25 @@ class Tree:
     async def _fetch(
         self, cid: CollectionId, known: KeptRecord | None
     ) -> tuple[KeptRecord, Manifest | None, int | None]:
+        if known is not None:
+            summary = await self._ask(cid, self.federation.get_summary(cid, known.summary_fields()))
+            if summary.portable_data_hash == known.portable_data_hash:
+                return KeptRecord.of(summary, known.packed_manifest), None, None
+        record = await self._ask(cid, self.federation.get_collection(cid))
         try:
-            record = await self.federation.get_collection(cid)
+            kept, manifest, expiry = await trio.to_thread.run_sync(_load, record)
+        except ManifestError as e:
+            message = f"collection {cid} (cluster {record.cluster}): {e}"
+            self.stats.add("manifest_errors", cluster=record.cluster)
+            log.error("%s", message)
+            raise FsError(errno.EIO, message) from None
+        self.stats.add("collections_loaded", cluster=record.cluster)
+        return kept, manifest, expiry
+
+    async def _ask(self, cid: CollectionId, answer: Awaitable[T]) -> T:
+        """The federation's `answer` about `cid`; its `ApiError` as FsError, logged in one line."""
+        try:
+            return await answer
         except ApiError as e:
             # 422: the federation's "every cluster said no, not all with 404".
             code = {404: errno.ENOENT, 422: errno.ENOENT, 401: errno.EACCES, 403: errno.EACCES}.get(
@@ -921,17 +955,6 @@ class Tree:
                 self.stats.add("api_errors", cluster=e.cluster)
                 log.error("%s", message)
             raise FsError(code, message) from None
-        if known is not None and record.portable_data_hash == known.portable_data_hash:
-            return KeptRecord.of(record, known.packed_manifest), None, None
-        try:
-            kept, manifest, expiry = await trio.to_thread.run_sync(_load, record)
-        except ManifestError as e:
-            message = f"collection {cid} (cluster {record.cluster}): {e}"
-            self.stats.add("manifest_errors", cluster=record.cluster)
-            log.error("%s", message)
-            raise FsError(errno.EIO, message) from None
-        self.stats.add("collections_loaded", cluster=record.cluster)
-        return kept, manifest, expiry
 
     def _stats_json(self) -> bytes:
         return (json.dumps(self.stats.snapshot(), indent=1, sort_keys=True) + "\n").encode()
