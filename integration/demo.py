@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,11 +66,16 @@ def is_mounted(path: str) -> bool:
         return any(line.split()[4] == path for line in f)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m integration.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--mountpoint", default="mnt", help="where to mount (default ./mnt)")
     parser.add_argument("--route", choices=("home", "direct"), default="home", help="fedmount --route")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a timeout cleans up like Ctrl-C
     mnt = os.path.abspath(args.mountpoint)
     os.makedirs(mnt, exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix="fedmount-demo-"))
