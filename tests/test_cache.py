@@ -299,7 +299,7 @@ async def test_concurrent_readers_of_more_block_files_than_are_mapped_get_their_
             assert isinstance(view, memoryview)
             kept.append((view, data[MiB + 5 : 2 * MiB + 5]))
     assert wrong == []
-    assert len(reader._disk._open) <= MAPPED_BLOCKS
+    assert len(reader._disk._mapped) <= MAPPED_BLOCKS
     assert all(view == want for view, want in kept)  # a view outlives its block's place in the LRU
     assert stats.get("cache_corrupt") == 0
 

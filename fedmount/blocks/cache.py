@@ -51,20 +51,24 @@ index)``: a fresh `put` lands there as zero-copy views of the block (of its rese
 mapping when it was received into one), bounded by ``ram_limit`` bytes (with
 ``disk_limit=0`` this is the only tier).
 
-Reading block files. The ``MAPPED_BLOCKS`` most recently read block files stay open and
-mapped. A chunk is verified (its xxh3 against the trailer) by a worker thread, which also
-faults its pages in; once verified, a read of any range of verified chunks is a read-only
-view of the mapping, made on the trio thread without a system call or a copy (a range
-spanning chunks is one view too: the mapping is contiguous). This replaced ``preadv`` into
-reused page-aligned buffers: in a warm sequential read the copy out of the page cache was
-27% of the daemon's CPU (perf; the FUSE reply's own copy 22%) and the buffers' recycling
-made every view valid only until the next await. A view of a mapping is valid as long as it
-is referenced (it keeps the mapping alive after the block leaves the LRU, and after an
-eviction unlinks the file). Files are never written in place (write + rename), so a mapped
-file never shrinks under a reader. The mapped pages of the blocks being read count in the
-daemon's RSS (file-backed, clean, reclaimable: at most ``MAPPED_BLOCKS`` blocks), and a
-page the kernel evicted after its chunk was verified is faulted back in by the reply (a
-disk read on the trio thread; a sequential reader's chunks are verified just before use).
+Reading block files. The ``OPEN_FILES`` most recently read block files stay open, with the
+set of their chunks this process verified, and the ``MAPPED_BLOCKS`` most recently read of
+them are also mapped (a block is mapped again, without verifying anything again, when it
+is read after leaving that smaller LRU: its file is never rewritten in place). A chunk is
+verified (its xxh3 against the trailer) by a worker thread, which also faults its pages
+in; once verified, a read of any range of verified chunks is a read-only view of the
+mapping, made on the trio thread without a copy (and without a system call, unless the
+block must be mapped again); a range spanning chunks is one view too: the mapping is
+contiguous. This replaced ``preadv`` into reused page-aligned buffers: in a warm
+sequential read the copy out of the page cache was 27% of the daemon's CPU (perf; the FUSE
+reply's own copy 22%) and the buffers' recycling made every view valid only until the next
+await. A view of a mapping is valid as long as it is referenced (it keeps the mapping
+alive after the block leaves the LRU, and after an eviction unlinks the file). Files are
+never written in place (write + rename), so a mapped file never shrinks under a reader.
+The mapped pages of the blocks being read count in the daemon's RSS (file-backed, clean,
+reclaimable: at most ``MAPPED_BLOCKS`` blocks), and a page the kernel evicted after its
+chunk was verified is faulted back in by the reply (a disk read on the trio thread; a
+sequential reader's chunks are verified just before use).
 
 A small random read (up to ``SMALL_READ``) of verified chunks is served with one
 ``preadv(RWF_NOWAIT)`` of just its bytes instead (the kernel answers EAGAIN rather than
@@ -120,7 +124,8 @@ READ_AHEAD_CHUNKS = 2  # chunks a sequential read verifies per hop, beyond the o
 SMALL_READ = 128 * 1024  # random reads up to this size are one non-blocking pread of their bytes
 DIGEST = xxhash.xxh3_64_intdigest
 MAGIC = b"FMBLK\x01\x00\x00"
-MAPPED_BLOCKS = 8  # block files kept open and mapped per process
+OPEN_FILES = 64  # block files kept open per process, with the chunks verified
+MAPPED_BLOCKS = 8  # of those, the ones kept mapped (their touched pages count in RSS)
 TOUCH_INTERVAL = 60.0  # seconds between access-time updates of one block
 MIN_DISK_CACHE = 64 << 20  # the smallest default disk bound: one full-size Keep block
 
@@ -204,7 +209,7 @@ class _OpenBlock:
     inode: int
     size: int
     sums: tuple[int, ...]
-    data: memoryview  # read-only view of the block's bytes, mapped (the mapping lives while views do)
+    mapping: memoryview | None = None  # read-only, the block's bytes; lives while views of it do
     verified: set[int] = field(default_factory=set)
     touched: float = 0.0
 
@@ -228,6 +233,7 @@ class _DiskTier:
             self._db.execute("CREATE INDEX IF NOT EXISTS blocks_atime ON blocks(atime)")
             self._db.execute("CREATE TABLE IF NOT EXISTS pins (key TEXT PRIMARY KEY)")
         self._open: OrderedDict[str, _OpenBlock] = OrderedDict()
+        self._mapped: OrderedDict[str, _OpenBlock] = OrderedDict()  # the open blocks with a mapping
         self._open_lock = threading.Lock()
 
     def path(self, key: str) -> str:
@@ -305,13 +311,25 @@ class _DiskTier:
         if tail[-len(MAGIC) :] != MAGIC or struct.unpack_from("<Q", tail, 8 * n)[0] != size:
             f.close()
             raise CorruptBlock("bad trailer")
-        data = memoryview(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) if size else b"")
-        block = _OpenBlock(f, f.fileno(), st.st_ino, size, struct.unpack_from(f"<{n}Q", tail), data)
+        block = _OpenBlock(f, f.fileno(), st.st_ino, size, struct.unpack_from(f"<{n}Q", tail))
         with self._open_lock:
             self._open[key] = block
-            while len(self._open) > MAPPED_BLOCKS:
+            while len(self._open) > OPEN_FILES:
                 self._open.popitem(last=False)
         return block
+
+    def mapped(self, key: str, block: _OpenBlock) -> memoryview:
+        """A read-only view of the whole block, mapping its file if it is not mapped now."""
+        with self._open_lock:
+            if block.mapping is None:
+                block.mapping = memoryview(
+                    mmap.mmap(block.fd, block.size, prot=mmap.PROT_READ) if block.size else b""
+                )
+            self._mapped[key] = block
+            self._mapped.move_to_end(key)
+            while len(self._mapped) > MAPPED_BLOCKS:
+                self._mapped.popitem(last=False)[1].mapping = None  # unmapped once no view is left
+            return block.mapping
 
     def verify(self, key: str, first: int, last: int) -> _OpenBlock | None:
         """Open and map the block if needed and check chunks first..last (clipped) not yet verified
@@ -321,9 +339,10 @@ class _DiskTier:
         block = self._opened(key)
         if block is None:
             return None
+        data = self.mapped(key, block)
         for i in range(first, min(last, chunk_count(block.size) - 1) + 1):
             if i not in block.verified:
-                if DIGEST(block.data[i * CHUNK : (i + 1) * CHUNK]) != block.sums[i]:
+                if DIGEST(data[i * CHUNK : (i + 1) * CHUNK]) != block.sums[i]:
                     raise CorruptBlock(f"chunk {i} failed its checksum")
                 block.verified.add(i)
         now = time.time()
@@ -358,7 +377,7 @@ class _DiskTier:
         """A read-only view of bytes [offset, end) of the mapped block if every chunk they touch is
         verified (and its access time fresh); None otherwise. No system call, no copy."""
         block = self._ready(key, offset // CHUNK, (end - 1) // CHUNK)
-        return None if block is None else block.data[offset:end]
+        return None if block is None else self.mapped(key, block)[offset:end]
 
     def read_verified(self, key: str, offset: int, length: int) -> bytearray | None:
         """Bytes of an open block whose chunks this process has verified, straight from the
@@ -380,6 +399,7 @@ class _DiskTier:
         """Delete a corrupt block file (only the inode this process saw, if it had one open)."""
         with self._open_lock:
             block = self._open.pop(key, None)
+            self._mapped.pop(key, None)
         try:
             if block is None or os.stat(self.path(key)).st_ino == block.inode:
                 os.unlink(self.path(key))
@@ -420,6 +440,7 @@ class _DiskTier:
         with self._open_lock:
             for key in evicted:
                 self._open.pop(key, None)
+                self._mapped.pop(key, None)
         return len(evicted), total
 
     def pin(self, keys: Iterable[str]) -> None:
@@ -530,7 +551,7 @@ class BlockCache:
                 block = await self._verify(key, first, last + (READ_AHEAD_CHUNKS if readahead else 0))
                 if block is None:
                     return self._miss(length)
-                out, tier = block.data[offset:end], "disk"
+                out, tier = disk.mapped(key, block)[offset:end], "disk"
         self._stats.add("cache_hits", tier=tier)
         self._stats.add("cache_hit_bytes", len(out), tier=tier)
         if readahead and self._disk is not None:
