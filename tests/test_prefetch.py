@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import re
 import threading
 from collections.abc import Mapping
@@ -219,6 +220,21 @@ async def test_block_error_reaches_the_reader(tmp_path: Path) -> None:
     assert await handle.read(0, 1000) == good
     with pytest.raises(BlockNotFound, match=re.escape(locator_text(bad))):
         await handle.read(1000, 1000)
+    await settle(reader.stats)
+    cached = sorted(p.name for p in (tmp_path / "blocks").rglob("*") if p.is_file())
+    assert cached == [locator_text(good)]  # the failed fetch left no temporary file behind
+
+
+async def test_fetched_blocks_are_received_into_their_cache_file(tmp_path: Path) -> None:
+    blocks = [pattern(3 * MiB, 1)]
+    reader, _, _, files = make(tmp_path, blocks, f"0:{3 * MiB}:f")
+    got = await reader.open(files["f"], ROUTE).read(0, 3 * MiB)
+    assert got == blocks[0]
+    await settle(reader.stats)
+    assert not isinstance(got, bytes) and isinstance(got.obj, mmap.mmap)  # a view of the file's mapping
+    reread, _, _, files = make(tmp_path, blocks, f"0:{3 * MiB}:f")  # a remount: from the disk cache
+    assert await reread.open(files["f"], ROUTE).read(0, 3 * MiB) == blocks[0]
+    assert reread.stats.get("keep_requests") == 0
 
 
 class RecoveringKeepstore(Keepstore):

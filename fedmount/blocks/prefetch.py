@@ -240,11 +240,9 @@ class BlockReader:
                 async with self._service_limits[first], self._cluster_limits[route.cluster]:
                     cached = await trio.to_thread.run_sync(self._cache.cached_bytes, key)
                     if cached < locator.size:
-                        reservation = await self._cache.reserve(key)
-                        fetch.data = await self._keep.get(locator, route, reservation and reservation.buffer)
+                        fetch.data, reservation = await self._get(locator, route)
             else:
-                reservation = await self._cache.reserve(key)
-                fetch.data = await self._keep.get(locator, route, reservation and reservation.buffer)
+                fetch.data, reservation = await self._get(locator, route)
             data = fetch.data
             fetch.done.set()
             if data is not None:
@@ -270,6 +268,20 @@ class BlockReader:
             del self._inflight[key]
             self._inflight_bytes -= locator.size
             self.stats.set("prefetch_inflight_bytes", self._inflight_bytes)
+
+    async def _get(
+        self, locator: Locator, route: KeepRoute
+    ) -> tuple[bytes | bytearray | memoryview, Reservation | None]:
+        """The block from Keep, received into a reservation of its cache file when the cache can
+        make one (cache.py, "Filling"); the reservation is abandoned if the fetch fails."""
+        reservation = await self._cache.reserve(locator.key)
+        try:
+            data = await self._keep.get(locator, route, None if reservation is None else reservation.buffer)
+        except BaseException:
+            if reservation is not None:
+                reservation.abandon()
+            raise
+        return data, reservation
 
     def _track(self, key: str, size: int) -> None:
         self._prefetched[key] = size
