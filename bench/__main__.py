@@ -430,37 +430,13 @@ class Run:
         cfg, s = self.cfg, self.subject
         remote = self.colls["seq_remote"]
         with shaped(self.fed, remote.cluster, cfg.remote_latency_ms, cfg.remote_bandwidth):
-            self.workload(
-                f"cold sequential read {cfg.seq_size // MiB} MiB, remote",
-                f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}",
-                Target("ratio_at_least", 0.8, ">= 0.8 x Keep (shaped)"),
-                "B/s",
-                lambda n: workloads.sequential(s, remote, "data.bin", cfg.read_size, n, cold=True),
-                {
-                    "keep_remote": Ceiling(
-                        "B/s",
-                        f"{cfg.keep_threads} parallel raw GETs, {self.shaping}",
-                        lambda n: self._keep(remote).samples(n),
-                    )
-                },
-            )
+            self._remote_cold_read(s, f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}")
             if self.direct is not None:
-                direct = self.direct
-                self.workload(
-                    f"cold sequential read {cfg.seq_size // MiB} MiB, remote, --route direct",
+                self._remote_cold_read(
+                    self.direct,
                     "the same dd, fedmount reading the owning cluster's keepstores itself (salted token)"
                     f" instead of through the home keepstore, {self.shaping}",
-                    Target("ratio_at_least", 0.8, ">= 0.8 x Keep (shaped)"),
-                    "B/s",
-                    lambda n: workloads.sequential(direct, remote, "data.bin", cfg.read_size, n, cold=True),
-                    {
-                        "keep_remote_direct": Ceiling(
-                            "B/s",
-                            f"{cfg.keep_threads} parallel raw GETs from {remote.cluster}'s keepstores, "
-                            f"{self.shaping}",
-                            lambda n: self._keep(remote, direct=True).samples(n),
-                        )
-                    },
+                    direct=True,
                 )
             self.workload(
                 "time to first byte, uncached remote block",
@@ -476,6 +452,29 @@ class Run:
                     )
                 },
             )
+
+    def _remote_cold_read(
+        self, subject: workloads.Subject, description: str, *, direct: bool = False
+    ) -> None:
+        """The remote cold sequential read through the home keepstore or, `direct`, with
+        --route direct, against raw GETs along the same route (`_keep`); the caller has the
+        remote cluster shaped."""
+        cfg, remote = self.cfg, self.colls["seq_remote"]
+        source = f" from {remote.cluster}'s keepstores" if direct else ""
+        self.workload(
+            f"cold sequential read {cfg.seq_size // MiB} MiB, remote{', --route direct' if direct else ''}",
+            description,
+            Target("ratio_at_least", 0.8, ">= 0.8 x Keep (shaped)"),
+            "B/s",
+            lambda n: workloads.sequential(subject, remote, "data.bin", cfg.read_size, n, cold=True),
+            {
+                "keep_remote_direct" if direct else "keep_remote": Ceiling(
+                    "B/s",
+                    f"{cfg.keep_threads} parallel raw GETs{source}, {self.shaping}",
+                    lambda n: self._keep(remote, direct=direct).samples(n),
+                )
+            },
+        )
 
 
 def one_line(exc: BaseException) -> str:
