@@ -79,6 +79,19 @@ def make(
     return BlockReader(keep, cache, stats=stats, **kw), store, stats, dict(manifest.walk())
 
 
+async def remount_after_reading(
+    tmp_path: Path, blocks: list[bytes]
+) -> tuple[BlockReader, Keepstore, Stats, File]:
+    """Read file "f" (the blocks end to end) once, filling the disk cache, then a fresh reader of
+    the same cache (a remount) and its "f"."""
+    whole = b"".join(blocks)
+    first, _, _, files = make(tmp_path, blocks, f"0:{len(whole)}:f")
+    assert await first.open(files["f"], ROUTE).read(0, len(whole)) == whole
+    await settle(first.stats)
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{len(whole)}:f")
+    return reader, store, stats, files["f"]
+
+
 async def settle(stats: Stats) -> None:
     """Wait until no fetch is in flight."""
     await trio.sleep(0)
@@ -303,11 +316,8 @@ async def test_prefetch_concurrency_per_service_is_bounded(tmp_path: Path) -> No
 async def test_warm_sequential_reader_finds_the_next_block_loaded_at_the_boundary(tmp_path: Path) -> None:
     blocks = [pattern(4 * MiB, i) for i in range(3)]
     whole = b"".join(blocks)
-    first, _, _, files = make(tmp_path, blocks, f"0:{len(whole)}:f")
-    assert await first.open(files["f"], ROUTE).read(0, len(whole)) == whole  # fills the disk cache
-    await settle(first.stats)
-    reader, store, stats, files = make(tmp_path, blocks, f"0:{len(whole)}:f")  # a remount
-    handle = reader.open(files["f"], ROUTE)
+    reader, store, stats, file = await remount_after_reading(tmp_path, blocks)
+    handle = reader.open(file, ROUTE)
     for offset in range(0, len(whole), MiB):
         before = stats.get("cache_hits", tier="disk")
         assert await handle.read(offset, MiB) == whole[offset : offset + MiB]
@@ -323,11 +333,8 @@ async def test_warm_sequential_reader_finds_the_next_block_loaded_at_the_boundar
 async def test_reads_from_disk_are_views_that_stay_valid(tmp_path: Path) -> None:
     blocks = [pattern(MiB, i) for i in range(3)]
     whole = b"".join(blocks)
-    first, _, _, files = make(tmp_path, blocks, f"0:{len(whole)}:f")
-    assert await first.open(files["f"], ROUTE).read(0, len(whole)) == whole  # fills the disk cache
-    await settle(first.stats)
-    reader, _, _, files = make(tmp_path, blocks, f"0:{len(whole)}:f")  # a remount
-    handle = reader.open(files["f"], ROUTE)
+    reader, _, _, file = await remount_after_reading(tmp_path, blocks)
+    handle = reader.open(file, ROUTE)
     one = await handle.read(0, 4 * KiB)
     assert isinstance(one, memoryview) and one.readonly  # within one block: the mapped file, not a copy
     assert one == whole[: 4 * KiB]
