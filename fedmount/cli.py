@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from fedmount import __version__
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
+from fedmount.blocks.transport import Timeouts
 from fedmount.federation.tokens import redact
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
@@ -211,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=seconds, default=15.0,
                    help="Abandon a keep service that sends no byte for this long and read the "
                    "block from the next replica (default 15).")
+    g.add_argument("--keep-min-rate", metavar="BYTES", type=parse_size, default=int(Timeouts.min_rate),
+                   help="Abandon a keep service that sends a block slower than BYTES per second on "
+                   "average over --keep-rate-window, and read the block from the next replica "
+                   f"(default {int(Timeouts.min_rate) >> 10}K, as the Arvados SDK; 0: never).")
+    g.add_argument("--keep-rate-window", metavar="SECONDS", type=seconds, default=Timeouts.rate_window,
+                   help="How long a transfer is watched before --keep-min-rate is judged, and over "
+                   f"how many seconds (default {Timeouts.rate_window:g}, as the Arvados SDK).")
     g.add_argument("--read-ahead-kb", metavar="KB", type=int, default=4096,
                    help="Kernel read-ahead of the mount (its BDI read_ahead_kb); needs root, skipped "
                    "otherwise; 0 keeps the kernel default (default 4096).")

@@ -91,6 +91,8 @@ class MountOptions:
     ram_cache_size: int = 0
     prefetch_blocks: int = DEFAULT_PREFETCH_BLOCKS
     keep_stall_timeout: float = 15.0
+    keep_min_rate: float = Timeouts.min_rate
+    keep_rate_window: float = Timeouts.rate_window
     read_ahead_kb: int = 4096
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
@@ -107,6 +109,7 @@ class MountOptions:
             file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
             prefetch_blocks=args.prefetch_blocks, keep_stall_timeout=args.keep_stall_timeout,
+            keep_min_rate=args.keep_min_rate, keep_rate_window=args.keep_rate_window,
             read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
         )  # fmt: skip
@@ -347,7 +350,9 @@ class Daemon:
             directory, disk_limit, ram_limit = _cache_config(opts)
             cache = BlockCache(directory, disk_limit, ram_limit, stats)
             transport = Urllib3Transport(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
-            keep = KeepClient(transport, stats=stats, timeouts=Timeouts(stall=opts.keep_stall_timeout))
+            timeouts = Timeouts(stall=opts.keep_stall_timeout, min_rate=opts.keep_min_rate,
+                                rate_window=opts.keep_rate_window)
+            keep = KeepClient(transport, stats=stats, timeouts=timeouts)
             reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
             capacity = disk_limit or ram_limit
             gauge = "cache_disk_bytes" if disk_limit else "cache_ram_bytes"
