@@ -31,6 +31,7 @@ from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.blocks.transport import Timeouts
 from fedmount.federation.tokens import redact
+from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
 SUBCOMMANDS: dict[str, str] = {
@@ -228,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Print crunchstat: lines (keep calls, bytes, cache hits, FUSE ops, process "
                    "figures) to stderr every SECONDS (0: never).")
     g.add_argument("--stats-port", metavar="PORT", type=int, default=None,
-                   help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics.")
+                   help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
+                   f"({MAX_CONNECTIONS} connections at a time at most, each closed "
+                   f"{CONNECTION_SECONDS:g} seconds after it was accepted).")
     g.add_argument("--debug", action="store_true", help="Log debugging detail.")
     g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr).")
 

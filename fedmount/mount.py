@@ -7,7 +7,9 @@ Start-up, in order, so that every failure is one line *before* anything is mount
    unmounted first (which also clears a dead one);
 3. without ``--foreground``/``--exec``, fork: the parent waits on a pipe and exits 0
    once the child writes "ready", or prints the child's one-line reason and exits 1;
-4. `Federation.connect` (a wrong token or an unreachable home cluster stops here), the
+4. the soft limit of open files is raised to the hard limit, as arv-mount raises it (a
+   daemon serving many readers, blocks and connections must not hit EMFILE first);
+   `Federation.connect` (a wrong token or an unreachable home cluster stops here), the
    block layers, `Tree.start` (``--collection`` must exist);
 5. `fuse.mount`, then the FUSE loop; the mount is "ready" once a ``stat`` of the mount
    point made from a worker thread has been answered by that loop: only then does
@@ -31,6 +33,7 @@ import argparse
 import errno
 import logging
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -271,6 +274,23 @@ def _set_read_ahead(path: str, kb: int) -> None:
         log.warning("cannot set %s to %d: %s", knob, kb, e.strerror)
 
 
+def raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (to fs.nr_open if the hard one is unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        with open("/proc/sys/fs/nr_open") as f:
+            wanted = int(f.read())
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, e)
+        return
+    log.debug("open-file limit raised from %d to %d", soft, wanted)
+
+
 def _daemonize() -> Callable[[str | None], None] | int:
     """Fork. In the parent: wait for the child's word and return the exit status.
     In the child: return the function that reports readiness (None) or a failure line."""
@@ -342,6 +362,7 @@ class Daemon:
 
     async def main(self) -> int:
         opts, stats = self.opts, self.stats
+        raise_open_file_limit()
         try:
             federation = await Federation.connect(self.settings, mode=opts.route, stats=stats)  # type: ignore[arg-type]
         except ApiError as e:
