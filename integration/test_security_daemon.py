@@ -4,19 +4,24 @@
   must not eat the daemon's file descriptors (reads through the mount would then fail with
   EIO), and the port must answer again once the flood is gone.
 - The daemon raises its soft open-file limit to the hard limit at start-up, as arv-mount does.
+- A cluster that lies about itself (the emulator's ``uuid_prefix`` and ``keep_service_uuid``
+  faults: a discovery ``uuidPrefix`` or keep service uuid that is not an id, built to close
+  a Prometheus label and add a metric line) is refused with one log line, and the
+  ``/metrics`` text stays well-formed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import socket
 import time
 import urllib.request
 from collections.abc import Iterator
 
-from integration.mounting import requires_fuse, timed_read
+from integration.mounting import fedmount_cmd, requires_fuse, run, timed_read
 from integration.test_reliability import MiB, fresh
 
 pytestmark = requires_fuse
@@ -24,6 +29,10 @@ pytestmark = requires_fuse
 FD_LIMIT = 256  # the daemon's open-file limit during the flood
 FLOOD = 2 * FD_LIMIT  # idle connections to the stats port
 MAX_CONNECTIONS = 16  # what the daemon promises (fedmount.fs.stats_export)
+INJECTION = '"} 1\nfedmount_injected 1\n# '  # closes a label value, adds a metric line
+_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'  # a label value of the Prometheus text format, escapes and all
+_TYPE_RE = re.compile(r"# TYPE fedmount_[a-z0-9_]+ (counter|gauge)")
+_SAMPLE_RE = re.compile(rf"fedmount_[a-z0-9_]+(\{{[a-z_]+={_VALUE}(,[a-z_]+={_VALUE})*\}})? [0-9.e+-]+")
 
 
 def free_port() -> int:
@@ -104,3 +113,52 @@ def test_daemon_raises_its_soft_open_file_limit_to_the_hard_limit(fed, mount):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     expected = hard if hard != resource.RLIM_INFINITY else int(open("/proc/sys/fs/nr_open").read())
     assert low < expected and open_file_limit(m.proc.pid) == (expected, hard)
+
+
+def assert_well_formed(metrics: str) -> None:
+    """Every line a TYPE comment or a sample of a fedmount metric; no injected metric."""
+    for line in metrics.splitlines():
+        assert _TYPE_RE.fullmatch(line) or _SAMPLE_RE.fullmatch(line), line
+        assert not line.startswith("fedmount_injected"), line
+
+
+def test_remote_that_lies_about_its_cluster_id_is_refused_and_cannot_inject_metrics(fed, mount):
+    coll = fresh(fed, "zbbbb", {"x.bin": MiB})
+    port = free_port()
+    m = mount("--route", "direct", "--stats-port", str(port))
+    fed.set_fault("zbbbb", "controller", uuid_prefix="zbbbb" + INJECTION)
+    done = run("cat", str(m / f"by_id/{coll['uuid']}/x.bin"), check=False, timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert_well_formed(scrape(port))
+    log = m.log.read_text()
+    assert [ln for ln in log.splitlines() if "invalid cluster id" in ln and "zbbbb" in ln]
+    assert "Traceback" not in log and "\nfedmount_injected" not in log
+
+
+def test_keep_service_uuid_lie_is_refused_and_cannot_inject_metrics(fed, mount):
+    coll = fresh(fed, "zzzzz", {"x.bin": MiB})
+    port = free_port()
+    m = mount("--stats-port", str(port))
+    fed.set_fault("zzzzz", "controller", keep_service_uuid="zzzzz-bi6l4-000000000000000" + INJECTION)
+    for keepstore in ("keep0", "keep1"):  # bad bytes: the service's uuid becomes a label
+        fed.set_fault("zzzzz", keepstore, corrupt=True)
+    done = run("cat", str(m / f"by_id/{coll['uuid']}/x.bin"), check=False, timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert_well_formed(scrape(port))
+    log = m.log.read_text()
+    assert [ln for ln in log.splitlines() if "accessible lists a service with an invalid UUID" in ln]
+    assert "Traceback" not in log and "\nfedmount_injected" not in log
+
+
+def test_home_that_lies_about_its_cluster_id_is_refused_at_mount_time_in_one_line(fed, tmp_path):
+    fed.set_fault(fed.home, "controller", uuid_prefix="zzzzz" + INJECTION)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        done = run(*fedmount_cmd("--disk-cache-dir", str(tmp_path / "cache"), str(mnt)), check=False,
+                   env=fed.env(), timeout=60)  # fmt: skip
+    finally:
+        run(*fedmount_cmd("--unmount", str(mnt)), check=False, timeout=30)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert "cannot use the home cluster" in line and "invalid cluster id" in line

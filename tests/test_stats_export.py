@@ -80,6 +80,16 @@ async def test_a_slow_request_is_cut_off_at_the_connection_deadline(autojump_clo
         nursery.cancel_scope.cancel()
 
 
+def test_label_values_are_escaped_so_they_cannot_add_lines() -> None:
+    stats = Stats()
+    stats.add("keep_bad_md5", cluster="zzzzz", service='a\\b"} 1\nfedmount_injected 1')
+    lines = stats.prometheus_text().splitlines()
+    assert lines == [
+        "# TYPE fedmount_keep_bad_md5 counter",
+        'fedmount_keep_bad_md5{cluster="zzzzz",service="a\\\\b\\"} 1\\nfedmount_injected 1"} 1',
+    ]
+
+
 async def test_an_unknown_path_is_404_and_the_connection_is_closed() -> None:
     listener = MemoryListener()
     async with trio.open_nursery() as nursery:
