@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"({MAX_CONNECTIONS} connections at a time at most, each closed "
                    f"{CONNECTION_SECONDS:g} seconds after it was accepted).")
     g.add_argument("--debug", action="store_true", help="Log debugging detail.")
-    g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr).")
+    g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr); a new FILE is "
+                   "created readable by its owner only.")
 
     g = p.add_argument_group("accepted for arv-mount compatibility, without effect")
     g.add_argument("--disable-event-listening", action="store_true",
@@ -250,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class RedactingFilter(logging.Filter):
-    """Masks anything token-shaped in a record, its arguments and its traceback."""
+    """Masks anything token-shaped, and locator signatures, in a record, its arguments and its
+    traceback (`redact`), at every level: urllib3's debug lines carry signed locators."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = redact(record.getMessage())
@@ -261,8 +263,15 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def _logfile_handler(path: str) -> logging.FileHandler:
+    """Appends to `path`, creating it readable by its owner only (an existing file keeps its mode)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    return logging.FileHandler(path)
+
+
 def setup_logging(debug: bool, logfile: str | None) -> None:
-    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    """Log to `logfile` (OSError if it cannot be written) or stderr, redacted."""
+    handler: logging.Handler = _logfile_handler(logfile) if logfile else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s fedmount[%(process)d] %(levelname)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
@@ -293,7 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from fedmount import mount  # after parsing: --help stays fast and needs no FUSE
 
-    setup_logging(args.debug, args.logfile)
+    try:
+        setup_logging(args.debug, args.logfile)
+    except OSError as e:
+        print(f"fedmount: cannot write the log to {args.logfile}: {e.strerror}", file=sys.stderr)
+        return 1
     if args.unmount:
         return mount.unmount_command(os.path.abspath(args.mountpoint), args.unmount_timeout)
     return mount.run(mount.MountOptions.from_args(args))

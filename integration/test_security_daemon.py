@@ -8,6 +8,8 @@
   faults: a discovery ``uuidPrefix`` or keep service uuid that is not an id, built to close
   a Prometheus label and add a metric line) is refused with one log line, and the
   ``/metrics`` text stays well-formed.
+- The ``--logfile`` is created readable by its owner only and, even at ``--debug``, never
+  carries a locator's signature (a signature lets whoever reads it fetch the block).
 """
 
 from __future__ import annotations
@@ -162,3 +164,20 @@ def test_home_that_lies_about_its_cluster_id_is_refused_at_mount_time_in_one_lin
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert "cannot use the home cluster" in line and "invalid cluster id" in line
+
+
+SIGNATURE_RE = re.compile(r"(\+|%2B)(A|R[a-z0-9]{5}-)[0-9a-f]{40}")
+
+
+def test_debug_logfile_is_private_and_never_carries_a_locator_signature(fed, mount, tmp_path):
+    local = fresh(fed, "zzzzz", {"local.bin": MiB})
+    remote = fresh(fed, "zbbbb", {"remote.bin": MiB})  # +R locators through the home keepstore
+    logfile = tmp_path / "debug.log"
+    m = mount("--debug", "--logfile", str(logfile))
+    for coll, name in ((local, "local.bin"), (remote, "remote.bin")):
+        assert timed_read(m / f"by_id/{coll['uuid']}/{name}").md5 == coll["files"][name]["md5"]
+    m.stop()
+    log = logfile.read_text()
+    assert os.stat(logfile).st_mode & 0o777 == 0o600
+    assert "+A<signature>@" in log and "+Rzbbbb-<signature>@" in log  # the debug lines are there
+    assert SIGNATURE_RE.findall(log) == []
