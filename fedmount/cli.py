@@ -218,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "average over --keep-rate-window, and read the block from the next replica "
                    f"(default {int(Timeouts.min_rate) >> 10}K, as the Arvados SDK; 0: never).")
     g.add_argument("--keep-rate-window", metavar="SECONDS", type=seconds, default=Timeouts.rate_window,
-                   help="How long a transfer is watched before --keep-min-rate is judged, and over "
-                   f"how many seconds (default {Timeouts.rate_window:g}, as the Arvados SDK).")
+                   help="The span in seconds over which --keep-min-rate is averaged; a transfer is "
+                   f"first judged once it has run this long (default {Timeouts.rate_window:g}, as the "
+                   "Arvados SDK).")
     g.add_argument("--read-ahead-kb", metavar="KB", type=int, default=4096,
                    help="Kernel read-ahead of the mount (its BDI read_ahead_kb); needs root, skipped "
                    "otherwise; 0 keeps the kernel default (default 4096).")

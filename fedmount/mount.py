@@ -274,7 +274,7 @@ def _set_read_ahead(path: str, kb: int) -> None:
         log.warning("cannot set %s to %d: %s", knob, kb, e.strerror)
 
 
-def raise_open_file_limit() -> None:
+def _raise_open_file_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard limit (to fs.nr_open if the hard one is unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard
@@ -362,7 +362,7 @@ class Daemon:
 
     async def main(self) -> int:
         opts, stats = self.opts, self.stats
-        raise_open_file_limit()
+        _raise_open_file_limit()
         try:
             federation = await Federation.connect(self.settings, mode=opts.route, stats=stats)  # type: ignore[arg-type]
         except ApiError as e:
