@@ -29,7 +29,9 @@ from collections.abc import Sequence
 from fedmount import __version__
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
+from fedmount.blocks.transport import Timeouts
 from fedmount.federation.tokens import redact
+from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
 SUBCOMMANDS: dict[str, str] = {
@@ -211,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=seconds, default=15.0,
                    help="Abandon a keep service that sends no byte for this long and read the "
                    "block from the next replica (default 15).")
+    g.add_argument("--keep-min-rate", metavar="BYTES", type=parse_size, default=int(Timeouts.min_rate),
+                   help="Abandon a keep service that sends a block slower than BYTES per second on "
+                   "average over --keep-rate-window, and read the block from the next replica "
+                   f"(default {int(Timeouts.min_rate) >> 10}K, as the Arvados SDK; 0: never).")
+    g.add_argument("--keep-rate-window", metavar="SECONDS", type=seconds, default=Timeouts.rate_window,
+                   help="The span in seconds over which --keep-min-rate is averaged; a transfer is "
+                   f"first judged once it has run this long (default {Timeouts.rate_window:g}, as the "
+                   "Arvados SDK).")
     g.add_argument("--read-ahead-kb", metavar="KB", type=int, default=4096,
                    help="Kernel read-ahead of the mount (its BDI read_ahead_kb); needs root, skipped "
                    "otherwise; 0 keeps the kernel default (default 4096).")
@@ -220,9 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Print crunchstat: lines (keep calls, bytes, cache hits, FUSE ops, process "
                    "figures) to stderr every SECONDS (0: never).")
     g.add_argument("--stats-port", metavar="PORT", type=int, default=None,
-                   help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics.")
+                   help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
+                   f"({MAX_CONNECTIONS} connections at a time at most, each closed "
+                   f"{CONNECTION_SECONDS:g} seconds after it was accepted).")
     g.add_argument("--debug", action="store_true", help="Log debugging detail.")
-    g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr).")
+    g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr); a new FILE is "
+                   "created readable by its owner only.")
 
     g = p.add_argument_group("accepted for arv-mount compatibility, without effect")
     g.add_argument("--disable-event-listening", action="store_true",
@@ -239,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class RedactingFilter(logging.Filter):
-    """Masks anything token-shaped in a record, its arguments and its traceback."""
+    """Masks anything token-shaped, and locator signatures, in a record, its arguments and its
+    traceback (`redact`), at every level: urllib3's debug lines carry signed locators."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = redact(record.getMessage())
@@ -250,8 +264,15 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def _logfile_handler(path: str) -> logging.FileHandler:
+    """Appends to `path`, creating it readable by its owner only (an existing file keeps its mode)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    return logging.FileHandler(path)
+
+
 def setup_logging(debug: bool, logfile: str | None) -> None:
-    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    """Log to `logfile` (OSError if it cannot be written) or stderr, redacted."""
+    handler: logging.Handler = _logfile_handler(logfile) if logfile else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s fedmount[%(process)d] %(levelname)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
@@ -282,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from fedmount import mount  # after parsing: --help stays fast and needs no FUSE
 
-    setup_logging(args.debug, args.logfile)
+    try:
+        setup_logging(args.debug, args.logfile)
+    except OSError as e:
+        print(f"fedmount: cannot write the log to {args.logfile}: {e.strerror}", file=sys.stderr)
+        return 1
     if args.unmount:
         return mount.unmount_command(os.path.abspath(args.mountpoint), args.unmount_timeout)
     return mount.run(mount.MountOptions.from_args(args))

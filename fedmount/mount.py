@@ -7,7 +7,9 @@ Start-up, in order, so that every failure is one line *before* anything is mount
    unmounted first (which also clears a dead one);
 3. without ``--foreground``/``--exec``, fork: the parent waits on a pipe and exits 0
    once the child writes "ready", or prints the child's one-line reason and exits 1;
-4. `Federation.connect` (a wrong token or an unreachable home cluster stops here), the
+4. the soft limit of open files is raised to the hard limit, as arv-mount raises it (a
+   daemon serving many readers, blocks and connections must not hit EMFILE first);
+   `Federation.connect` (a wrong token or an unreachable home cluster stops here), the
    block layers, `Tree.start` (``--collection`` must exist);
 5. `fuse.mount`, then the FUSE loop; the mount is "ready" once a ``stat`` of the mount
    point made from a worker thread has been answered by that loop: only then does
@@ -31,6 +33,7 @@ import argparse
 import errno
 import logging
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -91,6 +94,8 @@ class MountOptions:
     ram_cache_size: int = 0
     prefetch_blocks: int = DEFAULT_PREFETCH_BLOCKS
     keep_stall_timeout: float = 15.0
+    keep_min_rate: float = Timeouts.min_rate
+    keep_rate_window: float = Timeouts.rate_window
     read_ahead_kb: int = 4096
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
@@ -107,6 +112,7 @@ class MountOptions:
             file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
             prefetch_blocks=args.prefetch_blocks, keep_stall_timeout=args.keep_stall_timeout,
+            keep_min_rate=args.keep_min_rate, keep_rate_window=args.keep_rate_window,
             read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
         )  # fmt: skip
@@ -268,6 +274,23 @@ def _set_read_ahead(path: str, kb: int) -> None:
         log.warning("cannot set %s to %d: %s", knob, kb, e.strerror)
 
 
+def _raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (to fs.nr_open if the hard one is unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        with open("/proc/sys/fs/nr_open") as f:
+            wanted = int(f.read())
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, e)
+        return
+    log.debug("open-file limit raised from %d to %d", soft, wanted)
+
+
 def _daemonize() -> Callable[[str | None], None] | int:
     """Fork. In the parent: wait for the child's word and return the exit status.
     In the child: return the function that reports readiness (None) or a failure line."""
@@ -339,6 +362,7 @@ class Daemon:
 
     async def main(self) -> int:
         opts, stats = self.opts, self.stats
+        _raise_open_file_limit()
         try:
             federation = await Federation.connect(self.settings, mode=opts.route, stats=stats)  # type: ignore[arg-type]
         except ApiError as e:
@@ -347,7 +371,9 @@ class Daemon:
             directory, disk_limit, ram_limit = _cache_config(opts)
             cache = BlockCache(directory, disk_limit, ram_limit, stats)
             transport = Urllib3Transport(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
-            keep = KeepClient(transport, stats=stats, timeouts=Timeouts(stall=opts.keep_stall_timeout))
+            timeouts = Timeouts(stall=opts.keep_stall_timeout, min_rate=opts.keep_min_rate,
+                                rate_window=opts.keep_rate_window)
+            keep = KeepClient(transport, stats=stats, timeouts=timeouts)
             reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
             capacity = disk_limit or ram_limit
             gauge = "cache_disk_bytes" if disk_limit else "cache_ram_bytes"

@@ -6,6 +6,11 @@ One `Stats` object lives per daemon. Layers add to named counters with optional 
 inside the mount, the optional HTTP endpoint serves `prometheus_text()`, and
 ``--crunchstat-interval`` prints `crunchstat_lines()`. Everything runs on the trio thread
 or under a lock, so worker threads may update it too.
+
+Label values come from what clusters say (cluster ids, keep service uuids), which the
+federation layer checks at the boundary; the Prometheus text escapes them anyway
+(``\\``, ``\"`` and ``\n``, as the text exposition format defines), so that no value can
+end its label, its line, or add a line of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ Labels = tuple[tuple[str, str], ...]
 
 def _labels(labels: dict[str, object]) -> Labels:
     return tuple(sorted((k, str(v)) for k, v in labels.items()))
+
+
+def _label_value(text: str) -> str:
+    """`text` as a Prometheus label value: backslash, double quote and newline escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Stats:
@@ -62,6 +72,6 @@ class Stats:
                     metric = f"fedmount_{name}"
                     lines.append(f"# TYPE {metric} {kind}")
                     for key, val in sorted(series.items()):
-                        label_text = ",".join(f'{k}="{v}"' for k, v in key)
+                        label_text = ",".join(f'{k}="{_label_value(v)}"' for k, v in key)
                         lines.append(f"{metric}{{{label_text}}} {val:g}" if key else f"{metric} {val:g}")
         return "\n".join(lines) + "\n"

@@ -5,6 +5,8 @@
 - ``fed``: the same federation for one test; clears faults and restores the blob TTL after.
 - ``federation_factory`` (session): start more federations with other options
   (``federation_factory(clusters=..., seed="none", blob_ttl=...)``); all are stopped at the end.
+- ``record`` (session): a `Recorder` for what reliability scenarios measured, appending to
+  ``reliability.jsonl`` in pytest's base temporary directory.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from integration.harness import Federation
-from integration.mounting import Mount
+from integration.mounting import Mount, Recorder
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +34,11 @@ def federation_factory(tmp_path_factory, request):
 
     request.addfinalizer(stop_all)
     return start
+
+
+@pytest.fixture(scope="session")
+def record(tmp_path_factory) -> Recorder:
+    return Recorder(tmp_path_factory.getbasetemp() / "reliability.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,8 @@ class Federation:
             ) from None
 
     def set_fault(self, cluster: str, service: str, **fault: object) -> dict:
-        """Fields: down (True/"reset"/"refuse"), status, corrupt, stall, latency_ms, bandwidth, count."""
+        """Fields: down (True/"reset"/"refuse"), status, corrupt, stall, latency_ms, bandwidth,
+        uuid_prefix, keep_service_uuid (the controller lies about itself), count."""
         return self.control("POST", "/faults", {"cluster": cluster, "service": service, **fault})
 
     def clear_faults(self, cluster: str | None = None, service: str | None = None) -> dict:

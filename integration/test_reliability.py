@@ -37,7 +37,6 @@ from integration.harness import Federation
 from integration.mounting import (
     REPO,
     Mount,
-    Recorder,
     fedmount_cmd,
     is_mounted,
     requires_fuse,
@@ -51,11 +50,6 @@ pytestmark = requires_fuse
 MiB = 1 << 20
 EIO_WITHIN = 30.0  # a read that cannot succeed must fail within this many seconds
 _names = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def record(tmp_path_factory) -> Recorder:
-    return Recorder(tmp_path_factory.getbasetemp() / "reliability.jsonl")
 
 
 def fresh(fed: Federation, cluster: str, sizes: dict[str, int], block_size: int = MiB) -> dict:

@@ -23,9 +23,8 @@ import subprocess
 import time
 
 import psutil
-import pytest
 
-from integration.mounting import Mount, Recorder, requires_fuse
+from integration.mounting import Mount, requires_fuse
 
 pytestmark = requires_fuse
 
@@ -33,11 +32,6 @@ MiB = 1 << 20
 READERS = 64
 FILES = 16
 RSS_BOUND = 400 * MiB  # RAM cache (64 MiB here) + all blocks in flight (<48 MiB) + Python, with room
-
-
-@pytest.fixture(scope="session")
-def record(tmp_path_factory) -> Recorder:
-    return Recorder(tmp_path_factory.getbasetemp() / "reliability.jsonl")
 
 
 def test_64_concurrent_readers_get_every_byte_right_with_one_get_per_block_and_bounded_memory(

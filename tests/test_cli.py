@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -130,22 +132,62 @@ def test_subcommands_dispatch_to_existing_functions():
         assert callable(getattr(importlib.import_module(module), function)), name
 
 
-def test_logs_never_contain_a_token():
+@contextlib.contextmanager
+def redacted_log(name: str) -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """Logger `name` (at DEBUG) writing through a RedactingFilter into the yielded stream."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.addFilter(cli.RedactingFilter())
-    logger = logging.getLogger("fedmount.test-redaction")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     try:
+        yield logger, stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_logs_never_contain_a_token():
+    with redacted_log("fedmount.test-redaction") as (logger, stream):
         logger.error("sent Authorization: Bearer %s to %s", TOKEN, "zbbbb")
         try:
             raise ValueError(f"bad token {TOKEN}")
         except ValueError:
             logger.exception("failed")
-    finally:
-        logger.removeHandler(handler)
     out = stream.getvalue()
     assert "s3cr3t" not in out and "<token>" in out and "zbbbb" in out and "ValueError" in out
+
+
+def test_debug_logs_never_contain_a_locator_signature():
+    signature = "89118b78732c33104a4d6231e8b5a5fa1e4301e3"
+    path = f"/acbd18db4cc2f85cedef654fccc4a4d8+3+A{signature}@7fffffff"
+    with redacted_log("urllib3.test-redaction") as (logger, stream):
+        logger.debug('%s "%s %s %s" %s %s', "http://127.0.0.1:25107", "GET", path, "HTTP/1.1", 200, 3)
+    assert signature not in stream.getvalue() and "+A<signature>@7fffffff" in stream.getvalue()
+
+
+def test_a_new_logfile_is_readable_by_its_owner_only(tmp_path):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    path = tmp_path / "fedmount.log"
+    try:
+        cli.setup_logging(False, str(path))
+        logging.getLogger("fedmount.test").info("hello")
+        root.handlers[0].flush()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert path.stat().st_mode & 0o777 == 0o600 and "hello" in path.read_text()
+
+
+def test_an_unwritable_logfile_is_one_line_and_status_1(tmp_path, capsys):
+    assert cli.main(["--logfile", str(tmp_path / "no" / "such.log"), str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the log" in err and "No such file" in err
 
 
 def test_mountinfo_parsing_unescapes_paths(tmp_path):

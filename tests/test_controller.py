@@ -266,6 +266,60 @@ async def test_discovery_without_uuid_prefix_is_rejected():
     await c.aclose()
 
 
+LIES = ["zbbbb\nfedmount_injected 1", 'z"} 1', "ZBBBB", "zbbbbb", 12345]
+
+
+@pytest.mark.parametrize("prefix", LIES)
+async def test_discovery_with_a_uuid_prefix_that_is_not_a_cluster_id_is_refused_in_one_line(prefix):
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"uuidPrefix": prefix}))
+    stats = Stats()
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=transport, stats=stats)
+    with pytest.raises(ApiError, match="invalid cluster id") as info:
+        await c.discovery()
+    assert "\n" not in str(info.value) and c.cluster == "h"
+    assert all(str(prefix) not in labels for labels in stats.snapshot()["api_requests"])  # type: ignore[union-attr]
+    await c.aclose()
+
+
+async def test_a_cluster_that_calls_itself_another_is_refused(fake):
+    c = ControllerClient("api.zzzzz.example", fake.token, transport=fake.transport, cluster="zbbbb")
+    with pytest.raises(ApiError, match="calls itself cluster zzzzz, not zbbbb"):
+        await c.current_user()
+    await c.aclose()
+
+
+def _keep_services_answer(**changes: object) -> httpx.MockTransport:
+    item = {"uuid": "zzzzz-bi6l4-000000000000000", "service_host": "keep0.example", "service_port": 25107,
+            "service_ssl_flag": False, "service_type": "disk", **changes}  # fmt: skip
+    item = {k: v for k, v in item.items() if v is not None}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/discovery"):
+            return httpx.Response(200, json={"uuidPrefix": "zzzzz"})
+        return httpx.Response(200, json={"items": [item]})
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"uuid": 'zzzzz-bi6l4-00000000000000"\nfedmount_injected 1'}, "invalid UUID"),
+        ({"uuid": "zzzzz-bi6l4-000000000000000\n"}, "invalid UUID"),
+        ({"uuid": None}, "without 'uuid'"),
+        ({"service_host": "keep0\n.example"}, "invalid host name"),
+        ({"service_port": "25107/x"}, "invalid port"),
+    ],
+)
+async def test_keep_services_with_a_malformed_service_are_refused_in_one_line(changes, words):
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=_keep_services_answer(**changes))
+    with pytest.raises(ApiError, match=words) as info:
+        await c.keep_services()
+    assert "\n" not in str(info.value) and info.value.status == 502
+    assert (await c.discovery())["uuidPrefix"] == "zzzzz"
+    await c.aclose()
+
+
 async def test_stats_count_requests_and_bytes_per_cluster(fake):
     stats = Stats()
     c = client(fake, stats=stats)  # the cluster id comes from discovery, for that request too

@@ -273,6 +273,25 @@ async def test_direct_mode_unknown_cluster(fake):
     await fed.aclose()
 
 
+async def test_a_remote_host_that_is_not_a_cluster_id_is_dropped_with_one_warning(fake, caplog):
+    fake.home.remote_hosts['zb"}\nfedmount_injected 1'] = "api.evil.example"
+    fed = await connect(fake, mode="direct")
+    assert fed.remote_clusters == ["zbbbb", "zcccc"]
+    (line,) = [r.getMessage() for r in caplog.records if "not a cluster id" in r.getMessage()]
+    assert "\n" not in line and "zzzzz" in line
+    await fed.aclose()
+
+
+async def test_direct_mode_refuses_a_remote_that_calls_itself_another_cluster(fake):
+    rec = fake.add_collection("zbbbb", "1", {"a.txt": b"hello"})
+    fake.clusters["zbbbb"].cluster = "zcccc"  # its discovery document now says uuidPrefix zcccc
+    fed = await connect(fake, mode="direct")
+    with pytest.raises(ApiError, match="calls itself cluster zcccc, not zbbbb") as info:
+        await fed.get_collection(parse_collection_id(rec["uuid"]))
+    assert info.value.cluster == "zbbbb"
+    await fed.aclose()
+
+
 async def test_remote_down_retries_then_fails(fake):
     rec = fake.add_collection("zbbbb", "10", {"k": b"x"})
     fake.clusters["zbbbb"].fail_next = [503, httpx.ConnectError("refused")]

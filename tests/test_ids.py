@@ -111,6 +111,21 @@ def test_check_uuid_and_cluster():
         check_cluster_id("zbbb")
 
 
+@pytest.mark.parametrize(
+    "check, token",
+    [
+        (check_cluster_id, "zbbbb\n"),
+        (check_uuid, "zzzzz-bi6l4-000000000000000\n"),
+        (parse_collection_id, "zzzzz-4zz18-0123456789abcde\n"),
+        (parse_collection_id, f"{H}+3\n"),
+        (parse_locator, f"{H}+3+A{SIG}\n"),
+    ],
+)
+def test_a_final_newline_is_not_part_of_an_id(check, token):
+    with pytest.raises(IdError):
+        check(token)
+
+
 def test_long_token_is_shortened_in_messages():
     with pytest.raises(IdError) as info:
         parse_locator("x" * 200)

@@ -1,4 +1,5 @@
-"""KeepClient against an in-process transport: probe order, failover, md5, stalls, retries."""
+"""KeepClient against an in-process transport: probe order, failover, md5, stalls, retries;
+the transport's minimum-rate rule (`RateFloor`) on a fake clock."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fedmount.blocks.keep import (
     KeepService,
     probe_order,
 )
-from fedmount.blocks.transport import Md5Pipe, Response, Sink, Timeouts, TransportError
+from fedmount.blocks.transport import Md5Pipe, RateFloor, Response, Sink, Timeouts, TransportError
 from fedmount.federation.ids import Locator, parse_locator
 from fedmount.stats import Stats
 
@@ -192,6 +193,76 @@ async def test_stall_abandons_replica_for_the_next() -> None:
     keep, _ = client(fake)
     assert await keep.get(loc, route(svcs)) == data
     assert fake.roots() == [first.root_url, second.root_url]
+
+
+async def test_slow_replica_is_abandoned_for_the_next_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = b"trickle"
+    loc = block(data)
+    first, second = probe_order(loc.hash, services(2))
+    slow = TransportError("slow", "512 B/s over the last 2s, below the minimum 32768 B/s")
+    fake = FakeKeep(data, {first.root_url: slow, second.root_url: ok})
+    keep, stats = client(fake)
+    with caplog.at_level(logging.WARNING, logger="fedmount.keep"):
+        assert await keep.get(loc, route(services(2))) == data
+    assert fake.roots() == [first.root_url, second.root_url]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert first.uuid in line and loc.key in line and "512 B/s" in line and SIG not in line
+    assert stats.get("keep_errors") == 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def trickle(floor: RateFloor, clock: FakeClock, rate: float, seconds: float, chunk: int) -> float:
+    """Feed `floor` `rate` bytes/s in `chunk`-byte pieces for `seconds`; the time it raised at, else inf."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += chunk / rate
+        try:
+            floor.received(chunk)
+        except TransportError as exc:
+            assert exc.kind == "slow"
+            return clock.now
+    return float("inf")
+
+
+def test_rate_floor_abandons_a_trickle_one_window_after_it_started() -> None:
+    clock = FakeClock()
+    start = clock.now
+    floor = RateFloor(32 << 10, 2.0, clock)
+    raised_at = trickle(floor, clock, rate=512, seconds=60, chunk=25)  # the emulator's 512 B/s shape
+    assert 2.0 <= raised_at - start <= 2.1
+
+
+def test_rate_floor_keeps_a_transfer_at_the_minimum_rate_or_above_even_in_bursts() -> None:
+    clock = FakeClock()
+    floor = RateFloor(32 << 10, 2.0, clock)
+    assert trickle(floor, clock, rate=33 << 10, seconds=30, chunk=4096) == float("inf")
+    for _ in range(20):  # nothing for 1.5 s, then 128 KiB at once: 85 KiB/s on average
+        clock.now += 1.5
+        floor.received(128 << 10)
+
+
+def test_rate_floor_judges_the_last_window_not_the_whole_transfer() -> None:
+    clock = FakeClock()
+    floor = RateFloor(32 << 10, 2.0, clock)
+    assert trickle(floor, clock, rate=100 << 20, seconds=1, chunk=1 << 20) == float("inf")  # 100 MiB fast
+    slowed = clock.now
+    raised_at = trickle(floor, clock, rate=512, seconds=60, chunk=25)
+    assert raised_at - slowed <= 2.0 * 1.125 + 0.1  # one window and one mark interval, at most
+
+
+def test_rate_floor_zero_is_no_floor() -> None:
+    clock = FakeClock()
+    floor = RateFloor(0, 2.0, clock)
+    assert trickle(floor, clock, rate=1, seconds=100, chunk=1) == float("inf")
 
 
 async def test_retries_are_bounded() -> None:

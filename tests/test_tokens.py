@@ -87,3 +87,17 @@ def test_repr_hides_the_secret():
 def test_redact_masks_tokens(text):
     out = redact(text)
     assert SECRET not in out and "<token>" in out
+
+
+SIGNATURE = "89118b78732c33104a4d6231e8b5a5fa1e4301e3"
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [f"+A{SIGNATURE}@65f1a2b3", f"+Rzbbbb-{SIGNATURE}@65f1a2b3", f"%2BA{SIGNATURE}@65f1a2b3"],
+)
+def test_redact_masks_locator_signatures_and_keeps_the_rest(hint):
+    locator = f"acbd18db4cc2f85cedef654fccc4a4d8+3{hint}+K@zbbbb"
+    out = redact(f'http://127.0.0.1:25107 "GET /{locator} HTTP/1.1" 200 3')
+    assert SIGNATURE not in out
+    assert f"/acbd18db4cc2f85cedef654fccc4a4d8+3{hint.replace(SIGNATURE, '<signature>')}+K@zbbbb " in out

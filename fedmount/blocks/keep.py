@@ -19,7 +19,9 @@ Algorithm of `KeepClient.get`:
      one warning line names it, and ``keep_bad_md5`` counts it; never returned;
    - 403/404/410: "not here", dropped for this block;
    - 408, 409, 423, 429, any 5xx, connect failure, reset, stall (no byte for
-     ``timeouts.stall`` seconds): transient, the service stays eligible for the next round;
+     ``timeouts.stall`` seconds), slow (under ``timeouts.min_rate`` bytes/s over
+     ``timeouts.rate_window`` seconds, transport.py): transient, the service stays eligible
+     for the next round. A stalled or slow service is named in one warning line;
    - any other status (400 bad signature, 401 expired token, ...): dropped for this block.
 3. Rounds repeat, after a jittered exponential backoff, while some service is still
    eligible, at most ``retries + 1`` rounds.
@@ -220,6 +222,9 @@ class KeepClient:
         except TransportError as exc:
             stats.add("keep_errors", cluster=cluster)
             self._demoted[service.uuid] = time.monotonic() + self._demote_seconds
+            if exc.kind in ("stall", "slow"):
+                log.warning("keep service %s (%s) abandoned for block %s: %s; trying the next replica",
+                            service.uuid, service.root_url, locator.key, exc)  # fmt: skip
             return None, _Attempt(service, f"{exc.kind}: {exc}", done=exc.kind == "length")
         finally:
             stats.add("keep_seconds", time.monotonic() - started, cluster=cluster)

@@ -17,6 +17,11 @@ fedmount speaks the API protocol (reference/arvados-protocol.md §0–§2, §6):
 - Failures raise `ApiError` with the HTTP status (0 when the cluster could not be reached),
   the cluster, and a one-line message built from the server's ``{"errors": [...]}``,
   passed through `redact` so that no token can leak into a log line.
+- What a cluster says about itself is checked before it is used anywhere (a stats label,
+  a log line, a route): the discovery document's ``uuidPrefix`` must be a cluster id (and,
+  for a client made for a named cluster, that cluster's), and every keep service must have
+  an Arvados uuid, a host name and a port. A cluster that answers otherwise is refused
+  with one `ApiError` line (502), as a broken or hostile answer.
 - ``collections/{id}`` may be asked for with ``select`` (a JSON list of field names):
   a re-check asks for the record without its manifest text, a few hundred bytes.
 - Bodies are read into a buffer of the client's own and decoded from it, so a large
@@ -37,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import secrets
 import ssl
 import string
@@ -51,12 +57,15 @@ import trio
 from fedmount.blocks.keep import KeepService
 from fedmount.stats import Stats
 
+from .ids import IdError, check_cluster_id, check_uuid
 from .tokens import ApiToken, redact
 
 log = logging.getLogger("fedmount.controller")
 
 DISCOVERY_PATH = "/discovery/v1/apis/arvados/v1/rest"
+KEEP_SERVICES = "keep_services/accessible"
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+_HOST_RE = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")  # a DNS name, IPv4 or [IPv6] address
 _REQUEST_ID_CHARS = string.ascii_lowercase + string.digits
 
 
@@ -122,6 +131,7 @@ class ControllerClient:
         self.max_backoff = max_backoff
         self.retry_budget = retry_budget
         self._label = cluster or api_host  # the stats/error label until discovery names it
+        self._expected_cluster = cluster
         # Counts made before we know the cluster id, added under it once discovery names it.
         self._pending: list[tuple[str, float]] | None = None if cluster else []
         verify: ssl.SSLContext | bool = False
@@ -148,14 +158,26 @@ class ControllerClient:
             if self._discovery is None:
                 try:
                     doc = await self._request(f"https://{self.api_host}{DISCOVERY_PATH}", auth=False)
-                    if not isinstance(doc, dict) or not doc.get("uuidPrefix"):
-                        why = f"{self.api_host} served a discovery document without uuidPrefix"
-                        raise ApiError(502, self._label, why)
+                    self._label = self._checked_prefix(doc)
                     self._discovery = doc
-                    self._label = doc["uuidPrefix"]
                 finally:
                     self._flush_pending()
             return self._discovery
+
+    def _checked_prefix(self, doc: Any) -> str:
+        """The discovery document's uuidPrefix, if it is a cluster id and the expected one."""
+        prefix = doc.get("uuidPrefix") if isinstance(doc, dict) else None
+        document = f"{self.api_host} served a discovery document"
+        if not prefix:
+            raise ApiError(502, self._label, f"{document} without uuidPrefix")
+        try:
+            check_cluster_id(prefix if isinstance(prefix, str) else f"{prefix!r} (a {type(prefix).__name__})")
+        except IdError as e:
+            raise ApiError(502, self._label, f"{document} with an {e}") from None
+        if self._expected_cluster not in (None, prefix):
+            raise ApiError(502, self._label, f"{self.api_host} calls itself cluster {prefix}, "
+                           f"not {self._expected_cluster}")  # fmt: skip
+        return prefix
 
     def _count(self, name: str, value: float = 1) -> None:
         if self._pending is not None:
@@ -184,21 +206,33 @@ class ControllerClient:
         """The cluster's accessible keep services (disk and proxy), fetched once."""
         async with self._keep_lock:
             if self._keep_services is None:
-                answer = await self.call("keep_services/accessible")
-                self._keep_services = [
-                    KeepService(
-                        uuid=item["uuid"],
-                        root_url="{}://{}:{}/".format(
-                            "https" if item.get("service_ssl_flag") else "http",
-                            item["service_host"],
-                            item["service_port"],
-                        ),
-                        service_type=item.get("service_type") or "disk",
-                        read_only=bool(item.get("read_only")),
-                    )
-                    for item in answer.get("items", [])
-                ]
+                answer = await self.call(KEEP_SERVICES)
+                items = answer.get("items")
+                self._keep_services = [self._keep_service(item) for item in items or []]
             return list(self._keep_services)
+
+    def _keep_service(self, item: Any) -> KeepService:
+        """One item of keep_services/accessible, checked; ApiError (one line) if it is malformed."""
+        try:
+            uuid, host, port = item["uuid"], item["service_host"], item["service_port"]
+            check_uuid(uuid if isinstance(uuid, str) else repr(uuid))
+            if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
+                raise IdError("host name", str(host), 0, "not a host name or address")
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise IdError("port", str(port), 0, "not a port number")
+        except KeyError as e:
+            raise ApiError(502, self._label, f"{KEEP_SERVICES} lists a service without {e}") from None
+        except TypeError:
+            raise ApiError(502, self._label, f"{KEEP_SERVICES} lists a non-object") from None
+        except IdError as e:
+            raise ApiError(502, self._label, f"{KEEP_SERVICES} lists a service with an {e}") from None
+        scheme = "https" if item.get("service_ssl_flag") else "http"
+        return KeepService(
+            uuid=uuid,
+            root_url=f"{scheme}://{host}:{port}/",
+            service_type=str(item.get("service_type") or "disk"),
+            read_only=bool(item.get("read_only")),
+        )
 
     async def call(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """GET ``<rootUrl><servicePath><path>``; non-string parameters are JSON-encoded."""

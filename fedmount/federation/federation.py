@@ -35,6 +35,7 @@ no summary of a PDH, since only its manifest can verify an answer.
 
 from __future__ import annotations
 
+import logging
 import re
 from calendar import timegm
 from collections.abc import Sequence
@@ -48,10 +49,12 @@ from fedmount.blocks.keep import KeepRoute, KeepService
 from fedmount.stats import Stats
 
 from .controller import ApiError, ControllerClient
-from .ids import CollectionId
+from .ids import CLUSTER_RE, CollectionId
 from .manifest import portable_data_hash
 from .settings import Settings
 from .tokens import salt_for
+
+log = logging.getLogger("fedmount.federation")
 
 Mode = Literal["home", "direct"]
 DEFAULT_BLOB_SIGNATURE_TTL = 1209600
@@ -98,7 +101,7 @@ class _RemoteClients:
     def __init__(self, settings: Settings, home: str, discovery: dict[str, Any], **client_args: Any):
         self._token = settings.token
         self._home = home
-        self._hosts: dict[str, str] = dict(discovery.get("remoteHosts") or {})
+        self._hosts = _remote_hosts(home, discovery.get("remoteHosts"))
         self._via_dns = bool(discovery.get("remoteHostsViaDNS"))
         self._client_args = client_args
         self._clients: dict[str, ControllerClient] = {}
@@ -287,6 +290,19 @@ class Federation:
         if proxied is not None:
             return proxied
         raise _combined(cid, errors)
+
+
+def _remote_hosts(home: str, listed: Any) -> dict[str, str]:
+    """The discovery document's ``remoteHosts`` without the entries whose key is not a cluster
+    id (it would become a stats label and a log line), each dropped with one warning."""
+    hosts: dict[str, str] = {}
+    for cluster, host in (listed if isinstance(listed, dict) else {}).items():
+        if CLUSTER_RE.match(cluster) and isinstance(host, str):
+            hosts[cluster] = host
+        else:
+            log.warning("cluster %s lists a remote %.40r at %.80r: not a cluster id and host; ignored",
+                        home, cluster, host)  # fmt: skip
+    return hosts
 
 
 def _combined(cid: CollectionId, errors: dict[str, ApiError]) -> ApiError:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-UUID_RE = re.compile(r"^[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}$")
-PDH_RE = re.compile(r"^[0-9a-f]{32}\+[0-9]+$")
-HASH_RE = re.compile(r"^[0-9a-f]{32}$")
-HINT_RE = re.compile(r"^[A-Z][A-Za-z0-9@_-]*$")
-CLUSTER_RE = re.compile(r"^[a-z0-9]{5}$")
+# \Z, not $: "$" also matches before a final newline, and "zzzzz\n" is not a cluster id.
+UUID_RE = re.compile(r"^[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}\Z")
+PDH_RE = re.compile(r"^[0-9a-f]{32}\+[0-9]+\Z")
+HASH_RE = re.compile(r"^[0-9a-f]{32}\Z")
+HINT_RE = re.compile(r"^[A-Z][A-Za-z0-9@_-]*\Z")
+CLUSTER_RE = re.compile(r"^[a-z0-9]{5}\Z")
 
 COLLECTION_INFIX = "4zz18"
 EMPTY_BLOCK_HASH = "d41d8cd98f00b204e9800998ecf8427e"

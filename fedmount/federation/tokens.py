@@ -12,7 +12,10 @@ validates by calling back to the issuer. A salted token is useless anywhere else
 - v1 tokens (a bare secret) cannot be salted by a client; `salt_for` raises TokenError so
   the caller never sends the raw secret to a remote cluster.
 
-`redact` masks anything token-shaped in text bound for logs, stats or results.
+`redact` masks anything token-shaped in text bound for logs, stats or results, and the
+signature of every signed locator hint (``+A<sig>@<expiry>``, ``+R<cluster>-<sig>@<expiry>``,
+also with the ``+`` percent-encoded): a signature lets whoever reads it fetch the block
+until it expires. The block's hash, size and the expiry stay, for debugging.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _TOKEN_IN_TEXT_RE = re.compile(
     r"v2/[a-z0-9]{5}-gj3su-[a-z0-9]{15}/[A-Za-z0-9]+(?:/[a-z0-9-]+)?"
     r"|(?<=Bearer )[^\s\"']+|(?<=OAuth2 )[^\s\"']+|(?<=api_token=)[^\s&\"']+"
 )
+_SIGNATURE_IN_TEXT_RE = re.compile(r"((?:\+|%2[Bb])(?:A|R[a-z0-9]{5}-))[0-9a-f]{16,}")
 
 
 class TokenError(ValueError):
@@ -90,5 +94,5 @@ def salt_for(token: ApiToken, cluster_id: str) -> ApiToken:
 
 
 def redact(text: str) -> str:
-    """Mask token-shaped substrings so that `text` is safe to log."""
-    return _TOKEN_IN_TEXT_RE.sub("<token>", text)
+    """Mask token-shaped substrings and locator signatures so that `text` is safe to log."""
+    return _SIGNATURE_IN_TEXT_RE.sub(r"\1<signature>", _TOKEN_IN_TEXT_RE.sub("<token>", text))

@@ -16,13 +16,21 @@ crunchstat
 Prometheus
     ``--stats-port PORT`` serves `Stats.prometheus_text` (plus ``process_*`` gauges) at
     ``http://127.0.0.1:PORT/metrics``: a minimal HTTP/1.0 responder on trio, loopback only.
+    Any local user can connect to it, so it must not be a way to starve the daemon:
+    `serve_bounded` accepts a connection only while fewer than ``MAX_CONNECTIONS`` are
+    open (the others wait in the kernel's accept queue, holding no descriptor of the
+    daemon's) and closes each one ``CONNECTION_SECONDS`` after accepting it, answered or
+    not. A flood of idle connections therefore costs the daemon at most
+    ``MAX_CONNECTIONS`` file descriptors, the reads through the mount keep theirs, and the
+    port answers again once the flood is gone. A scrape on loopback takes milliseconds.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO
 
 import psutil
@@ -33,6 +41,11 @@ from fedmount.stats import Stats
 log = logging.getLogger("fedmount.stats")
 
 Group = tuple[str, list[tuple[str, float]]]
+
+MAX_CONNECTIONS = 16  # metrics connections served at once
+CONNECTION_SECONDS = 5.0  # a metrics connection is closed this long after it was accepted
+# accept() errors that mean "out of descriptors or memory for now": wait, then accept again
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 def _labelled(stats: Stats, name: str, label: str) -> dict[str, float]:
@@ -122,30 +135,71 @@ def prometheus_text(stats: Stats, process: psutil.Process) -> str:
 
 async def serve_prometheus(stats: Stats, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
     """Serve ``/metrics`` on 127.0.0.1:`port` until cancelled; OSError if the port is taken."""
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)
+    await serve_bounded(metrics_handler(stats), listeners, task_status=task_status)
+
+
+def metrics_handler(stats: Stats) -> Callable[[trio.abc.Stream], Awaitable[None]]:
+    """The HTTP/1.0 exchange of one connection: ``GET /metrics`` (or ``/``), else 404."""
     process = psutil.Process()
 
-    async def answer(stream: trio.SocketStream) -> None:
+    async def answer(stream: trio.abc.Stream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request and len(request) < 8192:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            request += chunk
+        parts = request.split(b" ", 2)
+        if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/", b"/metrics"):
+            status, body = "200 OK", prometheus_text(stats, process).encode()
+        else:
+            status, body = "404 Not Found", b"try GET /metrics\n"
+        head = (f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        await stream.send_all(head.encode() + body)
+
+    return answer
+
+
+async def serve_bounded(
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    *,
+    limit: int = MAX_CONNECTIONS,
+    seconds: float = CONNECTION_SECONDS,
+    task_status=trio.TASK_STATUS_IGNORED,  # type: ignore[no-untyped-def]
+) -> None:
+    """`trio.serve_listeners` with bounds: at most `limit` connections open at once (no
+    ``accept`` while they are), each closed `seconds` after it was accepted."""
+    slots = trio.Semaphore(limit)
+
+    async def serve_one(stream: trio.abc.Stream) -> None:
         try:
-            request = b""
-            with trio.move_on_after(5):
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        break
-                    request += chunk
-            parts = request.split(b" ", 2)
-            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/", b"/metrics"):
-                status, body = "200 OK", prometheus_text(stats, process).encode()
-            else:
-                status, body = "404 Not Found", b"try GET /metrics\n"
-            head = (f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-            await stream.send_all(head.encode() + body)
+            with trio.move_on_after(seconds):
+                await handler(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
+            slots.release()
 
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)
-    await trio.serve_listeners(answer, listeners, task_status=task_status)
+    async def accept_loop(listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery) -> None:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                slots.release()
+                if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.warning("metrics port: cannot accept a connection (%s); waiting", e.strerror)
+                await trio.sleep(1.0)
+                continue
+            nursery.start_soon(serve_one, stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener, nursery)
+        task_status.started(listeners)

@@ -10,7 +10,8 @@ JSON in, JSON out; errors are ``{"error": "..."}`` with status 400 (bad request)
     set (replace) the fault of one service; ``cluster``/``service`` may be ``"*"`` for all.
     Services: ``controller``, ``keep0``, ``keep1``. Fault fields (see `faults`):
     ``down`` (true/"reset" or "refuse"), ``status`` (int), ``corrupt`` (bool), ``stall``
-    (bool), ``latency_ms`` (int), ``bandwidth`` (bytes/s per connection), ``count`` (apply
+    (bool), ``latency_ms`` (int), ``bandwidth`` (bytes/s per connection), ``uuid_prefix``
+    and ``keep_service_uuid`` (str, controller: what it says about itself), ``count`` (apply
     to the next N requests only). Answers the new fault table.
 ``DELETE /faults[?cluster=X&service=Y]``
     clear all faults (or those of one cluster/service); stalled responses are released.

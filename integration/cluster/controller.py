@@ -86,9 +86,10 @@ class ControllerHandler(Handler):
         path = self.url_path
         try:
             if path == DISCOVERY and self.method == "GET":
-                return Response.json(
-                    200, discovery_document(self.server.world, self.cluster), **{"Cache-Control": "no-cache"}
-                )
+                doc = discovery_document(self.server.world, self.cluster)
+                if self.fault and self.fault.uuid_prefix:
+                    doc["uuidPrefix"] = self.fault.uuid_prefix
+                return Response.json(200, doc, **{"Cache-Control": "no-cache"})
             if not path.startswith(API):
                 raise ApiFailure(404, "Path not found")
             parts = [unquote(p) for p in path[len(API) :].strip("/").split("/")]
@@ -193,6 +194,7 @@ class ControllerHandler(Handler):
         c = self.cluster
         items = []
         for uuid, url in zip(c.keep_service_uuids, c.keep_urls, strict=True):
+            uuid = self.fault.keep_service_uuid if self.fault and self.fault.keep_service_uuid else uuid
             port = int(url.rsplit(":", 1)[1])
             items.append(
                 {

@@ -13,6 +13,9 @@ connection (`down`) and each request (the rest):
 - ``stall``: send the status line and headers, then nothing until the fault is cleared.
 - ``latency_ms``: wait this long before answering.
 - ``bandwidth``: cap each connection at this many bytes per second.
+- ``uuid_prefix`` (controller): the discovery document declares this ``uuidPrefix``, and
+  ``keep_service_uuid`` (controller): ``keep_services/accessible`` gives every service this
+  uuid; a lying (or broken) cluster, for the client's checks of what clusters say.
 - ``count``: apply the fault to this many requests, then forget it (absent: until cleared).
 """
 
@@ -30,6 +33,8 @@ class Fault:
     stall: bool = False
     latency_ms: int = 0
     bandwidth: int | None = None
+    uuid_prefix: str | None = None
+    keep_service_uuid: str | None = None
     count: int | None = None
 
     @classmethod

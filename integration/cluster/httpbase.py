@@ -66,6 +66,8 @@ class Response:
 class Handler(BaseHTTPRequestHandler):
     """Per-connection request loop; subclasses implement `route()` and `error()`."""
 
+    fault: Fault | None = None  # the fault of the request being answered
+
     protocol_version = "HTTP/1.1"
     logged = True
     disable_nagle_algorithm = True
@@ -127,6 +129,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.setup_request()
             fault, epoch = service.world.faults.take(service.cluster_id, service.name)
+            self.fault = fault  # for route(), which may apply what the fault says to answer
             if fault and fault.down:
                 _reset(self.connection)
                 self.close_connection = True
