@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from fedmount import __version__
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
+from fedmount.daemon_log import add_detached_log
 from fedmount.federation.tokens import redact
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
@@ -165,11 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mount, run CMD with its arguments (everything after --exec), unmount, and exit "
                    "with CMD's status. Put MOUNTPOINT before --exec.")
     g.add_argument("--unmount", action="store_true",
-                   help="Unmount MOUNTPOINT, even if its daemon is dead or hung, without contacting any API.")
+                   help="Unmount MOUNTPOINT, even if its daemon is dead or hung, without contacting any API; "
+                   "exit 1 if it is not mounted.")
     g.add_argument("--unmount-timeout", metavar="SECONDS", type=seconds, default=2.0,
                    help="How long --unmount (and --replace) keep trying (default 2).")
     g.add_argument("--replace", action="store_true",
                    help="If MOUNTPOINT is already a FUSE mount (live or dead), unmount it first.")
+    g.add_argument("--nonempty", action="store_true",
+                   help="Mount even if MOUNTPOINT is not empty, hiding its files until unmounted (libfuse "
+                   "2's nonempty option; by default a non-empty MOUNTPOINT is refused, as arv-mount does).")
     g.add_argument("--allow-other", action="store_true",
                    help="Let other users (and containers) read the mount; needs user_allow_other in "
                    "/etc/fuse.conf unless run as root.")
@@ -222,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats-port", metavar="PORT", type=int, default=None,
                    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics.")
     g.add_argument("--debug", action="store_true", help="Log debugging detail.")
-    g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr).")
+    g.add_argument("--logfile", metavar="FILE",
+                   help="Write the log to FILE (default: stderr with --foreground or --exec; detached, a "
+                   "file named after MOUNTPOINT in $XDG_STATE_HOME/fedmount/logs, or "
+                   "~/.local/state/fedmount/logs, created 0600 and rotated at 10 MiB keeping 3 old files; "
+                   "the \"mounted\" line names it).")
 
     g = p.add_argument_group("accepted for arv-mount compatibility, without effect")
     g.add_argument("--disable-event-listening", action="store_true",
@@ -285,4 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.debug, args.logfile)
     if args.unmount:
         return mount.unmount_command(os.path.abspath(args.mountpoint), args.unmount_timeout)
-    return mount.run(mount.MountOptions.from_args(args))
+    opts = mount.MountOptions.from_args(args)
+    if opts.detached and not args.logfile and opts.log_path and not add_detached_log(opts.log_path):
+        opts.log_path = None
+    return mount.run(opts)
