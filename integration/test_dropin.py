@@ -3,7 +3,8 @@
 Real fedmount processes on real FUSE mounts of the emulated federation:
 
 - a v1 token (the bare secret the SDK and arv-mount take) mounts, reads home and remote
-  collections on both routes, and never reaches a remote cluster nor a log;
+  collections on both routes, and never reaches a remote cluster nor a log (the emulator
+  takes v1 tokens as a real cluster does: the controller yes, keepstore not with ``+R``);
 - a non-empty mount point is refused (its files stay visible) unless ``--nonempty``;
 - a detached daemon keeps logging, to a 0600 file the "mounted" line names;
 - the smaller ones: an unknown cluster is named as such, a plain-HTTP API host gives a
@@ -40,6 +41,21 @@ def v1_env(fed) -> dict[str, str]:
     env = fed.env()
     env["ARVADOS_API_TOKEN"] = parse_token(fed.token()).secret
     return env
+
+
+def test_emulator_takes_v1_tokens_as_a_real_cluster_does(fed):
+    """The controller takes the bare secret and names its uuid; keepstore refuses it with +R
+    (it cannot salt it: services/keepstore proxy_remote_test.go), and takes the v2 form."""
+    home = parse_token(fed.token())
+    assert fed.request(None, "/arvados/v1/users/current", token=home.secret).status == 200
+    auth = fed.request(None, "/arvados/v1/api_client_authorizations/current", token=home.secret)
+    assert auth.status == 200 and auth.json()["uuid"] == home.uuid
+    shared = fed.collections["shared"]  # on zbbbb: the home answers with +R hints
+    for token, status in ((home.secret, 400), (home.text, 200)):
+        record = fed.request(None, f"/arvados/v1/collections/{shared['uuid']}", token=token).json()
+        locator = record["manifest_text"].split()[1]
+        assert "+Rzbbbb-" in locator
+        assert fed.request(None, "/" + locator, service="keep0", token=token).status == status, token[:2]
 
 
 @pytest.mark.parametrize("route", ["home", "direct"])
