@@ -1,18 +1,25 @@
 # fedmount — the two commands a newcomer needs are `make demo` and `make test`.
 # Both install what they need on a fresh Debian machine (as root, or with sudo).
+# `sudo make install` installs fedmount for real use (PREFIX=/usr/local; a user without
+# root: make install PREFIX=~/.local); `make uninstall` with the same PREFIX removes it.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+PREFIX ?= /usr/local
+# The installed fedmount lives in a virtualenv of its own; PREFIX/bin and
+# PREFIX/share/man/man1 get links to its commands and man pages.
+INSTALL_VENV = $(PREFIX)/lib/fedmount
+COMMANDS := fedmount fedmount-run
 
 # fuse3 gives fusermount3; libfuse3-dev and pkg-config build pyfuse3; attr gives getfattr.
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config attr gcc python3-dev python3-venv curl ca-certificates
 # Containers for fedmount-run and its tests: Docker, bubblewrap, a static busybox for test images.
 TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static
 
-.PHONY: demo test bench lint system-deps test-system-deps venv clean
+.PHONY: demo test bench lint install uninstall system-deps test-system-deps venv clean
 
 demo: system-deps venv
 	$(VENV)/bin/python -m integration.demo
@@ -29,20 +36,49 @@ bench: system-deps venv
 lint: venv
 	$(VENV)/bin/python -m ruff check fedmount tests integration bench
 
-# apt-get runs only when a package is missing, so repeated runs cost nothing.
-system-deps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+install: system-deps
+	@dir=$(PREFIX); while [ ! -e "$$dir" ]; do dir=$$(dirname "$$dir"); done; \
+	[ -w "$$dir" ] || { echo "make install: cannot write to $(PREFIX): run sudo make install, or make install PREFIX=~/.local" >&2; exit 1; }
+	$(PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/pip install -q --upgrade pip
+	$(INSTALL_VENV)/bin/pip install -q .
+	mkdir -p $(PREFIX)/bin $(PREFIX)/share/man/man1
+	for c in $(COMMANDS); do \
+	  ln -sfn $(INSTALL_VENV)/bin/$$c $(PREFIX)/bin/$$c && \
+	  ln -sfn $(INSTALL_VENV)/share/man/man1/$$c.1 $(PREFIX)/share/man/man1/$$c.1 || exit 1; \
+	done
+	@echo "installed $(COMMANDS) in $(PREFIX)/bin and their man pages in $(PREFIX)/share/man/man1"
+
+uninstall:
+	for c in $(COMMANDS); do rm -f $(PREFIX)/bin/$$c $(PREFIX)/share/man/man1/$$c.1; done
+	rm -rf $(INSTALL_VENV)
+
+# apt-get runs only when a package is missing, so repeated runs cost nothing. On a fresh
+# cloud machine another apt run (cloud-init, unattended-upgrades) often holds the dpkg lock:
+# apt-get install waits for it (DPkg::Lock::Timeout), and apt-get update, which does not
+# honour that option for its lists lock, is retried while the lock is held.
+APT_LOCK_WAIT ?= 600
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=$(APT_LOCK_WAIT)
+define install_missing
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages: $$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  waited=0; \
+	  until out=$$($(APT_GET) update -qq 2>&1); do \
+	    case "$$out" in *"Could not get lock"*) ;; *) echo "$$out" >&2; exit 1;; esac; \
+	    [ $$waited -eq 0 ] && echo "waiting up to $(APT_LOCK_WAIT) s for another apt run to release its lock"; \
+	    [ $$waited -ge $(APT_LOCK_WAIT) ] && { echo "$$out" >&2; exit 1; }; \
+	    sleep 2; waited=$$((waited + 2)); \
+	  done; \
+	  $(APT_GET) install -y -qq $$missing; \
 	fi
+endef
+
+system-deps:
+	$(call install_missing,$(SYSTEM_PACKAGES))
 
 test-system-deps:
-	@missing=$$(for p in $(TEST_SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing system packages: $$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
-	fi
+	$(call install_missing,$(TEST_SYSTEM_PACKAGES))
 
 venv: $(VENV)/.installed
 

@@ -30,6 +30,7 @@ from fedmount import __version__
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.blocks.transport import Timeouts
+from fedmount.daemon_log import add_detached_log, open_private
 from fedmount.federation.tokens import redact
 from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
 
@@ -167,11 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mount, run CMD with its arguments (everything after --exec), unmount, and exit "
                    "with CMD's status. Put MOUNTPOINT before --exec.")
     g.add_argument("--unmount", action="store_true",
-                   help="Unmount MOUNTPOINT, even if its daemon is dead or hung, without contacting any API.")
+                   help="Unmount MOUNTPOINT, even if its daemon is dead or hung, without contacting any API; "
+                   "exit 1 if it is not mounted.")
     g.add_argument("--unmount-timeout", metavar="SECONDS", type=seconds, default=2.0,
                    help="How long --unmount (and --replace) keep trying (default 2).")
     g.add_argument("--replace", action="store_true",
                    help="If MOUNTPOINT is already a FUSE mount (live or dead), unmount it first.")
+    g.add_argument("--nonempty", action="store_true",
+                   help="Mount even if MOUNTPOINT is not empty, hiding its files until unmounted (libfuse "
+                   "2's nonempty option; by default a non-empty MOUNTPOINT is refused, as arv-mount does).")
     g.add_argument("--allow-other", action="store_true",
                    help="Let other users (and containers) read the mount; needs user_allow_other in "
                    "/etc/fuse.conf unless run as root.")
@@ -234,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"({MAX_CONNECTIONS} connections at a time at most, each closed "
                    f"{CONNECTION_SECONDS:g} seconds after it was accepted).")
     g.add_argument("--debug", action="store_true", help="Log debugging detail.")
-    g.add_argument("--logfile", metavar="FILE", help="Write the log to FILE (default: stderr); a new FILE is "
-                   "created readable by its owner only.")
+    g.add_argument("--logfile", metavar="FILE",
+                   help="Write the log to FILE (default: stderr with --foreground or --exec; detached, a "
+                   "file named after MOUNTPOINT in $XDG_STATE_HOME/fedmount/logs, or "
+                   "~/.local/state/fedmount/logs, rotated at 10 MiB keeping 3 old files; "
+                   "the \"mounted\" line names it); a new log file is created readable by its owner only.")
 
     g = p.add_argument_group("accepted for arv-mount compatibility, without effect")
     g.add_argument("--disable-event-listening", action="store_true",
@@ -264,10 +272,9 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def _logfile_handler(path: str) -> logging.FileHandler:
+def _logfile_handler(path: str) -> logging.Handler:
     """Appends to `path`, creating it readable by its owner only (an existing file keeps its mode)."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    return logging.FileHandler(path)
+    return logging.StreamHandler(open_private(path))
 
 
 def setup_logging(debug: bool, logfile: str | None) -> None:
@@ -310,4 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.unmount:
         return mount.unmount_command(os.path.abspath(args.mountpoint), args.unmount_timeout)
-    return mount.run(mount.MountOptions.from_args(args))
+    opts = mount.MountOptions.from_args(args)
+    if opts.detached and not args.logfile and opts.log_path and not add_detached_log(opts.log_path):
+        opts.log_path = None
+    return mount.run(opts)

@@ -4,16 +4,22 @@ Start-up, in order, so that every failure is one line *before* anything is mount
 
 1. client settings (`Settings.from_environment`);
 2. the mount point: a FUSE mount already there is refused, or with ``--replace``
-   unmounted first (which also clears a dead one);
+   unmounted first (which also clears a dead one); then it must be an empty directory,
+   unless ``--nonempty`` (libfuse 2 and arv-mount refuse to hide files; libfuse 3 does
+   not check, so fedmount does);
 3. without ``--foreground``/``--exec``, fork: the parent waits on a pipe and exits 0
-   once the child writes "ready", or prints the child's one-line reason and exits 1;
+   once the child writes "ready", or prints the child's one-line reason and exits 1.
+   The child logs to stderr and to its log file (``--logfile``, else `daemon_log`'s
+   file named after the mount point) until it is ready, then to the file only;
 4. the soft limit of open files is raised to the hard limit, as arv-mount raises it (a
    daemon serving many readers, blocks and connections must not hit EMFILE first);
-   `Federation.connect` (a wrong token or an unreachable home cluster stops here), the
-   block layers, `Tree.start` (``--collection`` must exist);
+   `Federation.connect` (a wrong token or an unreachable home cluster stops here; so does
+   ``--route direct`` with a v1 token that could not be made v2), the block layers,
+   `Tree.start` (``--collection`` must exist);
 5. `fuse.mount`, then the FUSE loop; the mount is "ready" once a ``stat`` of the mount
    point made from a worker thread has been answered by that loop: only then does
-   ``by_id/README`` appear and does the parent get "ready";
+   ``by_id/README`` appear, is the "mounted" line (naming the log file) logged, and does
+   the parent get "ready";
 6. SIGINT/SIGTERM end the loop (with ``--exec`` they are forwarded to the command, whose
    exit ends it); the mount is then unmounted (lazily: a busy mount point detaches);
 7. the Keep throughput this daemon observed per cluster is folded into the cache
@@ -24,7 +30,8 @@ dead mount ("Transport endpoint is not connected") as arv-mount does: write 1 to
 connection's ``/sys/fs/fuse/connections/<minor>/abort`` (mounting fusectl there first if
 needed and allowed), ``fusermount3 -u -z`` (``umount -l`` as root if that fails), and
 repeat until the path is gone from /proc/self/mountinfo, within ``--unmount-timeout``.
-It never ``stat``\\s the mount point, which would hang on a hung daemon.
+It never ``stat``\\s the mount point, which would hang on a hung daemon. A path that is
+not mounted is an error (exit 1), as for ``fusermount3 -u``.
 """
 
 from __future__ import annotations
@@ -51,9 +58,11 @@ from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS, BlockReader
 from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
 from fedmount.blocks.transport import Timeouts, Urllib3Transport
+from fedmount.daemon_log import detached_log_path
 from fedmount.federation.controller import ApiError
 from fedmount.federation.federation import Federation
 from fedmount.federation.settings import Settings, SettingsError
+from fedmount.federation.tokens import V2_NEEDED
 from fedmount.fs import fuse
 from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, serve_prometheus
 from fedmount.fs.tree import FsError, Layout, Tree
@@ -82,6 +91,7 @@ class MountOptions:
     foreground: bool = False
     exec_args: list[str] | None = None
     replace: bool = False
+    nonempty: bool = False
     unmount_timeout: float = 2.0
     allow_other: bool = False
     subtype: str = "fedmount"
@@ -99,13 +109,19 @@ class MountOptions:
     read_ahead_kb: int = 4096
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
+    log_path: str | None = None  # the log file, named in the "mounted" line; None: stderr only
+
+    @property
+    def detached(self) -> bool:
+        return not (self.foreground or self.exec_args)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MountOptions:
-        return cls(
+        opts = cls(
             mountpoint=os.path.abspath(args.mountpoint),
             layout=Layout(args.collection, list(args.mount_by_id), list(args.mount_by_pdh)),
             foreground=args.foreground, exec_args=args.exec_args, replace=args.replace,
+            nonempty=args.nonempty,
             unmount_timeout=args.unmount_timeout, allow_other=args.allow_other, subtype=args.subtype,
             route=args.route, refresh_time=args.refresh_time, cache_kind=args.cache_kind,
             disk_cache_dir=args.disk_cache_dir and os.path.abspath(args.disk_cache_dir),
@@ -116,6 +132,11 @@ class MountOptions:
             read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
         )  # fmt: skip
+        if args.logfile:
+            opts.log_path = os.path.abspath(args.logfile)
+        elif opts.detached:
+            opts.log_path = detached_log_path(opts.mountpoint)
+        return opts
 
 
 # -- /proc/self/mountinfo ------------------------------------------------------------
@@ -225,6 +246,7 @@ def unmount_command(path: str, timeout: float) -> int:
     try:
         if not unmount(path, timeout):
             print(f"fedmount: {path} is not mounted", file=sys.stderr)
+            return 1
     except UnmountError as e:
         print(f"fedmount: {e}", file=sys.stderr)
         return 1
@@ -251,6 +273,15 @@ def _prepare_mountpoint(opts: MountOptions) -> None:
         raise StartupError(f"cannot mount on {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"cannot mount on {path}: not a directory")
+    if not opts.nonempty:
+        try:
+            hidden = os.listdir(path)
+        except OSError as e:
+            raise StartupError(f"cannot mount on {path}: {e.strerror}") from None
+        if hidden:
+            entries = f"{len(hidden)} entr{'y' if len(hidden) == 1 else 'ies'}"
+            raise StartupError(f"{path} is not empty ({entries}, which the mount would hide); "
+                               "use an empty directory, or --nonempty to mount over it")
 
 
 def _cache_config(opts: MountOptions) -> tuple[str | None, int, int]:
@@ -316,10 +347,11 @@ def _daemonize() -> Callable[[str | None], None] | int:
     def report(failure: str | None) -> None:
         os.write(write_end, b"ready\n" if failure is None else f"fedmount: {failure}\n".encode())
         os.close(write_end)
-        if failure is None:  # detach from the terminal's output from now on
+        if failure is None:  # detach from the terminal's output from now on: log to the file only
+            root = logging.getLogger()
+            root.handlers[:] = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
             os.dup2(devnull, 1)
-            if not any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
-                os.dup2(devnull, 2)
+            os.dup2(devnull, 2)
 
     return report
 
@@ -368,6 +400,8 @@ class Daemon:
         except ApiError as e:
             raise StartupError(f"cannot use the home cluster {self.settings.api_host}: {e.message}") from None
         try:
+            if opts.route == "direct" and federation.settings.token.is_v1:
+                raise StartupError(f"--route direct {V2_NEEDED}")
             directory, disk_limit, ram_limit = _cache_config(opts)
             cache = BlockCache(directory, disk_limit, ram_limit, stats)
             transport = Urllib3Transport(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
@@ -425,8 +459,9 @@ class Daemon:
                                             lambda: crunchstat_groups(self.stats, process))
                     nursery.start_soon(crunchstat.run)
                 tree.ready = True
-                log.info("mounted at %s (home cluster %s, route %s)", opts.mountpoint,
-                         tree.federation.home_cluster, opts.route)  # type: ignore[attr-defined]
+                log.info("mounted at %s (home cluster %s, route %s)%s", opts.mountpoint,
+                         tree.federation.home_cluster, opts.route,  # type: ignore[attr-defined]
+                         f"; log in {opts.log_path}" if opts.log_path else "")
                 self.report(None)
                 if opts.exec_args:
                     status = await self._run_command(opts.exec_args)

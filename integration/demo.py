@@ -29,7 +29,7 @@ def tour(fed: Federation, mnt: str) -> str:
     by_id = f"{mnt}/by_id"
     clusters = ", ".join(f"{cid}{' (home)' if cid == fed.home else ''}" for cid in fed.clusters)
     rows = [
-        ("ls " + by_id, "empty: collections appear when you look them up"),
+        ("ls " + by_id, "only README: collections appear when you look them up"),
         (f"cat {by_id}/{text['uuid']}/hello.txt", f"a collection of the home cluster {text['cluster']}"),
         (f"ls -lR {by_id}/{nested['uuid']}", f"cluster {nested['cluster']}: odd names, an empty file"),
         (

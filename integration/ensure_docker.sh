@@ -32,7 +32,7 @@ if ! command -v dockerd >/dev/null 2>&1; then
         echo "ensure_docker: dockerd is not installed; run as root or install docker.io" >&2
         exit 1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null || {
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q docker.io >/dev/null || {
         echo "ensure_docker: apt-get install docker.io failed; install Docker by hand" >&2
         exit 1
     }

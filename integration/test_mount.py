@@ -240,7 +240,8 @@ def test_sigterm_unmounts_cleanly_and_exits_zero(fed, mount):
 def test_daemon_parent_exits_only_once_the_mount_is_ready(fed, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    done = run(*fedmount_cmd("--disk-cache-dir", str(tmp_path / "cache"), str(mnt)), env=fed.env(), cwd=REPO)
+    env = {**fed.env(), "XDG_STATE_HOME": str(tmp_path / "state")}  # its log file goes there
+    done = run(*fedmount_cmd("--disk-cache-dir", str(tmp_path / "cache"), str(mnt)), env=env, cwd=REPO)
     try:
         assert done.returncode == 0
         assert (mnt / "by_id/README").exists()

@@ -1,7 +1,8 @@
 """Shared fixtures: an in-process fake federation behind `httpx.MockTransport` (no sockets).
 
 `FakeFederation` answers the API calls fedmount makes (discovery, users/current,
-collections/{id}, keep_services/accessible) for several clusters named by host, checks
+api_client_authorizations/current, collections/{id}, keep_services/accessible) for
+several clusters named by host, checks
 the bearer token the way a cluster would (the home accepts its own token; a remote
 accepts only the token salted for it), records every request, and can be told to fail
 the next requests of a host (a status code or a network exception) to test retries.
@@ -34,6 +35,7 @@ class FakeCluster:
     keep_ports: tuple[int, ...] = (25107, 25108)
     fail_next: list[int | Exception] = field(default_factory=list)
     ttl: int = 1209600
+    token_uuid: str | None = None  # what api_client_authorizations/current answers; None: 404
 
     def discovery(self) -> dict[str, Any]:
         return {
@@ -115,6 +117,8 @@ class FakeFederation:
             return _json(200, cluster.discovery())
         if token not in cluster.tokens:
             return _json(401, {"errors": ["Not logged in"]})
+        if path == "/arvados/v1/api_client_authorizations/current" and cluster.token_uuid:
+            return _json(200, {"uuid": cluster.token_uuid, "scopes": ["all"]})
         if path == "/arvados/v1/users/current":
             return _json(200, {"uuid": f"{cluster.cluster}-tpzed-000000000000001", "is_active": True})
         if path == "/arvados/v1/keep_services/accessible":

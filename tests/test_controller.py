@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import trio
 
 from fedmount.blocks.keep import KeepService
 from fedmount.federation.controller import ApiError, ControllerClient
@@ -340,3 +341,39 @@ def test_tls_settings_build_the_client(tmp_path):
     ControllerClient("h", token, insecure=True)
     with pytest.raises(FileNotFoundError):
         ControllerClient("h", token, ca_file=str(tmp_path / "missing.pem"))
+
+
+def _raise_chain(*errors: BaseException) -> None:
+    """Raise errors[0] from errors[1] from ... (as httpx under trio chains them)."""
+    for outer, inner in zip(errors[:-1], errors[1:], strict=True):
+        outer.__cause__ = inner
+    raise errors[0]
+
+
+async def test_plain_http_api_host_gives_the_tls_reason_not_an_empty_one(fake):
+    # httpx under trio: ConnectError('') from httpcore's from BrokenResourceError() from ssl.SSLError
+    tls = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        _raise_chain(httpx.ConnectError(""), trio.BrokenResourceError(), tls)
+
+    c = ControllerClient("h:8080", fake.token, transport=httpx.MockTransport(handler), retries=0)
+    with pytest.raises(ApiError) as info:
+        await c.discovery()
+    text = str(info.value)
+    assert "TLS with h:8080 failed ([SSL: WRONG_VERSION_NUMBER] wrong version number)" in text
+    assert "HTTPS controller" in text
+    assert "ConnectError:;" not in text and "\n" not in text
+    await c.aclose()
+
+
+async def test_an_empty_transport_error_takes_the_reason_of_its_cause(fake):
+    def handler(request: httpx.Request) -> httpx.Response:
+        refused = ConnectionRefusedError(111, "refused")
+        _raise_chain(httpx.ConnectError(""), trio.BrokenResourceError(), refused)
+
+    c = ControllerClient("h", fake.token, transport=httpx.MockTransport(handler), retries=0)
+    with pytest.raises(ApiError) as info:
+        await c.discovery()
+    assert info.value.message == "cannot reach h: ConnectError: ConnectionRefusedError: [Errno 111] refused"
+    await c.aclose()

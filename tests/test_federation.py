@@ -345,3 +345,55 @@ async def test_controller_gives_the_home_token_only_to_the_home_cluster(fake):
     assert info.value.status == 404
     assert_home_token_stays_home(fake)
     await fed.aclose()
+
+
+def v1_settings(fake) -> Settings:
+    """The home token's bare secret, accepted by the home as a v1 token."""
+    fake.home.tokens.add(fake.token.secret)
+    return Settings("api.zzzzz.example", ApiToken(None, fake.token.secret))
+
+
+@pytest.mark.parametrize("mode", ["home", "direct"])
+async def test_v1_token_is_made_v2_at_connect_so_remote_reads_can_be_salted(fake, mode):
+    fake.home.token_uuid = fake.token.uuid
+    rec = fake.add_collection("zbbbb", "11", {"f.txt": b"remote"})
+    fed = await Federation.connect(v1_settings(fake), mode=mode, transport=fake.transport)
+    got = await fed.get_collection(parse_collection_id(rec["uuid"]))
+    # Every later request (API and Keep) uses the v2 form, which the home keepstore (+R
+    # blocks, home mode) or fedmount (direct mode) can salt for zbbbb.
+    assert fed.settings.token == fake.token and fed.home.token == fake.token
+    assert got.route.token == (fake.token if mode == "home" else salt_for(fake.token, "zbbbb")).text
+    assert_home_token_stays_home(fake)
+    assert fake.token.secret not in fake.tokens_seen("api.zbbbb.example")
+    await fed.aclose()
+
+
+async def test_v1_token_whose_uuid_the_home_does_not_give_stays_v1_and_salting_says_why(fake, caplog):
+    rec = fake.add_collection("zbbbb", "12", {"f.txt": b"remote"})
+    home_rec = fake.add_collection("zzzzz", "13", {"h.txt": b"home"})
+    with caplog.at_level("WARNING", "fedmount.federation"):
+        fed = await Federation.connect(v1_settings(fake), mode="direct", transport=fake.transport)
+    assert fed.settings.token.is_v1
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "v1 token" in warning and "v2/<uuid>/<secret>" in warning and fake.token.secret not in warning
+    home = await fed.get_collection(parse_collection_id(home_rec["uuid"]))
+    assert home.route.token == fake.token.secret  # the home takes the bare secret
+    with pytest.raises(ApiError) as info:
+        await fed.get_collection(parse_collection_id(rec["uuid"]))
+    assert info.value.status == 400 and "\n" not in info.value.message
+    message = info.value.message
+    assert "needs a v2 token" in message and "arv api_client_authorization current" in message
+    assert {r.host for r in fake.requests} == {"api.zzzzz.example"}  # nothing reached zbbbb
+    await fed.aclose()
+
+
+async def test_home_mode_names_a_cluster_the_home_does_not_know_without_asking(fake):
+    fed = await connect(fake)
+    asked = len(fake.requests)
+    for cid in ("zqqqq-4zz18-000000000000001", "zqqqq-4zz18-000000000000002"):
+        with pytest.raises(ApiError) as info:
+            await fed.get_collection(parse_collection_id(cid))
+        assert info.value.status == 404 and info.value.cluster == "zqqqq"
+        assert info.value.message == "cluster zqqqq is not a remote cluster of zzzzz"
+    assert len(fake.requests) == asked
+    await fed.aclose()

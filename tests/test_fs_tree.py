@@ -24,7 +24,7 @@ import pytest
 from fedmount.blocks.keep import BlockError, KeepRoute
 from fedmount.federation.controller import ApiError
 from fedmount.federation.federation import CollectionSummary
-from fedmount.federation.ids import CollectionId, parse_locator
+from fedmount.federation.ids import CollectionId, parse_collection_id, parse_locator
 from fedmount.federation.manifest import File, portable_data_hash
 from fedmount.fs.inodes import ROOT_INODE, InodeTable, NegativeCache
 from fedmount.fs.tree import FOREVER, FsError, Invalidation, Layout, Tree
@@ -320,12 +320,17 @@ async def test_collection_layout_puts_one_collection_at_the_root(world):
     assert "stats.json" in await names(tree, await path_node(tree, ".fedmount"))
 
 
-async def test_collection_layout_of_a_missing_collection_fails_to_start(world):
+async def test_collection_layout_of_a_missing_collection_fails_to_start(world, caplog):
     *_, make = world
     tree = make(layout=Layout(collection="zbbbb-4zz18-000000000000000"))
-    with pytest.raises(FsError) as e:
+    with caplog.at_level(logging.DEBUG, "fedmount"), pytest.raises(FsError) as e:
         await tree.start()
     assert e.value.errno == errno.ENOENT and "zbbbb-4zz18-000000000000000" in str(e.value)
+    # The start-up error is printed once by the caller (fedmount --collection), not logged too.
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+    with caplog.at_level(logging.INFO, "fedmount"), pytest.raises(FsError):  # later failures do log
+        await tree.fetch(parse_collection_id("zbbbb-4zz18-000000000000000"))
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [str(e.value)]
 
 
 async def test_hidden_collection_record(world):
@@ -619,6 +624,16 @@ async def test_statfs_reports_cache_and_files(world):
     assert s["f_bsize"] * s["f_blocks"] == 1 << 30
     assert s["f_bsize"] * s["f_bavail"] == 3 << 28
     assert s["f_files"] >= 5 and s["f_namemax"] == 255
+
+
+async def test_statfs_always_reports_free_inodes(world):
+    *_, make = world
+    tree = make(cache_usage=lambda: (1 << 30, 1 << 28))
+    await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    s = tree.statfs()
+    used = s["f_files"] - s["f_ffree"]
+    assert used >= 5 and s["f_ffree"] == s["f_favail"] >= 1 << 30  # df -i: under 1% in use
+    assert s["f_files"] < 1 << 32  # a 32-bit statfs caller gets no EOVERFLOW
 
 
 async def test_concurrent_lookups_of_one_collection_make_one_call(world):

@@ -222,3 +222,17 @@ def test_prepare_binds_makes_tmp_dirs_content_files_and_the_output_dir(tmp_path)
     assert os.stat(binds["/etc/p.json"].host).st_mode & 0o777 == 0o444
     assert stream_path(s, "stdout", str(out), "/r/stdout.txt") == str(out / "log" / "so.txt")
     assert stream_path(s, "stderr", str(out), "/r/stderr.txt") == "/r/stderr.txt"
+
+
+def test_results_default_to_a_new_directory_named_after_the_record(tmp_path, monkeypatch):
+    from fedmount.runner.cli import _new_results, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    assert build_parser().parse_args(["job.json"]).output_dir is None  # no longer required
+    first = _new_results("records/job.json", spec())
+    second = _new_results("records/job.json", spec())
+    assert os.path.dirname(first) == str(tmp_path) and os.path.basename(first).startswith("job-")
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+    assert os.listdir(first) == []
+    from_stdin = _new_results("-", spec(uuid="zzzzz-dz642-0123456789abcde"))
+    assert os.path.basename(from_stdin).startswith("zzzzz-dz642-0123456789abcde-")

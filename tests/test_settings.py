@@ -16,6 +16,13 @@ def test_environment_only(tmp_path):
     assert s.insecure is False and s.ca_file is None
 
 
+def test_a_v1_token_is_accepted(tmp_path):
+    secret = "3kg6k6lzmp9kj5cpkcoxie963cmvjahbt2fod9zru30k1jqdmi"
+    env = {"ARVADOS_API_HOST": "api.zzzzz.example", "ARVADOS_API_TOKEN": secret}
+    s = Settings.from_environment(env, settings_file=str(tmp_path / "none.conf"))
+    assert s.token.is_v1 and s.token.text == secret
+
+
 def test_settings_file_and_environment_wins(tmp_path):
     conf = tmp_path / "settings.conf"
     conf.write_text(
@@ -59,7 +66,7 @@ def test_host_scheme_is_stripped(tmp_path):
         ({"ARVADOS_API_TOKEN": TOKEN}, "ARVADOS_API_HOST not set"),
         (
             {"ARVADOS_API_HOST": "h", "ARVADOS_API_TOKEN": "nonsense"},
-            "ARVADOS_API_TOKEN: not an Arvados v2 token",
+            "ARVADOS_API_TOKEN: not an Arvados token",
         ),
     ],
 )

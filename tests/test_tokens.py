@@ -56,12 +56,12 @@ def test_parse_token_fields():
 @pytest.mark.parametrize(
     "text, words",
     [
-        (SECRET, "v1"),
-        ("Bearer xyz", "not an Arvados v2 token"),
+        ("Bearer xyz", "not an Arvados token"),
+        ("0123456789abcdef" * 2, "not an Arvados token"),  # too short for a v1 secret
         ("v2/zhome-tpzed-077z32aux8dg2s1/abc", "api_client_authorization"),
         ("v2/zhome-gj3su-077z32aux8dg2s1/", "secret"),
         ("v2/zhome-gj3su-077z32aux8dg2s1/ab-c", "secret"),
-        ("v2/a/b/c/d", "not an Arvados v2 token"),
+        ("v2/a/b/c/d", "not an Arvados token"),
     ],
 )
 def test_bad_tokens(text, words):
@@ -101,3 +101,43 @@ def test_redact_masks_locator_signatures_and_keeps_the_rest(hint):
     out = redact(f'http://127.0.0.1:25107 "GET /{locator} HTTP/1.1" 200 3')
     assert SIGNATURE not in out
     assert f"/acbd18db4cc2f85cedef654fccc4a4d8+3{hint.replace(SIGNATURE, '<signature>')}+K@zbbbb " in out
+
+
+def test_v1_token_is_the_bare_secret_and_cannot_be_salted():
+    token = parse_token(f" {SECRET}\n")
+    assert token.is_v1 and token.uuid is None and token.cluster is None and token.text == SECRET
+    assert SECRET not in repr(token)
+    with pytest.raises(TokenError) as info:
+        salt_for(token, "zmock")
+    message = str(info.value)
+    assert "cluster zmock needs a v2 token" in message and "\n" not in message
+    assert "arv api_client_authorization current" in message and "v2/<uuid>/<secret>" in message
+
+
+def test_v2_form_of_a_v1_token_salts_like_the_v2_token():
+    v2 = parse_token(SECRET).with_uuid("zhome-gj3su-077z32aux8dg2s1")
+    assert v2 == parse_token(TOKEN) and not v2.is_v1
+    assert salt_for(v2, "zmock").secret == "7fd31b61f39c0e82a4155592163218272cedacdc"
+    with pytest.raises(TokenError, match="api_client_authorization uuid"):
+        parse_token(SECRET).with_uuid("zhome-tpzed-077z32aux8dg2s1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"token {SECRET} rejected", f"ARVADOS_API_TOKEN={SECRET}", f"'{SECRET}'", f"(v1 {SECRET})"],
+)
+def test_redact_masks_bare_v1_secrets(text):
+    out = redact(text)
+    assert SECRET not in out and "<token>" in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "image sha256:" + "0123456789abcdef" * 4,  # hex digests stay readable
+        "block acbd18db4cc2f85cedef654fccc4a4d8+3 of zbbbb-4zz18-0123456789abcde",
+        "collection " + "acbd18db4cc2f85cedef654fccc4a4d8+3" * 3,
+    ],
+)
+def test_redact_leaves_ids_and_digests_alone(text):
+    assert redact(text) == text

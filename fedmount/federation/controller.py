@@ -79,14 +79,19 @@ class ApiError(Exception):
         super().__init__(f"{cluster}: {self.message}")
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions behind it, outermost first."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
 def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate verification failure behind a transport error, if that is what it is."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((e for e in _causes(error) if isinstance(e, ssl.SSLCertVerificationError)), None)
 
 
 def _error_text(response: httpx.Response, body: bytes | bytearray) -> str:
@@ -290,9 +295,19 @@ class ControllerClient:
                 f"the TLS certificate of {self.api_host} is not trusted ({cert.verify_message}): point "
                 "REQUESTS_CA_BUNDLE at the cluster's CA, or set ARVADOS_API_HOST_INSECURE=1"
             )
-        cause = error.__cause__ or error.__context__
-        reason = str(error) or (f"{type(cause).__name__}: {cause}" if cause else "")
-        return f"cannot reach {self.api_host}: {type(error).__name__}: {reason or 'no reason given'}"
+        chain = _causes(error)
+        tls = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
+        if tls is not None:  # e.g. a plain-HTTP server: "[SSL: WRONG_VERSION_NUMBER] wrong version number"
+            said = re.sub(r" \(_ssl\.c:\d+\)$", "", str(tls))
+            return (f"TLS with {self.api_host} failed ({said}): ARVADOS_API_HOST must be the host:port "
+                    "of the cluster's HTTPS controller")
+        # Under trio the outer errors often say nothing; the first one that does is the reason.
+        said = next((e for e in chain if str(e)), None)
+        if said is None:
+            reason = "no reason given"
+        else:
+            reason = str(said) if said is error else f"{type(said).__name__}: {said}"
+        return f"cannot reach {self.api_host}: {type(error).__name__}: {reason}"
 
     def _refusal(self, path: str, response: httpx.Response, body: bytearray) -> ApiError:
         return ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response, body)}")

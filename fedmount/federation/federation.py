@@ -2,7 +2,14 @@
 
 `Federation.connect` reads the home cluster's discovery document (its cluster id,
 ``remoteHosts``, ``blobSignatureTtl``) and checks the token with ``users/current``, so a
-wrong token or an unreachable home fails at mount time with one line.
+wrong token or an unreachable home fails at mount time with one line. A v1 token (a bare
+secret) is then turned into its v2 form with the uuid the home gives for it
+(``api_client_authorizations/current``), so that it can be salted for a remote cluster,
+by fedmount (direct mode) or by the home keepstore (``+R`` blocks); if the home does not
+say, the v1 token is used as it is and whatever needs salting says why it cannot.
+
+A UUID of a cluster the home does not know (not in ``remoteHosts``) is refused without a
+request, in either mode, with the same one line.
 
 Two modes (reference/arvados-protocol.md §2, §6 "What a client should do"):
 
@@ -35,6 +42,7 @@ no summary of a PDH, since only its manifest can verify an answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from calendar import timegm
@@ -52,7 +60,7 @@ from .controller import ApiError, ControllerClient
 from .ids import CLUSTER_RE, CollectionId
 from .manifest import portable_data_hash
 from .settings import Settings
-from .tokens import salt_for
+from .tokens import V2_NEEDED, TokenError, salt_for
 
 log = logging.getLogger("fedmount.federation")
 
@@ -109,16 +117,23 @@ class _RemoteClients:
     def known(self) -> list[str]:
         return sorted(c for c in self._hosts if c != self._home)
 
+    def check_known(self, cluster: str) -> None:
+        """ApiError (404) unless the home can reach `cluster` (``remoteHosts``, or via DNS)."""
+        if cluster not in self._hosts and not self._via_dns:
+            raise ApiError(404, cluster, f"cluster {cluster} is not a remote cluster of {self._home}")
+
     def get(self, cluster: str) -> ControllerClient:
         client = self._clients.get(cluster)
         if client is not None:
             return client
         if cluster == self._home:
             raise ValueError("the home cluster is not a remote")
-        host = self._hosts.get(cluster) or (f"{cluster}.arvadosapi.com" if self._via_dns else None)
-        if host is None:
-            raise ApiError(404, cluster, f"cluster {cluster} is not a remote cluster of {self._home}")
-        token = salt_for(self._token, cluster)
+        self.check_known(cluster)
+        host = self._hosts.get(cluster) or f"{cluster}.arvadosapi.com"
+        try:
+            token = salt_for(self._token, cluster)
+        except TokenError as e:
+            raise ApiError(400, cluster, str(e)) from None
         if token == self._token and self._token.cluster != cluster:
             raise ApiError(
                 400, cluster, f"cannot salt the token for {cluster} (it looks salted already); use home mode"
@@ -163,11 +178,14 @@ class Federation:
         home = ControllerClient(settings.api_host, settings.token, **client_args)
         try:
             discovery = await home.discovery()
+            user = await home.current_user()
+            if settings.token.is_v1:
+                settings = await _with_v2_token(home, settings)
             remotes = _RemoteClients(settings, home.cluster, discovery, **client_args)
             federation = cls(settings, mode, home, remotes)
             ttl = discovery.get("blobSignatureTtl") or DEFAULT_BLOB_SIGNATURE_TTL
             federation.blob_signature_ttl = int(ttl)
-            federation.user = await home.current_user()
+            federation.user = user
         except ApiError as e:
             await home.aclose()
             if e.status in (401, 403):
@@ -219,6 +237,8 @@ class Federation:
         """Who is asked for `cid`: the home (home mode, or a home UUID), the owner of a
         remote UUID (direct mode); None for a PDH in direct mode (see `_pdh_direct`)."""
         owner = cid.cluster
+        if owner is not None and owner != self.home_cluster:
+            self._remotes.check_known(owner)
         if self.mode == "home" or owner == self.home_cluster:
             return self.home
         return None if owner is None else self._remotes.get(owner)
@@ -303,6 +323,23 @@ def _remote_hosts(home: str, listed: Any) -> dict[str, str]:
             log.warning("cluster %s lists a remote %.40r at %.80r: not a cluster id and host; ignored",
                         home, cluster, host)  # fmt: skip
     return hosts
+
+
+async def _with_v2_token(home: ControllerClient, settings: Settings) -> Settings:
+    """`settings` with the v2 form of its v1 token, the home client switched to it; as they
+    were, with one warning, if the home does not give a uuid of its own for the token."""
+    try:
+        record = await home.call("api_client_authorizations/current")
+        token = settings.token.with_uuid(str(record.get("uuid") or ""))
+        if token.cluster != home.cluster:
+            raise TokenError(f"its uuid {token.uuid} is not of {home.cluster}")
+    except (ApiError, TokenError) as e:
+        log.warning("ARVADOS_API_TOKEN is a v1 token whose uuid %s did not give (%s): reading "
+                    "remote clusters' collections %s", home.cluster, e, V2_NEEDED)
+        return settings
+    log.info("ARVADOS_API_TOKEN is a v1 token; using its v2 form (uuid %s)", token.uuid)
+    home.token = token
+    return dataclasses.replace(settings, token=token)
 
 
 def _combined(cid: CollectionId, errors: dict[str, ApiError]) -> ApiError:

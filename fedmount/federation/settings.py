@@ -7,6 +7,10 @@ Sources, the first that sets a key wins (as the Arvados SDKs do):
 2. ``settings.conf``: ``KEY=VALUE`` lines (blank lines and ``#`` comments ignored), by
    default ``$XDG_CONFIG_HOME/arvados/settings.conf`` or ``~/.config/arvados/settings.conf``.
 
+``ARVADOS_API_TOKEN`` is a v2 token (``v2/<uuid>/<secret>``) or, as the SDK and arv-mount
+accept it, a v1 token (the bare secret); `Federation.connect` turns a v1 token into its v2
+form once the home cluster has said its uuid.
+
 ``ARVADOS_KEEP_SERVICES`` (space-separated URLs; crunch-run sets it to a node-local
 keepstore) or ``ARVADOS_KEEP_PROXY`` replace the home cluster's keep service list, as they
 do for the Python SDK.

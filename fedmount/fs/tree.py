@@ -119,6 +119,10 @@ COLLECTION_RECORD_NAME = ".arvados#collection"
 STATS_DIR_NAME = ".fedmount"
 STATS_FILE_NAME = "stats.json"
 BLOCK_SIZE = 4096  # statfs unit
+# statfs: inodes are numbered on demand without a limit, so there are always this many free
+# (df -i shows the mount nearly empty; 0 free would look full to monitoring). Kept below
+# 2**32 with the used ones, so that 32-bit statfs callers get no EOVERFLOW.
+FREE_INODES = 1 << 30
 _ALWAYS_SELECTED = frozenset({"kind", "etag", "writable_by"})  # in every answer with `select`
 _SIGNATURE_EXPIRY_RE = re.compile(r"\+[AR][0-9a-z-]*@([0-9a-f]{8})\b")
 
@@ -852,6 +856,7 @@ class Tree:
         self.wall = wall
         self.started = wall()
         self.ready = False
+        self._starting = False  # while `start` loads --collection: its failure is printed, not logged
         self.on_change: Callable[[Invalidation], None] = lambda invalidation: None  # set by the adapter
         self.table: InodeTable[Node] = InodeTable()
         stats_ino = self.table.number(("stats", STATS_FILE_NAME))
@@ -895,7 +900,11 @@ class Tree:
             cid = parse_collection_id(self.layout.collection)
         except ValueError as e:
             raise FsError(errno.EINVAL, str(e)) from None
-        record, manifest, expiry = await self.fetch(cid)
+        self._starting = True
+        try:
+            record, manifest, expiry = await self.fetch(cid)
+        finally:
+            self._starting = False
         coll = Collection(self, cid, ("root",), ROOT_INODE, record, manifest, expiry)
         assert isinstance(coll.root, CollectionDir)
         self.root = coll.root
@@ -934,7 +943,8 @@ class Tree:
         except ManifestError as e:
             message = f"collection {cid} (cluster {record.cluster}): {e}"
             self.stats.add("manifest_errors", cluster=record.cluster)
-            log.error("%s", message)
+            if not self._starting:
+                log.error("%s", message)
             raise FsError(errno.EIO, message) from None
         self.stats.add("collections_loaded", cluster=record.cluster)
         return kept, manifest, expiry
@@ -949,11 +959,10 @@ class Tree:
                 e.status, errno.EIO
             )
             message = f"collection {cid} (cluster {e.cluster or '?'}): {e.message}"
-            if code == errno.ENOENT:
-                log.info("%s", message)
-            else:
+            if code != errno.ENOENT:
                 self.stats.add("api_errors", cluster=e.cluster)
-                log.error("%s", message)
+            if not self._starting:
+                log.log(logging.INFO if code == errno.ENOENT else logging.ERROR, "%s", message)
             raise FsError(code, message) from None
 
     def _stats_json(self) -> bytes:
@@ -1003,5 +1012,6 @@ class Tree:
         free = max(capacity - used, 0) // BLOCK_SIZE
         return {
             "f_bsize": BLOCK_SIZE, "f_frsize": BLOCK_SIZE, "f_blocks": blocks, "f_bfree": free,
-            "f_bavail": free, "f_files": len(self.table), "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
+            "f_bavail": free, "f_files": len(self.table) + FREE_INODES, "f_ffree": FREE_INODES,
+            "f_favail": FREE_INODES, "f_namemax": 255,
         }  # fmt: skip

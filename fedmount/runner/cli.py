@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("record", help="the container record: a JSON file, or - for standard input")
     p.add_argument(
         "--output-dir",
-        required=True,
         metavar="DIR",
-        help="results directory; created if missing, must be empty",
+        help="results directory; created if missing, must be empty (default: a new directory in the "
+        "current directory named after the record and the time, such as job-20260102T030405Z for "
+        "job.json, or the record's uuid for -; its name is printed on stderr)",
     )
     p.add_argument(
         "--runtime",
@@ -388,6 +389,23 @@ def _prepare_results(path: str) -> str:
     return path
 
 
+def _new_results(record: str, spec: ContainerSpec) -> str:
+    """A new directory in the current one, named after the record file (or, for standard
+    input, the record's uuid) and the UTC time; -2, -3, ... if that name is taken."""
+    stem = (spec.uuid or "fedmount-run") if record == "-" else Path(record).stem
+    base = f"{stem}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    for n in range(1, 1000):
+        path = os.path.abspath(base if n == 1 else f"{base}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise SpecError("--output-dir", f"cannot create {path}: {exc.strerror}") from None
+    raise SpecError("--output-dir", f"{base}: every name is taken; give --output-dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -400,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 raise SpecError(args.record, f"cannot read the record: {exc.strerror}") from None
         spec = load_record(text, source)
-        results = _prepare_results(args.output_dir)
+        if args.output_dir:
+            results = _prepare_results(args.output_dir)
+        else:
+            results = _new_results(args.record, spec)
+            print(f"fedmount-run: results in {os.path.relpath(results)}", file=sys.stderr)
     except SpecError as exc:
         print(f"fedmount-run: {exc}", file=sys.stderr)
         return EXIT_REFUSED
