@@ -30,6 +30,7 @@ from fedmount import __version__
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.federation.tokens import redact
+from fedmount.fs.calls import DEFAULT_API_WAIT
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
 SUBCOMMANDS: dict[str, str] = {
@@ -185,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-time", metavar="SECONDS", type=seconds, default=15.0,
                    help="How often collections addressed by UUID are re-checked, and how long a "
                    "collection id that does not exist is remembered as missing (default 15).")
+    g.add_argument("--api-wait", metavar="SECONDS", type=seconds, default=DEFAULT_API_WAIT,
+                   help="How long a lookup, stat, listing or open waits for an API answer: loading a "
+                   "collection not yet mounted, or re-checking a UUID collection. Past it, a lookup fails "
+                   "with ETIMEDOUT and a re-checked collection is served as it was; the request goes on in "
+                   "the background, for the next one. While a request to a cluster is pending past this "
+                   f"wait, that cluster's collections do not wait at all (default {DEFAULT_API_WAIT:g}).")
 
     g = p.add_argument_group("cache and read-ahead")
     cache_kind = g.add_mutually_exclusive_group()
