@@ -35,7 +35,10 @@ import trio
 
 log = logging.getLogger("fedmount.fs")
 T = TypeVar("T")
-DEFAULT_API_WAIT = 5.0  # seconds: --api-wait
+# --api-wait: longer than the API client's retries of a cluster that refuses or resets
+# connections (at most 7.5 s of back-off), so a down cluster still answers with its error and
+# only a stalled one is cut short.
+DEFAULT_API_WAIT = 10.0
 
 
 class Call(Generic[T]):

@@ -1103,9 +1103,8 @@ class Tree:
         return await self.dir(parent).lookup(name)
 
     async def getattr(self, ino: int) -> Attr:
-        node = self.node(ino)
-        await node.fresh()
-        return node.attr()
+        await self.node(ino).fresh()
+        return self.node(ino).attr()  # that refresh may have retired the number (SupersededFile)
 
     async def listdir(self, ino: int) -> Entries:
         return await self.dir(ino).entries()
