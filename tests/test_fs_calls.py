@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from fedmount.fs.calls import Calls
+from fedmount.fs.calls import MAX_CALLS_PER_CLUSTER, Calls
 
 
 @pytest.fixture
@@ -89,3 +89,22 @@ async def _raise(error: Exception) -> None:
 async def test_calls_need_the_nursery_of_whoever_serves_them():
     with pytest.raises(RuntimeError, match="nursery"):
         Calls(5.0).start("zbbbb", "a call", lambda: trio.sleep(0))
+
+
+async def test_a_stalled_cluster_holds_a_bounded_number_of_connections(calls, autojump_clock):
+    release, running, most = trio.Event(), [0], [0]
+
+    async def stuck() -> None:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        await release.wait()
+        running[0] -= 1
+
+    stalled = [calls.start("zbbbb", f"call {i}", stuck) for i in range(3 * MAX_CALLS_PER_CLUSTER)]
+    await trio.testing.wait_all_tasks_blocked()
+    assert most[0] == MAX_CALLS_PER_CLUSTER  # the others wait for a slot, holding no connection
+    other = calls.start("zcccc", "a call elsewhere", lambda: trio.sleep(0))
+    assert await other.wait() and trio.current_time() < other.deadline
+    release.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert all(call.done for call in stalled) and most[0] == MAX_CALLS_PER_CLUSTER

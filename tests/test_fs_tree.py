@@ -347,16 +347,19 @@ async def test_hidden_collection_record(world):
     assert attr.attr_timeout == 0 and attr.mode == stat.S_IFREG | 0o444
 
 
-async def test_a_mounted_collection_keeps_its_manifest_text_only_compressed(world):
+async def test_a_mounted_collection_keeps_its_record_only_compressed(world):
     fed, *_, make = world
+    description = "a long description " * 50_000  # about 1 MB
+    fed.collections[UUID_A].record["description"] = description
     tree = make()
     await path_node(tree, f"by_id/{UUID_A}")
     coll = tree.root.children["by_id"]._collections[UUID_A]
     text = fed.collections[UUID_A].manifest_text
     kept = [getattr(coll.record, f.name) for f in dataclasses.fields(coll.record)]
-    assert "manifest_text" not in coll.record.fields and text not in kept
+    assert text not in kept and description not in kept
+    assert len(coll.record.packed_fields) < 20_000
     assert coll.record.answer() == fed.collections[UUID_A].record
-    assert coll.record.fields["uuid"] == UUID_A
+    assert coll.record.field_names == ("uuid", "portable_data_hash", "name", "description")
 
 
 async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):

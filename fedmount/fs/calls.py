@@ -20,7 +20,10 @@ A cluster with a call past its deadline is *stalled*: a new call to it gets no w
 all (its deadline is its start) until every overdue call of that cluster has ended. A
 stalled cluster therefore costs its own collections' operations one ``wait`` in all, not
 one each, and the lookups queued behind them in the kernel (other clusters' collections)
-at most that one ``wait``.
+at most that one ``wait``. At most `MAX_CALLS_PER_CLUSTER` calls of one cluster run at a
+time (the others queue for a slot), so a stalled cluster holds at most that many of the
+API client's connections (100 in all, shared by every cluster in home mode) and cannot
+starve the calls to the others.
 
 Deadlines are on trio's clock, so tests may run them on a mock clock.
 """
@@ -39,6 +42,7 @@ T = TypeVar("T")
 # connections (at most 7.5 s of back-off), so a down cluster still answers with its error and
 # only a stalled one is cut short.
 DEFAULT_API_WAIT = 10.0
+MAX_CALLS_PER_CLUSTER = 8
 
 
 class Call(Generic[T]):
@@ -92,6 +96,7 @@ class Calls:
         self.quiet = quiet  # exceptions a call may end with that its work has logged already
         self.nursery: trio.Nursery | None = None  # set by whoever serves the tree
         self._running: dict[str, set[Call[object]]] = {}
+        self._slots: dict[str, trio.Semaphore] = {}  # a cluster's, while it has calls
 
     def stalled(self, cluster: str) -> bool:
         return any(call.overdue for call in self._running.get(cluster, ()))
@@ -103,12 +108,16 @@ class Calls:
         now = trio.current_time()
         call: Call[T] = Call(what, now if self.stalled(cluster) else now + self.wait)
         self._running.setdefault(cluster, set()).add(call)  # type: ignore[arg-type]
-        self.nursery.start_soon(self._run, cluster, call, work)
+        slots = self._slots.setdefault(cluster, trio.Semaphore(MAX_CALLS_PER_CLUSTER))
+        self.nursery.start_soon(self._run, cluster, slots, call, work)
         return call
 
-    async def _run(self, cluster: str, call: Call[T], work: Callable[[], Awaitable[T]]) -> None:
+    async def _run(
+        self, cluster: str, slots: trio.Semaphore, call: Call[T], work: Callable[[], Awaitable[T]]
+    ) -> None:
         try:
-            call._value = await work()
+            async with slots:
+                call._value = await work()
         except Exception as e:  # kept for whoever asks; nothing escapes into the nursery
             call._error = e
             if not isinstance(e, self.quiet) and not call._waiting:  # else its waiters report it
@@ -120,6 +129,6 @@ class Calls:
         finally:
             running = self._running[cluster]
             running.discard(call)  # type: ignore[arg-type]
-            if not running:
-                del self._running[cluster]
+            if not running:  # no call of this cluster holds or awaits a slot
+                del self._running[cluster], self._slots[cluster]
             call._done.set()

@@ -76,8 +76,8 @@ Freshness
 
 Memory
     A mounted collection keeps its parsed manifest (`fedmount.federation.manifest`) and a
-    `KeptRecord`: the API record without its manifest text, which only
-    ``.arvados#collection`` reads and which is kept zlib-compressed. A UUID re-check whose
+    `KeptRecord`: the API record, which only ``.arvados#collection`` reads, kept
+    zlib-compressed (its manifest text and its other fields apart). A UUID re-check whose
     answer has the same PDH (and whose signatures are not due) transfers and parses no
     manifest. Every fetch ends with `fedmount.memory.release`, once the answer and the
     parse's temporaries are garbage. With a 1,000,000-file collection (25.4 MB manifest),
@@ -252,20 +252,24 @@ def _earliest_signature_expiry(text: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class KeptRecord:
-    """What a mounted collection keeps of its API record. The manifest text is the bulk of
-    it and only ``.arvados#collection`` reads it (the parsed tree serves the files), so it
-    is kept zlib-compressed (level 1: 25.4 MB -> 5.4 MB in 0.15 s for 1,000,000 files)."""
+    """What a mounted collection keeps of its API record. Only ``.arvados#collection``
+    reads the record as it came (the parsed tree serves the files), so it is kept
+    zlib-compressed (level 1): its manifest text, the bulk of it (25.4 MB -> 5.4 MB in
+    0.15 s for 1,000,000 files), and apart from it the other fields, which may be large too
+    (a description, properties), since a re-check may replace them alone."""
 
     uuid: str
     portable_data_hash: str
     modified_at: float | None
     cluster: str
     route: KeepRoute
-    fields: dict[str, Any]  # the API's answer without its manifest_text
+    field_names: tuple[str, ...]  # of the API's answer, without manifest_text
+    packed_fields: bytes  # zlib of those fields as JSON
     packed_manifest: bytes | None  # zlib of that manifest_text; None if the answer had none
 
     @classmethod
     def of(cls, record: CollectionSummaryLike, packed_manifest: bytes | None) -> KeptRecord:
+        """`record` packed (CPU-heavy for a large record: run it in a worker thread)."""
         fields = {k: v for k, v in record.record.items() if k != "manifest_text"}
         return cls(
             record.uuid,
@@ -273,20 +277,23 @@ class KeptRecord:
             record.modified_at,
             record.cluster,
             record.route,
-            fields,
+            tuple(fields),
+            zlib.compress(json.dumps(fields).encode(), 1),
             packed_manifest,
         )
 
     def summary_fields(self) -> list[str]:
-        """What a re-check selects: every field of this record but its manifest text (so
-        ``.arvados#collection`` stays as fresh as before), less those the API adds anyway."""
-        return sorted({"uuid", "portable_data_hash", *self.fields} - _ALWAYS_SELECTED)
+        """What a re-check selects when the record changed but not its PDH: every field of
+        this record but its manifest text (so ``.arvados#collection`` stays as fresh), less
+        those the API adds anyway."""
+        return sorted({"uuid", "portable_data_hash", *self.field_names} - _ALWAYS_SELECTED)
 
     def answer(self) -> dict[str, Any]:
         """The API's answer as it came (with the manifest text of the parsed generation)."""
-        if self.packed_manifest is None:
-            return self.fields
-        return {**self.fields, "manifest_text": zlib.decompress(self.packed_manifest).decode()}
+        fields: dict[str, Any] = json.loads(zlib.decompress(self.packed_fields))
+        if self.packed_manifest is not None:
+            fields["manifest_text"] = zlib.decompress(self.packed_manifest).decode()
+        return fields
 
 
 def _load(record: CollectionRecordLike) -> tuple[KeptRecord, Manifest, int | None]:
@@ -1053,7 +1060,8 @@ class Tree:
                 # Only the record's other fields changed: ask for them, still without the manifest.
                 summary = await self._ask(cid, self.federation.get_summary(cid, known.summary_fields()))
                 if summary.portable_data_hash == known.portable_data_hash:
-                    return KeptRecord.of(summary, known.packed_manifest), None, None
+                    kept = await trio.to_thread.run_sync(KeptRecord.of, summary, known.packed_manifest)
+                    return kept, None, None
         record = await self._ask(cid, self.federation.get_collection(cid))
         try:
             kept, manifest, expiry = await trio.to_thread.run_sync(_load, record)
