@@ -48,8 +48,9 @@ MAX_CALLS_PER_CLUSTER = 8
 class Call(Generic[T]):
     """One background call: its deadline, then its value or its exception."""
 
-    def __init__(self, what: str, deadline: float):
+    def __init__(self, what: str, started: float, deadline: float):
         self.what = what
+        self.waited_for = deadline > started  # False: its cluster was stalled when it started
         self.deadline = deadline
         self._done = trio.Event()
         self._value: T | None = None
@@ -106,7 +107,7 @@ class Calls:
         if self.nursery is None:
             raise RuntimeError("Calls.nursery is not set: the tree is not being served")
         now = trio.current_time()
-        call: Call[T] = Call(what, now if self.stalled(cluster) else now + self.wait)
+        call: Call[T] = Call(what, now, now if self.stalled(cluster) else now + self.wait)
         self._running.setdefault(cluster, set()).add(call)  # type: ignore[arg-type]
         slots = self._slots.setdefault(cluster, trio.Semaphore(MAX_CALLS_PER_CLUSTER))
         self.nursery.start_soon(self._run, cluster, slots, call, work)

@@ -23,9 +23,9 @@ Inodes
     (name from the manifest's packed arrays, attributes derived from the manifest), and
     the node objects the adapter gets are short-lived. Listings are kept by directory
     path for the life of the mount, so numbers survive manifest refreshes; a name that a
-    refresh added, whose kind or whose content changed, gets a number of its own. A node of a collection
-    holds only its path; it resolves the path in the collection's current manifest and
-    answers ENOENT if the path went away.
+    refresh added, whose kind or whose content changed, gets a number of its own. A node
+    of a collection holds only its path; it resolves the path in the collection's current
+    manifest and answers ENOENT if the path went away.
 
 Freshness
     A collection addressed by PDH never changes: its entries and attributes may be cached
@@ -96,9 +96,8 @@ Errors
     Everything that fails raises `FsError(errno)`: unknown ids ENOENT, expired or wrong
     tokens EACCES, unreachable clusters, block errors, malformed manifests and records whose
     manifest does not hash to the PDH they claim EIO, a collection still loading past its
-    deadline ETIMEDOUT. The
-    failure is logged in one line naming the collection and the cluster; nothing else in
-    the mount is affected.
+    deadline ETIMEDOUT. The failure is logged in one line naming the collection and the
+    cluster; nothing else in the mount is affected.
 """
 
 from __future__ import annotations
@@ -482,10 +481,11 @@ class ByIdDir(DirNode):
                                                          lambda: self._load(key, cid))
         if await call.wait():
             return call.result()
-        message = (f"collection {cid}: no answer from the API within {tree.calls.wait:g}s; still asking in "
-                   "the background, a later lookup gets the answer")
+        group, wait = _api_group(cid), tree.calls.wait
+        why = f"within {wait:g}s" if call.waited_for else f"yet ({group} has requests pending past {wait:g}s)"
+        message = f"collection {cid}: no answer from the API {why}; still asking, for the next lookup"
         if call.first_late_answer():
-            tree.stats.add("api_calls_late", op="lookup", cluster=_api_group(cid))
+            tree.stats.add("api_calls_late", op="lookup", cluster=group)
             log.warning("%s", message)
         raise FsError(errno.ETIMEDOUT, message)
 
