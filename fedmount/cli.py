@@ -32,6 +32,7 @@ from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.blocks.transport import Timeouts
 from fedmount.daemon_log import add_detached_log, open_private
 from fedmount.federation.tokens import redact
+from fedmount.fs.calls import DEFAULT_API_WAIT
 from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
@@ -192,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-time", metavar="SECONDS", type=seconds, default=15.0,
                    help="How often collections addressed by UUID are re-checked, and how long a "
                    "collection id that does not exist is remembered as missing (default 15).")
+    g.add_argument("--api-wait", metavar="SECONDS", type=seconds, default=DEFAULT_API_WAIT,
+                   help="How long a lookup, stat, listing or open waits for an API answer: loading a "
+                   "collection not yet mounted, or re-checking a UUID collection. Past it, a lookup fails "
+                   "with ETIMEDOUT and a re-checked collection is served as it was; the request goes on in "
+                   "the background, for the next one. While a request to a cluster is pending past this "
+                   f"wait, that cluster's collections do not wait at all (default {DEFAULT_API_WAIT:g}).")
 
     g = p.add_argument_group("cache and read-ahead")
     cache_kind = g.add_mutually_exclusive_group()

@@ -64,6 +64,7 @@ from fedmount.federation.federation import Federation
 from fedmount.federation.settings import Settings, SettingsError
 from fedmount.federation.tokens import V2_NEEDED
 from fedmount.fs import fuse
+from fedmount.fs.calls import DEFAULT_API_WAIT
 from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, serve_prometheus
 from fedmount.fs.tree import FsError, Layout, Tree
 from fedmount.stats import Stats
@@ -97,6 +98,7 @@ class MountOptions:
     subtype: str = "fedmount"
     route: str = "home"
     refresh_time: float = 15.0
+    api_wait: float = DEFAULT_API_WAIT
     cache_kind: str = "disk"
     disk_cache_dir: str | None = None
     file_cache: int = 0
@@ -123,7 +125,8 @@ class MountOptions:
             foreground=args.foreground, exec_args=args.exec_args, replace=args.replace,
             nonempty=args.nonempty,
             unmount_timeout=args.unmount_timeout, allow_other=args.allow_other, subtype=args.subtype,
-            route=args.route, refresh_time=args.refresh_time, cache_kind=args.cache_kind,
+            route=args.route, refresh_time=args.refresh_time, api_wait=args.api_wait,
+            cache_kind=args.cache_kind,
             disk_cache_dir=args.disk_cache_dir and os.path.abspath(args.disk_cache_dir),
             file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
@@ -413,6 +416,7 @@ class Daemon:
             gauge = "cache_disk_bytes" if disk_limit else "cache_ram_bytes"
             tree = Tree(
                 federation, reader, stats=stats, layout=opts.layout, refresh_time=opts.refresh_time,
+                api_wait=opts.api_wait,
                 cached_bytes=cache.cached_bytes, cache_usage=lambda: (capacity, int(stats.get(gauge))),
             )
             try:
@@ -438,6 +442,7 @@ class Daemon:
         status = 0
         try:
             async with trio.open_nursery() as nursery:
+                tree.calls.nursery = nursery  # API calls that outlive their FUSE request run here
                 nursery.start_soon(self._fuse_loop, nursery.cancel_scope)
                 nursery.start_soon(ops.invalidations)
                 await nursery.start(self._signals)

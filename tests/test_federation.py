@@ -127,6 +127,32 @@ async def test_pdh_answer_that_does_not_hash_is_rejected_naming_the_cluster(fake
     await fed.aclose()
 
 
+@pytest.mark.parametrize("mode", ["home", "direct"])
+async def test_a_uuid_record_claiming_a_pdh_its_manifest_does_not_hash_to_is_rejected(fake, mode):
+    rec = fake.add_collection("zbbbb", "5", {"f.txt": b"content"})
+    other = fake.add_collection("zbbbb", "6", {"g.txt": b"other content"})
+    pdh = rec["portable_data_hash"]
+    for cluster in (fake.home, fake.clusters["zbbbb"]):
+        cluster.collections[rec["uuid"]]["portable_data_hash"] = other["portable_data_hash"]
+    fed = await connect(fake, mode=mode)
+    with pytest.raises(ApiError) as info:
+        await fed.get_collection(parse_collection_id(rec["uuid"]))
+    cluster = "zzzzz" if mode == "home" else "zbbbb"
+    assert info.value.status == 502 and info.value.cluster == cluster
+    assert f"claims portable data hash {other['portable_data_hash']}" in info.value.message
+    assert f"hashes to {pdh}" in info.value.message
+    await fed.aclose()
+
+
+async def test_a_uuid_record_gets_the_pdh_its_manifest_hashes_to(fake):
+    rec = fake.add_collection("zzzzz", "7", {"h.txt": b"content"})
+    pdh = rec.pop("portable_data_hash")  # a record that says nothing of it
+    fed = await connect(fake)
+    got = await fed.get_collection(parse_collection_id(rec["uuid"]))
+    assert got.portable_data_hash == pdh
+    await fed.aclose()
+
+
 def selecting(fake) -> tuple[httpx.MockTransport, list[tuple[str, list[str] | None]]]:
     """`fake`'s transport, answering ``select`` as the API does (only those fields, plus
     ``kind`` and ``etag``); and the (host, select) of every collections request."""

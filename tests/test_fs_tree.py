@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from fedmount.blocks.keep import BlockError, KeepRoute
 from fedmount.federation.controller import ApiError
@@ -79,13 +81,15 @@ def manifest_of(files: dict[str, bytes], expiry: float | None) -> tuple[str, dic
 
 @dataclass
 class FakeFederation:
-    """`Federation.get_collection` over a dict; counts calls; can fail on demand."""
+    """`Federation.get_collection` over a dict; counts calls; can fail or stall on demand
+    (a stalled id's calls wait until its event is set)."""
 
     wall: Clock
     collections: dict[str, Record] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)  # get_collection: whole records
     summaries: list[tuple[str, list[str]]] = field(default_factory=list)  # get_summary: (id, fields)
     fail: dict[str, Exception] = field(default_factory=dict)
+    stall: dict[str, trio.Event] = field(default_factory=dict)
     blocks: dict[str, bytes] = field(default_factory=dict)
     signature_ttl: float = 14 * 86400
 
@@ -113,7 +117,9 @@ class FakeFederation:
             if "manifest_text" in rec.record:
                 rec.record["manifest_text"] = rec.manifest_text
 
-    def _find(self, cid: CollectionId) -> Record:
+    async def _find(self, cid: CollectionId) -> Record:
+        if cid.text in self.stall:
+            await self.stall[cid.text].wait()
         if cid.text in self.fail:
             raise self.fail[cid.text]
         rec = self.collections.get(cid.text)
@@ -123,12 +129,12 @@ class FakeFederation:
 
     async def get_collection(self, cid: CollectionId) -> Record:
         self.calls.append(cid.text)
-        return Record(**vars(self._find(cid)))
+        return Record(**vars(await self._find(cid)))
 
     async def get_summary(self, cid: CollectionId, fields: list[str]) -> CollectionSummary:
         """As the API answers with ``select``: only those fields, and no manifest text."""
         self.summaries.append((cid.text, list(fields)))
-        rec = self._find(cid)
+        rec = await self._find(cid)
         selected = {k: rec.record.get(k) for k in fields}
         return CollectionSummary(rec.uuid, rec.portable_data_hash, rec.modified_at, rec.cluster, selected,
                                  rec.route)
@@ -178,7 +184,7 @@ FILES_B = {"remote file.txt": b"from zbbbb\n"}
 
 
 @pytest.fixture
-def world():
+async def world(nursery):
     wall, mono = Clock(NOW), Clock(1000.0)
     fed = FakeFederation(wall)
     fed.put(UUID_A, FILES_A)
@@ -187,7 +193,9 @@ def world():
     stats = Stats()
 
     def make(**kwargs: Any) -> Tree:
-        return Tree(fed, reader, stats=stats, clock=mono, wall=wall, refresh_time=15.0, **kwargs)
+        tree = Tree(fed, reader, stats=stats, clock=mono, wall=wall, refresh_time=15.0, **kwargs)
+        tree.calls.nursery = nursery  # as the daemon serves it: API calls in the background
+        return tree
 
     return fed, reader, stats, wall, mono, make
 
@@ -344,16 +352,19 @@ async def test_hidden_collection_record(world):
     assert attr.attr_timeout == 0 and attr.mode == stat.S_IFREG | 0o444
 
 
-async def test_a_mounted_collection_keeps_its_manifest_text_only_compressed(world):
+async def test_a_mounted_collection_keeps_its_record_only_compressed(world):
     fed, *_, make = world
+    description = "a long description " * 50_000  # about 1 MB
+    fed.collections[UUID_A].record["description"] = description
     tree = make()
     await path_node(tree, f"by_id/{UUID_A}")
     coll = tree.root.children["by_id"]._collections[UUID_A]
     text = fed.collections[UUID_A].manifest_text
     kept = [getattr(coll.record, f.name) for f in dataclasses.fields(coll.record)]
-    assert "manifest_text" not in coll.record.fields and text not in kept
+    assert text not in kept and description not in kept
+    assert len(coll.record.packed_fields) < 20_000
     assert coll.record.answer() == fed.collections[UUID_A].record
-    assert coll.record.fields["uuid"] == UUID_A
+    assert coll.record.field_names == ("uuid", "portable_data_hash", "name", "description")
 
 
 async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
@@ -371,18 +382,36 @@ async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
     assert released == [1, 2, 3]
 
 
-async def test_an_unchanged_recheck_fetches_no_manifest_and_parses_nothing(world, monkeypatch):
+async def test_an_unchanged_recheck_asks_only_for_what_decides_freshness(world, monkeypatch):
+    fed, _, _, _, mono, make = world
+    fed.collections[UUID_A].record["description"] = "d" * 100_000  # re-downloaded every time, before
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    record_before = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
+    parsed: list[str] = []
+    monkeypatch.setattr("fedmount.fs.tree.parse_manifest", lambda text: parsed.append(text))
+    for _ in range(3):
+        mono.t += 16
+        assert (await tree.getattr(ino)).size == 12
+    assert fed.calls == [UUID_A] and parsed == []  # the whole record was fetched once, at lookup
+    assert fed.summaries == [(UUID_A, ["modified_at", "portable_data_hash", "uuid"])] * 3
+    assert json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection")) == record_before
+
+
+async def test_a_record_change_without_new_content_fetches_its_fields_not_its_manifest(world, monkeypatch):
     fed, _, _, _, mono, make = world
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
     record_before = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
     parsed: list[str] = []
     monkeypatch.setattr("fedmount.fs.tree.parse_manifest", lambda text: parsed.append(text))
-    fed.collections[UUID_A].record["name"] = "renamed"  # the record changed, not its content
+    rec = fed.collections[UUID_A]
+    rec.record["name"], rec.modified_at = "renamed", NOW  # the record changed, not its content
     mono.t += 16
-    assert (await tree.getattr(ino)).size == 12
-    assert fed.calls == [UUID_A] and parsed == []  # the whole record was fetched once, at lookup
-    assert fed.summaries == [(UUID_A, ["name", "portable_data_hash", "uuid"])]
+    assert (await tree.getattr(ino)).mtime == NOW
+    assert fed.calls == [UUID_A] and parsed == []
+    assert fed.summaries == [(UUID_A, ["modified_at", "portable_data_hash", "uuid"]),
+                             (UUID_A, ["name", "portable_data_hash", "uuid"])]  # fmt: skip
     record = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
     assert record == {**record_before, "name": "renamed"}  # with the manifest text it had
 
@@ -393,7 +422,8 @@ async def test_a_recheck_that_finds_a_new_pdh_fetches_the_whole_record(world):
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
     new = fed.put(UUID_A, {"hello.txt": b"hello, world!\n"})
     mono.t += 16
-    assert (await tree.getattr(ino)).size == 14
+    await tree.getattr(ino)
+    assert (await tree.getattr(await path_node(tree, f"by_id/{UUID_A}/hello.txt"))).size == 14
     assert [cid for cid, _ in fed.summaries] == [UUID_A] and fed.calls == [UUID_A, UUID_A]
     record = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
     assert record["portable_data_hash"] == new.portable_data_hash
@@ -480,9 +510,10 @@ async def test_uuid_collection_is_rechecked_after_refresh_time(world):
     assert fed.calls == [UUID_A]  # not due yet
     fed.put(UUID_A, {**FILES_A, "hello.txt": b"hello again, longer\n"})
     mono.t += 6
-    attr = await tree.getattr(ino)
+    assert (await tree.getattr(ino)).size == 12  # the re-check: this number names the old version
     assert fed.calls == [UUID_A, UUID_A]
-    assert attr.size == len(b"hello again, longer\n") and attr.ino == ino
+    new = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    assert new != ino and (await tree.getattr(new)).size == len(b"hello again, longer\n")
     assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello again, longer\n"
 
 
@@ -490,14 +521,20 @@ async def test_removed_path_of_changed_uuid_collection_is_enoent(world):
     fed, _, _, _, mono, make = world
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin")
+    handle = await tree.open(ino)
     fed.put(UUID_A, {"hello.txt": b"hello world\n"})
     mono.t += 16
     with pytest.raises(FsError) as e:
-        await tree.getattr(ino)
+        await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin")
     assert e.value.errno == errno.ENOENT
+    assert (await tree.getattr(ino)).size == 2560  # what the handle still open on it reads
+    assert await handle.read(0, 4) == bytes(range(4))
+    with pytest.raises(FsError) as e:
+        await tree.open(ino)
+    assert e.value.errno == errno.ESTALE  # the kernel looks the path up again: ENOENT
 
 
-async def test_changed_uuid_collection_reports_what_the_kernel_must_forget(world):
+async def test_changed_uuid_collection_renumbers_what_changed_and_reports_it(world):
     fed, _, _, wall, mono, make = world
     tree = make()
     changes: list[Invalidation] = []
@@ -507,6 +544,7 @@ async def test_changed_uuid_collection_reports_what_the_kernel_must_forget(world
     sub = await path_node(tree, f"by_id/{UUID_A}/dir/sub")
     empty = await path_node(tree, f"by_id/{UUID_A}/dir/empty")
     root = await path_node(tree, f"by_id/{UUID_A}")
+    dir_ino = await path_node(tree, f"by_id/{UUID_A}/dir")
     mono.t += 16
     wall.t += 16
     fed.resign()  # same content, new signatures: nothing to forget
@@ -515,16 +553,65 @@ async def test_changed_uuid_collection_reports_what_the_kernel_must_forget(world
     mono.t += 16
     fed.put(UUID_A, {"hello.txt": b"HELLO WORLD\n", "dir/sub/deep.bin": FILES_A["dir/sub/deep.bin"],
                      "dir/empty/now-a-dir.txt": b"x"})
-    await tree.getattr(hello)
+    await tree.getattr(root)
     [change] = changes
-    dir_ino = await path_node(tree, f"by_id/{UUID_A}/dir")
-    assert set(change.data) == {hello, empty}  # new blocks; a file that became a directory
-    assert change.entries == [(dir_ino, "empty")]
+    # New blocks, and a file that became a directory: the kernel must look these names up again.
+    assert sorted(change.entries) == sorted([(root, "hello.txt"), (dir_ino, "empty")])
     assert set(change.attrs) == {root, dir_ino, sub}  # the directories the kernel looked into
-    assert deep not in change.data  # same blocks: its cached pages stay good
+    new_hello = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    assert new_hello != hello and await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"HELLO WORLD\n"
     new_empty = await path_node(tree, f"by_id/{UUID_A}/dir/empty")
     assert new_empty != empty and await names(tree, new_empty) == ["now-a-dir.txt"]
-    assert await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin") == deep
+    assert await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin") == deep  # same blocks, same number
+    for old in (hello, empty):
+        with pytest.raises(FsError) as e:
+            await tree.open(old)
+        assert e.value.errno == errno.ESTALE
+
+
+async def test_a_number_names_one_content_across_updates(world):
+    """An old handle reads only its version, a new open only the current one, and the
+    attributes of each number stay those of its version (the kernel's pages and attributes
+    of an inode are never of two versions)."""
+    fed, _, _, _, mono, make = world
+    tree = make()
+    versions = [b"version %d of the same size\n" % i for i in range(4)]
+    fed.put(UUID_A, {"data.bin": versions[0]})
+    handles, numbers = [], []
+    for i, version in enumerate(versions):
+        if i:
+            fed.put(UUID_A, {"data.bin": version})
+            fed.collections[UUID_A].modified_at = NOW + i
+            mono.t += 16
+        ino = await path_node(tree, f"by_id/{UUID_A}/data.bin")
+        numbers.append(ino)
+        handles.append(await tree.open(ino))
+        for j, handle in enumerate(handles):
+            assert await handle.read(0, 100) == versions[j]
+            attr = await tree.getattr(numbers[j])
+            assert attr.size == len(versions[j]) and attr.mtime == (NOW - 3600 if j == 0 else NOW + j)
+    assert len(set(numbers)) == len(versions)
+    for old in numbers[:-1]:
+        with pytest.raises(FsError) as e:
+            await tree.open(old)
+        assert e.value.errno == errno.ESTALE
+
+
+@pytest.mark.parametrize("operation", ["open", "getattr"])
+async def test_an_operation_on_a_number_its_own_recheck_retires_is_of_the_old_version(world, operation):
+    """The kernel asks about a number it still holds; the operation's own re-check changes the file."""
+    fed, _, _, _, mono, make = world
+    tree = make()
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    fed.put(UUID_A, {**FILES_A, "hello.txt": b"HELLO, WORLD, A LONGER ONE\n"})
+    mono.t += 16
+    if operation == "getattr":
+        assert (await tree.getattr(ino)).size == 12  # the attributes of the version it named
+    else:
+        with pytest.raises(FsError) as e:
+            await tree.open(ino)
+        assert e.value.errno == errno.ESTALE  # the kernel looks the path up again
+    assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"HELLO, WORLD, A LONGER ONE\n"
 
 
 async def test_a_listing_begun_before_a_refresh_gives_current_attributes(world):
@@ -637,8 +724,6 @@ async def test_statfs_always_reports_free_inodes(world):
 
 
 async def test_concurrent_lookups_of_one_collection_make_one_call(world):
-    import trio
-
     fed, *_, make = world
     tree = make()
     by_id = await path_node(tree, "by_id")
@@ -731,3 +816,127 @@ def test_negative_cache_expires_and_is_bounded():
     for name in ("a", "b", "c"):
         cache.add(name)
     assert "c" in cache and "a" not in cache
+
+
+async def test_every_spelling_of_a_pdh_is_one_collection(world):
+    fed, *_, make = world
+    tree = make()
+    pdh = fed.collections[UUID_A].portable_data_hash
+    digest, size = pdh.split("+")
+    spellings = [pdh, f"{pdh}+Kzbbbb", f"{digest}+000{size}", f"{pdh}+Afoo@12345678+Zbar"]
+    roots = {await path_node(tree, f"by_id/{name}") for name in spellings}
+    assert len(roots) == 1 and fed.calls == [pdh]
+    assert await names(tree, await path_node(tree, "by_id")) == [pdh]
+    missing = "0" * 32 + "+7"
+    for name in (missing, missing + "+Kx", "0" * 32 + "+07"):
+        with pytest.raises(FsError) as e:
+            await path_node(tree, f"by_id/{name}")
+        assert e.value.errno == errno.ENOENT
+    assert fed.calls == [pdh, missing]  # one negative answer for every spelling
+
+
+async def settle() -> None:
+    """Until every task waits for something other than a worker thread: the background calls
+    released have ended."""
+    await trio.testing.wait_all_tasks_blocked()
+    while trio.testing.active_thread_count():
+        await trio.testing.wait_all_threads_completed()
+        await trio.testing.wait_all_tasks_blocked()
+
+
+@pytest.fixture
+def stalled(world, mock_clock):
+    """`stall(id)`: the fake federation's calls about `id` wait for the event it returns.
+
+    Tests using it run on `mock_clock` (they ask for it too, so that pytest-trio runs them on
+    it), which jumps to the next deadline once every task has waited for half a second: a
+    manifest parse in a worker thread also makes every task wait, and must not count as a
+    stall."""
+    mock_clock.autojump_threshold = 0.5
+    fed = world[0]
+
+    def stall(cid: str) -> trio.Event:
+        event = fed.stall[cid] = trio.Event()
+        return event
+
+    return stall
+
+
+async def test_a_stalled_lookup_answers_etimedout_at_its_deadline_and_a_later_lookup_gets_it(
+    world, stalled, mock_clock
+):
+    fed, _, stats, *_, make = world
+    tree = make(api_wait=5.0)
+    release = stalled(UUID_B)
+    by_id = await path_node(tree, "by_id")
+    started = trio.current_time()
+    with pytest.raises(FsError) as e:
+        await tree.lookup(by_id, UUID_B)
+    assert e.value.errno == errno.ETIMEDOUT and trio.current_time() - started == 5.0
+    said = f"collection {UUID_B}: no answer from the API within 5s; still asking, for the next lookup"
+    assert str(e.value) == said
+    release.set()
+    await settle()  # the call ends in the background
+    assert await read_all(tree, f"by_id/{UUID_B}/remote file.txt") == b"from zbbbb\n"
+    assert fed.calls == [UUID_B]  # one API call for both lookups
+    assert stats.get("api_calls_late", op="lookup", cluster="zbbbb") == 1
+
+
+async def test_a_stalled_cluster_costs_one_wait_not_one_per_id_and_nothing_to_others(
+    world, stalled, mock_clock
+):
+    fed, *_, make = world
+    other_b = "zbbbb-4zz18-ccccccccccccccc"
+    fed.put(other_b, {"x": b"x"})
+    tree = make(api_wait=5.0)
+    for cid in (UUID_B, other_b):
+        stalled(cid)
+    by_id = await path_node(tree, "by_id")
+    waited, said = [], []
+    for cid in (UUID_B, other_b, UUID_B):
+        started = trio.current_time()
+        with pytest.raises(FsError) as e:
+            await tree.lookup(by_id, cid)
+        assert e.value.errno == errno.ETIMEDOUT
+        waited.append(trio.current_time() - started)
+        said.append(str(e.value))
+    assert waited == [5.0, 0.0, 0.0]  # zbbbb is stalled: its ids answer at once
+    assert "yet (zbbbb has requests pending past 5s)" in said[1]
+    started = trio.current_time()
+    assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello world\n"
+    assert trio.current_time() == started  # another cluster's collection: no wait at all
+
+
+async def test_a_stalled_recheck_serves_the_current_generation_and_reads_never_wait(
+    world, stalled, mock_clock
+):
+    fed, _, stats, _, mono, make = world
+    tree = make(api_wait=5.0)
+    ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    handle = await tree.open(ino)
+    release = stalled(UUID_A)
+    fed.put(UUID_A, {**FILES_A, "hello.txt": b"hello again, longer\n"})
+    mono.t += 16
+    started = trio.current_time()
+    assert await handle.read(0, 100) == b"hello world\n"  # starts the re-check, does not wait for it
+    assert trio.current_time() == started
+    assert (await tree.getattr(ino)).size == 12  # waits until the re-check's deadline, then serves
+    assert trio.current_time() - started == 5.0
+    for _ in range(3):  # past the deadline: no more waiting, whatever the operation
+        assert (await tree.getattr(ino)).size == 12
+        assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello world\n"
+    assert trio.current_time() - started == 5.0
+    assert stats.get("api_calls_late", op="recheck", cluster="zzzzz") == 1
+    release.set()
+    await settle()
+    assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello again, longer\n"
+    assert await handle.read(0, 100) == b"hello world\n"  # the handle keeps its snapshot
+
+
+async def test_a_recheck_that_answers_within_its_deadline_is_waited_for(world):
+    fed, _, _, _, mono, make = world
+    tree = make(api_wait=5.0)
+    await path_node(tree, f"by_id/{UUID_A}/hello.txt")
+    fed.put(UUID_A, {**FILES_A, "hello.txt": b"hello again, longer\n"})
+    mono.t += 16
+    assert await read_all(tree, f"by_id/{UUID_A}/hello.txt") == b"hello again, longer\n"

@@ -30,9 +30,11 @@ is the public way to talk to one cluster's API directly (e.g. `fedmount locate` 
 each cluster for its own copy): the home client for the home cluster, otherwise that
 same salted remote client.
 
-A PDH answer is trusted only if its manifest hashes to the PDH asked for; otherwise the
-answer is rejected with an error naming the cluster (the controller treats this as a
-502 from that remote, and so do we).
+An answer is trusted only if its manifest hashes to the PDH it stands for: the PDH asked
+for, or the one a UUID's record claims. Otherwise it is rejected with an error naming the
+cluster (the controller treats a lying remote as a 502, and so do we), so no manifest is
+ever shown or served under a PDH it does not hash to. The hash (md5 of the stripped text)
+is computed in a worker thread: a 25 MB manifest takes a fraction of a second.
 
 `Federation.get_summary` asks for a UUID's record without its manifest text (``select``),
 routed as `get_collection` routes it; the home controller passes ``select`` on when it
@@ -248,12 +250,14 @@ class Federation:
         manifest_text = record.get("manifest_text")
         if not isinstance(manifest_text, str):
             raise ApiError(502, client.cluster, f"the record of {cid} has no manifest_text")
-        if cid.is_pdh:
-            got = portable_data_hash(manifest_text)
-            if got != cid.text:
-                raise ApiError(502, client.cluster, f"answered {cid} with a manifest whose hash is {got}")
-        pdh = record.get("portable_data_hash") or portable_data_hash(manifest_text)
-        fields = await self._summary_fields(client, cid, record, pdh)
+        got = await trio.to_thread.run_sync(portable_data_hash, manifest_text)
+        if cid.is_pdh and got != cid.text:
+            raise ApiError(502, client.cluster, f"answered {cid} with a manifest whose hash is {got}")
+        claimed = record.get("portable_data_hash") or got
+        if claimed != got:
+            raise ApiError(502, client.cluster, f"the record of {cid} claims portable data hash {claimed} "
+                                                f"but its manifest hashes to {got}")
+        fields = await self._summary_fields(client, cid, record, got)
         return CollectionRecord(**fields, manifest_text=manifest_text)
 
     async def _summary_fields(

@@ -18,10 +18,17 @@ the kernel refuses most of them before they get here).
 
 The model reports a UUID collection whose content changed as an `Invalidation`
 (`Tree.on_change`); the adapter queues it and `invalidations` (a task of the daemon's
-nursery) hands it to the kernel from a worker thread: ``invalidate_inode`` drops pages
-and attributes, ``invalidate_entry`` directory entries. Never from the trio thread
-itself: the kernel waits for requests pending on those inodes (a read holding a page
-lock), and only the trio thread can answer them.
+nursery) hands it to the kernel from a worker thread: ``invalidate_inode`` drops the
+attributes of directories, ``invalidate_entry`` the entries of names now of another inode
+(an inode's pages never go stale: a file whose content changed gets a new number). Never
+from the trio thread itself: the kernel waits for requests pending on those inodes, and
+only the trio thread can answer them.
+
+Lookups and readdirs of one directory reach the daemon one at a time: the kernel
+serializes them unless the filesystem asks for FUSE_PARALLEL_DIROPS at init, and
+libfuse 3.14 (Debian 12) never passes that flag on (it was passed from libfuse 3.16,
+off unless the filesystem sets it), while pyfuse3 has no way to set it. So the model
+bounds how long a lookup waits for the API (`fedmount.fs.calls`).
 
 `mount`, `serve`, `terminate` and `close` wrap pyfuse3's lifecycle for `fedmount.mount`.
 """
@@ -107,8 +114,7 @@ class FuseOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self._invalidate, change)
 
     def _invalidate(self, change: Invalidation) -> None:
-        calls = [(pyfuse3.invalidate_inode, (ino, False), "data") for ino in change.data]
-        calls += [(pyfuse3.invalidate_inode, (ino, True), "attrs") for ino in change.attrs]
+        calls = [(pyfuse3.invalidate_inode, (ino, True), "attrs") for ino in change.attrs]
         calls += [(pyfuse3.invalidate_entry, (p, _encode(n)), "entry") for p, n in change.entries]
         for call, args, kind in calls:
             try:

@@ -9,7 +9,9 @@ counter, never reused while the mount lives:
   ``("readme", 1)``) always maps back to the number it got first. They are for the few
   things that have a node object of their own: the root, ``by_id``, READMEs, the stats
   file, collection roots and record files, and the rare collection entries that appeared
-  after their directory was first seen.
+  after their directory was first seen, or whose content changed. `bind` may also give a
+  number of a range a node of its own, which then takes precedence over the range's owner
+  (a file version a refresh superseded).
 - Ranges (`allocate`): a collection directory, the first time the kernel looks into it,
   gets one contiguous range of numbers, one per entry in the order of its manifest
   directory; its owner (a `RangeOwner`) turns a number of its range back into a node on

@@ -6,10 +6,12 @@ directly with small fakes of the federation and the block reader.
 Layout
     The default root holds ``README`` and ``by_id/``. A lookup of any collection UUID or
     PDH under ``by_id/`` resolves it through ``Federation.get_collection`` and from then on
-    the collection is listed there. ``--mount-by-id DIR`` / ``--mount-by-pdh DIR`` build a
-    root of such directories instead (``by_pdh`` refuses UUIDs), as crunch-run uses them;
-    ``--collection ID`` puts one collection at the root. ``by_id/README`` exists only once
-    the mount is ready (crunch-run polls for it). Every collection root has arv-mount's
+    the collection is listed there, under its canonical id: every spelling of a PDH (with
+    hints, with leading zeros in the size) is that one collection, loaded once.
+    ``--mount-by-id DIR`` / ``--mount-by-pdh DIR`` build a root of such directories
+    instead (``by_pdh`` refuses UUIDs), as crunch-run uses them; ``--collection ID`` puts
+    one collection at the root. ``by_id/README`` exists only once the mount is ready
+    (crunch-run polls for it). Every collection root has arv-mount's
     hidden ``.arvados#collection`` (the API record as JSON), and the mount root has a
     hidden ``.fedmount/stats.json`` (the daemon's `Stats`); readdir lists neither.
 
@@ -21,29 +23,44 @@ Inodes
     (name from the manifest's packed arrays, attributes derived from the manifest), and
     the node objects the adapter gets are short-lived. Listings are kept by directory
     path for the life of the mount, so numbers survive manifest refreshes; a name that a
-    refresh added, or whose kind changed, gets a number of its own. A node of a collection
-    holds only its path; it resolves the path in the collection's current manifest and
-    answers ENOENT if the path went away.
+    refresh added, whose kind or whose content changed, gets a number of its own. A node
+    of a collection holds only its path; it resolves the path in the collection's current
+    manifest and answers ENOENT if the path went away.
 
 Freshness
     A collection addressed by PDH never changes: its entries and attributes may be cached
     by the kernel for the life of the mount. A collection addressed by UUID is re-checked
-    when touched after ``refresh_time``: the re-check asks for its record without the
-    manifest text (``Federation.get_summary``, the API's ``select`` with every field of the
-    kept record but ``manifest_text``: a few hundred bytes where the whole record of a
-    1,000,000-file collection is 25 MB). If the PDH is the same, that record replaces the
-    kept one's fields and nothing is parsed; if it changed, the whole record is fetched and
-    its manifest replaces the old one (next generation). The kernel caches its entries
-    and attributes for ``refresh_time``.
+    when touched after ``refresh_time``: the re-check asks only for what decides freshness
+    (``Federation.get_summary`` of `FRESHNESS_FIELDS`, the API's ``select``: uuid, portable
+    data hash, modification time; about 200 bytes, whatever the size of the collection or
+    of its description). Unchanged, nothing else is asked for or parsed; if only the time
+    changed (a rename, a new description), the record's other kept fields are fetched
+    without the manifest; if the PDH changed, the whole record is fetched and its manifest
+    replaces the old one (next generation). The kernel caches entries and attributes for
+    ``refresh_time``.
+
+    The re-check is an API call in the background (`fedmount.fs.calls`): lookup, getattr,
+    opendir and open wait for it only until its deadline (``api_wait`` after it started,
+    or none while the cluster is stalled) and are then answered from the generation the
+    mount has; a read never waits for it (the handle keeps its snapshot anyway) unless the
+    signatures are due. So a stalled API costs what a down one costs: at most one deadline
+    per re-check. Loading a collection not yet mounted (a lookup under ``by_id/``) is such a
+    call too; past its deadline the lookup answers ETIMEDOUT, and the call goes on for the
+    next lookup.
 
     Every collection file is opened with ``keep_cache``, so a second read is served from
-    the page cache: the content of a PDH never changes, so pages are stale only after a
-    UUID collection moved to another PDH. That refresh compares every inode the mount has
-    handed out for the collection with the new manifest and reports an `Invalidation` to
-    ``Tree.on_change``: files whose blocks changed lose their pages and attributes, the
-    other inodes their attributes, and paths that vanished or changed kind lose their
-    directory entry. The adapter passes it to the kernel, so a reader sees the new content
-    once the refresh happened, not a mix of old cached pages and new ones.
+    the page cache, and the rule is: after a refresh no new open sees a byte of the old
+    version, and a handle opened before never sees a byte of the new one. Both hold because
+    an inode number names one content for the life of the mount. A refresh that moves a
+    UUID collection to another PDH compares every entry the mount has numbered with the new
+    manifest: a file whose blocks changed, that vanished or changed kind is *retired*
+    (`Listing.retire`): its number becomes a `SupersededFile` that keeps that version's
+    attributes for the handles still open on it (they read their snapshot, so its pages are
+    that version's) and answers ESTALE to a new open; the name gets a new number. The
+    refresh reports an `Invalidation` to ``Tree.on_change`` (the names whose number changed
+    lose their directory entry, the directories their attributes) and the adapter passes
+    it to the kernel, so a new lookup finds the new number; an open that races it on the old
+    number gets ESTALE, on which the kernel looks the path up again and opens the new one.
 
     Block signatures expire. Every collection records the earliest ``+A``/``+R`` expiry of
     its manifest and re-fetches itself when half of the time left has passed (never more
@@ -59,8 +76,8 @@ Freshness
 
 Memory
     A mounted collection keeps its parsed manifest (`fedmount.federation.manifest`) and a
-    `KeptRecord`: the API record without its manifest text, which only
-    ``.arvados#collection`` reads and which is kept zlib-compressed. A UUID re-check whose
+    `KeptRecord`: the API record, which only ``.arvados#collection`` reads, kept
+    zlib-compressed (its manifest text and its other fields apart). A UUID re-check whose
     answer has the same PDH (and whose signatures are not due) transfers and parses no
     manifest. Every fetch ends with `fedmount.memory.release`, once the answer and the
     parse's temporaries are garbage. With a 1,000,000-file collection (25.4 MB manifest),
@@ -70,16 +87,17 @@ Memory
     (80 MB in all, 3.2x the manifest).
 
 Negative answers
-    Names that cannot be a collection id (`looks_like_collection_id`) are refused without
+    Names that cannot be a collection id (`parse_collection_id`) are refused without
     any API call. A collection id the API does not know is remembered for
     ``negative_ttl`` seconds in a `NegativeCache`, and `FsError.cache_for` tells the
     adapter that the kernel may cache the negative entry for as long.
 
 Errors
     Everything that fails raises `FsError(errno)`: unknown ids ENOENT, expired or wrong
-    tokens EACCES, unreachable clusters, block errors and malformed manifests EIO. The
-    failure is logged in one line naming the collection and the cluster; nothing else in
-    the mount is affected.
+    tokens EACCES, unreachable clusters, block errors, malformed manifests and records whose
+    manifest does not hash to the PDH they claim EIO, a collection still loading past its
+    deadline ETIMEDOUT. The failure is logged in one line naming the collection and the
+    cluster; nothing else in the mount is affected.
 """
 
 from __future__ import annotations
@@ -101,11 +119,12 @@ import trio
 
 from fedmount.blocks.keep import BlockError, BlockNotFound, KeepRoute
 from fedmount.federation.controller import ApiError
-from fedmount.federation.ids import CollectionId, looks_like_collection_id, parse_collection_id
+from fedmount.federation.ids import CollectionId, IdError, parse_collection_id
 from fedmount.federation.manifest import Directory, File, Manifest, ManifestError, parse_manifest
 from fedmount.memory import release
 from fedmount.stats import Stats
 
+from .calls import DEFAULT_API_WAIT, Call, Calls
 from .inodes import ROOT_INODE, InodeTable, NegativeCache
 
 log = logging.getLogger("fedmount.fs")
@@ -124,6 +143,7 @@ BLOCK_SIZE = 4096  # statfs unit
 # 2**32 with the used ones, so that 32-bit statfs callers get no EOVERFLOW.
 FREE_INODES = 1 << 30
 _ALWAYS_SELECTED = frozenset({"kind", "etag", "writable_by"})  # in every answer with `select`
+FRESHNESS_FIELDS = ("modified_at", "portable_data_hash", "uuid")  # what a re-check asks first
 _SIGNATURE_EXPIRY_RE = re.compile(r"\+[AR][0-9a-z-]*@([0-9a-f]{8})\b")
 
 
@@ -159,9 +179,8 @@ class Attr:
 class Invalidation:
     """What the kernel must forget after a UUID collection changed its content."""
 
-    data: list[int]  # inodes whose pages and attributes are stale
-    attrs: list[int]  # inodes whose attributes only are stale
-    entries: list[tuple[int, str]]  # (parent inode, name) of paths that vanished or changed kind
+    attrs: list[int]  # directories whose attributes (and entries) are stale
+    entries: list[tuple[int, str]]  # (parent inode, name) of paths now of another inode, or none
 
 
 class CollectionSummaryLike(Protocol):
@@ -236,20 +255,24 @@ def _earliest_signature_expiry(text: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class KeptRecord:
-    """What a mounted collection keeps of its API record. The manifest text is the bulk of
-    it and only ``.arvados#collection`` reads it (the parsed tree serves the files), so it
-    is kept zlib-compressed (level 1: 25.4 MB -> 5.4 MB in 0.15 s for 1,000,000 files)."""
+    """What a mounted collection keeps of its API record. Only ``.arvados#collection``
+    reads the record as it came (the parsed tree serves the files), so it is kept
+    zlib-compressed (level 1): its manifest text, the bulk of it (25.4 MB -> 5.4 MB in
+    0.15 s for 1,000,000 files), and apart from it the other fields, which may be large too
+    (a description, properties), since a re-check may replace them alone."""
 
     uuid: str
     portable_data_hash: str
     modified_at: float | None
     cluster: str
     route: KeepRoute
-    fields: dict[str, Any]  # the API's answer without its manifest_text
+    field_names: tuple[str, ...]  # of the API's answer, without manifest_text
+    packed_fields: bytes  # zlib of those fields as JSON
     packed_manifest: bytes | None  # zlib of that manifest_text; None if the answer had none
 
     @classmethod
     def of(cls, record: CollectionSummaryLike, packed_manifest: bytes | None) -> KeptRecord:
+        """`record` packed (CPU-heavy for a large record: run it in a worker thread)."""
         fields = {k: v for k, v in record.record.items() if k != "manifest_text"}
         return cls(
             record.uuid,
@@ -257,20 +280,23 @@ class KeptRecord:
             record.modified_at,
             record.cluster,
             record.route,
-            fields,
+            tuple(fields),
+            zlib.compress(json.dumps(fields).encode(), 1),
             packed_manifest,
         )
 
     def summary_fields(self) -> list[str]:
-        """What a re-check selects: every field of this record but its manifest text (so
-        ``.arvados#collection`` stays as fresh as before), less those the API adds anyway."""
-        return sorted({"uuid", "portable_data_hash", *self.fields} - _ALWAYS_SELECTED)
+        """What a re-check selects when the record changed but not its PDH: every field of
+        this record but its manifest text (so ``.arvados#collection`` stays as fresh), less
+        those the API adds anyway."""
+        return sorted({"uuid", "portable_data_hash", *self.field_names} - _ALWAYS_SELECTED)
 
     def answer(self) -> dict[str, Any]:
         """The API's answer as it came (with the manifest text of the parsed generation)."""
-        if self.packed_manifest is None:
-            return self.fields
-        return {**self.fields, "manifest_text": zlib.decompress(self.packed_manifest).decode()}
+        fields: dict[str, Any] = json.loads(zlib.decompress(self.packed_fields))
+        if self.packed_manifest is not None:
+            fields["manifest_text"] = zlib.decompress(self.packed_manifest).decode()
+        return fields
 
 
 def _load(record: CollectionRecordLike) -> tuple[KeptRecord, Manifest, int | None]:
@@ -284,6 +310,12 @@ def _load(record: CollectionRecordLike) -> tuple[KeptRecord, Manifest, int | Non
 
 def _segment_keys(file: File) -> list[tuple[str, int, int]]:
     return [(s.locator.key, s.block_offset, s.length) for s in file.segments()]
+
+
+def _api_group(cid: CollectionId) -> str:
+    """Whose stall an API call about `cid` waits on (`Calls`): a UUID's owning cluster; one
+    group for every PDH, which may be on any cluster."""
+    return cid.cluster or "pdh"
 
 
 class Node:
@@ -401,9 +433,10 @@ class ByIdDir(DirNode):
         self.ino = ino
         self.name = name
         self.pdh_only = pdh_only
+        # By canonical id: every spelling of a PDH (hints, leading zeros) is one collection.
         self._collections: dict[str, Collection] = {}
         self._negative = NegativeCache(tree.negative_ttl, tree.clock)
-        self._locks: dict[str, trio.Lock] = {}
+        self._loading: dict[str, Call[Collection]] = {}
         text = (BY_PDH_README if pdh_only else BY_ID_README.format(name=name)).encode()
         self.readme = GeneratedFile(tree, tree.table.number(("readme", ino)), lambda: text, static=True,
                                     mtime=lambda: tree.started)
@@ -418,45 +451,62 @@ class ByIdDir(DirNode):
             if not tree.ready:
                 raise FsError(errno.ENOENT)  # not cached: crunch-run polls for it
             return self.readme
-        coll = self._collections.get(name)
-        if coll is None:
-            if not looks_like_collection_id(name):
-                tree.stats.add("lookups_refused_locally")
-                raise FsError(errno.ENOENT, cache_for=tree.negative_ttl)
+        try:
             cid = parse_collection_id(name)
-            if self.pdh_only and not cid.is_pdh:
-                tree.stats.add("lookups_refused_locally")
-                raise FsError(errno.ENOENT, cache_for=tree.negative_ttl)
-            if name in self._negative:
+        except IdError:
+            cid = None
+        if cid is None or (self.pdh_only and not cid.is_pdh):
+            tree.stats.add("lookups_refused_locally")
+            raise FsError(errno.ENOENT, cache_for=tree.negative_ttl)
+        key = cid.text
+        coll = self._collections.get(key)
+        if coll is None:
+            if key in self._negative:
                 tree.stats.add("lookups_negative_cached")
                 raise FsError(errno.ENOENT, cache_for=tree.negative_ttl)
-            lock = self._locks.setdefault(name, trio.Lock())
-            async with lock:  # concurrent lookups of one name make one API call
-                coll = self._collections.get(name)
-                if coll is None:
-                    coll = await self._load(name, cid)
-            self._locks.pop(name, None)
+            coll = await self._loaded(key, cid)
         try:
             await coll.fresh()
         except FsError as e:
             if e.errno == errno.ENOENT:  # a UUID collection that was deleted
-                self._collections.pop(name, None)
-                self._negative.add(name)
+                self._collections.pop(key, None)
+                self._negative.add(key)
             raise
         return coll.root
 
-    async def _load(self, name: str, cid: CollectionId) -> Collection:
+    async def _loaded(self, key: str, cid: CollectionId) -> Collection:
+        """Collection `key`, loaded by the background call this lookup starts or joins (so
+        concurrent lookups of one id make one API call); ETIMEDOUT once that call is past its
+        deadline (`Calls`): it goes on, and a later lookup gets its answer."""
+        tree = self.tree
+        call = self._loading.get(key)
+        if call is None:
+            call = self._loading[key] = tree.calls.start(_api_group(cid), f"loading collection {cid}",
+                                                         lambda: self._load(key, cid))
+        if await call.wait():
+            return call.result()
+        group, wait = _api_group(cid), tree.calls.wait
+        why = f"within {wait:g}s" if call.waited_for else f"yet ({group} has requests pending past {wait:g}s)"
+        message = f"collection {cid}: no answer from the API {why}; still asking, for the next lookup"
+        if call.first_late_answer():
+            tree.stats.add("api_calls_late", op="lookup", cluster=group)
+            log.warning("%s", message)
+        raise FsError(errno.ETIMEDOUT, message)
+
+    async def _load(self, key: str, cid: CollectionId) -> Collection:
         try:
             record, manifest, expiry = await self.tree.fetch(cid)
+            root_ino = self.tree.table.number((self.ino, key))
+            coll = Collection(self.tree, cid, (self.ino, key), root_ino, record, manifest, expiry)
+            self._collections[key] = coll
+            return coll
         except FsError as e:
             if e.errno == errno.ENOENT:
-                self._negative.add(name)
+                self._negative.add(key)
                 e.cache_for = self.tree.negative_ttl
             raise
-        root_ino = self.tree.table.number((self.ino, name))
-        coll = Collection(self.tree, cid, (self.ino, name), root_ino, record, manifest, expiry)
-        self._collections[name] = coll
-        return coll
+        finally:
+            self._loading.pop(key, None)
 
     async def entries(self) -> list[tuple[str, Node]]:
         out: list[tuple[str, Node]] = [("README", self.readme)] if self.tree.ready else []
@@ -475,7 +525,7 @@ class Collection:
         self.record = record
         self.manifest = manifest
         self.generation = 0
-        self._lock = trio.Lock()
+        self._recheck: Call[None] | None = None  # the re-check running in the background
         self._listings: dict[str, Listing] = {}  # by directory path, once the kernel looked into it
         self._set_times(expiry)
         self.root = CollectionDir(self, "", root_ino)
@@ -516,42 +566,67 @@ class Collection:
             return True
         return not self.immutable and self.tree.clock() - self.checked_at >= self.tree.refresh_time
 
-    async def fresh(self) -> None:
-        """Re-fetch the record if it is due (UUID re-check or signature half-life)."""
-        if not self._due():
+    def signatures_due(self) -> bool:
+        return self.tree.wall() >= self.signatures_refresh_at
+
+    async def fresh(self, wait: bool = True) -> None:
+        """Start a re-check of the record if one is due (UUID re-check or signature
+        half-life); with `wait`, wait for it until its deadline (`Calls`). Past that, the
+        current generation is served and the re-check goes on in the background: a stalled
+        API costs the operations of one deadline, as a down one does. Raises FsError ENOENT
+        if the re-check found a UUID collection deleted."""
+        call = self._recheck
+        if call is None:
+            if not self._due():
+                return
+            what = f"re-check of {self.describe()}"
+            call = self._recheck = self.tree.calls.start(_api_group(self.cid), what, self._refresh)
+        if not wait:
             return
-        async with self._lock:
-            if not self._due():  # another task refreshed it while we waited
-                return
-            signatures_due = self.tree.wall() >= self.signatures_refresh_at
-            self.tree.stats.add("collection_refreshes")
-            known = None if signatures_due else self.record  # parse again only if due or changed
-            try:
-                record, manifest, expiry = await self.tree.recheck(self.cid, known)
-            except FsError as e:
-                if e.errno == errno.ENOENT and not self.immutable:
-                    raise
-                # Keep serving what we have (fetch logged why); try again a little later.
-                self.checked_at = self.tree.clock()
-                if signatures_due:
-                    self.signatures_refresh_at = self.tree.wall() + RETRY_AFTER_ERROR
-                return
-            changed = record.portable_data_hash != self.record.portable_data_hash
-            if manifest is not None:  # changed or signatures_due
-                if changed:
-                    log.info("%s changed: %s -> %s", self.describe(), self.record.portable_data_hash,
-                             record.portable_data_hash)
-                old = self.manifest
-                self.record, self.manifest = record, manifest
-                self.generation += 1
-                self._set_times(expiry)
-                if changed:
-                    self.tree.on_change(self._invalidation(old))
-                del old
-                release()  # what no listing or open file still holds of the old generation
-            else:
-                self.record = record
-                self.checked_at = self.tree.clock()
+        if await call.wait():
+            call.result()
+        elif call.first_late_answer():
+            self.tree.stats.add("api_calls_late", op="recheck", cluster=_api_group(self.cid))
+            log.warning("%s: no answer from the API within %gs; serving the version we have while the "
+                        "re-check goes on", self.describe(), self.tree.calls.wait)
+
+    async def _refresh(self) -> None:
+        try:
+            await self._refresh_now()
+        finally:
+            self._recheck = None
+
+    async def _refresh_now(self) -> None:
+        tree = self.tree
+        signatures_due = self.signatures_due()
+        tree.stats.add("collection_refreshes")
+        known = None if signatures_due else self.record  # parse again only if due or changed
+        try:
+            record, manifest, expiry = await tree.recheck(self.cid, known)
+        except FsError as e:
+            if e.errno == errno.ENOENT and not self.immutable:
+                raise
+            # Keep serving what we have (fetch logged why); try again a little later.
+            self.checked_at = tree.clock()
+            if signatures_due:
+                self.signatures_refresh_at = tree.wall() + RETRY_AFTER_ERROR
+            return
+        changed = record.portable_data_hash != self.record.portable_data_hash
+        if manifest is None:
+            self.record = record
+            self.checked_at = tree.clock()
+            return
+        if changed:
+            log.info("%s changed: %s -> %s", self.describe(), self.record.portable_data_hash,
+                     record.portable_data_hash)
+        old, old_mtime = self.manifest, self.mtime()
+        self.record, self.manifest = record, manifest
+        self.generation += 1
+        self._set_times(expiry)
+        if changed:
+            tree.on_change(self._renumber_changed(old, old_mtime))
+        del old
+        release()  # what no listing or open file still holds of the old generation
 
     def listing(self, directory_node: CollectionDir, directory: Directory) -> Listing:
         """The inode range of a directory's entries; numbered from `directory` the first time."""
@@ -565,23 +640,26 @@ class Collection:
         manifest = manifest or self.manifest
         return manifest.find(path) if path else manifest.root
 
-    def _invalidation(self, old: Manifest) -> Invalidation:
-        """What the kernel may hold of this collection that `old` -> current made stale:
-        every numbered entry of every directory the kernel looked into is compared."""
-        out = Invalidation([], [], [])
+    def _renumber_changed(self, old: Manifest, old_mtime: float) -> Invalidation:
+        """After `old` -> current: every file whose content changed, vanished or changed
+        kind loses its number (`Listing.retire`), and the kernel must forget that name's
+        directory entry. Every numbered entry of every directory the kernel looked into is
+        compared."""
+        out = Invalidation([], [])
         for path, listing in self._listings.items():
             out.attrs.append(listing.ino)  # its entries (and the collection's mtime) changed
             before_dir, after_dir = self.resolve(path, old), self.resolve(path)
-            for name, is_dir, ino in listing.numbered():
+            for name, is_dir, ino in list(listing.numbered()):  # retiring changes what is numbered
                 before = before_dir.get(name) if isinstance(before_dir, Directory) else None
                 after = after_dir.get(name) if isinstance(after_dir, Directory) else None
                 if before is None or isinstance(before, Directory) != is_dir:
                     continue  # not this entry before the change: the kernel holds nothing of it
-                if after is None or isinstance(after, Directory) != is_dir:
-                    out.entries.append((listing.ino, name))
-                    out.data.append(ino)
-                elif isinstance(after, File) and _segment_keys(before) != _segment_keys(after):  # type: ignore[arg-type]
-                    out.data.append(ino)
+                if after is not None and isinstance(after, Directory) == is_dir:
+                    if is_dir or _segment_keys(before) == _segment_keys(after):  # type: ignore[arg-type]
+                        continue  # the same entry, the same content
+                out.entries.append((listing.ino, name))
+                if isinstance(before, File):
+                    listing.retire(name, ino, before.size, old_mtime)
         return out
 
     def xattr_names(self) -> list[str]:
@@ -611,9 +689,10 @@ class Listing:
     the kernel first looked into it: sub-directories first, then files by their index in
     the directory's packed arrays. Nothing is kept per entry: a number's node is made
     when asked for (`node_at`). A name that a later generation of a UUID collection added,
-    or whose kind changed, gets a keyed single number and a bound node (`extra`)."""
+    or whose kind changed, gets a keyed single number and a bound node (`extra`), and so
+    does a file whose content changed: its old number is `retire`d."""
 
-    __slots__ = ("coll", "path", "ino", "snapshot", "subdirs", "subdir_index", "start", "extra")
+    __slots__ = ("coll", "path", "ino", "snapshot", "subdirs", "subdir_index", "start", "extra", "retired")
 
     def __init__(self, coll: Collection, directory_node: CollectionDir, snapshot: Directory):
         self.coll = coll
@@ -623,7 +702,8 @@ class Listing:
         self.subdirs = _subdir_names(snapshot)
         self.subdir_index = {name: i for i, name in enumerate(self.subdirs)}
         self.start = coll.tree.table.allocate(len(snapshot), self)
-        self.extra: dict[tuple[str, bool], int] = {}
+        self.extra: dict[tuple[str, bool], int] = {}  # current numbers outside the range
+        self.retired: set[int] = set()  # numbers of file versions that are no longer current
 
     def child_path(self, name: str) -> str:
         return f"{self.path}/{name}" if self.path else name
@@ -647,15 +727,25 @@ class Listing:
         is_dir = isinstance(entry, Directory)
         # An older generation's entry (a readdir begun before a refresh): the node resolves its path.
         current = entry if generation == self.coll.generation else None
-        index = self._index(name, is_dir)
-        if index is not None:
-            return self._make(name, current, is_dir, self.start + index)
         ino = self.extra.get((name, is_dir))
         if ino is None:
+            index = self._index(name, is_dir)
+            if index is not None and self.start + index not in self.retired:
+                return self._make(name, current, is_dir, self.start + index)
             table = self.coll.tree.table
-            ino = self.extra[(name, is_dir)] = table.number((self.coll.key, self.child_path(name), is_dir))
+            key = (self.coll.key, self.child_path(name), is_dir, self.coll.generation)
+            ino = self.extra[(name, is_dir)] = table.number(key)
             table.bind(ino, self._make(name, None, is_dir, ino))
         return self._make(name, current, is_dir, ino)
+
+    def retire(self, name: str, ino: int, size: int, mtime: float) -> None:
+        """File `name`'s number `ino` no longer names its current content: from now on it
+        is a `SupersededFile` (the version the handles opened on it read), and the name
+        gets a new number when it is next asked for."""
+        self.retired.add(ino)
+        if self.extra.get((name, False)) == ino:
+            del self.extra[(name, False)]
+        self.coll.tree.table.bind(ino, SupersededFile(self.coll, self.child_path(name), ino, size, mtime))
 
     def node_at(self, ino: int) -> Node:
         """The node of a number of this range (`InodeTable.get`)."""
@@ -666,9 +756,10 @@ class Listing:
         return self._make(file.name, None, False, ino)
 
     def numbered(self) -> Iterator[tuple[str, bool, int]]:
-        """(name, is_dir, inode) of every entry this listing has numbered."""
+        """(name, is_dir, inode) of every entry this listing has numbered, current numbers only."""
         for i, (name, entry) in enumerate(self.snapshot.entries()):
-            yield name, isinstance(entry, Directory), self.start + i
+            if self.start + i not in self.retired:
+                yield name, isinstance(entry, Directory), self.start + i
         for (name, is_dir), ino in self.extra.items():
             yield name, is_dir, ino
 
@@ -766,6 +857,9 @@ class CollectionFile(Node):
 
     async def open(self) -> Handle:
         await self.coll.fresh()
+        current = self.coll.tree.node(self.ino)
+        if isinstance(current, SupersededFile):  # that refresh changed this file's content
+            return await current.open()
         return CollectionFileHandle(self)
 
     def xattr_names(self) -> list[str]:
@@ -785,6 +879,36 @@ class CollectionFile(Node):
         return self.coll.xattr(name)
 
 
+class SupersededFile(Node):
+    """A number that named a UUID collection's file until its content changed (or it went
+    away): it keeps that version's attributes for the handles still open on it, which read
+    that version (so its pages in the kernel are that version's), and refuses to be opened
+    again or asked for xattrs with ESTALE. On ESTALE the kernel looks the path up again
+    (LOOKUP_REVAL) and finds the file's current number, if any."""
+
+    def __init__(self, coll: Collection, path: str, ino: int, size: int, mtime: float):
+        self.coll = coll
+        self.path = path
+        self.ino = ino
+        self.size = size
+        self.mtime = mtime
+
+    def attr(self) -> Attr:
+        return Attr(self.ino, False, self.size, self.mtime, 0.0, FOREVER)  # this version never changes
+
+    def _stale(self) -> FsError:
+        return FsError(errno.ESTALE, f"{self.coll.describe()}: {self.path} changed since it was looked up")
+
+    async def open(self) -> Handle:
+        raise self._stale()
+
+    def xattr_names(self) -> list[str]:
+        raise self._stale()
+
+    def xattr(self, name: str) -> bytes:
+        raise self._stale()
+
+
 class CollectionFileHandle(Handle):
     """An open collection file: a block reader over the file as it was at open time.
 
@@ -795,14 +919,15 @@ class CollectionFileHandle(Handle):
     def __init__(self, node: CollectionFile):
         self.node = node
         self.coll = node.coll
-        self.keep_cache = True  # a changed UUID collection invalidates the pages (Tree.on_change)
+        self.keep_cache = True  # the content of a number never changes (Listing.retire)
         self._file = node.file
         self._generation = self.coll.generation
         self._reader = self.coll.tree.reader.open(self._file, self.coll.record.route)
 
     async def read(self, offset: int, size: int) -> bytes:
         coll = self.coll
-        await coll.fresh()
+        # This handle reads its snapshot whatever a re-check finds; only fresh signatures matter.
+        await coll.fresh(wait=coll.signatures_due())
         if coll.generation != self._generation:
             self._generation = coll.generation
             try:
@@ -838,6 +963,7 @@ class Tree:
         stats: Stats,
         layout: Layout | None = None,
         refresh_time: float = 15.0,
+        api_wait: float = DEFAULT_API_WAIT,
         negative_ttl: float | None = None,
         cached_bytes: Callable[[str], int] = lambda key: 0,
         cache_usage: Callable[[], tuple[int, int]] = lambda: (0, 0),
@@ -858,6 +984,7 @@ class Tree:
         self.ready = False
         self._starting = False  # while `start` loads --collection: its failure is printed, not logged
         self.on_change: Callable[[Invalidation], None] = lambda invalidation: None  # set by the adapter
+        self.calls = Calls(api_wait, quiet=(FsError,))  # its nursery is set by whoever serves the tree
         self.table: InodeTable[Node] = InodeTable()
         stats_ino = self.table.number(("stats", STATS_FILE_NAME))
         stats_file = GeneratedFile(self, stats_ino, self._stats_json, static=False, mtime=self.wall)
@@ -919,9 +1046,10 @@ class Tree:
         self, cid: CollectionId, known: KeptRecord | None
     ) -> tuple[KeptRecord, Manifest | None, int | None]:
         """As `fetch`, but given `known` (the current record of a UUID collection) it first
-        asks for the record without its manifest text; if that has `known`'s portable data
-        hash, it gives (that record with `known`'s manifest text, None, None), and only
-        otherwise fetches and parses the whole record.
+        asks only for `FRESHNESS_FIELDS`. If the portable data hash and modification time are
+        `known`'s, it gives (`known`, None, None); if only the time changed, the record's
+        other kept fields, still without the manifest text (with `known`'s manifest text,
+        None, None); only a new portable data hash fetches and parses the whole record.
 
         The answer, its JSON text and the parse's temporaries are garbage once this returns
         (or raises), so the C heap's free memory is given back to the system then."""
@@ -934,9 +1062,15 @@ class Tree:
         self, cid: CollectionId, known: KeptRecord | None
     ) -> tuple[KeptRecord, Manifest | None, int | None]:
         if known is not None:
-            summary = await self._ask(cid, self.federation.get_summary(cid, known.summary_fields()))
+            summary = await self._ask(cid, self.federation.get_summary(cid, FRESHNESS_FIELDS))
             if summary.portable_data_hash == known.portable_data_hash:
-                return KeptRecord.of(summary, known.packed_manifest), None, None
+                if summary.modified_at == known.modified_at:
+                    return known, None, None
+                # Only the record's other fields changed: ask for them, still without the manifest.
+                summary = await self._ask(cid, self.federation.get_summary(cid, known.summary_fields()))
+                if summary.portable_data_hash == known.portable_data_hash:
+                    kept = await trio.to_thread.run_sync(KeptRecord.of, summary, known.packed_manifest)
+                    return kept, None, None
         record = await self._ask(cid, self.federation.get_collection(cid))
         try:
             kept, manifest, expiry = await trio.to_thread.run_sync(_load, record)
@@ -986,9 +1120,8 @@ class Tree:
         return await self.dir(parent).lookup(name)
 
     async def getattr(self, ino: int) -> Attr:
-        node = self.node(ino)
-        await node.fresh()
-        return node.attr()
+        await self.node(ino).fresh()
+        return self.node(ino).attr()  # that refresh may have retired the number (SupersededFile)
 
     async def listdir(self, ino: int) -> Entries:
         return await self.dir(ino).entries()
@@ -997,7 +1130,7 @@ class Tree:
         node = self.node(ino)
         if isinstance(node, DirNode):
             raise FsError(errno.EISDIR)
-        assert isinstance(node, (GeneratedFile, CollectionFile))
+        assert isinstance(node, (GeneratedFile, CollectionFile, SupersededFile))
         return await node.open()
 
     def listxattr(self, ino: int) -> list[str]:
