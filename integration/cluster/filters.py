@@ -17,7 +17,8 @@ Follows ``services/api/lib/load_param.rb`` and ``record_filters.rb``:
 - ``limit`` (default 100, capped at the cluster's ``MaxItemsPerResponse``), ``offset``,
   ``count`` (``exact`` adds ``items_available``; ``none`` does not), ``select`` (unknown
   names are 422; the answer keeps ``kind`` and ``etag`` too, as the Go controller's
-  ``applySelectParam`` does) and ``distinct`` (unique rows of the selected attributes).
+  ``applySelectParam`` does; ``writable_by`` only when selected, since Rails does not
+  send it) and ``distinct`` (unique rows of the selected attributes).
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ def selected(record: dict, select: list[str] | None) -> dict:
     if select is None:
         return record
     out = {k: record[k] for k in select if k in record}
-    for k in ("etag", "kind", "writable_by"):
+    for k in ("etag", "kind"):
         if k in record:
             out[k] = record[k]
     return out

@@ -4,9 +4,10 @@ Follows ``services/api/app/controllers/arvados/v1/links_controller.rb`` and
 ``models/link.rb``:
 
 - a permission link (``can_read``, ``can_write``, ``can_manage``, ``can_login``) needs an
-  existing head the caller can manage (403 otherwise) and a user or role as tail; it is
-  owned by the system user. Creating one where a link already joins the same tail and
-  head upgrades it when the new level is higher, and returns the existing one otherwise.
+  existing head the caller can read (else 422, "not found") and manage (else 403), and a
+  user or role as tail; it is owned by the system user. Creating one where a link
+  already joins the same tail and head upgrades it when the new level is higher, and
+  returns the existing one otherwise.
   Its effect on what everyone may read is `permissions`.
 - any other link (``tag``, ...) is owned by its creator, and its head must be readable
   by the caller (422 otherwise). arv-mount's ``by_tag/`` reads tag links:
@@ -100,8 +101,8 @@ def create(req: ControllerHandler) -> Response:
             raise ApiFailure(
                 422, f"Name '{name}' is not a permission: can_read, can_write, can_manage or can_login"
             )
-        if head_record is None:
-            raise ApiFailure(422, f"Head uuid {head} does not exist")
+        if head_record is None or not access.readable(head_record):
+            raise ApiFailure(422, f"Head uuid {head} does not exist or is not readable")
         if access.level(head_record) < MANAGE:
             raise ApiFailure(403, f"Forbidden: {identity['user_uuid']} cannot manage {head}")
         if infix_of(tail) not in ("tpzed", "j7d0g") or (
