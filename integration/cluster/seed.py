@@ -76,6 +76,8 @@ def add_collection(
         "portable_data_hash": record["portable_data_hash"],
         "files": dict(sorted(built.files.items())),
     }
+    if empty_dirs:
+        entry["empty_dirs"] = sorted(d.strip("/") for d in empty_dirs)
     if hidden:
         world.tree["hidden"][key] = {**entry, "why": hidden}
     else:
