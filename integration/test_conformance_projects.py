@@ -243,7 +243,7 @@ def test_remote_shared_view_through_home_lists_what_remote_users_shared_with_hom
             fed.state["projects"][f"{cluster}:home/analysis"]["uuid"] in uuids
         )  # the remote user's, readable by all
         assert fed.state["hidden"][f"{cluster}:other/private"]["uuid"] not in uuids
-        forwarded = fed.requests(since=mark, cluster=cluster, service="controller")
+        forwarded = fed.wait_requests(since=mark, cluster=cluster, service="controller")
         assert forwarded and all(r["token"] != fed.token() for r in forwarded)
 
 
@@ -313,7 +313,7 @@ def test_contents_of_user_is_their_home_and_is_always_answered_locally(fed, sdk)
     mark = fed.mark()
     remote_home = home.groups().contents(uuid=remote_user, cluster_id="zbbbb").execute()["items"]
     assert {"analysis", "big", "shared"} <= _names(remote_home)
-    assert fed.requests(since=mark, cluster="zbbbb", service="controller")
+    assert fed.wait_requests(since=mark, cluster="zbbbb", service="controller")
     assert home.groups().contents(uuid=remote_user).execute()["items"] == []  # local: they own nothing here
 
 
@@ -405,11 +405,9 @@ def test_federated_uuid_list_fans_out_and_merges_every_cluster(fed, sdk):
     assert len(got) == 3 and all(set(g) == {"name", "kind", "etag"} for g in got)
     for cluster in fed.clusters:
         if cluster != fed.home:
-            (asked,) = [
-                r
-                for r in fed.requests(since=mark, cluster=cluster, service="controller")
-                if "/groups" in r["path"]
-            ]
+            (asked,) = fed.wait_requests(
+                since=mark, cluster=cluster, service="controller", where=lambda r: "/groups" in r["path"]
+            )
             assert "forwarded_for" in asked["path"]
     too_many = [f"zbbbb-j7d0g-{i:015d}" for i in range(1001)]
     assert _status(home.groups().list(filters=[["uuid", "in", too_many]], count="none")) == 400
@@ -420,9 +418,9 @@ def test_users_get_is_routed_by_prefix_and_list_knows_remote_users(fed, sdk):
     remote_user = fed.clusters["zbbbb"]["other_user_uuid"]
     mark = fed.mark()
     assert home.users().get(uuid=remote_user).execute()["first_name"] == "Other"
-    assert [
-        r for r in fed.requests(since=mark, cluster="zbbbb", service="controller") if "/users/" in r["path"]
-    ]
+    assert fed.wait_requests(
+        since=mark, cluster="zbbbb", service="controller", where=lambda r: "/users/" in r["path"]
+    )
     listed = {u["uuid"] for u in arvados.util.keyset_list_all(home.users().list, order_key="uuid")}
     assert {fed.clusters[c]["user_uuid"] for c in fed.clusters} <= listed
     assert home.users().current().execute()["uuid"] == fed.clusters[fed.home]["user_uuid"]
@@ -585,3 +583,44 @@ def test_federation_json_describes_users_and_the_seeded_tree(fed):
         "private",
         "in a trashed project",
     }
+
+
+def test_list_filter_operators_follow_rails_semantics(fed, sdk):
+    api = sdk()
+    analysis = fed.projects[f"{fed.home}:home/analysis"]["uuid"]
+
+    def names(filters, **kw):
+        found = api.collections().list(filters=[["owner_uuid", "=", analysis], *filters], **kw).execute()
+        return sorted(c["name"] for c in found["items"])
+
+    everything = names([])
+    assert names([["name", "ilike", "RES%"]]) == ["results"] and names([["name", "like", "RES%"]]) == []
+    assert names([["name", "not in", ["raw", "results"]]]) == [
+        n for n in everything if n not in ("raw", "results")
+    ]
+    assert names([["description", "=", None]]) == everything  # = null is IS NULL
+    assert names([["description", "!=", "x"]]) == everything  # != also matches null
+    assert (
+        names([["modified_at", ">=", "2000-01-01T00:00:00Z"], ["modified_at", "<", "2999-01-01"]])
+        == everything
+    )
+    assert names([["file_count", ">", 1]]) == ["results"]
+    assert names([["uuid", "is_a", "arvados#group"]]) == []
+    assert (
+        names([["properties", "exists", "nothing"]]) == []
+        and names([["properties.x", "exists", False]]) == everything
+    )
+    assert names([["is_trashed", "=", "true"]], include_trash=True) == ["old results"]
+    tags = (
+        api.links()
+        .list(filters=[["head_uuid", "is_a", "arvados#collection"], ["link_class", "=", "tag"]])
+        .execute()
+    )
+    assert tags["items"] and all(t["head_kind"] == "arvados#collection" for t in tags["items"])
+    for bad in (
+        [["file_count", ">", 1.5]],
+        [["name", "in", "raw"]],
+        [["name", "~", "x"]],
+        [["no_such", "=", 1]],
+    ):
+        assert _status(api.collections().list(filters=bad)) == 422, bad

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 
 from . import federation, signing
 from .errors import ApiFailure
-from .filters import ListOptions, list_body, run_list
+from .filters import ListOptions, list_page
 from .httpbase import Response
 from .manifests import PDH_ID_RE
 from .permissions import WRITE
 from .records import COLLECTION_FIELDS, rfc3339
-from .routing import choose_backend, federated_list
+from .routing import dispatch, elsewhere, listing, trash_routes
 
 if TYPE_CHECKING:
     from .controller import ControllerHandler
@@ -57,18 +57,17 @@ _CREATE_ATTRS = (
 
 
 def route(req: ControllerHandler, parts: list[str]) -> Response | None:
-    m, n = req.method, len(parts)
-    if n == 1 and m == "GET":
-        return federated_list(req, lambda opts: local_list(req, opts), "arvados#collectionList")
-    if n == 1 and m == "POST":
-        return create(req)
-    if n == 2 and m == "GET":
-        return get(req, parts[1])
-    if n == 2 and m in ("PUT", "PATCH"):
-        return update(req, parts[1])
-    if (n == 2 and m == "DELETE") or (n == 3 and m == "POST" and parts[2] in ("trash", "untrash")):
-        return trash(req, parts[1], untrash=n == 3 and parts[2] == "untrash")
-    return None
+    return dispatch(
+        req,
+        parts,
+        {
+            ("GET", ""): listing(local_list, "arvados#collectionList"),
+            ("POST", ""): create,
+            ("GET", "{uuid}"): get,
+            ("PUT", "{uuid}"): update,
+            **trash_routes(trash),
+        },
+    )
 
 
 def get(req: ControllerHandler, cid: str) -> Response:
@@ -156,16 +155,10 @@ def local_list(req: ControllerHandler, opts: ListOptions) -> dict:
             out["unsigned_manifest_text"] = signing.strip_signatures(record["manifest_text"] or "")
         return out
 
-    items, limit, available = run_list(
-        readable_rows(req, opts),
-        "collections",
-        COLLECTION_FIELDS,
-        opts,
-        req.cluster.profile.max_items_per_response,
-        present,
-        "Collection",
+    max_items = req.cluster.profile.max_items_per_response
+    return list_page(
+        readable_rows(req, opts), "collections", COLLECTION_FIELDS, opts, max_items, present, "Collection"
     )
-    return list_body("arvados#collectionList", items, opts, limit, available)
 
 
 def check_signatures(req: ControllerHandler, manifest: str) -> None:
@@ -179,9 +172,8 @@ def check_signatures(req: ControllerHandler, manifest: str) -> None:
 
 
 def create(req: ControllerHandler) -> Response:
-    target = choose_backend(req, req.params.get("cluster_id"))
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, req.params.get("cluster_id"))) is not None:
+        return answer
     identity = req.identity()
     attrs = req.resource_attrs("collection")
     manifest = attrs.get("manifest_text") or ""
@@ -232,8 +224,8 @@ def _local_record(req: ControllerHandler, uuid: str, include_trash: bool = False
 
 
 def update(req: ControllerHandler, uuid: str) -> Response:
-    if choose_backend(req, uuid) != req.cluster.id:
-        return req.forward(uuid[:5])
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     record = _local_record(req, uuid)
     attrs = {k: v for k, v in req.resource_attrs("collection").items() if k in _CREATE_ATTRS}
     if "manifest_text" in attrs:
@@ -247,8 +239,8 @@ def update(req: ControllerHandler, uuid: str) -> Response:
 
 
 def trash(req: ControllerHandler, uuid: str, untrash: bool) -> Response:
-    if choose_backend(req, uuid) != req.cluster.id:
-        return req.forward(uuid[:5])
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     record = _local_record(req, uuid, include_trash=True)
     if untrash:
         attrs = {"trash_at": None, "delete_at": None, "is_trashed": False}

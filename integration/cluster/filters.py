@@ -371,22 +371,24 @@ def list_body(kind: str, items: list[dict], opts: ListOptions, limit: int, avail
     return body
 
 
-def run_list(
-    records: Iterable[dict],
+def list_page(
+    rows: Iterable[dict],
     table: str,
     fields: dict[str, str],
     opts: ListOptions,
     max_items: int,
     present: Callable[[dict], dict],
     what: str,
-) -> tuple[list[dict], int, int]:
-    """(page of presented, selected records; the limit applied; how many matched)."""
+) -> dict:
+    """The list answer for `rows` (already filtered for permission): filtered, ordered, paged."""
     check_select(opts.select, fields, what)
     predicate = matcher(opts.filters, table, fields)
-    matched = sort_records([r for r in records if predicate(r)], order_specs(opts.order, table, fields))
+    matched = sort_records([r for r in rows if predicate(r)], order_specs(opts.order, table, fields))
     limit = effective_limit(opts, max_items)
     if opts.distinct:
         rows = distinct_rows([selected(present(r), opts.select) for r in matched], opts.select)
-        return rows[opts.offset : opts.offset + limit], limit, len(rows)
-    page = [selected(present(r), opts.select) for r in matched[opts.offset : opts.offset + limit]]
-    return page, limit, len(matched)
+        page, available = rows[opts.offset : opts.offset + limit], len(rows)
+    else:
+        page = [selected(present(r), opts.select) for r in matched[opts.offset : opts.offset + limit]]
+        available = len(matched)
+    return list_body(f"arvados#{what[0].lower()}{what[1:]}List", page, opts, limit, available)

@@ -38,12 +38,20 @@ from . import users
 from .collections import readable_rows as readable_collections
 from .collections import unique_name
 from .errors import ApiFailure
-from .filters import ListOptions, list_body, matcher, order_specs, run_list, selected, sort_records
-from .filters import effective_limit as page_limit
+from .filters import (
+    ListOptions,
+    effective_limit,
+    list_body,
+    list_page,
+    matcher,
+    order_specs,
+    selected,
+    sort_records,
+)
 from .httpbase import Response
 from .permissions import MANAGE, READ, WRITE, is_user
-from .records import COLLECTION_FIELDS, GROUP_FIELDS, INFIXES, group_record, new_uuid, rfc3339
-from .routing import choose_backend, federated_list
+from .records import COLLECTION_FIELDS, GROUP_FIELDS, INFIXES, KIND_INFIX, group_record, new_uuid, rfc3339
+from .routing import dispatch, elsewhere, listing, trash_routes
 
 if TYPE_CHECKING:
     from .controller import ControllerHandler
@@ -74,24 +82,20 @@ _FIELDS = {"groups": GROUP_FIELDS, "collections": COLLECTION_FIELDS}
 
 
 def route(req: ControllerHandler, parts: list[str]) -> Response | None:
-    m, n = req.method, len(parts)
-    if n == 1 and m == "GET":
-        return federated_list(req, lambda opts: local_list(req, opts), "arvados#groupList")
-    if n == 1 and m == "POST":
-        return create(req)
-    if m == "GET" and n == 2 and parts[1] == "contents":
-        return contents(req, req.params.get("uuid") or "")
-    if m == "GET" and n == 3 and parts[2] == "contents":
-        return contents(req, parts[1])
-    if m == "GET" and n == 2 and parts[1] == "shared":
-        return shared(req)
-    if n == 2 and m == "GET":
-        return get(req, parts[1])
-    if n == 2 and m in ("PUT", "PATCH"):
-        return update(req, parts[1])
-    if (n == 2 and m == "DELETE") or (n == 3 and m == "POST" and parts[2] in ("trash", "untrash")):
-        return trash(req, parts[1], untrash=n == 3 and parts[2] == "untrash")
-    return None
+    return dispatch(
+        req,
+        parts,
+        {
+            ("GET", ""): listing(local_list, "arvados#groupList"),
+            ("POST", ""): create,
+            ("GET", "contents"): lambda req: contents(req, req.params.get("uuid") or ""),
+            ("GET", "shared"): shared,
+            ("GET", "{uuid}/contents"): contents,
+            ("GET", "{uuid}"): get,
+            ("PUT", "{uuid}"): update,
+            **trash_routes(trash),
+        },
+    )
 
 
 def present(req: ControllerHandler, group: dict) -> dict:
@@ -112,9 +116,8 @@ def _readable(req: ControllerHandler, uuid: str, include_trash: bool = False) ->
 
 
 def get(req: ControllerHandler, uuid: str) -> Response:
-    target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     group = _readable(req, uuid, req.options().include_trash)
     return Response.json(200, selected(present(req, group), req.options().select))
 
@@ -122,16 +125,12 @@ def get(req: ControllerHandler, uuid: str) -> Response:
 def local_list(req: ControllerHandler, opts: ListOptions) -> dict:
     access = req.access()
     rows = [g for g in req.cluster.rows("groups") if access.readable(g, opts.include_trash)]
-    items, limit, available = run_list(
-        rows,
-        "groups",
-        GROUP_FIELDS,
-        opts,
-        req.cluster.profile.max_items_per_response,
-        lambda g: present(req, g),
-        "Group",
-    )
-    return list_body("arvados#groupList", items, opts, limit, available)
+    return _group_page(req, rows, opts)
+
+
+def _group_page(req: ControllerHandler, rows: list[dict], opts: ListOptions) -> dict:
+    max_items = req.cluster.profile.max_items_per_response
+    return list_page(rows, "groups", GROUP_FIELDS, opts, max_items, lambda g: present(req, g), "Group")
 
 
 # --- create, update, trash ------------------------------------------------------------------
@@ -165,9 +164,8 @@ def _sibling_names(req: ControllerHandler, owner: str, exclude: str = "") -> set
 
 
 def create(req: ControllerHandler) -> Response:
-    target = choose_backend(req, req.params.get("cluster_id"))
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, req.params.get("cluster_id"))) is not None:
+        return answer
     identity = req.identity()
     cluster = req.cluster
     attrs = {k: v for k, v in req.resource_attrs("group").items() if k in _ATTRS}
@@ -212,9 +210,8 @@ def _writable(req: ControllerHandler, uuid: str, include_trash: bool = False) ->
 
 
 def update(req: ControllerHandler, uuid: str) -> Response:
-    target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     group = _writable(req, uuid)
     attrs = {k: v for k, v in req.resource_attrs("group").items() if k in _ATTRS}
     if "group_class" in attrs and attrs["group_class"] != group["group_class"]:
@@ -240,9 +237,8 @@ def update(req: ControllerHandler, uuid: str) -> Response:
 
 
 def trash(req: ControllerHandler, uuid: str, untrash: bool) -> Response:
-    target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     group = _writable(req, uuid, include_trash=True)
     if untrash:
         attrs = {"trash_at": None, "delete_at": None, "is_trashed": False}
@@ -268,14 +264,9 @@ def _descendants(req: ControllerHandler, uuid: str) -> set[str]:
 
 def contents(req: ControllerHandler, uuid: str) -> Response:
     cluster_id = req.params.get("cluster_id")
-    if cluster_id:
-        target = choose_backend(req, cluster_id)
-    elif _USER_UUID_RE.match(uuid):
-        target = req.cluster.id
-    else:
-        target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        return req.forward(target)
+    if cluster_id or not _USER_UUID_RE.match(uuid):
+        if (answer := elsewhere(req, cluster_id or uuid)) is not None:
+            return answer
     opts = req.options()
     owner: str | None = None
     filters = list(opts.filters)
@@ -309,7 +300,7 @@ def _search(req: ControllerHandler, opts: ListOptions, owners: set[str] | None) 
     for f in opts.filters:
         if isinstance(f, list) and len(f) == 3 and f[1] == "is_a":
             wanted |= {
-                INFIXES.get(_infix_of_kind(k), ("", ""))[1]
+                INFIXES.get(KIND_INFIX.get(k, "") if isinstance(k, str) else "", ("", ""))[1]
                 for k in (f[2] if isinstance(f[2], list) else [f[2]])
             }
     if opts.select is not None:
@@ -317,7 +308,7 @@ def _search(req: ControllerHandler, opts: ListOptions, owners: set[str] | None) 
         for name in opts.select:
             if name.split(".", 1)[-1] not in known:
                 raise ApiFailure(422, f"Invalid attribute '{name}' in select")
-    limit_all = page_limit(opts, req.cluster.profile.max_items_per_response)
+    limit_all = effective_limit(opts, req.cluster.profile.max_items_per_response)
     offset, available = opts.offset, 0
     items: list[dict] = []
     owner_uuids: set[str] = set()
@@ -352,12 +343,6 @@ def _search(req: ControllerHandler, opts: ListOptions, owners: set[str] | None) 
     if opts.include:
         body["included"] = _owners(req, owner_uuids, opts) if "owner_uuid" in opts.include else []
     return body
-
-
-def _infix_of_kind(kind: object) -> str:
-    from .records import KIND_INFIX
-
-    return KIND_INFIX.get(kind, "") if isinstance(kind, str) else ""
 
 
 def _for_table(filters: list, table: str) -> list:
@@ -422,9 +407,8 @@ def _owners(req: ControllerHandler, uuids: set[str], opts: ListOptions) -> list[
 
 
 def shared(req: ControllerHandler) -> Response:
-    target = choose_backend(req, req.params.get("cluster_id"))
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, req.params.get("cluster_id"))) is not None:
+        return answer
     opts = req.options()
     access = req.access()
     cluster = req.cluster
@@ -437,16 +421,8 @@ def shared(req: ControllerHandler) -> Response:
         return access.own.get(owner, 0) < READ or (parent is not None and parent["group_class"] != "project")
 
     rows = [g for g in cluster.rows("groups") if access.readable(g, opts.include_trash) and outside_home(g)]
-    items, limit, available = run_list(
-        rows,
-        "groups",
-        GROUP_FIELDS,
-        opts,
-        cluster.profile.max_items_per_response,
-        lambda g: present(req, g),
-        "Group",
-    )
-    body = list_body("arvados#groupList", items, opts, limit, available)
+    body = _group_page(req, rows, opts)
+    items = body["items"]
     owners = {cluster.groups[i["uuid"]]["owner_uuid"] for i in items if i.get("uuid") in cluster.groups}
     body["included"] = _owners(req, owners, opts) if "owner_uuid" in opts.include else []
     return Response.json(200, body)

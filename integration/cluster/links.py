@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 from . import accounts
 from .errors import ApiFailure
-from .filters import ListOptions, list_body, run_list, selected
+from .filters import ListOptions, list_page, selected
 from .httpbase import Response
 from .permissions import LEVELS, MANAGE, WRITE
 from .records import LINK_FIELDS, infix_of, kind_of, link_record, new_uuid, rfc3339
-from .routing import choose_backend, federated_list
+from .routing import dispatch, elsewhere, listing
 
 if TYPE_CHECKING:
     from .controller import ControllerHandler
@@ -37,18 +37,17 @@ _ATTRS = ("link_class", "name", "head_uuid", "tail_uuid", "properties", "owner_u
 
 
 def route(req: ControllerHandler, parts: list[str]) -> Response | None:
-    m, n = req.method, len(parts)
-    if n == 1 and m == "GET":
-        return federated_list(req, lambda opts: local_list(req, opts), "arvados#linkList")
-    if n == 1 and m == "POST":
-        return create(req)
-    if n == 2 and m == "GET":
-        return get(req, parts[1])
-    if n == 2 and m in ("PUT", "PATCH"):
-        return update(req, parts[1])
-    if n == 2 and m == "DELETE":
-        return delete(req, parts[1])
-    return None
+    return dispatch(
+        req,
+        parts,
+        {
+            ("GET", ""): listing(local_list, "arvados#linkList"),
+            ("POST", ""): create,
+            ("GET", "{uuid}"): get,
+            ("PUT", "{uuid}"): update,
+            ("DELETE", "{uuid}"): delete,
+        },
+    )
 
 
 def present(link: dict) -> dict:
@@ -64,10 +63,9 @@ def local_list(req: ControllerHandler, opts: ListOptions) -> dict:
     opts.filters = filters
     access = req.access()
     rows = [link for link in req.cluster.rows("links") if access.readable(link)]
-    items, limit, available = run_list(
+    return list_page(
         rows, "links", LINK_FIELDS, opts, req.cluster.profile.max_items_per_response, present, "Link"
     )
-    return list_body("arvados#linkList", items, opts, limit, available)
 
 
 def _readable(req: ControllerHandler, uuid: str) -> dict:
@@ -78,16 +76,14 @@ def _readable(req: ControllerHandler, uuid: str) -> dict:
 
 
 def get(req: ControllerHandler, uuid: str) -> Response:
-    target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     return Response.json(200, selected(present(_readable(req, uuid)), req.options().select))
 
 
 def create(req: ControllerHandler) -> Response:
-    target = choose_backend(req, req.params.get("cluster_id"))
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, req.params.get("cluster_id"))) is not None:
+        return answer
     identity = req.identity()
     cluster, access = req.cluster, req.access()
     attrs = {k: v for k, v in req.resource_attrs("link").items() if k in _ATTRS}
@@ -151,9 +147,8 @@ def _writable(req: ControllerHandler, uuid: str) -> dict:
 
 
 def update(req: ControllerHandler, uuid: str) -> Response:
-    target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     link = _writable(req, uuid)
     attrs = {
         k: v
@@ -172,9 +167,8 @@ def update(req: ControllerHandler, uuid: str) -> Response:
 
 
 def delete(req: ControllerHandler, uuid: str) -> Response:
-    target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        return req.forward(target)
+    if (answer := elsewhere(req, uuid)) is not None:
+        return answer
     link = _writable(req, uuid)
     req.cluster.remove(uuid)
     return Response.json(200, present(link))

@@ -15,13 +15,16 @@ import secrets
 import string
 import time
 
-COLLECTION_FIELDS = {
+_COMMON_FIELDS = {
     "uuid": "string",
     "etag": "string",
     "owner_uuid": "string",
     "created_at": "datetime",
     "modified_at": "datetime",
     "modified_by_user_uuid": "string",
+}
+COLLECTION_FIELDS = {
+    **_COMMON_FIELDS,
     "name": "string",
     "description": "text",
     "properties": "Hash",
@@ -44,12 +47,7 @@ COLLECTION_FIELDS = {
     "file_size_total": "integer",
 }
 GROUP_FIELDS = {
-    "uuid": "string",
-    "etag": "string",
-    "owner_uuid": "string",
-    "created_at": "datetime",
-    "modified_at": "datetime",
-    "modified_by_user_uuid": "string",
+    **_COMMON_FIELDS,
     "name": "string",
     "description": "text",
     "group_class": "string",
@@ -63,12 +61,7 @@ GROUP_FIELDS = {
     "can_manage": "boolean",
 }
 LINK_FIELDS = {
-    "uuid": "string",
-    "etag": "string",
-    "owner_uuid": "string",
-    "created_at": "datetime",
-    "modified_at": "datetime",
-    "modified_by_user_uuid": "string",
+    **_COMMON_FIELDS,
     "tail_uuid": "string",
     "link_class": "string",
     "name": "string",
@@ -78,12 +71,7 @@ LINK_FIELDS = {
     "tail_kind": "string",
 }
 USER_FIELDS = {
-    "uuid": "string",
-    "etag": "string",
-    "owner_uuid": "string",
-    "created_at": "datetime",
-    "modified_at": "datetime",
-    "modified_by_user_uuid": "string",
+    **_COMMON_FIELDS,
     "email": "string",
     "first_name": "string",
     "last_name": "string",

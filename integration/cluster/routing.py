@@ -38,6 +38,47 @@ LocalList = Callable[[ListOptions], dict]
 _FEDERATED = "cannot execute federated list query"
 
 
+def dispatch(
+    req: ControllerHandler, parts: list[str], routes: dict[tuple[str, str], Callable]
+) -> Response | None:
+    """Call the route matching the method and the path after the resource name.
+
+    A route's shape is ``""`` (the resource itself), a fixed name (``"contents"``), or
+    ``{uuid}`` with an optional fixed tail (``"{uuid}/trash"``); the uuid is passed to the
+    route. ``PATCH`` is ``PUT``. Routes are tried in order, so fixed names go first.
+    """
+    rest = parts[1:]
+    method = "PUT" if req.method == "PATCH" else req.method
+    for (want, shape), handler in routes.items():
+        pattern = shape.split("/") if shape else []
+        if want != method or len(pattern) != len(rest):
+            continue
+        args = [r for p, r in zip(pattern, rest, strict=True) if p == "{uuid}"]
+        if all(p in ("{uuid}", r) for p, r in zip(pattern, rest, strict=True)):
+            return handler(req, *args)
+    return None
+
+
+def listing(local: Callable[[ControllerHandler, ListOptions], dict], kind: str) -> Callable:
+    """The route of a resource's ``list``: `local` answers for this cluster (`federated_list`)."""
+    return lambda req: federated_list(req, lambda opts: local(req, opts), kind)
+
+
+def trash_routes(trash: Callable[..., Response]) -> dict[tuple[str, str], Callable]:
+    """``DELETE``, ``POST .../trash`` and ``POST .../untrash`` of a trashable resource."""
+    return {
+        ("DELETE", "{uuid}"): lambda req, uuid: trash(req, uuid, untrash=False),
+        ("POST", "{uuid}/trash"): lambda req, uuid: trash(req, uuid, untrash=False),
+        ("POST", "{uuid}/untrash"): lambda req, uuid: trash(req, uuid, untrash=True),
+    }
+
+
+def elsewhere(req: ControllerHandler, ident: str | None) -> Response | None:
+    """The answer of the cluster `ident` routes to, when that is not this one."""
+    target = choose_backend(req, ident)
+    return None if target == req.cluster.id else req.forward(target)
+
+
 def choose_backend(req: ControllerHandler, ident: str | None) -> str:
     ident = ident or ""
     cid = ident[:5] if len(ident) == 27 else ident if len(ident) == 5 else req.cluster.id

@@ -155,109 +155,53 @@ def seed_projects(world: World) -> None:
 
 
 def _seed_cluster_tree(world: World, cluster: Cluster, readers: list[str]) -> None:
-    cid, me, other = cluster.id, cluster.user_uuid, cluster.other_user_uuid
-    k = f"{cid}:"
-    analysis = add_project(world, cluster, k + "home/analysis", me, "analysis")
-    raw = add_project(world, cluster, k + "home/analysis/raw", analysis, "raw")
-    reads = add_collection(
-        world,
-        cid,
-        "reads",
-        {"r1.fastq": _fastq(cid, 1), "r2.fastq": _fastq(cid, 2)},
-        owner_uuid=raw,
-        key=k + "home/analysis/raw/reads",
+    cid, me, other, k = cluster.id, cluster.user_uuid, cluster.other_user_uuid, f"{cluster.id}:"
+
+    def project(path: str, owner: str, **kw) -> str:
+        return add_project(world, cluster, k + path, owner, path.rsplit("/", 1)[-1], **kw)
+
+    def collection(path: str, owner: str, name: str, files: dict, **kw) -> dict:
+        return add_collection(world, cid, name, files, owner_uuid=owner, key=k + path, **kw)
+
+    analysis = project("home/analysis", me)
+    raw = project("home/analysis/raw", analysis)
+    reads = collection(
+        "home/analysis/raw/reads", raw, "reads", {"r1.fastq": _fastq(cid, 1), "r2.fastq": _fastq(cid, 2)}
     )
-    add_collection(
-        world,
-        cid,
-        "raw",
-        {"README.txt": b"a collection named like its sibling project\n"},
-        owner_uuid=analysis,
-        key=k + "home/analysis/raw (collection)",
+    collection(
+        "home/analysis/raw (collection)", analysis, "raw", {"README.txt": b"named like its sibling project\n"}
     )
     results = _collection_with_old_version(world, cluster, analysis, k + "home/analysis/results")
-    add_collection(
-        world,
-        cid,
-        "old results",
-        {"summary.txt": b"trashed\n"},
-        owner_uuid=analysis,
-        key=k + "home/analysis/old results",
-        hidden="trashed",
-        is_trashed=True,
-        trash_at=rfc3339(time.time()),
-    )
-    discarded = add_project(
-        world, cluster, k + "home/analysis/discarded", analysis, "discarded", trashed=True
-    )
-    add_collection(
-        world,
-        cid,
-        "inside discarded",
-        {"x.txt": b"in a trashed project\n"},
-        owner_uuid=discarded,
-        key=k + "home/analysis/discarded/inside discarded",
-        hidden="in a trashed project",
-    )
+    trashed = {"hidden": "trashed", "is_trashed": True, "trash_at": rfc3339(time.time())}
+    collection("home/analysis/old results", analysis, "old results", {"summary.txt": b"trashed\n"}, **trashed)
+    discarded = project("home/analysis/discarded", analysis, trashed=True)
+    inside = {"x.txt": b"in a trashed project\n"}
+    collection("home/analysis/discarded/inside", discarded, "inside", inside, hidden="in a trashed project")
     if cluster.profile.forward_slash_name_substitution:
-        add_collection(
-            world,
-            cid,
-            "2024/03 run",
-            {"log.txt": b"a name with a slash\n"},
-            owner_uuid=analysis,
-            key=k + "home/analysis/2024/03 run",
+        collection(
+            "home/analysis/2024/03 run", analysis, "2024/03 run", {"log.txt": b"a name with a slash\n"}
         )
-    shared = add_project(world, cluster, k + "other/shared project", other, "shared project")
+    shared = project("other/shared project", other)
     for reader in readers:
         permit(cluster, reader, "can_read", shared)
-    add_collection(
-        world,
-        cid,
-        "results from other",
-        {"table.tsv": b"id\tvalue\n1\t42\n"},
-        owner_uuid=shared,
-        key=k + "other/shared project/results from other",
-    )
-    inner = add_project(world, cluster, k + "other/shared project/inner", shared, "inner")
-    add_collection(
-        world,
-        cid,
-        "inner data",
-        {"inner.txt": b"two levels down a shared project\n"},
-        owner_uuid=inner,
-        key=k + "other/shared project/inner/inner data",
-    )
-    private = add_project(world, cluster, k + "other/private", other, "private", hidden=True)
-    add_collection(
-        world,
-        cid,
+    table = {"table.tsv": b"id\tvalue\n1\t42\n"}
+    collection("other/shared project/results from other", shared, "results from other", table)
+    inner = project("other/shared project/inner", shared)
+    inner_files = {"inner.txt": b"two levels down a shared project\n"}
+    collection("other/shared project/inner/inner data", inner, "inner data", inner_files)
+    private = project("other/private", other, hidden=True)
+    collection(
+        "other/private/secret",
+        private,
         "secret",
         {"secret.txt": b"nobody else reads this\n"},
-        owner_uuid=private,
-        key=k + "other/private/secret",
         hidden="private",
     )
-    add_project(
-        world,
-        cluster,
-        k + "home/results everywhere",
-        me,
-        "results everywhere",
-        group_class="filter",
-        filters=[["uuid", "is_a", "arvados#collection"], ["collections.name", "like", "results%"]],
-        members=[k + "home/analysis/results", k + "other/shared project/results from other"],
-    )
-    add_project(
-        world,
-        cluster,
-        k + "home/loop",
-        me,
-        "loop",
-        group_class="filter",
-        filters=[["uuid", "is_a", "arvados#group"], ["groups.name", "=", "loop"]],
-        members=[k + "home/loop"],
-    )
+    results_filter = [["uuid", "is_a", "arvados#collection"], ["collections.name", "like", "results%"]]
+    members = [k + "home/analysis/results", k + "other/shared project/results from other"]
+    project("home/results everywhere", me, group_class="filter", filters=results_filter, members=members)
+    loop_filter = [["uuid", "is_a", "arvados#group"], ["groups.name", "=", "loop"]]
+    project("home/loop", me, group_class="filter", filters=loop_filter, members=[k + "home/loop"])
     add_tag(world, cluster, k + "tag/demo/results", "demo", results)
     add_tag(world, cluster, k + "tag/raw/reads", "raw", reads["uuid"])
     if cid == world.home and "text" in world.seeded:

@@ -11,33 +11,39 @@ every member ``can_read`` on every other (`accounts`).
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from . import accounts
 from .errors import ApiFailure
-from .filters import ListOptions, list_body, run_list, selected
+from .filters import ListOptions, list_page, selected
 from .httpbase import Response
 from .permissions import MANAGE, WRITE
 from .records import USER_FIELDS
-from .routing import choose_backend, federated_list
+from .routing import dispatch, elsewhere, listing
 
 if TYPE_CHECKING:
     from .controller import ControllerHandler
 
 
 def route(req: ControllerHandler, parts: list[str]) -> Response | None:
-    if req.method != "GET":
-        return None
-    if len(parts) == 1:
-        return federated_list(req, lambda opts: local_list(req, opts), "arvados#userList")
-    if len(parts) == 2 and parts[1] == "current":
-        return Response.json(200, selected(present(req, req.identity()["user"]), req.options().select))
-    if len(parts) == 2 and parts[1] == "system":
-        req.identity()
-        return Response.json(200, present(req, req.cluster.users[req.cluster.system_user_uuid]))
-    if len(parts) == 2:
-        return get(req, parts[1])
-    return None
+    return dispatch(
+        req,
+        parts,
+        {
+            ("GET", ""): listing(local_list, "arvados#userList"),
+            ("GET", "current"): lambda req: Response.json(
+                200, selected(present(req, req.identity()["user"]), req.options().select)
+            ),
+            ("GET", "system"): system,
+            ("GET", "{uuid}"): get,
+        },
+    )
+
+
+def system(req: ControllerHandler) -> Response:
+    req.identity()
+    return Response.json(200, present(req, req.cluster.users[req.cluster.system_user_uuid]))
 
 
 def present(req: ControllerHandler, user: dict) -> dict:
@@ -51,9 +57,8 @@ def present(req: ControllerHandler, user: dict) -> dict:
 
 
 def get(req: ControllerHandler, uuid: str) -> Response:
-    target = choose_backend(req, uuid)
-    if target != req.cluster.id:
-        response = req.forward(target)
+    response = elsewhere(req, uuid)
+    if response is not None:
         if response.status == 200:
             record = response_json(response)
             if record.get("uuid") != uuid:
@@ -71,19 +76,9 @@ def get(req: ControllerHandler, uuid: str) -> Response:
 def local_list(req: ControllerHandler, opts: ListOptions) -> dict:
     access = req.access()
     rows = [u for u in req.cluster.rows("users") if access.readable(u)]
-    items, limit, available = run_list(
-        rows,
-        "users",
-        USER_FIELDS,
-        opts,
-        req.cluster.profile.max_items_per_response,
-        lambda u: present(req, u),
-        "User",
-    )
-    return list_body("arvados#userList", items, opts, limit, available)
+    max_items = req.cluster.profile.max_items_per_response
+    return list_page(rows, "users", USER_FIELDS, opts, max_items, lambda u: present(req, u), "User")
 
 
 def response_json(response: Response) -> dict:
-    import json
-
     return json.loads(response.body) if isinstance(response.body, bytes) else {}
