@@ -339,7 +339,7 @@ def _search(req: ControllerHandler, opts: ListOptions, owners: set[str] | None) 
         owner_uuids |= {r["owner_uuid"] for r in page}
     if not succeeded and errors:
         raise ApiFailure(422, "\n".join(errors))
-    body = list_body("arvados#objectList", items, replace(opts, offset=opts.offset), limit_all, available)
+    body = list_body("arvados#objectList", items, opts, limit_all, available)
     if opts.include:
         body["included"] = _owners(req, owner_uuids, opts) if "owner_uuid" in opts.include else []
     return body

@@ -105,6 +105,7 @@ class Cluster:
         self.users: dict[str, dict] = {}
         self.accounts: dict[str, Account] = {}
         self.version = 0
+        self.access_cache: dict[tuple[str, int], object] = {}  # permissions.access, by (user, version)
         self.lock = threading.RLock()
         self.remote_identities: dict[str, tuple[float, dict]] = {}
         self.volumes = [self.state_dir / self.id / f"keep{i}" for i in range(self.keepstores)]

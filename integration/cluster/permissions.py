@@ -21,8 +21,8 @@ Follows ``services/api/db/structure.sql`` (``compute_permission_subgraph``,
 - Trash: a record owned by a trashed group, or by anything inside one, is hidden, and so
   is a trashed group or collection itself, unless ``include_trash`` is asked.
 
-Views are cached per (user, ``Cluster.version``): a listing of 10,000 collections costs
-one walk of the groups and links, then a dict lookup per record.
+Views are cached on the cluster per (user, ``Cluster.version``): a listing of 10,000
+collections costs one walk of the groups and links, then a dict lookup per record.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 LEVELS = {"can_read": 1, "can_login": 1, "can_write": 2, "can_manage": 3}
 READ, WRITE, MANAGE = 1, 2, 3
-_cache: dict[tuple[str, str, int], Access] = {}
 _cache_lock = threading.Lock()
 
 
@@ -92,9 +91,9 @@ class Access:
 
 
 def access(cluster: Cluster, user_uuid: str) -> Access:
-    key = (cluster.id, user_uuid, cluster.version)
+    key = (user_uuid, cluster.version)
     with _cache_lock:
-        cached = _cache.get(key)
+        cached = cluster.access_cache.get(key)
     if cached is not None:
         return cached
     with cluster.lock:
@@ -111,9 +110,9 @@ def access(cluster: Cluster, user_uuid: str) -> Access:
         traverse |= other_traverse
     result = Access(user_uuid, own, levels, traverse, managed | {user_uuid}, _trashed_groups(groups))
     with _cache_lock:
-        if len(_cache) > 256:
-            _cache.clear()
-        _cache[key] = result
+        if len(cluster.access_cache) > 256:
+            cluster.access_cache.clear()
+        cluster.access_cache[key] = result
     return result
 
 
