@@ -28,8 +28,9 @@ keeps its meaning):
   where shared.
 - ``collections.<key>``: also ``name`` and ``owner_uuid`` (a user, or a project), and
   ``empty_dirs`` when there are any; the seed's project-tree collections have keys
-  ``<cluster>:home/<path>`` (the first user's) and ``<cluster>:other/<path>`` (the
-  second's). Every collection listed here is readable by the home cluster's user.
+  ``<cluster>:home/<path>`` (the first user's), ``<cluster>:other/<path>`` (the
+  second's) and ``<cluster>:<home> user/<path>`` (what the home cluster's user owns on
+  another cluster). Every collection listed here is readable by the home cluster's user.
 - ``projects.<key>``: projects and filter groups (``cluster``, ``uuid``, ``name``,
   ``owner_uuid``, ``group_class``; filter groups also ``members``, the keys they list).
 - ``links.<key>``: tag links (``cluster``, ``uuid``, ``link_class``, ``name``,

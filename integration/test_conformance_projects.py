@@ -315,6 +315,8 @@ def test_contents_of_user_is_their_home_and_is_always_answered_locally(fed, sdk)
     assert {"analysis", "big", "shared"} <= _names(remote_home)
     assert fed.wait_requests(since=mark, cluster="zbbbb", service="controller")
     assert home.groups().contents(uuid=remote_user).execute()["items"] == []  # local: they own nothing here
+    mine_there = home.groups().contents(uuid=me, cluster_id="zbbbb").execute()["items"]
+    assert "work on zbbbb" in _names(mine_there)  # the home user's home project on zbbbb
 
 
 def test_filter_groups_list_their_matches_and_one_contains_itself(fed, sdk):

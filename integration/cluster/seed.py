@@ -148,10 +148,17 @@ def seed_projects(world: World) -> None:
     with nobody (hidden).
     Tag links (owned by M): ``demo`` on ``results`` (and on ``text`` at home), ``raw`` on
     ``reads``. Filter groups list their ``members`` (keys) in federation.json.
+    On every other cluster X the home cluster's user owns ``work on X`` with a collection
+    ``made remotely`` (``X:<home> user/...``): their home project on X.
     """
     home_user = world.clusters[world.home].user_uuid
     for cid, cluster in world.clusters.items():
         _seed_cluster_tree(world, cluster, [cluster.user_uuid] + ([home_user] if cid != world.home else []))
+        if cid != world.home:
+            path = f"{cid}:{world.home} user/work on {cid}"
+            work = add_project(world, cluster, path, home_user, f"work on {cid}")
+            made = {"notes.txt": f"made on {cid} by the {world.home} user\n".encode()}
+            add_collection(world, cid, "made remotely", made, owner_uuid=work, key=path + "/made remotely")
 
 
 def _seed_cluster_tree(world: World, cluster: Cluster, readers: list[str]) -> None:
