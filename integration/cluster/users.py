@@ -63,8 +63,7 @@ def get(req: ControllerHandler, uuid: str) -> Response:
             record = response_json(response)
             if record.get("uuid") != uuid:
                 raise ApiFailure(502, f"Had requested {uuid} but response was for {record.get('uuid')}")
-            if "kind" in record and "first_name" in record:
-                accounts.adopt_remote_user(req.cluster, record)
+            accounts.adopt_remote_user(req.cluster, record)
         return response
     user = req.cluster.users.get(uuid)
     identity = req.identity()
