@@ -16,15 +16,19 @@ COMMANDS := fedmount fedmount-run
 
 # fuse3 gives fusermount3; libfuse3-dev and pkg-config build pyfuse3; attr gives getfattr.
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config attr gcc python3-dev python3-venv curl ca-certificates
-# Containers for fedmount-run and its tests: Docker, bubblewrap, a static busybox for test images.
-TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static
+# Containers for fedmount-run and its tests: Docker, bubblewrap, a static busybox for test images;
+# libfuse-dev (libfuse 2) and pkg-config build arvados-llfuse for the real arv-mount of the conformance tests.
+TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static libfuse-dev pkg-config
+# The real arv-mount (arvados-fuse, PyPI) in a virtualenv of its own, for conformance tests and benchmarks.
+ARV_MOUNT_VENV ?= .venv-arv-mount
+ARV_MOUNT_VERSION := 3.2.1
 
-.PHONY: demo test bench lint install uninstall system-deps test-system-deps venv clean
+.PHONY: demo test bench lint install uninstall system-deps test-system-deps venv arv-mount clean
 
 demo: system-deps venv
 	$(VENV)/bin/python -m integration.demo
 
-test: system-deps test-system-deps venv
+test: system-deps test-system-deps venv arv-mount
 	$(SUDO) integration/ensure_docker.sh
 	$(VENV)/bin/python -m ruff check fedmount tests integration bench
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration
@@ -88,5 +92,14 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
+# Building arvados-llfuse takes about a minute; the stamp makes later runs free.
+arv-mount: $(ARV_MOUNT_VENV)/.installed-$(ARV_MOUNT_VERSION)
+
+$(ARV_MOUNT_VENV)/.installed-$(ARV_MOUNT_VERSION): | test-system-deps
+	$(PYTHON) -m venv $(ARV_MOUNT_VENV)
+	$(ARV_MOUNT_VENV)/bin/pip install -q --upgrade pip wheel
+	$(ARV_MOUNT_VENV)/bin/pip install -q 'arvados-fuse==$(ARV_MOUNT_VERSION)'
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(ARV_MOUNT_VENV) build *.egg-info .pytest_cache

@@ -17,6 +17,26 @@ Used by integration tests, benchmarks and the demo::
 
 `Federation.start` runs ``python -m integration.cluster up`` as a subprocess (its output
 goes to ``DIR/emulator.log``) and returns once ``DIR/federation.json`` exists.
+
+``DIR/federation.json`` is DESIGN.md's state file, extended (every field DESIGN.md lists
+keeps its meaning):
+
+- ``clusters.<id>``: ``user_uuid``/``token`` are the cluster's user (the current user of
+  tests); ``other_user_uuid``/``other_token`` a second user of that cluster, who shares a
+  project with the first (and, on the other clusters, with the home cluster's user). The
+  first user's data is readable by every user of the federation; the second user's only
+  where shared.
+- ``collections.<key>``: also ``name`` and ``owner_uuid`` (a user, or a project), and
+  ``empty_dirs`` when there are any; the seed's project-tree collections have keys
+  ``<cluster>:home/<path>`` (the first user's), ``<cluster>:other/<path>`` (the
+  second's) and ``<cluster>:<home> user/<path>`` (what the home cluster's user owns on
+  another cluster). Every collection listed here is readable by the home cluster's user.
+- ``projects.<key>``: projects and filter groups (``cluster``, ``uuid``, ``name``,
+  ``owner_uuid``, ``group_class``; filter groups also ``members``, the keys they list).
+- ``links.<key>``: tag links (``cluster``, ``uuid``, ``link_class``, ``name``,
+  ``head_uuid``, ``tail_uuid``).
+- ``hidden.<key>``: what the seed made that must not be listed, with ``why``: "trashed",
+  "in a trashed project", "old version", "private" (another user's, never shared).
 """
 
 from __future__ import annotations
@@ -167,6 +187,28 @@ class Federation:
 
     def token(self, cluster: str | None = None) -> str:
         return self.clusters[cluster or self.home]["token"]
+
+    def user_uuid(self, cluster: str | None = None) -> str:
+        return self.clusters[cluster or self.home]["user_uuid"]
+
+    def other_token(self, cluster: str | None = None) -> str:
+        """The token of the cluster's second user (who shares projects with the first)."""
+        return self.clusters[cluster or self.home]["other_token"]
+
+    def other_user_uuid(self, cluster: str | None = None) -> str:
+        return self.clusters[cluster or self.home]["other_user_uuid"]
+
+    @property
+    def projects(self) -> dict[str, dict]:
+        return self.state.get("projects", {})
+
+    @property
+    def links(self) -> dict[str, dict]:
+        return self.state.get("links", {})
+
+    @property
+    def hidden(self) -> dict[str, dict]:
+        return self.state.get("hidden", {})
 
     def keep_services(self, cluster: str | None = None) -> list[str]:
         return self.clusters[cluster or self.home]["keep_services"]

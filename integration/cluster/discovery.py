@@ -8,80 +8,27 @@ googleapiclient): ``rootUrl``, ``servicePath``, ``resources.*.methods.*`` with `
 ``object`` are JSON-encoded by the SDK), ``response`` (a ``$ref`` into ``schemas``) and
 ``request`` (without it googleapiclient refuses a ``body=`` argument); plus
 ``uuidPrefix``, ``blobSignatureTtl``, ``defaultCollectionReplication``,
-``maxRequestSize``. The exported config is ``lib/config/export.go``'s whitelist.
+``maxRequestSize``. arv-mount also looks for ``resources.groups.methods.shared`` before
+it calls ``groups.shared``. The exported config is ``lib/config/export.go``'s whitelist,
+with the cluster's `profiles.Profile` (``ForwardSlashNameSubstitution``,
+``MaxItemsPerResponse``, ``InstanceTypes``, storage classes).
 """
 
 from __future__ import annotations
 
 from .model import Cluster, World
+from .profiles import STORAGE_CLASSES
+from .records import (
+    COLLECTION_FIELDS,
+    GROUP_FIELDS,
+    KEEP_SERVICE_FIELDS,
+    LINK_FIELDS,
+    TOKEN_FIELDS,
+    USER_FIELDS,
+)
 
 REVISION = "20250402"
 SCOPES = ["https://api.arvados.org/auth/arvados", "https://api.arvados.org/auth/arvados.readonly"]
-
-_COLLECTION_FIELDS = {
-    "uuid": "string",
-    "etag": "string",
-    "owner_uuid": "string",
-    "created_at": "datetime",
-    "modified_at": "datetime",
-    "modified_by_user_uuid": "string",
-    "name": "string",
-    "description": "text",
-    "properties": "Hash",
-    "portable_data_hash": "string",
-    "manifest_text": "text",
-    "unsigned_manifest_text": "text",
-    "replication_desired": "integer",
-    "replication_confirmed": "integer",
-    "replication_confirmed_at": "datetime",
-    "storage_classes_desired": "Array",
-    "storage_classes_confirmed": "Array",
-    "storage_classes_confirmed_at": "datetime",
-    "delete_at": "datetime",
-    "trash_at": "datetime",
-    "is_trashed": "boolean",
-    "version": "integer",
-    "current_version_uuid": "string",
-    "preserve_version": "boolean",
-    "file_count": "integer",
-    "file_size_total": "integer",
-}
-_USER_FIELDS = {
-    "uuid": "string",
-    "etag": "string",
-    "owner_uuid": "string",
-    "email": "string",
-    "username": "string",
-    "first_name": "string",
-    "last_name": "string",
-    "is_active": "boolean",
-    "is_admin": "boolean",
-    "prefs": "Hash",
-    "created_at": "datetime",
-    "modified_at": "datetime",
-}
-_KEEP_SERVICE_FIELDS = {
-    "uuid": "string",
-    "etag": "string",
-    "owner_uuid": "string",
-    "service_host": "string",
-    "service_port": "integer",
-    "service_ssl_flag": "boolean",
-    "service_type": "string",
-    "read_only": "boolean",
-    "created_at": "datetime",
-    "modified_at": "datetime",
-}
-_TOKEN_FIELDS = {
-    "uuid": "string",
-    "etag": "string",
-    "owner_uuid": "string",
-    "api_token": "string",
-    "expires_at": "datetime",
-    "scopes": "Array",
-    "created_at": "datetime",
-    "modified_at": "datetime",
-}
 
 
 def _param(type_: str, location: str = "query", required: bool = False, **extra: object) -> dict:
@@ -157,59 +104,91 @@ def _schema(name: str, fields: dict[str, str], prefix: str) -> dict:
     }
 
 
+def _crud(resource: str, schema: str, extra_list: dict | None = None, trash: bool = False) -> dict:
+    """get/list/create/update/delete methods of a resource, as the Rails schema lists them."""
+    uuid = {"uuid": _uuid_param(schema)}
+    methods = {
+        "get": _method(resource, "get", f"{resource}/{{uuid}}", "GET", schema, {**uuid, "select": _SELECT}),
+        "list": _method(
+            resource, "list", resource, "GET", f"{schema}List", {**_LIST_PARAMS, **(extra_list or {})}
+        ),
+        "create": _method(
+            resource,
+            "create",
+            resource,
+            "POST",
+            schema,
+            {
+                "select": _SELECT,
+                "ensure_unique_name": _param("boolean", default="false"),
+                "cluster_id": _param("string"),
+            },
+            request=schema,
+        ),
+        "update": _method(
+            resource,
+            "update",
+            f"{resource}/{{uuid}}",
+            "PUT",
+            schema,
+            {**uuid, "select": _SELECT},
+            request=schema,
+        ),
+        "delete": _method(resource, "delete", f"{resource}/{{uuid}}", "DELETE", schema, dict(uuid)),
+    }
+    if trash:
+        for name in ("trash", "untrash"):
+            methods[name] = _method(resource, name, f"{resource}/{{uuid}}/{name}", "POST", schema, dict(uuid))
+    return methods
+
+
 def _resources() -> dict:
-    collection_uuid = {"uuid": _uuid_param("Collection")}
-    return {
-        "collections": {
-            "methods": {
-                "get": _method(
-                    "collections",
-                    "get",
-                    "collections/{uuid}",
-                    "GET",
-                    "Collection",
-                    {
-                        **collection_uuid,
-                        "select": _SELECT,
-                        "include_trash": _param("boolean", default="false"),
-                    },
-                ),
-                "list": _method(
-                    "collections",
-                    "list",
-                    "collections",
-                    "GET",
-                    "CollectionList",
-                    {
-                        **_LIST_PARAMS,
-                        "include_trash": _param("boolean", default="false"),
-                        "include_old_versions": _param("boolean", default="false"),
-                    },
-                ),
-                "create": _method(
-                    "collections",
-                    "create",
-                    "collections",
-                    "POST",
-                    "Collection",
-                    {
-                        "select": _SELECT,
-                        "ensure_unique_name": _param("boolean", default="false"),
-                        "cluster_id": _param("string"),
-                    },
-                    request="Collection",
-                ),
-                "update": _method(
-                    "collections",
-                    "update",
-                    "collections/{uuid}",
-                    "PUT",
-                    "Collection",
-                    {**collection_uuid, "select": _SELECT},
-                    request="Collection",
-                ),
-            }
+    trash_params = {"include_trash": _param("boolean", default="false")}
+    collections = _crud(
+        "collections",
+        "Collection",
+        {**trash_params, "include_old_versions": _param("boolean", default="false")},
+        trash=True,
+    )
+    collections["get"]["parameters"]["include_trash"] = _param("boolean", default="false")
+    groups = _crud("groups", "Group", trash_params, trash=True)
+    groups["get"]["parameters"]["include_trash"] = _param("boolean", default="false")
+    groups["contents"] = _method(
+        "groups",
+        "contents",
+        "groups/contents",
+        "GET",
+        "Group",
+        {
+            **_LIST_PARAMS,
+            **trash_params,
+            "uuid": _param("string", default=""),
+            "recursive": _param("boolean", default="false"),
+            "include": _param("array"),
+            "include_old_versions": _param("boolean", default="false"),
+            "exclude_home_project": _param("boolean", default="false"),
         },
+    )
+    groups["shared"] = _method(
+        "groups",
+        "shared",
+        "groups/shared",
+        "GET",
+        "Group",
+        {**_LIST_PARAMS, **trash_params, "include": _param("string")},
+    )
+    users = {
+        "current": _method("users", "current", "users/current", "GET", "User"),
+        "system": _method("users", "system", "users/system", "GET", "User"),
+        "get": _method(
+            "users", "get", "users/{uuid}", "GET", "User", {"uuid": _uuid_param("User"), "select": _SELECT}
+        ),
+        "list": _method("users", "list", "users", "GET", "UserList", _LIST_PARAMS),
+    }
+    return {
+        "collections": {"methods": collections},
+        "groups": {"methods": groups},
+        "links": {"methods": _crud("links", "Link")},
         "keep_services": {
             "methods": {
                 "accessible": _method(
@@ -220,19 +199,7 @@ def _resources() -> dict:
                 ),
             }
         },
-        "users": {
-            "methods": {
-                "current": _method("users", "current", "users/current", "GET", "User"),
-                "get": _method(
-                    "users",
-                    "get",
-                    "users/{uuid}",
-                    "GET",
-                    "User",
-                    {"uuid": _uuid_param("User"), "select": _SELECT},
-                ),
-            }
-        },
+        "users": {"methods": users},
         "api_client_authorizations": {
             "methods": {
                 "current": _method(
@@ -251,10 +218,12 @@ def _resources() -> dict:
 def discovery_document(world: World, cluster: Cluster) -> dict:
     schemas: dict = {}
     for name, fields, prefix in (
-        ("Collection", _COLLECTION_FIELDS, "4zz18"),
-        ("User", _USER_FIELDS, "tpzed"),
-        ("KeepService", _KEEP_SERVICE_FIELDS, "bi6l4"),
-        ("ApiClientAuthorization", _TOKEN_FIELDS, "gj3su"),
+        ("Collection", COLLECTION_FIELDS, "4zz18"),
+        ("Group", GROUP_FIELDS, "j7d0g"),
+        ("Link", LINK_FIELDS, "o0j2j"),
+        ("User", USER_FIELDS, "tpzed"),
+        ("KeepService", KEEP_SERVICE_FIELDS, "bi6l4"),
+        ("ApiClientAuthorization", TOKEN_FIELDS, "gj3su"),
     ):
         schemas.update(_schema(name, fields, prefix))
     return {
@@ -276,7 +245,7 @@ def discovery_document(world: World, cluster: Cluster) -> dict:
         "defaultTrashLifetime": 1209600,
         "blobSignatureTtl": cluster.ttl,
         "maxRequestSize": 134217728,
-        "maxItemsPerResponse": 1000,
+        "maxItemsPerResponse": cluster.profile.max_items_per_response,
         "dockerImageFormats": ["v2"],
         "crunchLogUpdateSize": 65536,
         "crunchLogUpdatePeriod": 1800,
@@ -314,14 +283,22 @@ def exported_config(world: World, cluster: Cluster) -> dict:
     }
     remotes["*"] = {"Host": "", "Proxy": False, "Scheme": "https", "Insecure": False, "ActivateUsers": False}
     ttl_h, rem = divmod(cluster.ttl, 3600)
+    profile = cluster.profile
     return {
         "ClusterID": cluster.id,
+        "API": {
+            "MaxItemsPerResponse": profile.max_items_per_response,
+            "MaxRequestSize": 134217728,
+            "RequestTimeout": "5m0s",
+            "SendTimeout": "1m0s",
+        },
         "Collections": {
             "BlobSigning": True,
             "BlobSigningTTL": f"{ttl_h}h{rem // 60}m{rem % 60}s",
             "DefaultReplication": len(cluster.volumes),
-            "ForwardSlashNameSubstitution": "",
+            "ForwardSlashNameSubstitution": profile.forward_slash_name_substitution,
         },
+        "InstanceTypes": {name: dict(spec) for name, spec in profile.instance_types.items()},
         "RemoteClusters": remotes,
         "Services": {
             "Controller": {"ExternalURL": f"https://{cluster.api_host}/"},
@@ -330,6 +307,12 @@ def exported_config(world: World, cluster: Cluster) -> dict:
             "WebDAV": {"ExternalURL": ""},
             "Websocket": {"ExternalURL": ""},
         },
-        "StorageClasses": {"default": {"Default": True, "Priority": 0}},
+        "StorageClasses": {name: dict(spec) for name, spec in STORAGE_CLASSES.items()},
+        "Volumes": {
+            f"{cluster.id}-nyw5e-{i:015d}": {
+                "StorageClasses": dict.fromkeys(profile.volume_storage_classes(i), True)
+            }
+            for i in range(len(cluster.volumes))
+        },
         "Login": {"LoginCluster": ""},
     }

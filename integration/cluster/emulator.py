@@ -89,10 +89,15 @@ class Emulator:
                     "keep_services": list(c.keep_urls),
                     "token": c.token,
                     "user_uuid": c.user_uuid,
+                    "other_user_uuid": c.other_user_uuid,
+                    "other_token": c.other_account.token,
                 }
                 for cid, c in w.clusters.items()
             },
             "collections": dict(w.seeded),
+            "projects": dict(w.tree["projects"]),
+            "links": dict(w.tree["links"]),
+            "hidden": dict(w.tree["hidden"]),
         }
 
     def write_state(self) -> dict:

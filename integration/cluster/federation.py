@@ -81,8 +81,8 @@ def call(
 def salted_token(cluster: Cluster, token: str, target: str) -> str:
     """The token to send to `target` for a request `cluster` received with `token`."""
     text = token
-    if "/" not in token and token == cluster.token_secret:
-        text = cluster.token
+    if "/" not in token:
+        text = next((a.token for a in cluster.accounts.values() if a.secret == token), token)
     try:
         return salt_for(parse_token(text), target).text
     except TokenError:

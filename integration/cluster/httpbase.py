@@ -159,6 +159,7 @@ class Handler(BaseHTTPRequestHandler):
                     token=self.token_received,
                     status=status,
                     bytes=sent,
+                    from_service=self.headers.get("X-Emulator-From"),
                     time=started,
                     duration=round(time.time() - started, 6),
                 )

@@ -8,9 +8,21 @@ Follows ``services/keepstore/router.go`` and ``keepstore.go``:
   cluster (below). Otherwise the ``+A`` signature is checked over the token exactly as
   sent: no token 401, expired 401, missing or wrong signature 400. Then the block file is
   sent with ``Content-Length`` and ``Vary: X-Keep-Signature``, or 404 if absent.
-- ``PUT /<hash>``: the body's md5 must equal the hash (else 400); bodies over 64 MiB get
-  413. The block is stored on this keepstore's volume and the answer is the locator
-  signed for the caller's token, one line, with ``X-Keep-Replicas-Stored: 1``.
+- ``PUT /<hash>`` (``handleBlockWrite``, ``BlockWrite``, ``putProgress``): the body's
+  md5 must equal the hash (else 400), its length the ``Content-Length`` (else 400);
+  bodies over 64 MiB get 413. ``X-Keep-Storage-Classes`` names the classes wanted: a
+  volume is written only if it has one of them (or none was asked), so a keepstore whose
+  volume has none of them stores nothing and answers 507 "insufficient storage". The
+  answer is the locator signed for the caller's token, one line, with
+  ``X-Keep-Replicas-Stored: 1`` and ``X-Keep-Storage-Classes-Confirmed`` listing every
+  class of the volume written (``archive=1, default=1``). The volume's classes are the
+  cluster profile's (`profiles`).
+- ``X-Keep-Signature: local, <time>`` on a GET or HEAD of a ``+R`` locator (and no
+  ``+A``) is ``blockReadRemote`` with ``LocalLocator``: the block is read whole from the
+  remote cluster (below), stored on this keepstore's volume, and the answer carries
+  ``X-Keep-Locator: <hash>+<size>+A<signature for the caller>@<expiry>`` (the SDK's
+  ``KeepClient.refresh_signature`` sends a HEAD for it). On a locally signed locator the
+  header changes nothing.
 - ``+R<cluster>-<sig>@<exp>`` (``blockReadRemote``): the cluster must be a known remote
   (else 400); a token that is not v2 is 400; the caller's token is salted for that
   cluster, the hint is turned back into ``+A``, the remote's service list is read from
@@ -18,7 +30,9 @@ Follows ``services/keepstore/router.go`` and ``keepstore.go``:
   as keepstore's remote client sends), the block is fetched in probe order and streamed
   back. The last chunk is held until the md5 is verified, so corrupt data from a remote
   cuts the connection instead of being served. Any remote failure is 404, as
-  keepclient's ``ErrNotFound`` maps.
+  keepclient's ``ErrNotFound`` maps. The remote keepstore logs that GET with
+  ``from_service: "<cluster>/<keepN>"`` (the emulator's internal ``X-Emulator-From``
+  header), so tests can count cross-cluster transfers in the request log.
 
 Errors are text lines, as keepstore writes them. Keepstore never asks the API whether
 a token is valid: the HMAC is the whole authorization.
@@ -134,19 +148,32 @@ class KeepstoreHandler(Handler):
         if length > MAX_BLOCK:
             return self.error(413, "request entity too large")
         data = self.read_body()
+        if length and len(data) != length:
+            return self.error(400, f"content length {len(data)} did not match specified data size {length}")
         digest = hashlib.md5(data).hexdigest()
         if digest != block_hash:
             return self.error(400, f"content hash {digest} did not match specified locator {block_hash}")
-        cluster = self.cluster
-        cluster.store_block(digest, data, [self.volume])
-        signed = signing.sign_locator(
-            f"{digest}+{len(data)}", self.token_received or "", cluster.signing_key, cluster.ttl
-        )
+        wanted = {c.strip() for c in self.headers.get("X-Keep-Storage-Classes", "").split(",") if c.strip()}
+        classes = self.cluster.profile.volume_storage_classes(self.volume)
+        if wanted and not wanted & set(classes):
+            return self.error(507, "insufficient storage")
+        signed = self.store_locally(digest, data)
         return Response(
             200,
             f"{signed}\n".encode(),
-            {"X-Keep-Replicas-Stored": "1", "X-Keep-Storage-Classes-Confirmed": "default=1"},
+            {
+                "X-Keep-Replicas-Stored": "1",
+                "X-Keep-Storage-Classes-Confirmed": ", ".join(f"{c}=1" for c in sorted(classes)),
+            },
             content_type="text/plain; charset=utf-8",
+        )
+
+    def store_locally(self, digest: str, data: bytes) -> str:
+        """Write the block to this keepstore's volume; its locator signed for the caller."""
+        cluster = self.cluster
+        cluster.store_block(digest, data, [self.volume])
+        return signing.sign_locator(
+            f"{digest}+{len(data)}", self.token_received or "", cluster.signing_key, cluster.ttl
         )
 
     # --- +R: read from the remote cluster ----------------------------------------------
@@ -167,8 +194,17 @@ class KeepstoreHandler(Handler):
             services = self._remote_services(remote_id)
         except (OSError, ValueError, http.client.HTTPException):
             return self.error(404, f"cannot list keep services of {remote_id}")
-        errors = []
+        errors: list[str] = []
+        local_signature = self.headers.get("X-Keep-Signature", "").split(",")[0].strip() == "local"
         for _, root in probe_order(local_locator[:32], services):
+            if local_signature:
+                data = self._fetch_whole(root, local_locator, salted, errors)
+                if data is not None:
+                    signed = self.store_locally(local_locator[:32], data)
+                    return Response(
+                        200, data, {"X-Keep-Locator": signed}, content_type="application/octet-stream"
+                    )
+                continue
             response = self._fetch(root, local_locator, salted, errors)
             if response is not None:
                 return response
@@ -208,15 +244,39 @@ class KeepstoreHandler(Handler):
             _remote_services[remote_id] = (now + _REMOTE_SERVICES_TTL, services)
         return services
 
+    def _fetch_whole(self, root: str, locator: str, token: str, errors: list[str]) -> bytes | None:
+        """GET the whole block from one remote service into memory, md5 checked."""
+        split = urlsplit(root)
+        conn = http.client.HTTPConnection(split.hostname, split.port, timeout=60)
+        try:
+            conn.request("GET", "/" + locator, headers=self._remote_headers(token))
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(f"{root}: {exc}")
+            return None
+        finally:
+            conn.close()
+        if resp.status != 200:
+            errors.append(f"{root}: {resp.status}")
+            return None
+        if hashlib.md5(data).hexdigest() != locator[:32]:
+            errors.append(f"{root}: checksum mismatch")
+            return None
+        return data
+
+    def _remote_headers(self, token: str) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {token}",
+            "X-Request-Id": _request_id(),
+            "X-Emulator-From": f"{self.server.cluster_id}/{self.server.name}",
+        }
+
     def _fetch(self, root: str, locator: str, token: str, errors: list[str]) -> Response | None:
         split = urlsplit(root)
         conn = http.client.HTTPConnection(split.hostname, split.port, timeout=30)
         try:
-            conn.request(
-                self.command,
-                "/" + locator,
-                headers={"Authorization": f"Bearer {token}", "X-Request-Id": _request_id()},
-            )
+            conn.request(self.command, "/" + locator, headers=self._remote_headers(token))
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()

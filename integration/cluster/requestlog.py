@@ -2,8 +2,10 @@
 
 Fields: ``cluster``, ``service`` (controller, keep0, keep1, ...), ``method``, ``path`` (with
 the query), ``token`` (the token exactly as received, from the Authorization header or the
-``api_token`` parameter, or null), ``status``, ``bytes`` (body bytes sent), ``time`` (unix
-seconds when the request arrived) and ``duration`` (seconds). Tests use it to prove, for
+``api_token`` parameter, or null), ``status``, ``bytes`` (body bytes sent),
+``from_service`` (``"<cluster>/<service>"`` when another emulated service sent the request,
+e.g. a keepstore fetching a ``+R`` block from a remote cluster; null for clients), ``time``
+(unix seconds when the request arrived) and ``duration`` (seconds). Tests use it to prove, for
 instance, that no remote cluster ever received the home cluster's unsalted token.
 Lines are written whole and flushed at once, so a reader never sees half a record.
 """
