@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import pytest
@@ -78,6 +79,29 @@ def test_same_path_in_several_streams_concatenates_in_order():
     assert segs(f) == [(f"{A}+10", 0, 4, 0), (f"{C}+10", 2, 3, 4), (f"{C}+10", 0, 2, 7)]
     assert [n for n, _ in m.root.entries()] == ["d", "f", "g"]
     assert len(m.root) == 3
+
+
+def test_segments_from_any_offset_are_the_tail_of_the_whole_list():
+    text = f". {A}+10 {B}+10 {C}+10 0:5:f 12:0:f 5:20:f 3:1:f 29:1:f 0:30:g\n"
+    m = parse_manifest(text)
+    for f in (m.find("f"), m.find("g")):  # pieces spanning blocks, an empty piece; one piece
+        whole = segs(f)
+        assert f.size == sum(length for *_, length, _ in whole) and f.size in (27, 30)
+        for offset in range(f.size + 1):
+            tail = [(loc, bo + max(offset - fo, 0), ln - max(offset - fo, 0), max(fo, offset))
+                    for loc, bo, ln, fo in whole if fo + ln > offset]  # fmt: skip
+            got = [(str(s.locator), s.block_offset, s.length, s.file_offset) for s in f.segments_from(offset)]
+            assert got == tail, offset
+
+
+def test_segments_from_the_end_of_a_file_of_many_pieces_is_found_without_a_walk():
+    text = f". {A}+10 " + " ".join(f"{i % 10}:1:f" for i in range(200_000)) + "\n"
+    f = parse_manifest(text).find("f")
+    assert f.size == 200_000
+    started = time.perf_counter()
+    for offset in range(199_000, 200_000):
+        assert next(f.segments_from(offset)).file_offset == offset
+    assert time.perf_counter() - started < 1.0  # ~10 ms here; a walk over the pieces takes minutes
 
 
 def test_empty_files_and_directory_markers():
