@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from fedmount import __version__
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
+from fedmount.federation.controller import DEFAULT_MAX_ANSWER
 from fedmount.federation.tokens import redact
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-time", metavar="SECONDS", type=seconds, default=15.0,
                    help="How often collections addressed by UUID are re-checked, and how long a "
                    "collection id that does not exist is remembered as missing (default 15).")
+    g.add_argument("--max-manifest-size", metavar="BYTES", type=parse_size, default=DEFAULT_MAX_ANSWER,
+                   help="Refuse a collection whose API record (its manifest and the rest) is bigger "
+                   "than this, with one line in the log and EIO: loading one costs the daemon a few "
+                   f"times its size in memory (default {DEFAULT_MAX_ANSWER >> 20}M).")
 
     g = p.add_argument_group("cache and read-ahead")
     cache_kind = g.add_mutually_exclusive_group()

@@ -48,7 +48,7 @@ from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS, BlockReader
 from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
 from fedmount.blocks.transport import Timeouts, Urllib3Transport
-from fedmount.federation.controller import ApiError
+from fedmount.federation.controller import DEFAULT_MAX_ANSWER, ApiError
 from fedmount.federation.federation import Federation
 from fedmount.federation.settings import Settings, SettingsError
 from fedmount.fs import fuse
@@ -91,6 +91,7 @@ class MountOptions:
     ram_cache_size: int = 0
     prefetch_blocks: int = DEFAULT_PREFETCH_BLOCKS
     keep_stall_timeout: float = 15.0
+    max_manifest_size: int = DEFAULT_MAX_ANSWER
     read_ahead_kb: int = 4096
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
@@ -107,7 +108,7 @@ class MountOptions:
             file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
             prefetch_blocks=args.prefetch_blocks, keep_stall_timeout=args.keep_stall_timeout,
-            read_ahead_kb=args.read_ahead_kb,
+            max_manifest_size=args.max_manifest_size, read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
         )  # fmt: skip
 
@@ -340,7 +341,9 @@ class Daemon:
     async def main(self) -> int:
         opts, stats = self.opts, self.stats
         try:
-            federation = await Federation.connect(self.settings, mode=opts.route, stats=stats)  # type: ignore[arg-type]
+            federation = await Federation.connect(
+                self.settings, mode=opts.route, stats=stats, max_answer=opts.max_manifest_size  # type: ignore[arg-type]
+            )
         except ApiError as e:
             raise StartupError(f"cannot use the home cluster {self.settings.api_host}: {e.message}") from None
         try:
