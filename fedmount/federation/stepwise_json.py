@@ -26,7 +26,6 @@ from typing import Any
 
 STEP = 1 << 20  # characters decoded by one call
 _SPACE = re.compile(r"[ \t\n\r]*")
-_QUOTE = re.compile(r'(?<!\\)(\\*)"')  # a quote and the whole run of backslashes before it
 _DECODER = json.JSONDecoder()
 
 
@@ -85,7 +84,7 @@ def _end(text: str, i: int, value: dict[str, Any]) -> dict[str, Any]:
 
 def _string(text: str, i: int, step: int) -> tuple[str, int]:
     """The string whose opening quote is at `i`, and the index after its closing quote."""
-    close = _closing_quote(text, i + 1)
+    close = _closing_quote(text, i + 1, step)
     if close - i <= step:
         return json.loads(text[i : close + 1]), close + 1
     pieces = []
@@ -98,13 +97,19 @@ def _string(text: str, i: int, step: int) -> tuple[str, int]:
     return "".join(pieces), close + 1
 
 
-def _closing_quote(text: str, i: int) -> int:
+def _closing_quote(text: str, i: int, step: int) -> int:
     """The index of the quote that ends the string whose content starts at `i`: the first
     quote after an even number of backslashes (an odd number escapes it)."""
     while True:
-        match = _QUOTE.search(text, i)
-        if match is None:
-            raise ValueError("unterminated string")
-        if len(match.group(1)) % 2 == 0:
-            return match.end() - 1
-        i = match.end()
+        quote = text.find('"', i, i + step)
+        if quote < 0:
+            if i + step >= len(text):
+                raise ValueError("unterminated string")
+            i += step
+            continue
+        before = quote
+        while text[before - 1] == "\\":
+            before -= 1
+        if (quote - before) % 2 == 0:
+            return quote
+        i = quote + 1
