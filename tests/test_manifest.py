@@ -133,6 +133,7 @@ def test_unescape_bytes_become_utf8_or_surrogates():
     assert unescape("caf\\303\\251") == "café"
     assert unescape("x\\377").encode("utf-8", "surrogateescape") == b"x\xff"
     assert unescape("\\777") == "\\777"  # not a byte: left alone
+    assert unescape("a\\040\ud800").encode("utf-8", "surrogateescape") == b"a \xed\xa0\x80"  # hostile JSON
     assert unescape("\\12") == "\\12"
 
 

@@ -115,11 +115,16 @@ def _unescape_match(m: re.Match[bytes]) -> bytes:
 
 def unescape(name: str) -> str:
     """Decode ``\\ooo`` (a byte) and ``\\\\``; bytes that are not UTF-8 become surrogates
-    (``os.fsencode`` gives them back), so any name the cluster stores survives a mount."""
+    (``os.fsencode`` gives them back), so any name the cluster stores survives a mount. A
+    lone surrogate the text itself holds (a hostile cluster's JSON may send ``\\ud800``)
+    is kept as its three bytes."""
     if "\\" not in name:
         return name
-    raw = _ESCAPE_RE.sub(_unescape_match, name.encode("utf-8", "surrogateescape"))
-    return raw.decode("utf-8", "surrogateescape")
+    try:
+        encoded = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        encoded = name.encode("utf-8", "surrogatepass")
+    return _ESCAPE_RE.sub(_unescape_match, encoded).decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True, slots=True)
