@@ -9,6 +9,7 @@ import pytest
 
 from fedmount.federation.ids import Locator
 from fedmount.federation.manifest import (
+    SORT_RUN,
     Directory,
     File,
     ManifestError,
@@ -228,6 +229,37 @@ def test_parse_memory_is_about_the_tree():
     assert sum(1 for _ in m.walk()) == n
     # The tree was 2.6x the text before its arrays were narrowed; a str per file made the peak 6.5x.
     assert current - base < 1.75 * len(text) and peak - base < 4 * len(text)
+
+
+def test_parse_memory_does_not_depend_on_the_line_structure():
+    n = 200_000
+    names = [f"file_{i:07d}.dat" for i in range(n)]
+    shapes = {"one line": [names], "1,000 lines": [names[i : i + n // 1000] for i in range(0, n, n // 1000)],
+              "every file on two lines": [names[: n // 2]] * 2}  # fmt: skip
+    peaks = {}
+    for shape, lines in shapes.items():
+        text = "".join(f". {A}+10 " + " ".join(f"0:1:{name}" for name in line) + "\n" for line in lines)
+        tracemalloc.start()
+        base, _ = tracemalloc.get_traced_memory()
+        m = parse_manifest(text)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert len(m.root) == len(set().union(*lines))
+        peaks[shape] = (peak - base) / len(text)
+    # ~4.9x each (the sort's temporaries weigh more in a small directory than in the 1M-file
+    # one above); before: one line 13.5x, 1,000 lines 6x, every name on two lines 10.5x.
+    assert max(peaks.values()) < 1.25 * min(peaks.values()) and max(peaks.values()) < 6, peaks
+
+
+def test_a_directory_bigger_than_a_sort_run_is_sorted_in_bins_and_found():
+    n = 5 * SORT_RUN
+    text = f". {A}+10 " + " ".join(f"0:1:f{i}" for i in range(n)) + "\n"
+    root = parse_manifest(text).root
+    assert list(root._hashes) == sorted(root._hashes) and sorted(root._order) == list(range(n))
+    for i in range(0, n, 997):
+        f = root.get(f"f{i}")
+        assert f is not None and f.name == f"f{i}"
+    assert root.get(f"f{n}") is None
 
 
 def test_lookup_hashes_that_collide_are_told_apart_by_name(monkeypatch):

@@ -41,12 +41,20 @@ long-lived per-line ones, pin pymalloc pools that are never given back):
 Parsing walks the text line by line (no list of lines); a line's head (stream name and
 locators) is split up to its first file token. Names, their hashes and pieces are
 appended straight into each directory's growing `bytearray` and arrays (which move to a
-wider typecode when a value does not fit), so the per-file strings of a line die with
-that line (a line whose file tokens are all plain is added in bulk with one regex pass;
-any escape, ``/`` or anomaly takes the token-by-token path, which also produces the
+wider typecode when a value does not fit), so the per-file strings of a window (below)
+die with it (a window whose file tokens are all plain is added in bulk with one regex
+pass; any escape, ``/`` or anomaly takes the token-by-token path, which also produces the
 precise error). `Directory._finish()` then sorts the hashes; only
 if two files have one name or a file is named like a sub-directory does it merge them
-(keeping manifest order), drop directory markers and reject file/directory clashes.
+(keeping manifest order), drop directory markers and reject file/directory clashes; the
+files of one name are chained in an array for that, not grouped in Python objects.
+
+Whatever the line structure, no step of the parse works on more than a bounded piece: a
+line is handled ``WINDOW`` characters at a time (cut at spaces), a directory of more than
+``SORT_RUN`` files is sorted in bins of its hashes' top bits, and the PDH is hashed in
+windows. So what a manifest costs does not depend on how its files are spread over
+lines, and no single C call holds the GIL for long: the parse runs in a worker thread
+and never stops the trio thread for more than a few milliseconds.
 
 The portable data hash is the md5 of the text with every locator cut to ``hash+size``,
 then ``+`` and the byte length (Go ``PortableDataHash``); the text is not re-normalized.
@@ -394,50 +402,75 @@ class Directory:
             self._hashes.extend(map(_HIGH_HALF, map(hashes.__getitem__, order)))
             self._order.fromlist(order)
 
-    def _repeats_a_name(self) -> bool:
-        """Whether two files have one name (only files whose hashes are equal are compared)."""
+    def _name_groups(self) -> Iterator[list[int]]:
+        """Each set of two or more files of one name, in index order. Only files whose hashes
+        are equal are compared: consecutive runs of the sorted hashes."""
         hashes, order = self._hashes, self._order
-        for i in compress(count(1), map(eq, hashes, islice(hashes, 1, None))):
-            name = self._raw_name(order[i])
-            j = i - 1
-            while j >= 0 and hashes[j] == hashes[i]:
-                if self._raw_name(order[j]) == name:
-                    return True
-                j -= 1
-        return False
+        run: list[int] = []
+        last = -1
+        for k in compress(count(1), map(eq, hashes, islice(hashes, 1, None))):  # hashes[k-1] == hashes[k]
+            if k != last + 1:  # a new run
+                yield from self._same_name(run)
+                run = [order[k - 1]]
+            run.append(order[k])
+            last = k
+        yield from self._same_name(run)
+
+    def _same_name(self, files: list[int]) -> Iterator[list[int]]:
+        groups: dict[bytes, list[int]] = {}
+        for i in sorted(files):
+            groups.setdefault(self._raw_name(i), []).append(i)
+        yield from (group for group in groups.values() if len(group) > 1)
+
+    def _repeats_a_name(self) -> bool:
+        """Whether two files have one name."""
+        return next(self._name_groups(), None) is not None
 
     def _merge(self) -> None:
-        names, ends = self._names, self._name_ends
-        groups: dict[bytes, list[int]] = {}
-        start = 0
-        for i, end in enumerate(ends):
-            groups.setdefault(names[start:end], []).append(i)
-            start = end
-        kept, kept_ends, hashes = bytearray(), array("Q"), array("q")
-        p_stream, p_pos, p_len, p_offset = array("Q"), array("Q"), array("Q"), array("Q")
-        starts = array("Q", [0])
-        for raw, pieces in groups.items():
-            name = raw.decode("utf-8", "surrogatepass")
-            if name in self._dirs:
-                if any(self._p_len[i] for i in pieces):
-                    line = self._p_stream[pieces[0]] + 1
+        """One file per name, where the name first appears, with the pieces of every file of
+        that name in manifest order; zero-length files named like a sub-directory dropped
+        (they mark it), others rejected. The files of one name are chained in an array
+        (`after`), so that a manifest naming every file twice costs no object per file."""
+        n = len(self._name_ends)
+        first = array(_typecode(n), range(n))  # the file where each file's name first appears
+        after = array(_typecode(n), [n]) * n  # the next file of the same name; n: none
+        for group in self._name_groups():
+            for a, b in zip(group, group[1:], strict=False):
+                after[a], first[b] = b, group[0]
+        clashing = sorted(first[i] for i in map(self._find_file, self._dirs) if i >= 0)
+        for head in clashing:
+            j = head
+            while j != n:
+                if self._p_len[j]:
+                    name = self._file_name(head)
+                    line = self._p_stream[head] + 1
                     raise ManifestError(line, 0, name, f"file {name!r} clashes with a directory of that name")
-                continue  # a zero-length file named like a directory marks it
+                j = after[j]
+        dropped = set(clashing)  # a zero-length file named like a directory marks it
+        kept, kept_ends, hashes = bytearray(), array(self._name_ends.typecode), array("q")
+        p_stream, p_pos = array(self._p_stream.typecode), array(self._p_pos.typecode)
+        p_len, p_offset = array(self._p_len.typecode), array("Q")
+        starts = array(_typecode(n), [0])
+        for i in range(n):
+            if first[i] != i or i in dropped:
+                continue
+            raw = self._raw_name(i)
             kept += raw
             kept_ends.append(len(kept))
-            hashes.append(hash(name))
-            at = 0
-            for i in pieces:
-                p_stream.append(self._p_stream[i])
-                p_pos.append(self._p_pos[i])
-                p_len.append(self._p_len[i])
+            hashes.append(hash(raw.decode("utf-8", "surrogatepass")))
+            at, j = 0, i
+            while j != n:
+                p_stream.append(self._p_stream[j])
+                p_pos.append(self._p_pos[j])
+                p_len.append(self._p_len[j])
                 p_offset.append(at)
-                at += self._p_len[i]
+                at += self._p_len[j]
+                j = after[j]
             starts.append(len(p_len))
-        self._names, self._name_ends, self._hashes = bytes(kept), _narrow(kept_ends), hashes
-        self._p_stream, self._p_pos, self._p_len = _narrow(p_stream), _narrow(p_pos), _narrow(p_len)
+        self._names, self._name_ends, self._hashes = bytes(kept), kept_ends, hashes
+        self._p_stream, self._p_pos, self._p_len = p_stream, p_pos, p_len
         if len(p_len) != len(kept_ends):
-            self._piece_start, self._p_offset = _narrow(starts), _narrow(p_offset)
+            self._piece_start, self._p_offset = starts, _narrow(p_offset)
 
 
 class Manifest:
