@@ -6,9 +6,9 @@ Steps:
    (`integration.harness.Federation`), or use a running one (``--federation STATE_DIR``).
 2. Create the benchmark collections through its add-collection control (generated content):
    a big file on the home cluster and one on a remote cluster, a collection of small
-   files, a collection with many entries for the metadata walk and a bigger one for the
-   memory figure. Quick mode (the default) uses smaller sizes and fewer runs than
-   ``--full``; the JSON says which.
+   files, a collection with many entries for the metadata walk, one directory of 10,000
+   files for ``ls -l`` and a bigger collection for the memory figure. Quick mode (the
+   default) uses smaller sizes and fewer runs than ``--full``; the JSON says which.
 3. Measure the ceilings (`bench.ceilings`), then the workloads (`bench.workloads`) against
    fresh mounts of the filesystem under test (``--target fedmount``, the default, or
    ``nullfs`` to exercise the machinery without the daemon). The remote workloads and
@@ -62,6 +62,7 @@ class Config:
     rss_entries: int
     random_4k_count: int
     random_1m_count: int
+    listing_files: int = 10_000
     read_size: int = MiB
     read_ahead_kb: int = 4096
     keep_threads: int = 4
@@ -153,6 +154,13 @@ def create_collections(fed: Federation, cfg: Config) -> dict[str, BenchCollectio
             "bench-walk",
             {f"d{i // 1000:03d}/file-{i:06d}.dat": 64 for i in range(cfg.walk_entries)},
             "bench-walk",
+        ),
+        "listing": add_collection(
+            fed,
+            home,
+            "bench-listing",
+            {f"file-{i:05d}.dat": 64 for i in range(cfg.listing_files)},
+            "bench-listing",
         ),
         "rss": add_collection(
             fed,
@@ -247,6 +255,23 @@ class Run:
                 result.extra = extra()
         except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the others
             result.error = one_line(exc)
+
+    def against_nullfs(
+        self,
+        name: str,
+        description: str,
+        target: Target,
+        ceiling: tuple[str, str],
+        measure: Callable[[workloads.Subject, int], list[float]],
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """A workload in seconds whose ceiling, named and described by `ceiling`, is the same
+        measure of the null filesystem."""
+        ceiling_name, how = ceiling
+        self.workload(
+            name, description, target, "s", lambda n: measure(self.subject, n),
+            {ceiling_name: Ceiling("s", how, lambda n: measure(self.nullfs, n))}, extra,
+        )  # fmt: skip
 
     def side_ceiling(self, name: str, ceiling: Ceiling) -> Figure:
         """Measure an informative ceiling (listed with the others, judged against nothing)."""
@@ -354,18 +379,21 @@ class Run:
                 },
             )
         walk = c["walk"]
-        self.workload(
+        self.against_nullfs(
             f"find + stat, {walk.entries:,} entries",
             "find -printf of a collection from a mount that just became ready (includes the manifest fetch)",
             Target("at_most", 2.0, "< 2 s"),
-            "s",
-            lambda n: workloads.metadata_walk(s, walk, n),
-            {
-                "fuse_walk": Ceiling(
-                    "s", "nullfs, the same find", lambda n: workloads.metadata_walk(nf, walk, n)
-                )
-            },
+            ("fuse_walk", "nullfs, the same find"),
+            lambda subject, n: workloads.metadata_walk(subject, walk, n),
             extra=lambda: {"entries": walk.entries},
+        )
+        listing = c["listing"]
+        self.against_nullfs(
+            f"ls -l, {len(listing.files):,}-file directory",
+            "second ls -l of one directory in a fresh mount (a stat and two xattrs asked per entry)",
+            Target("ratio_at_most", 2.0, "<= 2 x FUSE"),
+            ("fuse_ls", "nullfs, the same ls -l"),
+            lambda subject, n: workloads.long_listing(subject, listing, n),
         )
         small = c["small"]
         label = f"cat {len(small.files):,} x {cfg.small_file_size // 1024} KiB files"

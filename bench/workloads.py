@@ -10,6 +10,9 @@ ceiling are measured the same way:
 - random reads are ``os.pread`` at offsets drawn with a fixed seed, aligned to the read
   size, over one open descriptor;
 - the metadata walk is ``find DIR -printf '%s %m\\n'`` (a stat of every entry);
+- the long listing is ``ls -l DIR``: a stat of every entry, and the ``security.selinux`` and
+  ``system.posix_acl_access`` extended attributes coreutils asks of each unless the
+  filesystem says it does not support them;
 - the small-file read is ``xargs -0 cat`` over a known list of paths;
 - time to first byte is open + a 1-byte read of a file whose metadata is already known.
 
@@ -202,6 +205,19 @@ def find_stat(directory: str, expect_entries: int) -> float:
     return elapsed
 
 
+def ls_long(directory: str, expect_entries: int) -> float:
+    """Seconds for ``ls -l DIR``; checks it listed `expect_entries` entries."""
+    start = time.perf_counter()
+    out = subprocess.run(["ls", "-l", directory], capture_output=True, env={**os.environ, "LC_ALL": "C"})
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0:
+        raise BenchError(f"ls -l {directory} failed: {out.stderr.decode(errors='replace').strip()[:200]}")
+    seen = out.stdout.count(b"\n") - 1  # the first line is "total N"
+    if seen != expect_entries:
+        raise BenchError(f"ls -l {directory} listed {seen} entries, expected {expect_entries}")
+    return elapsed
+
+
 def cat_files(paths: Sequence[str], expect_bytes: int) -> float:
     """Seconds for ``xargs -0 cat`` to read every path; checks the byte count."""
     listing = b"".join(os.fsencode(p) + b"\0" for p in paths)
@@ -377,6 +393,17 @@ def metadata_walk(subject: Subject, c: BenchCollection, runs: int) -> list[float
     for _ in range(runs):
         with subject.mount(cold=False) as m:
             samples.append(find_stat(collection_path(m, c), c.entries))
+    return samples
+
+
+def long_listing(subject: Subject, c: BenchCollection, runs: int) -> list[float]:
+    """Seconds for ``ls -l`` of a collection whose files are all in its top directory, the second
+    listing in a fresh mount (the first one loaded the collection), a fresh mount per run."""
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            ls_long(collection_path(m, c), len(c.files))
+            samples.append(ls_long(collection_path(m, c), len(c.files)))
     return samples
 
 

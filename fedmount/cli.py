@@ -31,6 +31,7 @@ from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.blocks.transport import Timeouts
 from fedmount.daemon_log import add_detached_log, open_private
+from fedmount.federation.controller import DEFAULT_MAX_ANSWER
 from fedmount.federation.tokens import redact
 from fedmount.fs.calls import DEFAULT_API_WAIT
 from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with ETIMEDOUT and a re-checked collection is served as it was; the request goes on in "
                    "the background, for the next one. While a request to a cluster is pending past this "
                    f"wait, that cluster's collections do not wait at all (default {DEFAULT_API_WAIT:g}).")
+    g.add_argument("--max-manifest-size", metavar="BYTES", type=parse_size, default=DEFAULT_MAX_ANSWER,
+                   help="Refuse a collection whose API record (its manifest and the rest) is bigger "
+                   "than this, with one line in the log and EIO: loading one costs the daemon a few "
+                   f"times its size in memory (default {DEFAULT_MAX_ANSWER >> 20}M).")
 
     g = p.add_argument_group("cache and read-ahead")
     cache_kind = g.add_mutually_exclusive_group()

@@ -59,7 +59,7 @@ from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS, BlockReader
 from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
 from fedmount.blocks.transport import Timeouts, Urllib3Transport
 from fedmount.daemon_log import detached_log_path
-from fedmount.federation.controller import ApiError
+from fedmount.federation.controller import DEFAULT_MAX_ANSWER, ApiError
 from fedmount.federation.federation import Federation
 from fedmount.federation.settings import Settings, SettingsError
 from fedmount.federation.tokens import V2_NEEDED
@@ -108,6 +108,7 @@ class MountOptions:
     keep_stall_timeout: float = 15.0
     keep_min_rate: float = Timeouts.min_rate
     keep_rate_window: float = Timeouts.rate_window
+    max_manifest_size: int = DEFAULT_MAX_ANSWER
     read_ahead_kb: int = 4096
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
@@ -132,7 +133,7 @@ class MountOptions:
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
             prefetch_blocks=args.prefetch_blocks, keep_stall_timeout=args.keep_stall_timeout,
             keep_min_rate=args.keep_min_rate, keep_rate_window=args.keep_rate_window,
-            read_ahead_kb=args.read_ahead_kb,
+            max_manifest_size=args.max_manifest_size, read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
         )  # fmt: skip
         if args.logfile:
@@ -399,7 +400,9 @@ class Daemon:
         opts, stats = self.opts, self.stats
         _raise_open_file_limit()
         try:
-            federation = await Federation.connect(self.settings, mode=opts.route, stats=stats)  # type: ignore[arg-type]
+            federation = await Federation.connect(
+                self.settings, mode=opts.route, stats=stats, max_answer=opts.max_manifest_size  # type: ignore[arg-type]
+            )
         except ApiError as e:
             raise StartupError(f"cannot use the home cluster {self.settings.api_host}: {e.message}") from None
         try:

@@ -198,7 +198,7 @@ def test_the_mount_is_read_only_on_every_path(fed, mount):
             if e.errno != errno.EROFS:
                 wrong[name] = errno.errorcode.get(e.errno, str(e.errno))
     assert wrong == {}
-    assert file.read_bytes() == before and stat.S_IMODE(file.stat().st_mode) == 0o444
+    assert file.read_bytes() == before and stat.S_IMODE(file.stat().st_mode) == 0o555
     options = mount_options(m.path)
     assert "ro" in options and "allow_other" not in options
 

@@ -52,6 +52,9 @@ def test_find_stat_and_cat_check_what_they_saw(tmp_path):
     assert workloads.find_stat(str(tmp_path), 6) > 0
     with pytest.raises(BenchError, match="saw 6 entries"):
         workloads.find_stat(str(tmp_path), 7)
+    assert workloads.ls_long(str(tmp_path / "a"), 2) > 0
+    with pytest.raises(BenchError, match="listed 2 entries"):
+        workloads.ls_long(str(tmp_path / "a"), 3)
     paths = [str(tmp_path / n) for n in ("a/x", "a/b/y", "z")]
     assert workloads.cat_files(paths, 12) > 0
     with pytest.raises(BenchError, match="expected 13"):

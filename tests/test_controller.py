@@ -12,11 +12,12 @@ import pytest
 import trio
 
 from fedmount.blocks.keep import KeepService
-from fedmount.federation.controller import ApiError, ControllerClient
+from fedmount.federation.controller import DECODE_IN_STEPS, ApiError, ControllerClient
 from fedmount.federation.tokens import parse_token
 from fedmount.stats import Stats
 
 HOME_TOKEN = "v2/zzzzz-gj3su-000000000000001/" + "s3cr3t" * 8  # the fake federation's (conftest.py)
+EMPTY = "d41d8cd98f00b204e9800998ecf8427e+0"
 
 
 def client(fake, **kw) -> ControllerClient:
@@ -88,6 +89,64 @@ async def test_an_answer_body_is_not_kept_after_the_call():
     finally:
         gc.enable()
     assert bodies == []
+    await c.aclose()
+
+
+class _Chunks(httpx.AsyncByteStream):
+    """A body of `count` chunks of `size` bytes made as they are read; counts those read."""
+
+    def __init__(self, count: int, size: int):
+        self.count, self.size, self.sent = count, size, 0
+
+    async def __aiter__(self):
+        for _ in range(self.count):
+            self.sent += 1
+            yield b" " * self.size
+
+
+def discovery_or(answer):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/discovery"):
+            return httpx.Response(200, json={"uuidPrefix": "zzzzz", "rootUrl": "https://h/"})
+        return answer(request)
+
+    return handler
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_an_answer_over_max_answer_is_refused_in_one_line_without_reading_the_rest(declared):
+    body = _Chunks(1000, 1 << 16)  # 64 MiB
+    headers = {"content-length": str(1000 << 16)} if declared else {}
+    calls = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, headers=headers, stream=body)
+
+    stats = Stats()
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=httpx.MockTransport(discovery_or(answer)),
+                         max_answer=1 << 20, stats=stats, backoff=0.001)  # fmt: skip
+    with pytest.raises(ApiError) as e:
+        await c.get_collection("zzzzz-4zz18-000000000000001")
+    assert e.value.status == 413 and "\n" not in e.value.message
+    assert "bigger than 1 MiB" in e.value.message and "--max-manifest-size" in e.value.message
+    assert len(calls) == 1  # not retried
+    assert body.sent <= (0 if declared else 17)  # stopped at the limit, not at 64 MiB
+    assert stats.get("api_errors", cluster="zzzzz") == 1
+    await c.aclose()
+
+
+async def test_a_big_answer_decodes_as_json_loads_decodes_it():
+    files = " ".join(f"0:0:f\\040{i}" for i in range(400_000))  # escapes, spaces: decoded in steps
+    record = {"uuid": "zzzzz-4zz18-000000000000001", "name": "ü", "manifest_text": f". {EMPTY} {files}\n"}
+    body = json.dumps(record).encode()
+    assert len(body) > DECODE_IN_STEPS
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body)
+
+    c = ControllerClient("h", parse_token(HOME_TOKEN), transport=httpx.MockTransport(discovery_or(answer)))
+    assert await c.get_collection(record["uuid"]) == record
     await c.aclose()
 
 

@@ -34,7 +34,7 @@ async def walk(ops: FuseOperations, path: str) -> pyfuse3.EntryAttributes:
 
 async def test_lookup_gives_read_only_attributes_of_the_mounting_user(ops):
     entry = await walk(ops, f"by_id/{UUID_A}/dir/sub/deep.bin")
-    assert stat.S_ISREG(entry.st_mode) and stat.S_IMODE(entry.st_mode) == 0o444
+    assert stat.S_ISREG(entry.st_mode) and stat.S_IMODE(entry.st_mode) == 0o555
     assert (entry.st_uid, entry.st_gid) == (1234, 5678)
     assert entry.st_size == len(FILES_A["dir/sub/deep.bin"]) and entry.st_blocks == 5
     d = await walk(ops, f"by_id/{UUID_A}/dir")
@@ -94,8 +94,22 @@ async def test_xattrs_through_the_adapter(ops):
     assert b"user.arvados.locators" in names
     assert await ops.getxattr(entry.st_ino, b"user.arvados.cluster", None) == b"zzzzz"
     with pytest.raises(pyfuse3.FUSEError) as e:
-        await ops.getxattr(entry.st_ino, b"security.selinux", None)
-    assert e.value.errno == pyfuse3.ENOATTR
+        await ops.getxattr(entry.st_ino, b"user.other", None)
+    assert e.value.errno == pyfuse3.ENOATTR  # the user namespace is supported: absent
+
+
+NOT_USER = [b"security.selinux", b"system.posix_acl_access", b"system.posix_acl_default",
+            b"security.capability", b"trusted.x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NOT_USER)
+async def test_xattrs_outside_the_user_namespace_are_not_supported(ops, name):
+    # EOPNOTSUPP, not ENODATA: ls -l then stops asking for every file of the device
+    entry = await walk(ops, f"by_id/{UUID_A}/hello.txt")
+    for ino in (entry.st_ino, ROOT_INODE):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getxattr(ino, name, None)
+        assert e.value.errno == errno.EOPNOTSUPP
 
 
 async def test_statfs_fields(ops):

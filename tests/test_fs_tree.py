@@ -259,7 +259,7 @@ async def test_attributes_modes_sizes_times_and_stable_inodes(world):
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/dir/sub/deep.bin")
     attr = await tree.getattr(ino)
-    assert attr.mode == stat.S_IFREG | 0o444 and attr.size == 2560 and attr.blocks == 5
+    assert attr.mode == stat.S_IFREG | 0o555 and attr.size == 2560 and attr.blocks == 5
     assert attr.mtime == NOW - 3600
     assert attr.attr_timeout == attr.entry_timeout == 15.0  # UUID: re-checked
     d = await tree.getattr(await path_node(tree, f"by_id/{UUID_A}/dir"))

@@ -13,13 +13,22 @@ only as a stream's sole block.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import arvados.collection
+import pytest
 from arvados._internal.streams import escape
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmount.federation.manifest import Directory, File, parse_manifest
+from fedmount.federation.manifest import (
+    WINDOW,
+    Directory,
+    File,
+    ManifestError,
+    parse_manifest,
+    portable_data_hash,
+)
 
 DIRS = ["d", "e f", "g:h", "i\\j"]
 FILES = ["f", "x y", "c:d", "b\\s", "t\tab", "é", "a.b", "0:1:z"]
@@ -65,10 +74,10 @@ def streams(draw: st.DrawFn) -> str:
     return " ".join([name, *(b for b, _ in blocks), *files]) + "\n"
 
 
-def ours(text: str) -> tuple[dict, set]:
+def ours(text: str, window: int = WINDOW) -> tuple[dict, set]:
     files: dict[str, tuple[int, list]] = {}
     dirs: set[str] = set()
-    stack = [("", parse_manifest(text).root)]
+    stack = [("", parse_manifest(text, window=window).root)]
     while stack:
         prefix, directory = stack.pop()
         for name, entry in directory.entries():
@@ -104,6 +113,35 @@ def sdk(text: str) -> tuple[dict, set]:
 def test_parser_agrees_with_python_sdk(lines: list[str]) -> None:
     text = "".join(lines)
     assert ours(text) == sdk(text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(streams(), min_size=1, max_size=4), st.integers(1, 60))
+def test_lines_parsed_in_small_windows_give_the_same_tree(lines: list[str], window: int) -> None:
+    text = "".join(lines)
+    assert ours(text, window=window) == ours(text)
+
+
+@pytest.mark.parametrize("line", [
+    f". {HASHES[0]}+5 0:1:a 0:1:b ", f". {HASHES[0]}+5  0:1:a", f". {HASHES[0]}+5 {HASHES[1]}+5  0:1:a",
+    f". {HASHES[0]}+5 0:1:a 0:1:b 0:1:c 0:1:d 0:9:e 0:1:f", f". {HASHES[0]}+5 0:1:a x 0:1:b", ". 0:1:a",
+    f". {HASHES[0]}+5 {HASHES[1]} 0:1:a", f"x {HASHES[0]}+5 0:1:a", f". {HASHES[0]}+5 0:1:a/../b",
+])  # fmt: skip
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_lines_parsed_in_small_windows_fail_the_same_way(line: str, window: int) -> None:
+    with pytest.raises(ManifestError) as whole:
+        parse_manifest(line + "\n")
+    with pytest.raises(ManifestError) as windowed:
+        parse_manifest(line + "\n", window=window)
+    assert str(windowed.value) == str(whole.value)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(streams(), min_size=1, max_size=4), st.integers(1, 60))
+def test_pdh_hashed_in_small_windows_is_the_pdh_of_the_whole_text(lines: list[str], window: int) -> None:
+    text = "".join(lines)
+    stripped = re.sub(r"( [0-9a-f]{32}\+[0-9]+)\+[^ \n]*", r"\1", text).encode()
+    assert portable_data_hash(text, window=window) == f"{hashlib.md5(stripped).hexdigest()}+{len(stripped)}"
 
 
 def test_sdk_comparison_sees_segments():

@@ -25,25 +25,36 @@ long-lived per-line ones, pin pymalloc pools that are never given back):
   the matching file index: `get()` bisects the hashes and decodes only the candidates'
   names to compare. A name is decoded only when asked for (`get`, `entries`,
   `File.name`). A file's pieces are contiguous in the piece arrays (``piece_start`` is
-  omitted when every file has exactly one piece, the common case). Every array but the
+  omitted when every file has exactly one piece, the common case; with it, ``p_offset``
+  has each piece's offset in its file, so neither a file's size nor the piece holding a
+  byte needs a walk over its pieces). Every array but the
   hashes has the narrowest unsigned typecode its values fit (``B`` to ``Q``): file sizes,
   offsets, stream and name indexes are mostly small. With 1,000,000 16-byte files in
   1,000 directories (a 25.4 MB signed manifest) the tree is 30.7 MB: 16 MB of names,
   then per file 4 bytes of hash, 2 each of name end, file index, stream index and
   offset, and 1 of length; with 8-byte hashes and 4- and 8-byte arrays it was 56 MB.
   The parse takes as long as it did then (1.45 s).
-- `File` is a two-slot view (directory, index) built on demand; `File.segments()` maps
-  each piece to blocks by bisecting the stream's block offsets and builds `Segment`s then.
+- `File` is a two-slot view (directory, index) built on demand; `File.segments_from()`
+  bisects to the piece holding an offset, maps pieces to blocks by bisecting the
+  stream's block offsets, and builds each `Segment` only when the reader gets to it.
 
 Parsing walks the text line by line (no list of lines); a line's head (stream name and
 locators) is split up to its first file token. Names, their hashes and pieces are
 appended straight into each directory's growing `bytearray` and arrays (which move to a
-wider typecode when a value does not fit), so the per-file strings of a line die with
-that line (a line whose file tokens are all plain is added in bulk with one regex pass;
-any escape, ``/`` or anomaly takes the token-by-token path, which also produces the
+wider typecode when a value does not fit), so the per-file strings of a window (below)
+die with it (a window whose file tokens are all plain is added in bulk with one regex
+pass; any escape, ``/`` or anomaly takes the token-by-token path, which also produces the
 precise error). `Directory._finish()` then sorts the hashes; only
 if two files have one name or a file is named like a sub-directory does it merge them
-(keeping manifest order), drop directory markers and reject file/directory clashes.
+(keeping manifest order), drop directory markers and reject file/directory clashes; the
+files of one name are chained in an array for that, not grouped in Python objects.
+
+Whatever the line structure, no step of the parse works on more than a bounded piece: a
+line is handled ``WINDOW`` characters at a time (cut at spaces), a directory of more than
+``SORT_RUN`` files is sorted in bins of its hashes' top bits, and the PDH is hashed in
+windows. So what a manifest costs does not depend on how its files are spread over
+lines, and no single C call holds the GIL for long: the parse runs in a worker thread
+and never stops the trio thread for more than a few milliseconds.
 
 The portable data hash is the md5 of the text with every locator cut to ``hash+size``,
 then ``+`` and the byte length (Go ``PortableDataHash``); the text is not re-normalized.
@@ -71,6 +82,8 @@ _HINTS_RE = re.compile(r"( [0-9a-f]{32}\+[0-9]+)\+[^ \n]*")
 _EMPTY_PDH = "d41d8cd98f00b204e9800998ecf8427e+0"
 _HIGH_HALF = (32).__rrshift__  # h -> h >> 32: the top half of a hash, which sorts as the hash does
 _WIDER = {"B": "H", "H": "I", "I": "Q"}
+WINDOW = 1 << 18  # characters of a line handled by one step of the parse
+SORT_RUN = 1 << 16  # files of a directory sorted by one call (one hold of the GIL)
 
 
 class ManifestError(ValueError):
@@ -84,12 +97,20 @@ class ManifestError(ValueError):
         super().__init__(f"malformed manifest: {where}: {why}")
 
 
-def portable_data_hash(text: str) -> str:
-    """``md5hex+len`` of `text` with every block locator cut to ``hash+size``."""
+def portable_data_hash(text: str, *, window: int = WINDOW) -> str:
+    """``md5hex+len`` of `text` with every block locator cut to ``hash+size``, hashed about
+    `window` characters at a time (cut before a space, so no locator is cut)."""
     if not text:
         return _EMPTY_PDH
-    data = _HINTS_RE.sub(r"\1", text).encode()
-    return f"{hashlib.md5(data).hexdigest()}+{len(data)}"
+    md5, size, start = hashlib.md5(), 0, 0
+    while start < len(text):
+        cut = text.find(" ", start + window) if start + window < len(text) else -1
+        stop = len(text) if cut < 0 else cut
+        data = _HINTS_RE.sub(r"\1", text[start:stop]).encode()
+        md5.update(data)
+        size += len(data)
+        start = stop
+    return f"{md5.hexdigest()}+{size}"
 
 
 def _unescape_match(m: re.Match[bytes]) -> bytes:
@@ -102,11 +123,16 @@ def _unescape_match(m: re.Match[bytes]) -> bytes:
 
 def unescape(name: str) -> str:
     """Decode ``\\ooo`` (a byte) and ``\\\\``; bytes that are not UTF-8 become surrogates
-    (``os.fsencode`` gives them back), so any name the cluster stores survives a mount."""
+    (``os.fsencode`` gives them back), so any name the cluster stores survives a mount. A
+    lone surrogate the text itself holds (a hostile cluster's JSON may send ``\\ud800``)
+    is kept as its three bytes."""
     if "\\" not in name:
         return name
-    raw = _ESCAPE_RE.sub(_unescape_match, name.encode("utf-8", "surrogateescape"))
-    return raw.decode("utf-8", "surrogateescape")
+    try:
+        encoded = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        encoded = name.encode("utf-8", "surrogatepass")
+    return _ESCAPE_RE.sub(_unescape_match, encoded).decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,21 +246,29 @@ class File:
     def size(self) -> int:
         d = self._dir
         first, last = d._piece_range(self._index)
-        if last - first == 1:
+        if d._p_offset is None:
             return d._p_len[first]
-        return sum(d._p_len[first:last])
+        return d._p_offset[last - 1] + d._p_len[last - 1]
 
     def segments(self) -> list[Segment]:
         """The file's block pieces in file order, contiguous from offset 0."""
+        return list(self.segments_from(0))
+
+    def segments_from(self, offset: int) -> Iterator[Segment]:
+        """The file's block pieces from the one holding byte `offset` on, in file order, made
+        one at a time: finding the first costs two bisections, each next one O(1), whatever
+        the number of pieces (a legal file may have millions of one-byte pieces)."""
         d = self._dir
         first, last = d._piece_range(self._index)
-        out: list[Segment] = []
-        offset = 0
-        for p in range(first, last):
+        piece, at = first, 0
+        if d._p_offset is not None:
+            piece = max(bisect_right(d._p_offset, offset, first, last) - 1, first)
+            at = d._p_offset[piece]
+        for p in range(piece, last):
             length = d._p_len[p]
-            out.extend(d._streams[d._p_stream[p]].segments(d._p_pos[p], length, offset))
-            offset += length
-        return out
+            skip = min(max(offset - at, 0), length)
+            yield from d._streams[d._p_stream[p]].segments(d._p_pos[p] + skip, length - skip, at + skip)
+            at += length
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, File) and other._dir is self._dir and other._index == self._index
@@ -251,7 +285,7 @@ class Directory:
 
     __slots__ = (
         "name", "_dirs", "_streams", "_names", "_name_ends", "_hashes", "_order",
-        "_piece_start", "_p_stream", "_p_pos", "_p_len",
+        "_piece_start", "_p_stream", "_p_pos", "_p_len", "_p_offset",
     )  # fmt: skip
 
     def __init__(self, name: str, streams: list[Stream]):
@@ -264,6 +298,7 @@ class Directory:
         self._hashes = array("q")
         self._order = array("B")
         self._piece_start: array | None = None
+        self._p_offset: array | None = None  # with _piece_start: each piece's offset in its file
         self._p_stream = array("B")
         self._p_pos = array("B")
         self._p_len = array("B")
@@ -347,52 +382,95 @@ class Directory:
             self._sort()
 
     def _sort(self) -> None:
-        """Order the files by the full hashes of their names; keep the hashes' top halves."""
+        """Order the files by the full hashes of their names; keep the hashes' top halves.
+
+        A big directory is sorted bin by bin (binned by the hashes' top bits, in order), so
+        that no single sort holds the GIL for long or makes a Python int of every file."""
         hashes = self._hashes
-        order = sorted(range(len(hashes)), key=hashes.__getitem__)
-        self._hashes = array("i", map(_HIGH_HALF, map(hashes.__getitem__, order)))
-        self._order = array(_typecode(len(order)), order)
+        n = len(hashes)
+        bits = max(n // SORT_RUN, 1).bit_length() - 1  # 2**bits bins of about SORT_RUN files
+        bins: list[Sequence[int]] = [range(n)]
+        if bits:
+            bins = [array(_typecode(n)) for _ in range(1 << bits)]
+            put = [b.append for b in bins]
+            shift, bias = 64 - bits, 1 << (bits - 1)  # signed top bits -> bin 0 .. 2**bits - 1
+            for i, h in enumerate(hashes):
+                put[(h >> shift) + bias](i)
+        self._hashes, self._order = array("i"), array(_typecode(n))
+        for files in bins:
+            order = sorted(files, key=hashes.__getitem__)
+            self._hashes.extend(map(_HIGH_HALF, map(hashes.__getitem__, order)))
+            self._order.fromlist(order)
+
+    def _name_groups(self) -> Iterator[list[int]]:
+        """Each set of two or more files of one name, in index order. Only files whose hashes
+        are equal are compared: consecutive runs of the sorted hashes."""
+        hashes, order = self._hashes, self._order
+        run: list[int] = []
+        last = -1
+        for k in compress(count(1), map(eq, hashes, islice(hashes, 1, None))):  # hashes[k-1] == hashes[k]
+            if k != last + 1:  # a new run
+                yield from self._same_name(run)
+                run = [order[k - 1]]
+            run.append(order[k])
+            last = k
+        yield from self._same_name(run)
+
+    def _same_name(self, files: list[int]) -> Iterator[list[int]]:
+        groups: dict[bytes, list[int]] = {}
+        for i in sorted(files):
+            groups.setdefault(self._raw_name(i), []).append(i)
+        yield from (group for group in groups.values() if len(group) > 1)
 
     def _repeats_a_name(self) -> bool:
-        """Whether two files have one name (only files whose hashes are equal are compared)."""
-        hashes, order = self._hashes, self._order
-        for i in compress(count(1), map(eq, hashes, islice(hashes, 1, None))):
-            name = self._raw_name(order[i])
-            j = i - 1
-            while j >= 0 and hashes[j] == hashes[i]:
-                if self._raw_name(order[j]) == name:
-                    return True
-                j -= 1
-        return False
+        """Whether two files have one name."""
+        return next(self._name_groups(), None) is not None
 
     def _merge(self) -> None:
-        names, ends = self._names, self._name_ends
-        groups: dict[bytes, list[int]] = {}
-        start = 0
-        for i, end in enumerate(ends):
-            groups.setdefault(names[start:end], []).append(i)
-            start = end
-        kept, kept_ends, hashes = bytearray(), array("Q"), array("q")
-        p_stream, p_pos, p_len = array("Q"), array("Q"), array("Q")
-        starts = array("Q", [0])
-        for raw, pieces in groups.items():
-            name = raw.decode("utf-8", "surrogatepass")
-            if name in self._dirs:
-                if any(self._p_len[i] for i in pieces):
-                    line = self._p_stream[pieces[0]] + 1
+        """One file per name, where the name first appears, with the pieces of every file of
+        that name in manifest order; zero-length files named like a sub-directory dropped
+        (they mark it), others rejected. The files of one name are chained in an array
+        (`after`), so that a manifest naming every file twice costs no object per file."""
+        n = len(self._name_ends)
+        first = array(_typecode(n), range(n))  # the file where each file's name first appears
+        after = array(_typecode(n), [n]) * n  # the next file of the same name; n: none
+        for group in self._name_groups():
+            for a, b in zip(group, group[1:], strict=False):
+                after[a], first[b] = b, group[0]
+        clashing = sorted(first[i] for i in map(self._find_file, self._dirs) if i >= 0)
+        for head in clashing:
+            j = head
+            while j != n:
+                if self._p_len[j]:
+                    name = self._file_name(head)
+                    line = self._p_stream[head] + 1
                     raise ManifestError(line, 0, name, f"file {name!r} clashes with a directory of that name")
-                continue  # a zero-length file named like a directory marks it
+                j = after[j]
+        dropped = set(clashing)  # a zero-length file named like a directory marks it
+        kept, kept_ends, hashes = bytearray(), array(self._name_ends.typecode), array("q")
+        p_stream, p_pos = array(self._p_stream.typecode), array(self._p_pos.typecode)
+        p_len, p_offset = array(self._p_len.typecode), array("Q")
+        starts = array(_typecode(n), [0])
+        for i in range(n):
+            if first[i] != i or i in dropped:
+                continue
+            raw = self._raw_name(i)
             kept += raw
             kept_ends.append(len(kept))
-            hashes.append(hash(name))
-            for i in pieces:
-                p_stream.append(self._p_stream[i])
-                p_pos.append(self._p_pos[i])
-                p_len.append(self._p_len[i])
+            hashes.append(hash(raw.decode("utf-8", "surrogatepass")))
+            at, j = 0, i
+            while j != n:
+                p_stream.append(self._p_stream[j])
+                p_pos.append(self._p_pos[j])
+                p_len.append(self._p_len[j])
+                p_offset.append(at)
+                at += self._p_len[j]
+                j = after[j]
             starts.append(len(p_len))
-        self._names, self._name_ends, self._hashes = bytes(kept), _narrow(kept_ends), hashes
-        self._p_stream, self._p_pos, self._p_len = _narrow(p_stream), _narrow(p_pos), _narrow(p_len)
-        self._piece_start = _narrow(starts) if len(p_len) != len(kept_ends) else None
+        self._names, self._name_ends, self._hashes = bytes(kept), kept_ends, hashes
+        self._p_stream, self._p_pos, self._p_len = p_stream, p_pos, p_len
+        if len(p_len) != len(kept_ends):
+            self._piece_start, self._p_offset = starts, _narrow(p_offset)
 
 
 class Manifest:
@@ -474,14 +552,14 @@ def _parse_locators(tokens: list[str], line: int, first_file_token: str) -> arra
 
 
 def _add_files_fast(
-    directory: Directory, line: str, offset: int, count: int, stream_index: int, stream_size: int
+    directory: Directory, text: str, start: int, end: int, stream_index: int, stream_size: int
 ) -> bool:
-    """Add a line's file tokens in bulk if they are plain (no escape, no ``/``, no marker,
-    all well formed and in range); False leaves them to the token-by-token path."""
-    if line.find("\\", offset) >= 0 or line.find("/", offset) >= 0:
+    """Add the file tokens in text[start:end] in bulk if they are plain (no escape, no ``/``,
+    no marker, all well formed and in range); False leaves them to the token-by-token path."""
+    if text.find("\\", start, end) >= 0 or text.find("/", start, end) >= 0:
         return False
-    found = _FILE_TOKEN_RE.findall(line, offset)
-    if len(found) != count:
+    found = _FILE_TOKEN_RE.findall(text, start, end)
+    if len(found) != text.count(" ", start, end) + 1:
         return False
     names = list(map(itemgetter(2), found))
     if names.count(".") or names.count(".."):
@@ -491,64 +569,90 @@ def _add_files_fast(
     if max(map(add, pos, length)) > stream_size:
         return False
     directory._add_names(names)
-    directory._add_pieces([stream_index] * count, pos, length)
+    directory._add_pieces([stream_index] * len(found), pos, length)
     return True
 
 
-def parse_manifest(text: str) -> Manifest:
-    """Parse manifest text into a `Manifest`; raise `ManifestError` on malformed input."""
+def _add_files(
+    directory: Directory, text: str, start: int, end: int, stream_index: int, stream_size: int,
+    lineno: int, first: int,
+) -> None:  # fmt: skip
+    """Add the file tokens in text[start:end], one at a time (any escape or anomaly); `first`
+    is the 0-based index of the first of them in its line, for the error messages."""
+    segment = _SEGMENT_RE.fullmatch
+    for t, token in enumerate(text[start:end].split(" "), first):
+        m = segment(token)
+        if m is None:
+            raise ManifestError(lineno, t + 1, token, "expected a file token <position>:<length>:<name>")
+        pos_text, len_text, name = m.groups()
+        pos, length = int(pos_text), int(len_text)
+        if pos + length > stream_size:
+            raise ManifestError(lineno, t + 1, token, f"range ends past the {stream_size}-byte stream")
+        target = directory
+        if "\\" in name:
+            name = unescape(name)
+        if "/" in name:
+            parts = name.split("/")
+            target = _walk_to(directory, parts[:-1], lineno, t + 1, token)
+            name = parts[-1]
+        if name == ".":
+            continue  # marks the directory, which _walk_to created
+        if name in ("", ".."):
+            raise ManifestError(lineno, t + 1, token, f"{name!r} is not a file name")
+        target._add_names([name])
+        target._add_pieces([stream_index], [pos], [length])
+
+
+def _windows(text: str, start: int, end: int, window: int) -> Iterator[tuple[int, int]]:
+    """text[start:end] cut at spaces into ranges of about `window` characters: splitting
+    each range on spaces gives, end to end, what splitting the whole would give."""
+    while True:
+        cut = text.find(" ", start + window, end) if start + window < end else -1
+        stop = end if cut < 0 else cut
+        yield start, stop
+        if stop == end:
+            return
+        start = stop + 1
+
+
+def parse_manifest(text: str, *, window: int = WINDOW) -> Manifest:
+    """Parse manifest text into a `Manifest`; raise `ManifestError` on malformed input.
+
+    A line is handled `window` characters at a time (see the module docstring)."""
     streams: list[Stream] = []
     root = Directory("", streams)
-    segment = _SEGMENT_RE.fullmatch
     lineno = 0
     line_start = 0
     while line_start < len(text):  # a missing final newline is tolerated, as the Python SDK does
         line_end = text.find("\n", line_start)
         if line_end < 0:
             line_end = len(text)
-        line_text = text[line_start:line_end]
-        line_start = line_end + 1
         lineno += 1
         # The head ends before the first token with a colon after the stream name (locators have none).
-        colon = line_text.find(":", line_text.find(" ") + 1) if " " in line_text else -1
-        offset = line_text.rfind(" ", 0, colon) + 1 if colon >= 0 else len(line_text) + 1
-        tokens = line_text[: offset - 1].split(" ")
+        space = text.find(" ", line_start, line_end)
+        colon = text.find(":", space + 1, line_end) if space >= 0 else -1
+        offset = text.rfind(" ", line_start, colon) + 1 if colon >= 0 else line_end + 1
+        tokens: list[str] = []
+        for a, b in _windows(text, line_start, offset - 1, window):
+            tokens += text[a:b].split(" ")
         stream_name = unescape(tokens[0])
         if stream_name != "." and not stream_name.startswith("./"):
             raise ManifestError(lineno, 1, tokens[0], "a stream name is '.' or starts with './'")
         stream_parts = stream_name.split("/")[1:]
         stream_dir = _walk_to(root, stream_parts, lineno, 1, tokens[0])
-        starts = _parse_locators(tokens, lineno, line_text[offset:].partition(" ")[0])
+        first_end = text.find(" ", offset, line_end)
+        starts = _parse_locators(tokens, lineno, text[offset : line_end if first_end < 0 else first_end])
         if colon < 0:
             raise ManifestError(lineno, 0, "", "a stream needs at least one file token")
         stream_index = len(streams)
         stream_size = starts[-1]
         streams.append(Stream(stream_name, stream_index, tokens[1:], starts))
-        count = line_text.count(" ", offset) + 1
-        if _add_files_fast(stream_dir, line_text, offset, count, stream_index, stream_size):
-            continue
         first = len(tokens)
-        for t, token in enumerate(line_text[offset:].split(" "), first):
-            m = segment(token)
-            if m is None:
-                raise ManifestError(lineno, t + 1, token, "expected a file token <position>:<length>:<name>")
-            pos_text, len_text, name = m.groups()
-            pos, length = int(pos_text), int(len_text)
-            if pos + length > stream_size:
-                raise ManifestError(lineno, t + 1, token, f"range ends past the {stream_size}-byte stream")
-            directory = stream_dir
-            if "\\" in name:
-                name = unescape(name)
-            if "/" in name:
-                parts = name.split("/")
-                directory = _walk_to(stream_dir, parts[:-1], lineno, t + 1, token)
-                name = parts[-1]
-            if name == ".":
-                continue  # marks the directory, which _walk_to created
-            if name in ("", ".."):
-                raise ManifestError(lineno, t + 1, token, f"{name!r} is not a file name")
-            directory._add_names([name])
-            directory._add_pieces([stream_index], [pos], [length])
+        for a, b in _windows(text, offset, line_end, window):
+            if not _add_files_fast(stream_dir, text, a, b, stream_index, stream_size):
+                _add_files(stream_dir, text, a, b, stream_index, stream_size, lineno, first)
+            first += text.count(" ", a, b) + 1
+        line_start = line_end + 1
     pending = [root]
     while pending:
         directory = pending.pop()

@@ -11,6 +11,23 @@ reply. Every handler goes through `_guard`, which
 - turns any other exception into EIO, logging one line at error level and the traceback
   at debug level. Nothing escapes into pyfuse3, whose main loop would die of it.
 
+Extended attributes live in the ``user.`` namespace only; a ``getxattr`` of any other name
+(``security.selinux``, ``system.posix_acl_access``: ``ls -l`` asks both of every file)
+answers EOPNOTSUPP, "not supported on this filesystem", rather than ENODATA, "supported,
+absent". coreutils' ``ls`` remembers the former per device and stops asking, but asks again
+for every file after the latter, so ``ls -l`` of a directory costs two round trips instead
+of two per entry. (The kernel would remember an ENOSYS for the whole mount, but that would
+hide ``user.arvados.*`` too.)
+
+A listing leaves out the entries whose name the kernel cannot take, since they could
+never be opened either: a name holding a NUL byte (the kernel would cut it there, so
+``a\\000b`` would list as a second ``a``), longer than ``NAME_MAX`` (255 bytes, what
+statfs promises and above which lookup answers ENAMETOOLONG; the kernel refuses a whole
+listing over a name of more than 4 KB, and a name bigger than the reply buffer ended it),
+or with a character UTF-8 cannot encode (a lone surrogate a hostile manifest may carry).
+The rest of the listing is whole. Each directory logs one line, once per mount, with the
+number left out and the first such name (shortened).
+
 A lookup that fails with ENOENT and a `FsError.cache_for` is answered with a negative
 entry (inode 0) and that entry timeout, so the kernel itself remembers that the name does
 not exist. Every modifying operation answers EROFS (the mount is also made ``ro``, so
@@ -55,6 +72,7 @@ log = logging.getLogger("fedmount.fuse")
 
 T = TypeVar("T")
 NAME_MAX = 255  # bytes in one name, as statfs reports (f_namemax)
+XATTR_NAMESPACE = b"user."  # the only extended attributes served (user.arvados.*)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -64,6 +82,43 @@ def _decode(name: bytes) -> str:
 
 def _encode(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
+
+
+def _listable(name: str) -> bytes | None:
+    """The name as the kernel gets it in a listing, or None if it cannot take it (see above)."""
+    try:
+        raw = _encode(name)
+    except UnicodeEncodeError:
+        return None
+    return raw if len(raw) <= NAME_MAX and b"\0" not in raw else None
+
+
+def _shown(name: str) -> str:
+    """A name for a log line: its repr, at most 80 characters."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _OpenDir:
+    """An open directory: its entries as of opendir, and what its listing left out."""
+
+    __slots__ = ("inode", "entries", "skipped", "first_skipped", "_counted")
+
+    def __init__(self, inode: int, entries: Entries):
+        self.inode = inode
+        self.entries = entries
+        self.skipped = 0
+        self.first_skipped = ""
+        self._counted = 0  # left-out entries before this index are counted already
+
+    def leave_out(self, index: int, name: str) -> bool:
+        """Note that entry `index` is left out; False if an earlier readdir of it did already."""
+        if index < self._counted:
+            return False
+        self._counted = index + 1
+        self.skipped += 1
+        self.first_skipped = self.first_skipped or name
+        return True
 
 
 def _guard(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
@@ -103,7 +158,8 @@ class FuseOperations(pyfuse3.Operations):
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._files: dict[int, Handle] = {}
-        self._dirs: dict[int, Entries] = {}
+        self._dirs: dict[int, _OpenDir] = {}
+        self._reported_dirs: set[int] = set()  # directories whose left-out names were logged
         self._next_fh = 1
         self._changes_in, self._changes_out = trio.open_memory_channel[Invalidation](math.inf)
         tree.on_change = self._changes_in.send_nowait
@@ -173,24 +229,37 @@ class FuseOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         entries = await self.tree.listdir(inode)
         fh = self._fh()
-        self._dirs[fh] = entries
+        self._dirs[fh] = _OpenDir(inode, entries)
         return fh
 
     @_guard("readdir")
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = self._dirs[fh]
+        listing = self._dirs[fh]
+        entries = listing.entries
         for index in range(start_id, len(entries)):
             name, node = entries[index]
+            raw = _listable(name)
+            if raw is None:
+                if listing.leave_out(index, name):
+                    self.stats.add("readdir_names_skipped")
+                continue
             try:
                 attr = node.attr()
             except FsError:  # went away since opendir (a UUID collection changed)
                 continue
-            if not pyfuse3.readdir_reply(token, _encode(name), self._entry(attr), index + 1):
+            if not pyfuse3.readdir_reply(token, raw, self._entry(attr), index + 1):
                 break
 
     @_guard("releasedir")
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        listing = self._dirs.pop(fh, None)
+        if listing is not None and listing.skipped and listing.inode not in self._reported_dirs:
+            self._reported_dirs.add(listing.inode)
+            log.warning(
+                "directory inode %d: %d entries not listed, their names cannot be served (a NUL byte, "
+                "more than %d bytes, or not encodable), e.g. %s",
+                listing.inode, listing.skipped, NAME_MAX, _shown(listing.first_skipped),
+            )  # fmt: skip
 
     @_guard("open")
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -222,6 +291,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if not name.startswith(XATTR_NAMESPACE):  # see "Extended attributes" above
+            raise FsError(errno.EOPNOTSUPP)
         return self.tree.getxattr(inode, _decode(name))
 
     @_guard("listxattr")

@@ -164,10 +164,13 @@ class Attr:
     mtime: float
     entry_timeout: float
     attr_timeout: float
+    executable: bool = False  # a collection file: 0555, as arv-mount serves it (scripts run)
 
     @property
     def mode(self) -> int:
-        return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
+        if self.is_dir:
+            return stat.S_IFDIR | 0o555
+        return stat.S_IFREG | (0o555 if self.executable else 0o444)
 
     @property
     def blocks(self) -> int:
@@ -853,7 +856,8 @@ class CollectionFile(Node):
         return self._file
 
     def attr(self) -> Attr:
-        return Attr(self.ino, False, self.file.size, self.coll.mtime(), self.coll.timeout, self.coll.timeout)
+        return Attr(self.ino, False, self.file.size, self.coll.mtime(), self.coll.timeout, self.coll.timeout,
+                    executable=True)
 
     async def open(self) -> Handle:
         await self.coll.fresh()
