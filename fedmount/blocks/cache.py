@@ -286,12 +286,22 @@ def _publish(fd: int, name: str | None, path: str) -> None:
     """Move a new file (unnamed if `name` is None) to `path`, replacing what is there at once."""
     if name is None:
         name = f"{path}.tmp.{secrets.token_hex(8)}"
-        os.link(f"/proc/self/fd/{fd}", name)  # linkat(AT_SYMLINK_FOLLOW): names an O_TMPFILE file
+        _link_unnamed(fd, name)
     try:
         os.rename(name, path)
     except BaseException:
         os.unlink(name)
         raise
+
+
+def _link_unnamed(fd: int, name: str) -> None:
+    """Give an unnamed (O_TMPFILE) file a name: linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, the
+    way that needs no privilege (a directory fd makes `os.link` call linkat, not link)."""
+    directory = os.open(os.path.dirname(name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", os.path.basename(name), dst_dir_fd=directory, follow_symlinks=True)
+    finally:
+        os.close(directory)
 
 
 def _locked_inodes() -> set[tuple[int, int]]:
@@ -505,7 +515,7 @@ class _DiskTier:
             fd, name = _new_file(blocks, ".probe", unnamed=True)
             probe = f"{blocks}/.probe.{secrets.token_hex(4)}"
             try:
-                os.link(f"/proc/self/fd/{fd}", probe)
+                _link_unnamed(fd, probe)
                 os.unlink(probe)
             finally:
                 os.close(fd)
