@@ -4,7 +4,6 @@ shrink under a mapping, temporary files of dead fetches, a corrupt index."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import stat
@@ -16,30 +15,15 @@ from pathlib import Path
 
 import pytest
 import trio
+from cacheblocks import block_file, fresh, make_block, on_disk  # tests/ is on sys.path under pytest
 
 from fedmount.blocks import cache as cache_module
 from fedmount.blocks.cache import BlockCache, trailer
-from fedmount.stats import Stats
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
-
-
-def make_block(size: int, seed: int = 0) -> tuple[str, bytes]:
-    data = (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
-    return f"{hashlib.md5(data).hexdigest()}+{size}", data
-
-
-def fresh(cache_dir: Path, **kw: int) -> tuple[BlockCache, Stats]:
-    stats = Stats()
-    args = {"disk_limit": 64 * MiB, "ram_limit": 8 * MiB} | kw
-    return BlockCache(str(cache_dir), stats=stats, **args), stats
-
-
-def block_file(cache_dir: Path, key: str) -> Path:
-    return cache_dir / "blocks" / key[:2] / key
 
 
 def plant(cache_dir: Path, key: str, wrong: bytes) -> Path:
@@ -132,9 +116,7 @@ TRUNCATE = "import os, sys, time; os.truncate(sys.argv[1], 1000); print(round(ti
 async def test_a_mapped_block_file_truncated_by_another_process_is_discarded_never_signals(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    writer, _ = fresh(tmp_path)
-    key, data = make_block(8 * MiB)
-    await writer.put(key, data)
+    key, data = await on_disk(tmp_path, 8 * MiB)
     cache, stats = fresh(tmp_path)
     view = await cache.read(key, 0, 4 * MiB, readahead=4)  # mapped: the read is a view of the file
     assert isinstance(view, memoryview) and view == data[: 4 * MiB]
@@ -159,9 +141,7 @@ async def test_a_mapped_block_file_truncated_by_another_process_is_discarded_nev
 async def test_a_block_file_that_cannot_be_leased_is_read_by_copy_and_a_shrink_is_caught(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    writer, _ = fresh(tmp_path)
-    key, data = make_block(4 * MiB)
-    await writer.put(key, data)
+    key, data = await on_disk(tmp_path, 4 * MiB)
     path = block_file(tmp_path, key)
     with open(path, "r+b") as held_for_writing:  # no read lease while someone may write it
         cache, stats = fresh(tmp_path)
