@@ -144,6 +144,8 @@ TEMPORARY_NAME = re.compile(r"[0-9a-f]{32}\+[0-9]+\.tmp\..+")
 INDEX = "index.sqlite3"
 INDEX_FILES = (INDEX, INDEX + "-wal", INDEX + "-shm")
 CORRUPT_INDEX = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+INDEX_WAIT = 60.0  # seconds a write to the index waits for another process's
+READ_PATH_WAIT = 0.1  # the same for the read path's best-effort updates (a reader waits for them)
 
 
 def default_cache_dir() -> str:
@@ -407,7 +409,7 @@ class _DiskTier:
         """Open the index (made 0600 first: SQLite gives its -wal and -shm the same mode), rebuilding
         it from the block files if it is corrupt (see "Index repair")."""
         os.close(os.open(self._index, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-        db = sqlite3.connect(self._index, timeout=60, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self._index, timeout=INDEX_WAIT, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -494,10 +496,19 @@ class _DiskTier:
         return self._db_call(lambda db: db.execute(query, params).fetchall())
 
     def _best_effort(self, query: str, args: tuple[object, ...]) -> None:
-        """Update the index from the read path (an access time, a discarded block): a failure is
-        logged once and reads go on; the index may then be behind the files until it works again."""
+        """Update the index from the read path (an access time, a discarded block), waiting at most
+        `READ_PATH_WAIT` for another process's write: a failure is logged once and reads go on;
+        the index may then be behind the files until it works again."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(f"PRAGMA busy_timeout = {int(READ_PATH_WAIT * 1000)}")
+            try:
+                db.execute(query, args)
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(INDEX_WAIT * 1000)}")
+
         try:
-            self._sql(query, args)
+            self._db_call(work)
         except sqlite3.Error as exc:
             if not self._index_trouble:
                 log.warning("block cache: cannot update %s (%s); reads go on", self._index, exc)
