@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fedmount.blocks.cache import STALE_TEMPORARY, trailer
-from integration.mounting import REPO, Recorder, fedmount_cmd, requires_fuse, run, timed_read, wait_for
+from integration.mounting import REPO, Mount, Recorder, fedmount_cmd, requires_fuse, run, timed_read, wait_for
 from integration.test_reliability import cache_warnings, content, fresh, keep_gets, wrong_bytes_served
 
 pytestmark = requires_fuse
@@ -76,6 +76,24 @@ def poisoned(key: str) -> bytes:
     return wrong + trailer(wrong)
 
 
+def filled_cache(mount, coll: dict) -> Path:
+    """The disk cache of a mount that read ``data.bin`` of `coll` once (and is stopped)."""
+    first = mount()
+    assert timed_read(first / f"by_id/{coll['uuid']}/data.bin").md5 == coll["files"]["data.bin"]["md5"]
+    first.stop()
+    return first.cache
+
+
+def read_after_remount(fed, mount, cache: Path, coll: dict) -> tuple[Mount, list[str], list[str]]:
+    """A new mount of `cache` reads ``data.bin`` byte by byte (every byte must be right): the mount,
+    its cache warnings and the hashes of the blocks it fetched from Keep meanwhile."""
+    mark = fed.mark()
+    m = mount("--disk-cache-dir", str(cache))
+    wrong, failed = wrong_bytes_served(m / f"by_id/{coll['uuid']}/data.bin", content(coll, "data.bin"))
+    assert not failed and wrong == 0
+    return m, cache_warnings(m), [r["path"][1:33] for r in keep_gets(fed, mark)]
+
+
 def as_user(user: tuple[int, int], script: str, *args: str, data: bytes = b"") -> None:
     uid, gid = user
     subprocess.run(["sh", "-c", script, "sh", *args], input=data, user=uid, group=gid, check=True, timeout=60)
@@ -110,23 +128,16 @@ def test_cache_directory_another_user_can_write_is_refused_and_their_planted_blo
 @needs_root
 def test_block_file_another_user_owns_in_our_cache_is_discarded_and_fetched_again(fed, mount, record):
     coll = fresh(fed, "zzzzz", {"data.bin": 3 * MiB})
-    first = mount()
-    path = first / f"by_id/{coll['uuid']}/data.bin"
-    assert timed_read(path).md5 == coll["files"]["data.bin"]["md5"]
-    first.stop()
+    cache = filled_cache(mount, coll)
     target = block_keys(coll, "data.bin")[2]
-    planted = first.cache / "blocks" / target[:2] / target
+    planted = cache / "blocks" / target[:2] / target
     planted.write_bytes(poisoned(target))
     os.chown(planted, 65534, 65534)  # as if planted by nobody, when the directory was not yet safe
-    mark = fed.mark()
-    second = mount("--disk-cache-dir", str(first.cache))
-    wrong, failed = wrong_bytes_served(second / f"by_id/{coll['uuid']}/data.bin", content(coll, "data.bin"))
-    assert not failed and wrong == 0
-    warnings = cache_warnings(second)
+    _, warnings, fetched = read_after_remount(fed, mount, cache, coll)
     assert len(warnings) == 1 and "belongs to uid 65534" in warnings[0], warnings
-    assert [r["path"][1:33] for r in keep_gets(fed, mark)] == [target[:32]]  # only that block, from Keep
+    assert fetched == [target[:32]]  # only that block, from Keep
     record("block file another user owns in the cache", outcome="discarded with one warning, fetched "
-           "again", wrong_bytes=wrong)  # fmt: skip
+           "again", wrong_bytes=0)  # fmt: skip
 
 
 def test_cache_files_are_private_to_their_user(fed, mount):
@@ -155,13 +166,11 @@ print(h.hexdigest(), flush=True)
 
 def test_truncating_a_mapped_block_file_discards_it_and_the_daemon_lives(fed, mount, record):
     coll = fresh(fed, "zzzzz", {"data.bin": 16 * MiB}, block_size=16 * MiB)
-    first = mount()
-    assert timed_read(first / f"by_id/{coll['uuid']}/data.bin").ok
-    first.stop()
+    cache = filled_cache(mount, coll)
     [key] = block_keys(coll, "data.bin", 16 * MiB)
-    block = first.cache / "blocks" / key[:2] / key
+    block = cache / "blocks" / key[:2] / key
     mark = fed.mark()
-    second = mount("--disk-cache-dir", str(first.cache))
+    second = mount("--disk-cache-dir", str(cache))
     reader = subprocess.Popen(
         [sys.executable, "-c", SLOW_READER, str(second / f"by_id/{coll['uuid']}/data.bin")],
         stdout=subprocess.PIPE, text=True,
@@ -215,21 +224,15 @@ def test_sigkill_mid_fetch_leaves_no_temporary_file_and_dead_ones_are_removed_at
 
 def test_corrupt_index_is_rebuilt_and_the_blocks_are_served_from_disk(fed, mount, record):
     coll = fresh(fed, "zzzzz", {"data.bin": 4 * MiB})
-    first = mount()
-    assert timed_read(first / f"by_id/{coll['uuid']}/data.bin").ok
-    first.stop()
-    (first.cache / "index.sqlite3").write_bytes(os.urandom(64 * 1024))
+    cache = filled_cache(mount, coll)
+    (cache / "index.sqlite3").write_bytes(os.urandom(64 * 1024))
     for name in ("index.sqlite3-wal", "index.sqlite3-shm"):  # nothing to recover from either
-        (first.cache / name).unlink(missing_ok=True)
-    mark = fed.mark()
-    second = mount("--disk-cache-dir", str(first.cache))
-    wrong, failed = wrong_bytes_served(second / f"by_id/{coll['uuid']}/data.bin", content(coll, "data.bin"))
-    assert not failed and wrong == 0
-    warnings = cache_warnings(second)
+        (cache / name).unlink(missing_ok=True)
+    second, warnings, fetched = read_after_remount(fed, mount, cache, coll)
     assert len(warnings) == 1 and "rebuilt it from the 4 block files" in warnings[0], warnings
-    assert keep_gets(fed, mark) == [] and second.stats().get("cache_degraded", 0) == 0
+    assert fetched == [] and second.stats().get("cache_degraded", 0) == 0
     record("corrupt cache index", outcome="rebuilt from the block files with one warning; blocks "
-           "served from disk, none fetched again", wrong_bytes=wrong)  # fmt: skip
+           "served from disk, none fetched again", wrong_bytes=0)  # fmt: skip
 
 
 HOLD_THE_INDEX = """
@@ -243,11 +246,9 @@ time.sleep(float(sys.argv[2]))
 
 def test_index_locked_by_another_process_never_fails_or_stalls_a_read(fed, mount, record):
     coll = fresh(fed, "zzzzz", {"data.bin": 3 * MiB})
-    first = mount()
-    assert timed_read(first / f"by_id/{coll['uuid']}/data.bin").ok
-    first.stop()
-    second = mount("--disk-cache-dir", str(first.cache))
-    index = str(first.cache / "index.sqlite3")
+    cache = filled_cache(mount, coll)
+    second = mount("--disk-cache-dir", str(cache))
+    index = str(cache / "index.sqlite3")
     argv = [sys.executable, "-c", HOLD_THE_INDEX, index, "90"]
     holder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
