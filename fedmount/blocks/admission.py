@@ -195,28 +195,46 @@ class Admission:
     # holds -------------------------------------------------------------------------
 
     def read(self, key: str, size: int, offset: int, end: int) -> None:
-        """A sequential read of [offset, end) of the block was served: move its reader's cursor."""
+        """A sequential read of [offset, end) of the block was served: move its reader's cursor.
+
+        On every sequential read of a warm file: kept to a dict lookup and a loop over the
+        block's cursors (usually one)."""
         hold = self._holds.get(key)
-        now = self._clock()
         if hold is None:
-            if key in self._fetching or end >= size or self._queue or not self._fits(size):
+            hold = self._hold_cached(key, size, end)
+            if hold is None:
                 return
-            self._sweep()
-            hold = _Hold(size, now)
-            self._committed += size
-            self._hold(key, hold)
         cursors = hold.cursors
-        near = [pos for pos in cursors if pos - BACK <= offset <= pos + AHEAD]
-        if near:  # the reader just behind this read, else the one it straggles behind
-            pos = max((p for p in near if p <= offset), default=min(near))
+        behind = ahead = -1  # the nearest cursor at or before `offset`, else just after it
+        for pos in cursors:
+            if pos <= offset:
+                if pos > behind and offset - pos <= AHEAD:
+                    behind = pos
+            elif pos - offset <= BACK and (ahead < 0 or pos < ahead):
+                ahead = pos
+        pos = behind if behind >= 0 else ahead
+        now = self._clock()
+        if pos >= 0:
+            if end <= pos:  # a request its reader's cursor is past already (answered late)
+                cursors[pos] = now
+                return
             del cursors[pos]
-            end = max(end, pos)
         if end < size:
             cursors[end] = now
             if len(cursors) > MAX_CURSORS:
                 del cursors[next(iter(cursors))]
         elif not cursors:
             self._release(key, "its readers are past it")
+
+    def _hold_cached(self, key: str, size: int, end: int) -> _Hold | None:
+        """Hold a block found in the cache for a sequential reader, if it fits and nobody waits."""
+        if key in self._fetching or end >= size or self._queue or not self._fits(size):
+            return None
+        self._sweep()
+        hold = _Hold(size, self._clock())
+        self._committed += size
+        self._hold(key, hold)
+        return hold
 
     def _hold(self, key: str, hold: _Hold) -> None:
         """Hold a block whose room is committed already."""

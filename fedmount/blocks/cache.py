@@ -1006,8 +1006,6 @@ class BlockCache:
             return self._miss(length)
         else:
             disk = self._disk
-            if self._watching is not trio.lowlevel.current_trio_token():
-                self._watch(disk)
             tier = "ram"  # verified chunks of a mapped file are read at memory speed
             for i in range(first, last + 1):
                 loading = self._loading.get((key, i))
@@ -1053,6 +1051,8 @@ class BlockCache:
         meanwhile, so that concurrent reads of them wait for this instead of repeating it."""
         disk = self._disk
         assert disk is not None
+        if self._watching is not trio.lowlevel.current_trio_token():  # block files get opened (leased)
+            self._watch(disk)
         hi = min(hi, chunk_count(key_size(key)) - 1)
         mine = mark if mark is not None else self._mark(key, lo, hi)
 
