@@ -2,14 +2,28 @@
 
 Content addressing. Entries are keyed by `Locator.key` (``hash+size``): the same block
 reached through any collection, cluster, signature or ``+R`` hint is one entry, and every
-mount on the host (a workstation mount, a container's mount, `fedmount stage`) shares it.
-Only blocks whose md5 matched their locator are ever `put` (keep.py verifies them).
+process of one user on the host (a workstation mount, a container's mount, `fedmount
+stage`) shares it. Only blocks whose md5 matched their locator are ever `put` (keep.py
+verifies them).
+
+Who may share a cache directory. The xxh3 trailer below detects damage, not malice: it is
+not keyed, so whoever can write the directory can plant a block file with wrong bytes and
+a right trailer. So a directory is used only if it, its ``blocks/`` fan-out, its index and
+every parent belong to this user (parents may belong to root) and nobody else can write
+them (a sticky parent such as /tmp is fine: others cannot rename entries they do not
+own); otherwise (`check_ownership`) the cache logs one line and runs memory-only. A block
+file that belongs to someone else, or that others may write, is discarded when opened.
+Directories are made 0700 and files 0600 (the index too, before SQLite opens it: SQLite
+gives its -wal and -shm the mode of the database). One directory therefore serves one
+user; the guarantee (every byte served is the block's) holds for that user's processes,
+and root's processes need a directory of their own.
 
 Disk tier (``<dir>/blocks/<hash[:2]>/<hash>+<size>``). A block file holds the block's bytes
 at offset 0, then a trailer: one xxh3-64 per 1 MiB chunk (little-endian u64), the block
-size (u64) and an 8-byte magic. A block file is written as ``<file>.tmp.<pid>.<suffix>``
-and renamed into place, so readers in any process see either no file or a whole one, and two
-processes writing the same block race harmlessly (same content). Reads never load a
+size (u64) and an 8-byte magic. A block file is written as an unnamed file (``O_TMPFILE``)
+that gets a name once whole (see "Temporary files"), so readers in any process see either
+no file or a whole one, and two processes writing the same block race harmlessly (same
+content). Reads never load a
 block: a hot block's file is mapped (``mmap``, read-only, shared) and a read is a view of
 the mapping, which the FUSE reply copies straight out of the page cache; each 1 MiB chunk's
 xxh3 is checked the first time this process reads it (measured here: xxh3-64 14.9 GB/s,
@@ -23,12 +37,22 @@ Filling. A block fetched from Keep is received straight into its future cache fi
 fetch asks for a `Reservation` (a new temporary file, ``posix_fallocate``'d to the block's
 size plus trailer so that a full disk fails here with ENOSPC instead of as a SIGBUS later,
 and mapped writable and shared), the transport receives the body into the mapping, and once
-the md5 matched `put` writes the trailer into the mapping and renames the file into place.
+the md5 matched `put` writes the trailer into the mapping, takes a write lease on the file
+(see "Leases") and links it into place.
 The bytes reach the page cache once, by the socket receive, instead of being received into
 an anonymous buffer (zero-filled first) and then copied by ``write``: perf of a cold remote
 read had that ``write`` at 25% of the daemon's CPU. A fetch that fails abandons its
-reservation (the file is unlinked). Without a disk tier, or when the file cannot be made,
-the fetch receives into a plain buffer and `put` writes it.
+reservation. Without a disk tier, without leases, or when the file cannot be made, the
+fetch receives into a plain buffer and `put` writes it.
+
+Temporary files. A new block file is unnamed until it is whole (``O_TMPFILE``, then
+``linkat`` of ``/proc/self/fd/N`` and a rename over the block's name), so nobody can open
+it before and a fetch killed midway (SIGKILL, power loss) leaves nothing: its space goes
+with the process. Where the filesystem cannot do that, the file is
+``<key>.tmp.<64 random bits>``, created ``O_EXCL|O_NOFOLLOW`` and write-leased at once;
+at start-up such files that no process holds a lease or lock on (``/proc/locks``) and
+that are older than `STALE_TEMPORARY` are removed, which is safe with other live mounts
+sharing the directory (theirs are leased, or young).
 
 Index and eviction. A small SQLite database (``<dir>/index.sqlite3``, WAL mode, shared by
 every process using the directory) records each block's size and last-access time, and
@@ -38,7 +62,17 @@ processes never over- or double-evict. Access times are written when a process f
 reads a block and then at most once a minute per block, not on every read. A process
 that still has an evicted file open keeps reading it safely (POSIX unlink semantics).
 `pin`/`unpin` persist in the index, so a block pinned by `fedmount stage --pin` survives
-restarts and is never evicted by any process until unpinned.
+restarts and is never evicted by any process until unpinned. Blocks this process holds
+(`hold`, see "Holds") are never evicted by it either.
+
+Index repair. The index is checked (``PRAGMA quick_check``) when a process opens it; a
+corrupt one is rebuilt from the block files on disk (every file a key, its size from the
+key, its access time from the file), keeping the pins that can still be read, under a
+lock file so that one process rebuilds it; the new file replaces the old one (whose WAL
+is removed first, never to be replayed into it), and a process that finds the index
+replaced reconnects. Updates made on the read path (access times, discarding a block)
+wait at most `READ_PATH_WAIT` for another process's write and are best effort: a
+failure is logged once and reads go on.
 
 Why not `diskcache` for the block bytes: measured here with 64 MiB values, its ``set``
 ran at 0.47 GB/s against 0.69 GB/s for write+rename of a plain file, a lookup with LRU
@@ -47,9 +81,15 @@ bookkeeping cost ~114 us (a SQLite write per access) against ~9 us for a 128 KiB
 "plain files + SQLite"; this module keeps that shape with the index the cache needs.
 
 Memory tier. An LRU of verified 1 MiB chunks of fetched blocks keyed by ``(key, chunk
-index)``: a fresh `put` lands there as zero-copy views of the block (of its reservation's
-mapping when it was received into one), bounded by ``ram_limit`` bytes (with
-``disk_limit=0`` this is the only tier).
+index)``: a block `put` from a plain buffer lands there as zero-copy views of it, bounded
+by ``ram_limit`` bytes (with ``disk_limit=0`` this is the only tier). A block received
+into its file is not kept there (views of a file's mapping live only under its lease,
+and its write lease would keep every other process from opening the file): its readers
+read it from the disk tier, each chunk checked once.
+
+Holds. `hold` keeps a block from eviction from the last tier (the disk, or memory without
+one) until `release`; admission.py holds the blocks being read and keeps the held bytes
+within `capacity`.
 
 Reading block files. The ``OPEN_FILES`` most recently read block files stay open, with the
 set of their chunks this process verified, and the ``MAPPED_BLOCKS`` most recently read of
@@ -63,8 +103,7 @@ contiguous. This replaced ``preadv`` into reused page-aligned buffers: in a warm
 sequential read the copy out of the page cache was 27% of the daemon's CPU (perf; the FUSE
 reply's own copy 22%) and the buffers' recycling made every view valid only until the next
 await. A view of a mapping is valid as long as it is referenced (it keeps the mapping
-alive after the block leaves the LRU, and after an eviction unlinks the file). Files are
-never written in place (write + rename), so a mapped file never shrinks under a reader.
+alive after the block leaves the LRU, and after an eviction unlinks the file).
 The mapped pages of the blocks being read count in the daemon's RSS (file-backed, clean,
 reclaimable: at most ``MAPPED_BLOCKS`` blocks), and a page the kernel evicted after its
 chunk was verified is faulted back in by the reply (a disk read on the trio thread; a
@@ -81,8 +120,26 @@ thread hop verifies several chunks). `preload` does the same for the start of th
 block, so a reader crossing into it does not wait. A read that needs a chunk being
 verified waits for that load instead of verifying it again.
 
+Leases. fedmount never writes a block file in place, but someone else may (a careless
+``truncate``, a backup tool): pages of a mapping beyond the end of a file that shrank
+raise SIGBUS in whatever touches them (the xxh3 check, a copy of a view), which kills the
+daemon. So a block file is mapped only while this process holds a lease on it
+(``F_SETLEASE``: ``F_RDLCK`` on a file opened to read, ``F_WRLCK`` on a fresh one):
+another process that opens it to write or truncates it then waits (``O_NONBLOCK``
+openers such as ``truncate(1)`` fail with EAGAIN) until this process lets the file go or
+the kernel's lease-break-time (45 s) passes. A watcher task checks the open blocks'
+leases every `LEASE_POLL` seconds (``F_GETLEASE``; the break notice itself is
+`LEASE_SIGNAL`, ignored by default) and discards a block whose lease is breaking
+(``cache_corrupt``, one warning); its mapping goes with the last view of it, and the
+lease with the mapping. The same process opening a fresh block file it holds a write
+lease on uses the live mapping instead (`_FRESH`). A file that cannot be leased (a
+filesystem without leases, a file open for writing) is read with ``preadv`` into new
+buffers and checked the same way, chunk by chunk: a file that shrank is a short read,
+hence a miss, never a signal.
+
 Degrading. If the directory cannot be created or written (read-only, no space,
-permissions), the cache logs exactly one warning and continues memory-only.
+permissions) or cannot be trusted (see "Who may share"), the cache logs exactly one
+warning, with what to do about it, and continues memory-only.
 
 Size. Every process that writes to a directory evicts down to its own ``disk_limit``, so
 the processes sharing one (a mount, `fedmount stage`, `fedmount-run`) should agree on it.

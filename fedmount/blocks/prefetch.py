@@ -75,8 +75,11 @@ boundary while the next block file is opened, mapped and checked.
   cluster, so read-ahead cannot monopolise a keepstore, and by a memory budget
   ``prefetch_memory`` (default 512 MiB, eight 64 MiB blocks): a prefetch starts only if
   the bytes of all in-flight fetches stay below it (a block is then owned by the
-  cache's bounded memory tier). Over the budget, prefetch is skipped, not queued; the
-  next block change asks again. Demand reads are never limited. The limits are sized
+  cache's bounded memory tier). Over the budget, or when the cache has no room for the
+  block (admission.py), prefetch is skipped, not queued; the next block change asks
+  again. A demand fetch is never limited by these, but waits its turn for room in the
+  cache when readers outnumber it (admission.py), and the block it fetched for a
+  sequential reader stays in the cache until that reader is past it. The limits are sized
   so that one sequential reader's full window fits: its GETs spread over a cluster's
   keepstores by rendezvous order, and with two keepstores a window of 4 puts 2-4 on one.
 - A prefetch first checks whether the block is already cached and then costs nothing.
