@@ -455,7 +455,7 @@ class _DiskTier:
         self._open: OrderedDict[str, _OpenBlock] = OrderedDict()
         self._mapped: OrderedDict[str, _OpenBlock] = OrderedDict()  # the open blocks with a mapping
         self._open_lock = threading.Lock()
-        self.stale_removed = self._remove_stale_temporaries()
+        self._remove_stale_temporaries()
 
     def path(self, key: str) -> str:
         return os.path.join(self.directory, "blocks", key[:2], key)
