@@ -211,10 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
                             default="disk", help="Keep blocks in a host-wide disk cache, over a RAM cache "
                             "(default).")
     cache_kind.add_argument("--ram-cache", dest="cache_kind", action="store_const", const="ram",
-                            help="Keep blocks in RAM only.")
+                            help="Keep blocks in RAM only. A block being read stays in the cache "
+                            "until its readers are past it; readers beyond the cache's size wait "
+                            "their turn.")
     g.add_argument("--disk-cache-dir", metavar="DIR",
-                   help="Disk cache directory, shared by every fedmount on the host "
-                   "(default $XDG_CACHE_HOME/fedmount or ~/.cache/fedmount).")
+                   help="Disk cache directory, shared by every fedmount of the same user on the host "
+                   "(default $XDG_CACHE_HOME/fedmount or ~/.cache/fedmount). It must belong to that "
+                   "user and be writable by no one else, or it is refused with one line and blocks "
+                   "are cached in RAM only.")
     g.add_argument("--file-cache", metavar="BYTES", type=parse_size, default=0,
                    help="Size of the disk cache, or of the RAM cache with --ram-cache, as arv-mount "
                    "takes it (0: automatic).")

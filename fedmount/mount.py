@@ -75,6 +75,7 @@ MiB = 1 << 20
 DEFAULT_RAM_CACHE = 256 * MiB
 READY_TIMEOUT = 30.0
 FUSECTL = "/sys/fs/fuse/connections"
+FUSE_REQUESTS = 1024  # read requests the kernel may send at once (its default, 12, starves readers)
 
 
 class StartupError(Exception):
@@ -326,6 +327,25 @@ def _raise_open_file_limit() -> None:
     log.debug("open-file limit raised from %d to %d", soft, wanted)
 
 
+def _raise_fuse_requests(path: str) -> int:
+    """Let the kernel send the mount up to FUSE_REQUESTS read requests at once (needs root: a reader
+    waiting for room in the block cache holds one, admission.py); the limit in effect."""
+    entry = mounted_at(path)
+    knob = f"{FUSECTL}/{entry.minor}" if entry is not None else None
+    if knob is None or os.geteuid() != 0:
+        return 12
+    try:
+        limits = {"max_background": FUSE_REQUESTS, "congestion_threshold": FUSE_REQUESTS * 3 // 4}
+        for name, value in limits.items():
+            with open(f"{knob}/{name}", "w") as f:
+                f.write(str(value))
+        with open(f"{knob}/max_background") as f:
+            return int(f.read())
+    except (OSError, ValueError) as e:
+        log.warning("cannot raise %s/max_background: %s", knob, e)
+        return 12
+
+
 def _daemonize() -> Callable[[str | None], None] | int:
     """Fork. In the parent: wait for the child's word and return the exit status.
     In the child: return the function that reports readiness (None) or a failure line."""
@@ -395,6 +415,7 @@ class Daemon:
         self.report = report
         self.stats = Stats()
         self._command: trio.Process | None = None
+        self._reader: BlockReader | None = None
 
     async def main(self) -> int:
         opts, stats = self.opts, self.stats
@@ -415,6 +436,7 @@ class Daemon:
                                 rate_window=opts.keep_rate_window)
             keep = KeepClient(transport, stats=stats, timeouts=timeouts)
             reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
+            self._reader = reader
             capacity = disk_limit or ram_limit
             gauge = "cache_disk_bytes" if disk_limit else "cache_ram_bytes"
             tree = Tree(
@@ -456,6 +478,8 @@ class Daemon:
                     raise StartupError(f"the mount at {opts.mountpoint} did not answer within "
                                        f"{READY_TIMEOUT:g}s") from None
                 _set_read_ahead(opts.mountpoint, opts.read_ahead_kb)
+                if self._reader is not None:
+                    self._reader.allow_requests(_raise_fuse_requests(opts.mountpoint))
                 if opts.stats_port is not None:
                     try:
                         await nursery.start(serve_prometheus, self.stats, opts.stats_port)

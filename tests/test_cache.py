@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from cacheblocks import block_file, fresh, make_block  # tests/ is on sys.path under pytest
 
 from fedmount.blocks.cache import (
     CHUNK,
@@ -22,25 +23,8 @@ from fedmount.blocks.cache import (
     default_cache_dir,
     default_disk_cache_size,
 )
-from fedmount.stats import Stats
 
 MiB = 1 << 20
-
-
-def make_block(size: int, seed: int = 0) -> tuple[str, bytes]:
-    data = (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
-    data = bytes((b + i) & 0xFF for i, b in enumerate(data[:4096])) + data[4096:]
-    return f"{hashlib.md5(data).hexdigest()}+{size}", data
-
-
-def fresh(cache_dir: Path, **kw: int) -> tuple[BlockCache, Stats]:
-    stats = Stats()
-    args = {"disk_limit": 64 * MiB, "ram_limit": 8 * MiB} | kw
-    return BlockCache(str(cache_dir), stats=stats, **args), stats
-
-
-def block_file(cache_dir: Path, key: str) -> Path:
-    return cache_dir / "blocks" / key[:2] / key
 
 
 async def test_put_then_read_from_memory(tmp_path: Path) -> None:

@@ -393,3 +393,37 @@ async def test_a_file_of_many_one_byte_segments_reads_in_linear_time_and_yields(
     # allow for a loaded 2-core machine.
     print(shape, elapsed, ticker.longest, stats.get("prefetch_depth"))
     assert elapsed < 10 and ticker.longest < 1.0, (elapsed, ticker.longest)
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+async def test_readers_outnumbering_the_cache_fetch_each_block_once(tmp_path: Path, tier: str) -> None:
+    """16 sequential readers of their own 4 MiB file (one block each) through a 2-block cache."""
+    blocks = [pattern(4 * MiB, seed) for seed in range(16)]
+    files = " ".join(f"{i * 4 * MiB}:{4 * MiB}:f{i}" for i in range(16))
+    manifest = parse_manifest(". " + " ".join(locator_text(b) for b in blocks) + " " + files + "\n")
+    store = Keepstore(blocks)
+    stats = Stats()
+    disk_limit, ram_limit = (8 * MiB, MiB) if tier == "disk" else (0, 8 * MiB)  # two blocks
+    cache = BlockCache(str(tmp_path), disk_limit=disk_limit, ram_limit=ram_limit, stats=stats)
+    reader = BlockReader(KeepClient(store, stats=stats, backoff=0), cache, stats=stats)
+    by_name = dict(manifest.walk())
+    wrong: list[str] = []
+
+    async def read_twice(i: int) -> None:
+        for _ in range(2):
+            handle, got = reader.open(by_name[f"f{i}"], ROUTE), bytearray()
+            for offset in range(0, 4 * MiB, 128 * KiB):
+                got += await handle.read(offset, 128 * KiB)
+                await trio.sleep(0.001)  # the readers' reads interleave
+            if got != blocks[i]:
+                wrong.append(f"f{i}")
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(read_twice, i)
+    assert wrong == []
+    # One GET per file read, and a few read-aheads made while there was room and evicted before
+    # their reader came (before holds: 187 GETs, each block fetched again and again under its reader).
+    assert len(store.gets) <= 40, f"{len(store.gets)} GETs for 32 file reads"
+    assert stats.get("fetch_waits") > 0  # readers beyond the room waited their turn

@@ -82,8 +82,11 @@ boundary while the next block file is opened, mapped and checked.
   cluster, so read-ahead cannot monopolise a keepstore, and by a memory budget
   ``prefetch_memory`` (default 512 MiB, eight 64 MiB blocks): a prefetch starts only if
   the bytes of all in-flight fetches stay below it (a block is then owned by the
-  cache's bounded memory tier). Over the budget, prefetch is skipped, not queued; the
-  next block change asks again. Demand reads are never limited. The limits are sized
+  cache's bounded memory tier). Over the budget, or when the cache has no room for the
+  block (admission.py), prefetch is skipped, not queued; the next block change asks
+  again. A demand fetch is never limited by these, but waits its turn for room in the
+  cache when readers outnumber it (admission.py), and the block it fetched for a
+  sequential reader stays in the cache until that reader is past it. The limits are sized
   so that one sequential reader's full window fits: its GETs spread over a cluster's
   keepstores by rendezvous order, and with two keepstores a window of 4 puts 2-4 on one.
 - A prefetch first checks whether the block is already cached and then costs nothing.
@@ -113,6 +116,7 @@ import trio
 from fedmount.federation.ids import Locator
 from fedmount.stats import Stats
 
+from .admission import Admission
 from .cache import BlockCache, Reservation
 from .keep import BlockError, KeepClient, KeepRoute, probe_order
 
@@ -139,9 +143,10 @@ YIELD_AFTER = 0.005  # seconds a read of many pieces holds the trio thread befor
 class _Fetch:
     """One in-flight block fetch; any number of readers wait on it."""
 
-    def __init__(self, locator: Locator, *, prefetch: bool):
+    def __init__(self, locator: Locator, *, prefetch: bool, reader_at: int | None = None):
         self.locator = locator
         self.prefetch = prefetch  # a read-ahead: its failure is not a reader's answer
+        self.reader_at = reader_at  # where the sequential reader it is for reads first (admission.py)
         self.done = trio.Event()
         self.data: bytes | bytearray | memoryview | None = None  # None after success: in the cache
         self.error: BlockError | None = None
@@ -183,6 +188,12 @@ class BlockReader:
             lambda: trio.CapacityLimiter(per_cluster)
         )
         self._prefetched: OrderedDict[str, int] = OrderedDict()  # fetched ahead, not yet used
+        self._admission = Admission(cache, self.stats)
+
+    def allow_requests(self, count: int) -> None:
+        """The kernel sends up to `count` read requests at once: how many may wait for room in the
+        cache (admission.py, "The kernel's queue")."""
+        self._admission.max_waiting = max(1, count * 3 // 4)
 
     def open(self, file: File, route: KeepRoute) -> FileReader:
         return FileReader(self, file, route)
@@ -193,30 +204,42 @@ class BlockReader:
         """Bytes [offset, offset+length) of one block, from the cache or fetched (once) from Keep.
 
         Possibly a read-only view (see the module docstring). A `sequential` reader also gets
-        the next cached chunks verified ahead of it."""
+        the next cached chunks verified ahead of it, and holds the block while it reads it; a
+        fetch waits its turn for room in the cache (admission.py)."""
         key = locator.key
         self._mark_used(key)
-        fetch = self._inflight.get(key)
-        if fetch is None:
-            data = await self._cache.read(key, offset, length, readahead=CHUNK_READAHEAD if sequential else 0)
-            if data is not None:
-                return data
-            fetch = self._inflight.get(key) or self._start(locator, route, prefetch=False)
-        try:
-            block = await fetch.wait()
-        except BlockError:
-            if not fetch.prefetch:
-                raise
-            # The read joined a read-ahead that failed: that answer was the read-ahead's,
-            # so the reader makes its own attempt (and gets its own error).
-            block = await (self._inflight.get(key) or self._start(locator, route, prefetch=False)).wait()
-        if block is None:  # a prefetch found it cached: read it from there
-            data = await self._cache.read(key, offset, length)
-            if data is not None:
-                return data
-            block = await self._start(locator, route, prefetch=False).wait()
-            assert block is not None
-        return memoryview(block)[offset : offset + length].toreadonly()
+        readahead = CHUNK_READAHEAD if sequential else 0
+        while True:
+            fetch = self._inflight.get(key)
+            if fetch is None:
+                data = await self._cache.read(key, offset, length, readahead=readahead)
+                if data is not None:
+                    break
+                fetch = self._inflight.get(key)
+            if fetch is None:
+                if await self._admission.fetch(key, locator.size) and key not in self._inflight:
+                    data = await self._cache.read(key, offset, length, readahead=readahead)
+                    if data is not None:  # it arrived while this reader waited its turn
+                        self._admission.fetched(key, None)
+                        break
+                fetch = self._inflight.get(key) or self._start(
+                    locator, route, prefetch=False, reader_at=offset if sequential else None
+                )
+            try:
+                block = await fetch.wait()
+            except BlockError:
+                if not fetch.prefetch:
+                    raise
+                # The read joined a read-ahead that failed: that answer was the read-ahead's,
+                # so the reader makes its own attempt (and gets its own error).
+                continue
+            if block is not None:
+                data = memoryview(block)[offset : offset + length].toreadonly()
+                break
+            # else a prefetch found it cached (or a fetch ended before this reader woke): read it from there
+        if sequential:
+            self._admission.read(key, locator.size, offset, offset + len(data))
+        return data
 
     def preload(self, locator: Locator, offset: int, length: int) -> None:
         """Have the cache verify [offset, offset+length) of a block on disk ahead of a reader."""
@@ -227,13 +250,19 @@ class BlockReader:
         """Fetch a block in the background if it is not in flight and the budget allows."""
         if locator.key in self._inflight or locator.size == 0:
             return
-        if self._inflight_bytes + locator.size > self._prefetch_memory:
+        if self._inflight_bytes + locator.size > self._prefetch_memory or not self._admission.try_fetch(
+            locator.key, locator.size
+        ):
             self.stats.add("prefetch_over_budget")
             return
         self._start(locator, route, prefetch=True)
 
-    def _start(self, locator: Locator, route: KeepRoute, *, prefetch: bool) -> _Fetch:
-        fetch = _Fetch(locator, prefetch=prefetch)
+    def _start(
+        self, locator: Locator, route: KeepRoute, *, prefetch: bool, reader_at: int | None = None
+    ) -> _Fetch:
+        """Fetch a block in the background; its room in the cache is admitted already."""
+        fetch = _Fetch(locator, prefetch=prefetch, reader_at=reader_at)
+        log.debug("fetching %s (%s)", locator.key, "ahead" if prefetch else f"for a reader at {reader_at}")
         self._inflight[locator.key] = fetch
         self._inflight_bytes += locator.size
         self.stats.set("prefetch_inflight_bytes", self._inflight_bytes)
@@ -260,6 +289,7 @@ class BlockReader:
             if data is not None:
                 if prefetch:
                     self._track(key, locator.size)
+                self._admission.fetched(key, fetch.reader_at)  # held before `put` can evict anything
                 await self._cache.put(key, data, reservation)
                 reservation = None  # the cache's now
         except BlockError as exc:
@@ -277,7 +307,9 @@ class BlockReader:
                 fetch.error = BlockError(locator, f"block {key}: fetch cancelled")
             fetch.done.set()
             fetch.data = None  # the cache holds it now; do not pin it here
-            del self._inflight[key]
+            self._admission.fetched(key, None)  # unless it is held already
+            if self._inflight.get(key) is fetch:  # a KeyError here would end the daemon (trio system task)
+                del self._inflight[key]
             self._inflight_bytes -= locator.size
             self.stats.set("prefetch_inflight_bytes", self._inflight_bytes)
 
