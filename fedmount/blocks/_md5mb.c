@@ -20,7 +20,10 @@
  *   idle while jobs are waiting. Empty lanes read an active lane's bytes (valid memory,
  *   results thrown away). Partial blocks at buffer boundaries go to the State's 64-byte
  *   carry and are completed from the next buffer, compressed by the scalar code in place
- *   in the lane's state.
+ *   in the lane's state. With the kernel "auto", each time the set of busy lanes changes
+ *   the kernel with the highest (lanes it can fill) x (per-lane speed timed at import) is
+ *   used; switching to a narrower one moves the busy lanes down and puts the others back
+ *   at the head of the queue.
  * - `State`: one stream's MD5 state, carry and length; `digest()` pads a copy, so a State
  *   can keep absorbing after a digest, like hashlib.
  *

@@ -1,0 +1,312 @@
+"""Multi-buffer md5: the md5 of many Keep blocks at once, on one core, for verification.
+
+Every Keep block (up to 64 MiB) is checked against the md5 in its locator before a byte of
+it is served. MD5 is serial within a stream: each 64-byte block's 64 steps need the state
+the previous block left, so one stream runs at one core's scalar speed (~0.7 GB/s with
+OpenSSL here) however wide the CPU is. Blocks, though, are independent.
+
+Lanes. The native kernels (`_md5mb.c`) run W streams in the W 32-bit lanes of one SIMD
+register: vector register a holds word a of W different md5 states, and one instruction
+does the same step for all of them. Each 64-byte message block is loaded lane by lane and
+transposed so that vector M[w] holds word w of every lane's block. ``avx512`` has 16 lanes
+(zmm, with vpternlogd for the round functions and vprold for the rotates), ``avx2`` 8,
+``scalar`` 1 (portable C, as fast as OpenSSL). A vector step costs the same with one lane
+busy or all of them, and on some CPUs (AMD Zen 5: a vector add takes 2 cycles, a scalar
+one 1) one lane is slower than a scalar stream, so ``auto`` (the default) picks, each time
+the set of busy lanes changes, the kernel whose fillable lanes times its per-lane speed is
+highest; per-lane speeds are timed at import (~1 ms). One stream therefore runs scalar, a
+few streams scalar or vector, many streams vector. ``FEDMOUNT_MD5_KERNEL`` (or the
+``kernel`` argument) forces one of `available_kernels()` for tests and benchmarks:
+``auto``, the native kernels this CPU runs, or ``hashlib``.
+
+Unequal lengths. A call hands the kernel a list of jobs (a state and the buffers to absorb
+into it, in order). Jobs are sorted longest first and given to lanes; the kernel runs for
+as many 64-byte blocks as the shortest busy lane has left, then every lane whose job has
+run out of whole blocks takes the next job, so one long block does not keep the other
+lanes idle while jobs are waiting (ISA-L's job manager does the same). Idle lanes reread a
+busy lane's bytes and their results are dropped. A buffer that ends inside a 64-byte block
+leaves the tail in the state's carry, completed by the job's next buffer. `md5_many` is
+that call over whole buffers.
+
+Arriving data. `MultiHasher` serves blocks that arrive in pieces over sockets, several at
+once, each received by its own worker thread: ``stream = hasher.stream()`` per block,
+``stream.update(chunk)`` for each received chunk (it only queues a view of the chunk and
+returns), ``stream.digest()`` once the last byte is in. Worker threads (``threads``, one by
+default) hash the queued chunks of every open stream in one call, lanes filled across
+streams. A worker waits until every open stream it could take has a chunk queued, or the
+oldest queued chunk has waited ``gather`` seconds: hashing each chunk the moment it lands
+would keep the lanes nearly empty and cost scalar CPU time per byte. ``digest()`` hashes the
+stream's own remaining chunks in the calling thread (after waiting for a worker that is in
+the middle of them), so a block's final digest waits for at most that stream's backlog,
+not for a batch. `HashStream` is callable, so it is the transport's ``sink`` as it is.
+
+Contract. The buffers given to `update` or `md5_many` must not change until ``digest()`` or
+``close()`` returns (Keep blocks are received into their own buffer, never rewritten).
+Every stream ends with ``digest()`` or, when its transfer is abandoned (failover to
+another replica reusing the buffer), ``close()``, which drops its queued chunks and waits
+until no worker holds them.
+
+Why the whole md5 first. The locator's md5 covers the whole block and nothing smaller:
+until the last byte has been hashed nothing in the block is verified, and a byte served
+before then could be a corrupt one the reader has already used. Multi-buffer hashing does
+not change that; it makes verification cheap enough that receiving, hashing and serving
+overlap: while the reader is served block N, blocks N+1..N+k are received and hashed in
+the lanes, and each one's digest is ready a few milliseconds after its last byte.
+
+Wiring it into the read path. One `MultiHasher` per process (the KeepClient's), shared by
+all in-flight GETs; the lanes fill only with as many blocks in flight as lanes, so the
+read-ahead should keep 8-16 blocks receiving at once (4 give ~2x hashlib on one core, 8
+~4x, 16 ~8x on the AVX-512 machines here). A second thread only adds throughput once there
+are more streams than one core's lanes. Without the extension (no compiler at install
+time, another CPU architecture) everything here runs on hashlib, logged once at debug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger("fedmount.md5")
+
+ENV_KERNEL = "FEDMOUNT_MD5_KERNEL"
+
+try:
+    from . import _md5mb as _native
+except ImportError as exc:  # not built (no compiler at install time) or not loadable here
+    _native = None
+    log.debug("multi-buffer md5 unavailable (%s); verifying with hashlib", exc)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    lanes: int
+    lane_rate: float  # bytes per second per lane, timed at import
+
+
+NATIVE_KERNELS: tuple[Kernel, ...] = tuple(Kernel(*row) for row in _native.kernels()) if _native else ()
+
+
+def available_kernels() -> tuple[str, ...]:
+    """Every name `kernel` accepts here: ``auto``, the native kernels this CPU runs, ``hashlib``."""
+    return ("auto", *(k.name for k in NATIVE_KERNELS), "hashlib")
+
+
+def auto_kernel(live: int) -> str:
+    """The kernel ``auto`` uses while `live` streams have whole blocks to hash."""
+    return _native.auto_kernel(live) if _native else "hashlib"
+
+
+def resolve_kernel(kernel: str | None = None) -> str:
+    """`kernel`, else ``$FEDMOUNT_MD5_KERNEL``, else ``auto``; ``auto`` is ``hashlib`` without the
+    extension. A bad argument raises ValueError; a bad environment value is logged and ignored."""
+    names = available_kernels()
+    if kernel is None:
+        kernel = os.environ.get(ENV_KERNEL) or "auto"
+        if kernel not in names:
+            log.warning("%s=%s is not one of %s here; using auto", ENV_KERNEL, kernel, ", ".join(names))
+            kernel = "auto"
+    elif kernel not in names:
+        raise ValueError(f"md5 kernel {kernel!r} is not one of {', '.join(names)} on this machine")
+    return "hashlib" if kernel == "auto" and _native is None else kernel
+
+
+# A C-contiguous bytes-like object (collections.abc.Buffer from Python 3.12 on).
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+
+class _State(Protocol):
+    def digest(self) -> bytes: ...
+
+
+Job = tuple[Any, list[Buffer]]
+
+
+def _engine(kernel: str) -> tuple[Callable[[], _State], Callable[[Sequence[Job]], None], int]:
+    """(new state, absorb jobs, most streams one call hashes at once) for a resolved kernel."""
+    if kernel == "hashlib":
+        return hashlib.md5, _absorb_hashlib, 1
+    assert _native is not None
+    lanes = max(k.lanes for k in NATIVE_KERNELS if kernel in ("auto", k.name))
+
+    def absorb(jobs: Sequence[Job]) -> None:
+        _native.update_many(jobs, kernel)
+
+    return _native.State, absorb, lanes
+
+
+def _absorb_hashlib(jobs: Sequence[Job]) -> None:
+    for state, chunks in jobs:
+        for chunk in chunks:
+            state.update(chunk)
+
+
+def md5_many(buffers: Sequence[Buffer], kernel: str | None = None) -> list[bytes]:
+    """The md5 digest of each buffer, hashed together in SIMD lanes; the GIL is released."""
+    new_state, absorb, _ = _engine(resolve_kernel(kernel))
+    states = [new_state() for _ in buffers]
+    absorb([(state, [buf]) for state, buf in zip(states, buffers, strict=True)])
+    return [state.digest() for state in states]
+
+
+class HashStream:
+    """One block's md5, fed chunk by chunk; made by `MultiHasher.stream`."""
+
+    def __init__(self, hasher: MultiHasher, state: _State):
+        self._hasher = hasher
+        self._state = state
+        self._pending: list[memoryview] = []
+        self._since = 0.0  # when the oldest pending chunk was queued
+        self._busy = False  # a thread is hashing this stream's chunks
+        self._digest: bytes | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+
+    def update(self, chunk: Buffer) -> None:
+        """Queue `chunk` (not copied: it must not change until digest() or close() returns)."""
+        view = memoryview(chunk)
+        if not view.c_contiguous:
+            raise BufferError("md5 chunks must be C-contiguous buffers")
+        if not view.nbytes:
+            return
+        hasher = self._hasher
+        with hasher._cond:
+            if self._closed or self._digest is not None:
+                raise ValueError("update() after digest() or close()")
+            if not self._pending:
+                self._since = time.monotonic()
+            self._pending.append(view)
+            hasher._cond.notify_all()
+
+    __call__ = update
+
+    def digest(self) -> bytes:
+        """Wait until every chunk is hashed (hashing what is left in this thread) and return the md5."""
+        hasher = self._hasher
+        with hasher._cond:
+            if self._closed:
+                raise ValueError("digest() after close()")
+            if self._digest is not None:
+                return self._digest
+            while self._busy:
+                hasher._cond.wait()
+            chunks, self._pending, self._busy = self._pending, [], True
+        try:
+            if chunks:
+                hasher._absorb([(self._state, chunks)])
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            with hasher._cond:
+                self._busy = False
+                hasher._open.pop(self, None)
+                hasher._cond.notify_all()
+        if self._error is not None:
+            raise RuntimeError(f"md5 hashing failed: {self._error}") from self._error
+        self._digest = self._state.digest()
+        return self._digest
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
+
+    def close(self) -> None:
+        """Abandon the stream: drop its queued chunks and wait until no worker holds any of them."""
+        hasher = self._hasher
+        with hasher._cond:
+            self._pending = []
+            self._closed = True
+            while self._busy:
+                hasher._cond.wait()
+            hasher._open.pop(self, None)
+            hasher._cond.notify_all()
+
+    def __enter__(self) -> HashStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._digest is None:
+            self.close()
+
+
+class MultiHasher:
+    """Hashes the queued chunks of all open `HashStream`s together, in worker threads."""
+
+    def __init__(self, *, kernel: str | None = None, threads: int = 1, gather: float = 0.02):
+        if threads < 1:
+            raise ValueError("a MultiHasher needs at least one thread")
+        self.kernel = resolve_kernel(kernel)
+        self._new_state, self._absorb, self._batch = _engine(self.kernel)
+        self._threads = threads
+        self._gather = gather
+        self._cond = threading.Condition()
+        self._open: dict[HashStream, None] = {}  # streams not yet digested or closed, oldest first
+        self._workers: list[threading.Thread] = []
+        self._closed = False
+
+    def stream(self) -> HashStream:
+        """A new stream; end it with digest() or close()."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("stream() on a closed MultiHasher")
+            while len(self._workers) < self._threads:
+                worker = threading.Thread(target=self._work, name="md5-lanes", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+            stream = HashStream(self, self._new_state())
+            self._open[stream] = None
+            return stream
+
+    def close(self) -> None:
+        """Stop the workers; streams still open finish in their own digest() calls."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join()
+
+    def __enter__(self) -> MultiHasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _work(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            jobs = [(stream._state, chunks) for stream, chunks in batch]
+            try:
+                self._absorb(jobs)
+            except BaseException as exc:  # MemoryError: the streams' digest() reports it
+                for stream, _ in batch:
+                    stream._error = exc
+            with self._cond:
+                for stream, _ in batch:
+                    stream._busy = False
+                self._cond.notify_all()
+
+    def _take_batch(self) -> list[tuple[HashStream, list[memoryview]]] | None:
+        """Wait for work worth a call (see the module docstring); None once closed."""
+        with self._cond:
+            while not self._closed:
+                idle = [s for s in self._open if not s._busy]
+                ready = [s for s in idle if s._pending]
+                if ready:
+                    now = time.monotonic()
+                    oldest = min(s._since for s in ready)
+                    if len(ready) == len(idle) or now - oldest >= self._gather:
+                        ready.sort(key=lambda s: s._since)
+                        batch = []
+                        for stream in ready[: self._batch]:
+                            batch.append((stream, stream._pending))
+                            stream._pending, stream._busy = [], True
+                        return batch
+                    self._cond.wait(oldest + self._gather - now)
+                else:
+                    self._cond.wait()
+            return None
