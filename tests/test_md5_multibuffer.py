@@ -232,6 +232,22 @@ def test_hypothesis_interleaved_streams_match_hashlib(data, piece, kernel):
         assert [s.digest() for s in streams] == reference(data)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_backlogs_longer_than_one_call_are_hashed_in_order(kernel):
+    # 20 MiB queued in 1 MiB chunks before the worker may start: it takes BATCH_BYTES of
+    # each stream per call, and digest() hashes what is left.
+    rng = random.Random(7)
+    long, short = rng.randbytes(20 * MiB + 5), rng.randbytes(3 * MiB)
+    with MultiHasher(kernel=kernel, gather=30.0) as hasher:
+        a, b = hasher.stream(), hasher.stream()
+        for at in range(0, len(long), MiB):
+            a.update(long[at : at + MiB])
+        b.update(short)  # now every open stream has chunks: the worker starts
+        time.sleep(0.05)
+        assert b.digest() == hashlib.md5(short).digest()
+        assert a.digest() == hashlib.md5(long).digest()
+
+
 def test_a_lone_stream_is_not_held_back_by_the_gather_wait():
     # With one open stream every chunk is hashed at once; its digest does not wait `gather`.
     with MultiHasher(gather=30.0) as hasher:

@@ -33,12 +33,14 @@ once, each received by its own worker thread: ``stream = hasher.stream()`` per b
 ``stream.update(chunk)`` for each received chunk (it only queues a view of the chunk and
 returns), ``stream.digest()`` once the last byte is in. Worker threads (``threads``, one by
 default) hash the queued chunks of every open stream in one call, lanes filled across
-streams. A worker waits until every open stream it could take has a chunk queued, or the
-oldest queued chunk has waited ``gather`` seconds: hashing each chunk the moment it lands
-would keep the lanes nearly empty and cost scalar CPU time per byte. ``digest()`` hashes the
-stream's own remaining chunks in the calling thread (after waiting for a worker that is in
-the middle of them), so a block's final digest waits for at most that stream's backlog,
-not for a batch. `HashStream` is callable, so it is the transport's ``sink`` as it is.
+streams, at most ``BATCH_BYTES`` of each stream per call. A worker waits until every open
+stream it could take has a chunk queued, or the oldest queued chunk has waited ``gather``
+seconds: hashing each chunk the moment it lands would keep the lanes nearly empty and cost
+scalar CPU time per byte. ``digest()`` hashes the stream's own remaining chunks in the
+calling thread (auto runs one stream on the kernel fastest for one), after waiting for a worker
+call that holds some of them, so a block's final digest waits for at most one call plus
+that stream's own backlog. `HashStream` is callable, so it is the transport's ``sink`` as
+it is.
 
 Contract. The buffers given to `update` or `md5_many` must not change until ``digest()`` or
 ``close()`` returns (Keep blocks are received into their own buffer, never rewritten).
@@ -74,6 +76,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 log = logging.getLogger("fedmount.md5")
+
+# Bytes of one stream a worker hashes per call: bounds how long a call runs, so a digest()
+# that must wait for the call holding its stream's chunks waits milliseconds, not the
+# whole backlog of every stream.
+BATCH_BYTES = 8 << 20
 
 ENV_KERNEL = "FEDMOUNT_MD5_KERNEL"
 
@@ -168,6 +175,15 @@ class HashStream:
         self._digest: bytes | None = None
         self._closed = False
         self._error: BaseException | None = None
+
+    def _take(self, limit: int) -> list[memoryview]:
+        """The oldest queued chunks, until they hold `limit` bytes (at least one chunk)."""
+        taken = n = 0
+        while n < len(self._pending) and taken < limit:
+            taken += self._pending[n].nbytes
+            n += 1
+        chunks, self._pending = self._pending[:n], self._pending[n:]
+        return chunks
 
     def update(self, chunk: Buffer) -> None:
         """Queue `chunk` (not copied: it must not change until digest() or close() returns)."""
@@ -303,8 +319,8 @@ class MultiHasher:
                         ready.sort(key=lambda s: s._since)
                         batch = []
                         for stream in ready[: self._batch]:
-                            batch.append((stream, stream._pending))
-                            stream._pending, stream._busy = [], True
+                            batch.append((stream, stream._take(BATCH_BYTES)))
+                            stream._busy = True
                         return batch
                     self._cond.wait(oldest + self._gather - now)
                 else:
