@@ -99,13 +99,17 @@ def test_unknown_kernel_is_a_one_line_error():
         md5_many([b"x"], "sse9")
 
 
-def test_environment_forces_the_kernel(monkeypatch):
+def test_environment_forces_the_kernel_and_a_bad_value_warns_once(monkeypatch, caplog):
     monkeypatch.setenv(md5.ENV_KERNEL, "hashlib")
     assert md5.resolve_kernel() == "hashlib"
     assert MultiHasher().kernel == "hashlib"
-    monkeypatch.setenv(md5.ENV_KERNEL, "no-such-kernel")
-    assert md5.resolve_kernel() == ("auto" if NATIVE else "hashlib")
-    assert md5.resolve_kernel("hashlib") == "hashlib"  # the argument wins
+    assert md5.resolve_kernel("auto") == ("auto" if NATIVE else "hashlib")  # the argument wins
+    monkeypatch.setenv(md5.ENV_KERNEL, "avx9000")
+    with caplog.at_level("WARNING", logger="fedmount.md5"):
+        assert md5.resolve_kernel() == md5.resolve_kernel() == ("auto" if NATIVE else "hashlib")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{md5.ENV_KERNEL}=avx9000 is not one of {', '.join(KERNELS)} here; using auto"
+    ]
 
 
 @settings(max_examples=150, deadline=None)

@@ -65,6 +65,7 @@ time, another CPU architecture) everything here runs on hashlib, logged once at 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import mmap
@@ -114,15 +115,20 @@ def auto_kernel(live: int) -> str:
 def resolve_kernel(kernel: str | None = None) -> str:
     """`kernel`, else ``$FEDMOUNT_MD5_KERNEL``, else ``auto``; ``auto`` is ``hashlib`` without the
     extension. A bad argument raises ValueError; a bad environment value is logged and ignored."""
-    names = available_kernels()
     if kernel is None:
-        kernel = os.environ.get(ENV_KERNEL) or "auto"
-        if kernel not in names:
-            log.warning("%s=%s is not one of %s here; using auto", ENV_KERNEL, kernel, ", ".join(names))
-            kernel = "auto"
-    elif kernel not in names:
-        raise ValueError(f"md5 kernel {kernel!r} is not one of {', '.join(names)} on this machine")
+        kernel = _environment_kernel(os.environ.get(ENV_KERNEL) or "auto")
+    elif kernel not in available_kernels():
+        raise ValueError(f"md5 kernel {kernel!r} is not one of {', '.join(available_kernels())} here")
     return "hashlib" if kernel == "auto" and _native is None else kernel
+
+
+@functools.cache
+def _environment_kernel(value: str) -> str:
+    """``$FEDMOUNT_MD5_KERNEL`` checked once per value: a bad one is one warning, then auto."""
+    if value in available_kernels():
+        return value
+    log.warning("%s=%s is not one of %s here; using auto", ENV_KERNEL, value, ", ".join(available_kernels()))
+    return "auto"
 
 
 # A C-contiguous bytes-like object (collections.abc.Buffer from Python 3.12 on).
