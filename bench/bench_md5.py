@@ -1,8 +1,8 @@
 """Multi-buffer md5 micro-benchmark: ``python bench/bench_md5.py [--runs N] [--quick]``.
 
-Every figure is measured in this one run (median of ``--runs``), on distinct buffers (one
-64 MiB buffer per stream, so lanes do not share cache lines), and every ratio is against
-hashlib measured here:
+Every figure is measured in this one run (best of ``--runs``: the least disturbed by other
+work on a shared machine), on distinct buffers (one 64 MiB buffer per stream, so lanes do
+not share cache lines), and every ratio is against hashlib measured here:
 
 1. ``hashlib``: one core, one 64 MiB block at a time (OpenSSL): the reference.
 2. one core: `md5_many` with each kernel forced in turn (``auto`` too) on 1, 2, 4, 8, 16
@@ -16,7 +16,7 @@ hashlib measured here:
    and each block's final digest latency (last chunk queued -> digest returned), median and
    max; then the same unpaced (chunks as fast as the threads can queue them).
 
-The load average before and after is printed: run it on a quiet machine.
+The load average is printed before each part: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def mixed(buffers: Sequence[memoryview], count: int) -> list[memoryview]:
 
 
 def timed(fn: Callable[[], object], runs: int) -> float:
-    """Median seconds of `runs` calls."""
+    """Seconds of the fastest of `runs` calls."""
     times = []
     for _ in range(runs):
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return min(times)
 
 
 def hash_one_core(kernel: str, streams: Sequence[memoryview]) -> None:
@@ -149,7 +149,7 @@ def streaming(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs per figure, median reported (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure, best reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="one run per figure, skip the streaming part")
     parser.add_argument("--arrival", type=float, default=1.2, help="streaming: GB/s all blocks arrive at")
     args = parser.parse_args(argv)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = throughput(hash_one_core, "hashlib", buffers[:1], runs)
     result["hashlib_one_core_gb_per_s"] = round(ref, 3)
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}   cpu: {result['cpu']}")
+    print(f"load average before: {load()}   cpu: {result['cpu']}")
     print(f"hashlib, one core, 64 MiB blocks: {ref:.2f} GB/s (= 1.00x)")
 
     for label, runner, counts in (
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         for sizes in ("64 MiB", "mixed 1-64 MiB"):
             table: dict[str, dict[int, float]] = {}
-            print(f"\n{label}, {sizes} streams: aggregate GB/s (x hashlib one core)")
+            print(f"\n{label}, {sizes} streams: aggregate GB/s (x hashlib one core), load {load()}")
             print(f"{'kernel':>8} " + " ".join(f"{n:>13}" for n in counts))
             for kernel in kernels:
                 row = {}
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         for arrival in (args.arrival, None):
             rows = []
             how = f"paced at {arrival:g} GB/s in all" if arrival else "unpaced"
-            print(f"\nstreaming, 64 MiB blocks in {CHUNK // MiB} MiB chunks, {how}:")
+            print(f"\nstreaming, 64 MiB blocks in {CHUNK // MiB} MiB chunks, {how}, load {load()}:")
             print(f"{'':>12} {'streams':>7} {'GB/s':>6} {'CPU s/GB':>8} {'digest ms median/max':>21}")
             for k in (1, 2, 4, 8, 16):
                 for name, multi in (("MultiHasher", True), ("Md5Pipe", False)):
@@ -199,9 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             result[f"streaming {how}"] = rows
 
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in result['load_after'])}")
+    print(f"\nload average after: {load()}")
     print(json.dumps(result))
     return 0
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def cpu_name() -> str:
