@@ -11,8 +11,8 @@ not share cache lines), and every ratio is against hashlib measured here:
    `md5_many` (and two threads of hashlib), 2 to 32 streams.
 4. streaming, the Keep read path's shape: k receiver threads each queue a 64 MiB block in
    2 MiB chunks, paced so that all together arrive at ``--arrival`` GB/s (default 1.2, the
-   loopback transfer ceiling of this machine), into one `MultiHasher`, against today's
-   one-`Md5Pipe`-per-block (transport.py). Reported: the process CPU seconds per GB hashed
+   loopback transfer ceiling of this machine), into one `MultiHasher` (``threads`` 1, then
+   2), against today's one-`Md5Pipe`-per-block (transport.py). Reported: the process CPU seconds per GB hashed
    and each block's final digest latency (last chunk queued -> digest returned), median and
    max; then the same unpaced (chunks as fast as the threads can queue them).
 
@@ -101,12 +101,13 @@ def cpu_seconds() -> float:
 
 
 def streaming(
-    buffers: Sequence[memoryview], expected: Sequence[str], k: int, arrival: float | None, multi: bool
+    buffers: Sequence[memoryview], expected: Sequence[str], k: int, arrival: float | None, threads: int
 ) -> dict:
-    """k receivers feed one block each in CHUNK pieces; returns CPU s/GB and digest latencies."""
+    """k receivers feed one block each in CHUNK pieces into a MultiHasher of `threads` (0: one
+    Md5Pipe per block); returns the CPU seconds per GB and the digest latencies."""
     per_stream = arrival * 1e9 / k if arrival else None
     latencies: list[float] = [0.0] * k
-    hasher = MultiHasher() if multi else None
+    hasher = MultiHasher(threads=threads) if threads else None
     start = threading.Barrier(k + 1)
 
     def receive(i: int) -> None:
@@ -187,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             how = f"paced at {arrival:g} GB/s in all" if arrival else "unpaced"
             print(f"\nstreaming, 64 MiB blocks in {CHUNK // MiB} MiB chunks, {how}, load {load()}:")
-            print(f"{'':>12} {'streams':>7} {'GB/s':>6} {'CPU s/GB':>8} {'digest ms median/max':>21}")
+            print(f"{'':>14} {'streams':>7} {'GB/s':>6} {'CPU s/GB':>8} {'digest ms median/max':>21}")
             for k in (1, 2, 4, 8, 16):
-                for name, multi in (("MultiHasher", True), ("Md5Pipe", False)):
-                    row = streaming(buffers, expected, k, arrival, multi) | {"shape": name}
+                for name, threads in (("MultiHasher", 1), ("MultiHasher x2", 2), ("Md5Pipe", 0)):
+                    row = streaming(buffers, expected, k, arrival, threads) | {"shape": name}
                     rows.append(row)
                     print(
-                        f"{name:>12} {k:>7} {row['gb_per_s']:6.2f} {row['cpu_s_per_gb']:8.2f} "
+                        f"{name:>14} {k:>7} {row['gb_per_s']:6.2f} {row['cpu_s_per_gb']:8.2f} "
                         f"{row['digest_ms_median']:10.1f} / {row['digest_ms_max']:.1f}"
                     )
             result[f"streaming {how}"] = rows

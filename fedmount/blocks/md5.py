@@ -31,16 +31,20 @@ that call over whole buffers.
 Arriving data. `MultiHasher` serves blocks that arrive in pieces over sockets, several at
 once, each received by its own worker thread: ``stream = hasher.stream()`` per block,
 ``stream.update(chunk)`` for each received chunk (it only queues a view of the chunk and
-returns), ``stream.digest()`` once the last byte is in. Worker threads (``threads``, one by
-default) hash the queued chunks of every open stream in one call, lanes filled across
-streams, at most ``BATCH_BYTES`` of each stream per call. A worker waits until every open
-stream it could take has a chunk queued, or the oldest queued chunk has waited ``gather``
-seconds: hashing each chunk the moment it lands would keep the lanes nearly empty and cost
-scalar CPU time per byte. ``digest()`` hashes the stream's own remaining chunks in the
-calling thread (auto runs one stream on the kernel fastest for one), after waiting for a worker
-call that holds some of them, so a block's final digest waits for at most one call plus
-that stream's own backlog. `HashStream` is callable, so it is the transport's ``sink`` as
-it is.
+returns), ``stream.digest()`` once the last byte is in. A hashing call takes the queued
+chunks of several open streams, at most ``BATCH_BYTES`` of each, and as many streams as
+the kernel ``auto`` picks for them has lanes (one when that is scalar, so that a second
+call may take the next). At most ``threads`` calls run at once, one by default: a call
+costs about the same whatever number of lanes is busy, so one core with full lanes is the
+cheapest per byte. The worker thread starts a call when every open stream it could take
+has a chunk queued, or when the oldest queued chunk has waited ``gather`` seconds: hashing
+each chunk the moment it lands would run nearly empty lanes at scalar cost per byte.
+``digest()`` does not wait for the worker: while its stream has chunks queued and a call
+may start, the calling thread makes the call itself, its own stream first and then the
+streams waiting longest, so the block being finished goes first and the lanes stay full.
+A block's final digest thus waits for its own backlog plus at most the calls in progress
+(milliseconds while hashing keeps up with the network). `HashStream` is callable, so it is
+the transport's ``sink`` as it is.
 
 Contract. The buffers given to `update` or `md5_many` must not change until ``digest()`` or
 ``close()`` returns (Keep blocks are received into their own buffer, never rewritten).
@@ -142,17 +146,23 @@ class _State(Protocol):
 Job = tuple[Any, list[Buffer]]
 
 
-def _engine(kernel: str) -> tuple[Callable[[], _State], Callable[[Sequence[Job]], None], int]:
-    """(new state, absorb jobs, most streams one call hashes at once) for a resolved kernel."""
+Engine = tuple[Callable[[], _State], Callable[[Sequence[Job]], None], Callable[[int], int]]
+
+
+def _engine(kernel: str) -> Engine:
+    """(new state, absorb jobs, lanes of the kernel that hashes `live` streams) for a resolved kernel."""
     if kernel == "hashlib":
-        return hashlib.md5, _absorb_hashlib, 1
+        return hashlib.md5, _absorb_hashlib, lambda live: 1
     assert _native is not None
-    lanes = max(k.lanes for k in NATIVE_KERNELS if kernel in ("auto", k.name))
+    lanes = {k.name: k.lanes for k in NATIVE_KERNELS}
 
     def absorb(jobs: Sequence[Job]) -> None:
         _native.update_many(jobs, kernel)
 
-    return _native.State, absorb, lanes
+    def lanes_for(live: int) -> int:
+        return lanes[_native.auto_kernel(live) if kernel == "auto" else kernel]
+
+    return _native.State, absorb, lanes_for
 
 
 def _absorb_hashlib(jobs: Sequence[Job]) -> None:
@@ -210,26 +220,24 @@ class HashStream:
     __call__ = update
 
     def digest(self) -> bytes:
-        """Wait until every chunk is hashed (hashing what is left in this thread) and return the md5."""
+        """Wait until every chunk is hashed, helping with the hashing, and return the md5."""
         hasher = self._hasher
         with hasher._cond:
             if self._closed:
                 raise ValueError("digest() after close()")
             if self._digest is not None:
                 return self._digest
-            while self._busy:
-                hasher._cond.wait()
-            chunks, self._pending, self._busy = self._pending, [], True
-        try:
-            if chunks:
-                hasher._absorb([(self._state, chunks)])
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            with hasher._cond:
-                self._busy = False
-                hasher._open.pop(self, None)
-                hasher._cond.notify_all()
+            while self._pending or self._busy:
+                if self._busy or hasher._calls == hasher._threads:
+                    hasher._cond.wait()
+                    continue
+                batch = hasher._claim([self])
+                hasher._cond.release()
+                try:
+                    hasher._run(batch)
+                finally:
+                    hasher._cond.acquire()
+            hasher._open.pop(self, None)
         if self._error is not None:
             raise RuntimeError(f"md5 hashing failed: {self._error}") from self._error
         self._digest = self._state.digest()
@@ -264,11 +272,12 @@ class MultiHasher:
         if threads < 1:
             raise ValueError("a MultiHasher needs at least one thread")
         self.kernel = resolve_kernel(kernel)
-        self._new_state, self._absorb, self._batch = _engine(self.kernel)
+        self._new_state, self._absorb, self._lanes_for = _engine(self.kernel)
         self._threads = threads
         self._gather = gather
         self._cond = threading.Condition()
         self._open: dict[HashStream, None] = {}  # streams not yet digested or closed, oldest first
+        self._calls = 0  # hashing calls running, at most `threads` (workers and digest() helpers)
         self._workers: list[threading.Thread] = []
         self._closed = False
 
@@ -301,16 +310,7 @@ class MultiHasher:
 
     def _work(self) -> None:
         while (batch := self._take_batch()) is not None:
-            jobs = [(stream._state, chunks) for stream, chunks in batch]
-            try:
-                self._absorb(jobs)
-            except BaseException as exc:  # MemoryError: the streams' digest() reports it
-                for stream, _ in batch:
-                    stream._error = exc
-            with self._cond:
-                for stream, _ in batch:
-                    stream._busy = False
-                self._cond.notify_all()
+            self._run(batch)
 
     def _take_batch(self) -> list[tuple[HashStream, list[memoryview]]] | None:
         """Wait for work worth a call (see the module docstring); None once closed."""
@@ -318,17 +318,41 @@ class MultiHasher:
             while not self._closed:
                 idle = [s for s in self._open if not s._busy]
                 ready = [s for s in idle if s._pending]
-                if ready:
-                    now = time.monotonic()
-                    oldest = min(s._since for s in ready)
-                    if len(ready) == len(idle) or now - oldest >= self._gather:
-                        ready.sort(key=lambda s: s._since)
-                        batch = []
-                        for stream in ready[: self._batch]:
-                            batch.append((stream, stream._take(BATCH_BYTES)))
-                            stream._busy = True
-                        return batch
-                    self._cond.wait(oldest + self._gather - now)
-                else:
+                if not ready or self._calls == self._threads:
                     self._cond.wait()
+                    continue
+                now = time.monotonic()
+                oldest = min(s._since for s in ready)
+                if len(ready) == len(idle) or now - oldest >= self._gather:
+                    return self._claim([])
+                self._cond.wait(oldest + self._gather - now)
             return None
+
+    def _claim(self, first: list[HashStream]) -> list[tuple[HashStream, list[memoryview]]]:
+        """Under the lock: `first`, then the streams waiting longest, as many as the kernel that
+        would hash them all has lanes (one, if that is scalar: another thread may take the next)."""
+        others = sorted((s for s in self._open if s._pending and not s._busy and s not in first), key=_since)
+        candidates = first + others
+        self._calls += 1
+        batch = []
+        for stream in candidates[: self._lanes_for(len(candidates))]:
+            batch.append((stream, stream._take(BATCH_BYTES)))
+            stream._busy = True
+        return batch
+
+    def _run(self, batch: list[tuple[HashStream, list[memoryview]]]) -> None:
+        """Hash a claimed batch (without the lock), then hand its streams back."""
+        try:
+            self._absorb([(stream._state, chunks) for stream, chunks in batch])
+        except BaseException as exc:  # MemoryError: the streams' digest() reports it
+            for stream, _ in batch:
+                stream._error = exc
+        with self._cond:
+            self._calls -= 1
+            for stream, _ in batch:
+                stream._busy = False
+            self._cond.notify_all()
+
+
+def _since(stream: HashStream) -> float:
+    return stream._since
