@@ -266,7 +266,8 @@ class HashStream:
 
 
 class MultiHasher:
-    """Hashes the queued chunks of all open `HashStream`s together, in worker threads."""
+    """Hashes the queued chunks of all open `HashStream`s together, in lanes: `threads` calls at
+    most at once, made by its worker threads or by digest() callers (see the module docstring)."""
 
     def __init__(self, *, kernel: str | None = None, threads: int = 1, gather: float = 0.02):
         if threads < 1:
