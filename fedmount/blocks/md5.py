@@ -67,7 +67,7 @@ the read-ahead should keep 8-16 blocks in flight (on one core, 4 streams hash at
 hashlib, 8 at ~3.5x, 16 at ~7x on the AVX-512 machines here; 1-2 streams run scalar, as
 fast as hashlib). Keep ``threads=1``: a second call only adds throughput with more streams
 than one core's lanes, and otherwise halves the lanes each call fills. Small blocks need no
-special case: a lone stream is hashed as soon as its chunk is queued. Without the extension
+special case: digest() hashes a small block's one chunk at once itself. Without the extension
 (no compiler at install time, another CPU architecture) everything here runs on hashlib,
 logged once at debug.
 """
