@@ -86,7 +86,7 @@ test-system-deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py fedmount/blocks/_md5mb.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip wheel
 	$(VENV)/bin/pip install -q -e '.[test]'

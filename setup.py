@@ -1,6 +1,14 @@
 """fedmount: a read-only FUSE client for a federation of Arvados clusters."""
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# Multi-buffer md5 (fedmount/blocks/md5.py). Optional: where it cannot be built, pip still
+# installs fedmount and md5.py falls back to hashlib. The SIMD kernels carry their own
+# per-function target attributes, so no -m flags here: one binary runs on every x86-64.
+# -O3 whatever Python was built with: at -O2 the 16x16 transpose costs ~7% more.
+MD5MB = Extension(
+    "fedmount.blocks._md5mb", ["fedmount/blocks/_md5mb.c"], extra_compile_args=["-O3"], optional=True
+)
 
 setup(
     name="fedmount",
@@ -10,6 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["fedmount", "fedmount.*"]),
+    ext_modules=[MD5MB],
     install_requires=[
         "pyfuse3>=3.3",
         "trio>=0.25",
