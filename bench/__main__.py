@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fedmount.federation.tokens import parse_token, salt_for
+from fedmount.arvados.tokens import parse_token, salt_for
 from integration.harness import Federation
 
 from . import ceilings, report, workloads

@@ -39,11 +39,12 @@ from collections.abc import Callable
 import trio
 import urllib3
 
+from fedmount.arvados.ids import Locator
+from fedmount.arvados.manifest import parse_manifest
+from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.blocks.cache import BlockCache
-from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService, probe_order
+from fedmount.blocks.keep import KeepClient, probe_order
 from fedmount.blocks.prefetch import BlockReader
-from fedmount.federation.ids import Locator
-from fedmount.federation.manifest import parse_manifest
 from fedmount.stats import Stats
 from integration.harness import Federation
 

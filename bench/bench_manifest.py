@@ -31,7 +31,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedmount.federation.manifest import parse_manifest  # noqa: E402
+from fedmount.arvados.manifest import parse_manifest  # noqa: E402
 
 BLOCK = 1 << 26
 

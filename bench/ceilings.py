@@ -34,9 +34,10 @@ from urllib.parse import quote
 
 import urllib3
 
-from fedmount.blocks.keep import KeepService, probe_order
-from fedmount.federation.ids import Locator
-from fedmount.federation.manifest import File, parse_manifest
+from fedmount.arvados.ids import Locator
+from fedmount.arvados.manifest import File, parse_manifest
+from fedmount.arvados.routes import KeepService
+from fedmount.blocks.keep import probe_order
 
 from .workloads import BenchCollection, BenchError, Mount, dd_read, drop_page_cache, python_path_env
 

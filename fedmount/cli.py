@@ -27,12 +27,12 @@ import textwrap
 from collections.abc import Sequence
 
 from fedmount import __version__
+from fedmount.api.controller import DEFAULT_MAX_ANSWER
+from fedmount.arvados.tokens import redact
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.blocks.transport import Timeouts
 from fedmount.daemon_log import add_detached_log, open_private
-from fedmount.federation.controller import DEFAULT_MAX_ANSWER
-from fedmount.federation.tokens import redact
 from fedmount.fs.calls import DEFAULT_API_WAIT
 from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
 

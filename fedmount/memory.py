@@ -2,7 +2,7 @@
 
 Loading a collection allocates, and then frees, several times its manifest's size: the
 HTTP body, the JSON text decoded from it, the manifest string, the parse's per-line
-strings and the growing arrays of the tree (see `fedmount.federation.manifest`). glibc
+strings and the growing arrays of the tree (see `fedmount.arvados.manifest`). glibc
 keeps most of that: after it frees a large block it raises its mmap threshold (up to
 32 MiB), so the next buffers of that size come from the heap instead of their own
 mappings, and it only returns the top of a heap, never the free space between live

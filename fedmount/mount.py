@@ -53,20 +53,22 @@ from dataclasses import dataclass, field
 import psutil
 import trio
 
+from fedmount.api.controller import DEFAULT_MAX_ANSWER
+from fedmount.api.federation import Federation
+from fedmount.arvados.errors import ApiError
+from fedmount.arvados.settings import Settings, SettingsError
+from fedmount.arvados.tokens import V2_NEEDED
 from fedmount.blocks.cache import BlockCache, default_cache_dir, default_disk_cache_size
 from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS, BlockReader
 from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
 from fedmount.blocks.transport import Timeouts, Urllib3Transport
 from fedmount.daemon_log import detached_log_path
-from fedmount.federation.controller import DEFAULT_MAX_ANSWER, ApiError
-from fedmount.federation.federation import Federation
-from fedmount.federation.settings import Settings, SettingsError
-from fedmount.federation.tokens import V2_NEEDED
 from fedmount.fs import fuse
 from fedmount.fs.calls import DEFAULT_API_WAIT
+from fedmount.fs.errors import FsError
 from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, serve_prometheus
-from fedmount.fs.tree import FsError, Layout, Tree
+from fedmount.fs.tree import Layout, Tree
 from fedmount.stats import Stats
 
 log = logging.getLogger("fedmount")

@@ -12,12 +12,14 @@ import time
 
 import pytest
 
+from fedmount.arvados.errors import BlockError, BlockNotFound
+from fedmount.arvados.ids import Locator
+from fedmount.arvados.manifest import parse_manifest
+from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.blocks.cache import BlockCache
-from fedmount.blocks.keep import BlockError, BlockNotFound, KeepClient, KeepRoute, KeepService, probe_order
+from fedmount.blocks.keep import KeepClient, probe_order
 from fedmount.blocks.prefetch import BlockReader
 from fedmount.blocks.transport import Timeouts
-from fedmount.federation.ids import Locator
-from fedmount.federation.manifest import parse_manifest
 from fedmount.stats import Stats
 from integration.harness import Federation
 

@@ -9,7 +9,7 @@ import json
 import time
 from urllib.parse import quote
 
-from fedmount.federation.tokens import salted_secret
+from fedmount.arvados.tokens import salted_secret
 from integration.cluster import signing
 from integration.cluster.keepstore import probe_order
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmount.federation.tokens import parse_token, salt_for
+from fedmount.arvados.tokens import parse_token, salt_for
 from integration.demo import tour
 from integration.mounting import REPO, fedmount_cmd, is_mounted, md5sums, requires_fuse, run, wait_for
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from fedmount.api.federation import Federation
+from fedmount.arvados.ids import parse_collection_id
+from fedmount.arvados.manifest import parse_manifest
+from fedmount.arvados.settings import Settings
 from fedmount.blocks.cache import BlockCache
 from fedmount.blocks.prefetch import BlockReader
-from fedmount.federation.federation import Federation
-from fedmount.federation.ids import parse_collection_id
-from fedmount.federation.manifest import parse_manifest
-from fedmount.federation.settings import Settings
 from fedmount.locality.federation_view import keep_client_for
 from fedmount.locality.stage import stage_collections
 

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from fedmount.federation.federation import parse_timestamp
-from fedmount.federation.tokens import parse_token, salt_for
+from fedmount.api.federation import parse_timestamp
+from fedmount.arvados.tokens import parse_token, salt_for
 from integration.mounting import Mount, fedmount_cmd, is_mounted, md5sums, requires_fuse, run, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmount.blocks.keep import KeepService, probe_order
+from fedmount.arvados.routes import KeepService
+from fedmount.blocks.keep import probe_order
 from integration.cluster.content import Generated
 from integration.harness import Federation
 from integration.mounting import (

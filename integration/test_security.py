@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedmount.federation.tokens import parse_token, salt_for
+from fedmount.arvados.tokens import parse_token, salt_for
 from integration.harness import Federation
 from integration.mounting import REPO, Mount, md5sums, requires_fuse, run
 

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmount.federation.tokens import parse_token
+from fedmount.arvados.tokens import parse_token
 from integration.mounting import REPO, Mount, fedmount_cmd, is_mounted, requires_fuse, run
 
 pytestmark = requires_fuse

@@ -18,8 +18,8 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from fedmount.federation.manifest import portable_data_hash
-from fedmount.federation.tokens import ApiToken, parse_token, salt_for
+from fedmount.arvados.manifest import portable_data_hash
+from fedmount.arvados.tokens import ApiToken, parse_token, salt_for
 
 HOME_TOKEN = "v2/zzzzz-gj3su-000000000000001/" + "s3cr3t" * 8
 SIG = "@7fffffff"

@@ -7,12 +7,20 @@ import json
 import httpx
 import pytest
 
-from fedmount.federation.controller import ApiError
-from fedmount.federation.federation import Federation, parse_timestamp
-from fedmount.federation.ids import parse_collection_id
-from fedmount.federation.manifest import parse_manifest
-from fedmount.federation.settings import Settings
-from fedmount.federation.tokens import ApiToken, salt_for
+from fedmount.api.federation import Federation, parse_timestamp
+from fedmount.arvados.errors import (
+    AccessDenied,
+    ApiError,
+    BadAnswer,
+    ClusterUnreachable,
+    NotFound,
+    TokenNotSaltable,
+    UnknownCluster,
+)
+from fedmount.arvados.ids import parse_collection_id
+from fedmount.arvados.manifest import parse_manifest
+from fedmount.arvados.settings import Settings
+from fedmount.arvados.tokens import ApiToken, salt_for
 from fedmount.stats import Stats
 
 
@@ -51,7 +59,7 @@ async def test_wrong_token_is_one_line_api_error(fake):
     with pytest.raises(ApiError) as info:
         await connect(fake)
     e = info.value
-    assert e.status == 401 and e.cluster == "zzzzz" and "check ARVADOS_API_TOKEN" in str(e)
+    assert isinstance(e, AccessDenied) and e.cluster == "zzzzz" and "check ARVADOS_API_TOKEN" in str(e)
     assert "\n" not in str(e) and "s3cr3t" not in str(e)
 
 
@@ -59,7 +67,7 @@ async def test_unreachable_home_is_one_line_api_error(fake):
     fake.home.fail_next = [httpx.ConnectError("Connection refused")] * 10
     with pytest.raises(ApiError) as info:
         await connect(fake, retries=1)
-    assert info.value.status == 0 and "check ARVADOS_API_HOST" in str(info.value)
+    assert isinstance(info.value, ClusterUnreachable) and "check ARVADOS_API_HOST" in str(info.value)
 
 
 async def test_bad_mode_is_rejected(fake):
@@ -123,7 +131,8 @@ async def test_pdh_answer_that_does_not_hash_is_rejected_naming_the_cluster(fake
     fed = await connect(fake)
     with pytest.raises(ApiError) as info:
         await fed.get_collection(parse_collection_id(pdh))
-    assert info.value.status == 502 and info.value.cluster == "zzzzz" and "hash" in info.value.message
+    e = info.value
+    assert isinstance(e, BadAnswer) and e.cluster == "zzzzz" and "hash" in e.message
     await fed.aclose()
 
 
@@ -138,7 +147,7 @@ async def test_a_uuid_record_claiming_a_pdh_its_manifest_does_not_hash_to_is_rej
     with pytest.raises(ApiError) as info:
         await fed.get_collection(parse_collection_id(rec["uuid"]))
     cluster = "zzzzz" if mode == "home" else "zbbbb"
-    assert info.value.status == 502 and info.value.cluster == cluster
+    assert isinstance(info.value, BadAnswer) and info.value.cluster == cluster
     assert f"claims portable data hash {other['portable_data_hash']}" in info.value.message
     assert f"hashes to {pdh}" in info.value.message
     await fed.aclose()
@@ -200,7 +209,7 @@ async def test_a_summary_without_a_portable_data_hash_is_rejected(fake):
     fed = await Federation.connect(settings(fake), transport=transport)
     with pytest.raises(ApiError) as info:
         await fed.get_summary(parse_collection_id(rec["uuid"]), ["uuid", "portable_data_hash"])
-    assert info.value.status == 502 and "portable_data_hash" in info.value.message
+    assert isinstance(info.value, BadAnswer) and "portable_data_hash" in info.value.message
     await fed.aclose()
 
 
@@ -277,16 +286,16 @@ async def test_direct_mode_pdh_skips_a_remote_with_a_bad_manifest(fake):
 
 
 @pytest.mark.parametrize(
-    "remote_failures, status",
-    [((404, 404), 404), ((404, 503), 502), ((404, 403), 422)],
+    "remote_failures, combined",
+    [((404, 404), NotFound), ((404, 503), ApiError), ((404, 403), NotFound)],
 )
-async def test_direct_mode_pdh_failures_combine_like_the_controller(fake, remote_failures, status):
+async def test_direct_mode_pdh_failures_combine_like_the_controller(fake, remote_failures, combined):
     for cid, failure in zip(("zbbbb", "zcccc"), remote_failures, strict=True):
         fake.clusters[cid].fail_next = [failure] * 10
     fed = await connect(fake, mode="direct", retries=1)
     with pytest.raises(ApiError) as info:
         await fed.get_collection(parse_collection_id("0123456789abcdef0123456789abcdef+5"))
-    assert info.value.status == status and "not found in the federation" in info.value.message
+    assert type(info.value) is combined and "not found in the federation" in info.value.message
     await fed.aclose()
 
 
@@ -294,7 +303,7 @@ async def test_direct_mode_unknown_cluster(fake):
     fed = await connect(fake, mode="direct")
     with pytest.raises(ApiError) as info:
         await fed.get_collection(parse_collection_id("zqqqq-4zz18-000000000000001"))
-    assert info.value.status == 404 and "not a remote cluster of zzzzz" in info.value.message
+    assert isinstance(info.value, UnknownCluster) and "not a remote cluster of zzzzz" in info.value.message
     assert_home_token_stays_home(fake)
     await fed.aclose()
 
@@ -368,7 +377,7 @@ async def test_controller_gives_the_home_token_only_to_the_home_cluster(fake):
         await client.current_user()
     with pytest.raises(ApiError) as info:
         fed.controller("zqqqq")
-    assert info.value.status == 404
+    assert isinstance(info.value, UnknownCluster)
     assert_home_token_stays_home(fake)
     await fed.aclose()
 
@@ -406,7 +415,7 @@ async def test_v1_token_whose_uuid_the_home_does_not_give_stays_v1_and_salting_s
     assert home.route.token == fake.token.secret  # the home takes the bare secret
     with pytest.raises(ApiError) as info:
         await fed.get_collection(parse_collection_id(rec["uuid"]))
-    assert info.value.status == 400 and "\n" not in info.value.message
+    assert isinstance(info.value, TokenNotSaltable) and "\n" not in info.value.message
     message = info.value.message
     assert "needs a v2 token" in message and "arv api_client_authorization current" in message
     assert {r.host for r in fake.requests} == {"api.zzzzz.example"}  # nothing reached zbbbb
@@ -419,7 +428,7 @@ async def test_home_mode_names_a_cluster_the_home_does_not_know_without_asking(f
     for cid in ("zqqqq-4zz18-000000000000001", "zqqqq-4zz18-000000000000002"):
         with pytest.raises(ApiError) as info:
             await fed.get_collection(parse_collection_id(cid))
-        assert info.value.status == 404 and info.value.cluster == "zqqqq"
+        assert isinstance(info.value, UnknownCluster) and info.value.cluster == "zqqqq"
         assert info.value.message == "cluster zqqqq is not a remote cluster of zzzzz"
     assert len(fake.requests) == asked
     await fed.aclose()

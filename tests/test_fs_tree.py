@@ -23,13 +23,14 @@ import pytest
 import trio
 import trio.testing
 
-from fedmount.blocks.keep import BlockError, KeepRoute
-from fedmount.federation.controller import ApiError
-from fedmount.federation.federation import CollectionSummary
-from fedmount.federation.ids import CollectionId, parse_collection_id, parse_locator
-from fedmount.federation.manifest import File, portable_data_hash
+from fedmount.api.federation import CollectionSummary
+from fedmount.arvados.errors import AccessDenied, BlockError, ClusterUnreachable, NotFound, refusal
+from fedmount.arvados.ids import CollectionId, parse_collection_id, parse_locator
+from fedmount.arvados.manifest import File, portable_data_hash
+from fedmount.arvados.routes import KeepRoute
+from fedmount.fs.errors import FsError
 from fedmount.fs.inodes import ROOT_INODE, InodeTable, NegativeCache
-from fedmount.fs.tree import FOREVER, FsError, Invalidation, Layout, Tree
+from fedmount.fs.tree import FOREVER, Invalidation, Layout, Tree
 from fedmount.stats import Stats
 
 NOW = 1_800_000_000.0
@@ -124,7 +125,7 @@ class FakeFederation:
             raise self.fail[cid.text]
         rec = self.collections.get(cid.text)
         if rec is None:
-            raise ApiError(404, cid.cluster or "zzzzz", f"GET collections/{cid.text}: not found")
+            raise NotFound(cid.cluster or "zzzzz", f"GET collections/{cid.text}: not found", 404)
         return rec
 
     async def get_collection(self, cid: CollectionId) -> Record:
@@ -376,7 +377,7 @@ async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
     assert released == [1]
     mono.t += 16
     await tree.getattr(ino)  # an unchanged re-check
-    fed.fail[UUID_A] = ApiError(0, "zzzzz", "connection refused")
+    fed.fail[UUID_A] = ClusterUnreachable("zzzzz", "connection refused")
     mono.t += 16
     await tree.getattr(ino)  # a failed one
     assert released == [1, 2, 3]
@@ -446,10 +447,10 @@ async def test_a_signature_refresh_fetches_the_whole_record_without_asking_for_a
 @pytest.mark.parametrize(
     ("error", "code"),
     [
-        (ApiError(401, "zbbbb", "token expired"), errno.EACCES),
-        (ApiError(403, "zbbbb", "forbidden"), errno.EACCES),
-        (ApiError(0, "zbbbb", "connection refused"), errno.EIO),
-        (ApiError(502, "zbbbb", "bad gateway"), errno.EIO),
+        (AccessDenied("zbbbb", "token expired", 401), errno.EACCES),
+        (AccessDenied("zbbbb", "forbidden", 403), errno.EACCES),
+        (ClusterUnreachable("zbbbb", "connection refused"), errno.EIO),
+        (refusal("zbbbb", "bad gateway", 502), errno.EIO),
     ],
 )
 async def test_api_errors_map_to_errnos_and_one_log_line(world, caplog, error, code):
@@ -669,7 +670,7 @@ async def test_failed_refresh_keeps_serving(world, caplog):
     fed, _, _, _, mono, make = world
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
-    fed.fail[UUID_A] = ApiError(0, "zzzzz", "connection refused")
+    fed.fail[UUID_A] = ClusterUnreachable("zzzzz", "connection refused")
     mono.t += 16
     with caplog.at_level(logging.ERROR, "fedmount.fs"):
         assert (await tree.getattr(ino)).size == 12

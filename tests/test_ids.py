@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedmount.federation.ids import (
+from fedmount.arvados.ids import (
     CollectionId,
     IdError,
     Locator,

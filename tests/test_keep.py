@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
+from fedmount.arvados.ids import Locator, parse_locator
 from fedmount.blocks.keep import (
     BlockError,
     BlockNotFound,
@@ -19,7 +20,6 @@ from fedmount.blocks.keep import (
     probe_order,
 )
 from fedmount.blocks.transport import Md5Pipe, RateFloor, Response, Sink, Timeouts, TransportError
-from fedmount.federation.ids import Locator, parse_locator
 from fedmount.stats import Stats
 
 TOKEN = "v2/zzzzz-gj3su-000000000000000/secretsecretsecret"

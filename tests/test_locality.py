@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from keepfakes import received  # tests/ is on sys.path under pytest
 
+from fedmount.arvados.ids import CollectionId, Locator
+from fedmount.arvados.manifest import portable_data_hash
+from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.blocks.cache import BlockCache
-from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService
+from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.blocks.transport import Response, Sink, Timeouts
-from fedmount.federation.ids import CollectionId, Locator
-from fedmount.federation.manifest import portable_data_hash
 from fedmount.locality.locate import SCHEMA, locate_collections
 from fedmount.locality.stage import PinBook, stage_with, unpin_collections
 from fedmount.locality.view import ClusterCopy, LookupFailure, Resolved

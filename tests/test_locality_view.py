@@ -6,10 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from fedmount.federation.ids import parse_collection_id
-from fedmount.federation.manifest import portable_data_hash
-from fedmount.federation.settings import Settings
-from fedmount.federation.tokens import parse_token, salt_for
+from fedmount.arvados.ids import parse_collection_id
+from fedmount.arvados.manifest import portable_data_hash
+from fedmount.arvados.settings import Settings
+from fedmount.arvados.tokens import parse_token, salt_for
 from fedmount.locality.federation_view import FederationView
 from fedmount.locality.view import LookupFailure
 

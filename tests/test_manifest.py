@@ -7,8 +7,8 @@ import tracemalloc
 
 import pytest
 
-from fedmount.federation.ids import Locator
-from fedmount.federation.manifest import (
+from fedmount.arvados.ids import Locator
+from fedmount.arvados.manifest import (
     SORT_RUN,
     Directory,
     File,
@@ -263,7 +263,7 @@ def test_a_directory_bigger_than_a_sort_run_is_sorted_in_bins_and_found():
 
 
 def test_lookup_hashes_that_collide_are_told_apart_by_name(monkeypatch):
-    monkeypatch.setattr("fedmount.federation.manifest._HIGH_HALF", (62).__rrshift__)  # 4 values, 200 names
+    monkeypatch.setattr("fedmount.arvados.manifest._HIGH_HALF", (62).__rrshift__)  # 4 values, 200 names
     names = [f"f{i}" for i in range(200)]
     first = f". {A}+200 " + " ".join(f"{i}:1:{n}" for i, n in enumerate(names))
     text = f"{first}\n. {B}+3 0:3:f7 0:0:sub\n./sub {B}+3 0:3:x\n"

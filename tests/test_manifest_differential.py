@@ -21,7 +21,7 @@ from arvados._internal.streams import escape
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmount.federation.manifest import (
+from fedmount.arvados.manifest import (
     WINDOW,
     Directory,
     File,

@@ -13,11 +13,13 @@ import pytest
 import trio
 from keepfakes import received  # tests/ is on sys.path under pytest
 
+from fedmount.arvados.errors import BlockNotFound
+from fedmount.arvados.manifest import File, parse_manifest
+from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.blocks.cache import BlockCache
-from fedmount.blocks.keep import BlockNotFound, KeepClient, KeepRoute, KeepService
+from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.prefetch import BlockReader
 from fedmount.blocks.transport import Response, Sink, Timeouts
-from fedmount.federation.manifest import File, parse_manifest
 from fedmount.stats import Stats
 
 KiB, MiB = 1 << 10, 1 << 20

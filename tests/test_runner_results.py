@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from fedmount.federation.ids import parse_collection_id
+from fedmount.arvados.ids import parse_collection_id
 from fedmount.runner.image import extract_rootfs, find_image_tarball
 from fedmount.runner.results import by_label, mount_figures, read_mount_stats, write_result
 from fedmount.runner.spec import SpecError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedmount.federation.settings import Settings, SettingsError
+from fedmount.arvados.settings import Settings, SettingsError
 
 TOKEN = "v2/zzzzz-gj3su-000000000000001/" + "s3cr3t" * 8
 

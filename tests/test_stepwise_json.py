@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmount.federation import stepwise_json
+from fedmount.api import stepwise_json
 
 texts = st.text(st.characters(codec="utf-8") | st.sampled_from(' \\"/\n\t\x00\ud800\U0001f600'), max_size=40)
 values = st.recursive(

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from keepfakes import received  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.keep import KeepClient, KeepRoute, KeepService
+from fedmount.arvados.ids import parse_locator
+from fedmount.arvados.routes import KeepRoute, KeepService
+from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import (
     DEFAULT_BYTES_PER_SECOND,
     EWMA_WEIGHT,
@@ -21,7 +23,6 @@ from fedmount.blocks.throughput import (
     record_keep_stats,
 )
 from fedmount.blocks.transport import Response, Sink, Timeouts
-from fedmount.federation.ids import parse_locator
 from fedmount.stats import Stats
 
 MiB = 1 << 20

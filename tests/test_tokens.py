@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedmount.federation.tokens import ApiToken, TokenError, parse_token, redact, salt_for, salted_secret
+from fedmount.arvados.tokens import ApiToken, TokenError, parse_token, redact, salt_for, salted_secret
 
 SECRET = "3kg6k6lzmp9kj5cpkcoxie963cmvjahbt2fod9zru30k1jqdmi"
 TOKEN = f"v2/zhome-gj3su-077z32aux8dg2s1/{SECRET}"

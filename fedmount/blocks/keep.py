@@ -40,16 +40,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
-import secrets
-import string
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from fedmount.federation.ids import EMPTY_BLOCK_HASH, Locator
+from fedmount.arvados.errors import BlockError, BlockNotFound
+from fedmount.arvados.ids import EMPTY_BLOCK_HASH, Locator
+from fedmount.arvados.retry import backoff_delay, new_request_id
+from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.stats import Stats
 
 from .transport import BlockTransport, Md5Pipe, Response, Timeouts, TransportError, Urllib3Transport
@@ -64,51 +64,11 @@ def _transient(status: int) -> bool:
     return status >= 500 or status in TRANSIENT_4XX
 
 
-@dataclass(frozen=True)
-class KeepService:
-    """One keepstore or keepproxy of a cluster, as `keep_services/accessible` lists it."""
-
-    uuid: str
-    root_url: str
-    service_type: str = "disk"
-    read_only: bool = False
-
-
-@dataclass(frozen=True)
-class KeepRoute:
-    """Where a collection's blocks are read from: one cluster's services and the token to send.
-
-    `token` is the exact token text for the Authorization header (home token in home mode,
-    the token salted for `cluster` in direct mode)."""
-
-    cluster: str
-    token: str = field(repr=False)
-    services: tuple[KeepService, ...]
-
-
-class BlockError(Exception):
-    """A block could not be read; the message is one line naming the block and services tried."""
-
-    def __init__(self, locator: Locator, message: str):
-        super().__init__(message)
-        self.locator = locator
-
-
-class BlockNotFound(BlockError):
-    """Every service of the route answered that it does not have the block."""
-
-
 def probe_order(block_hash: str, services: Sequence[KeepService]) -> list[KeepService]:
     """Services in rendezvous order: md5hex(hash + last 15 chars of uuid), descending."""
     return sorted(
         services, key=lambda s: hashlib.md5((block_hash + s.uuid[-15:]).encode()).hexdigest(), reverse=True
     )
-
-
-def new_request_id() -> str:
-    """An Arvados-style request id: ``req-`` and 20 lowercase letters or digits."""
-    alphabet = string.ascii_lowercase + string.digits
-    return "req-" + "".join(secrets.choice(alphabet) for _ in range(20))
 
 
 @dataclass
@@ -180,8 +140,7 @@ class KeepClient:
         last: dict[str, _Attempt] = {}
         for round_no in range(self._retries + 1):
             if round_no:
-                delay = min(self._max_backoff, self._backoff * 2 ** (round_no - 1))
-                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                await trio.sleep(backoff_delay(round_no - 1, self._backoff, self._max_backoff))
             for service in list(eligible):
                 body, attempt = await self._attempt(locator, route, service, method, headers, into)
                 if attempt is None:

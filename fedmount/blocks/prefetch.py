@@ -113,15 +113,17 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from fedmount.federation.ids import Locator
+from fedmount.arvados.errors import BlockError
+from fedmount.arvados.ids import Locator
+from fedmount.arvados.routes import KeepRoute
 from fedmount.stats import Stats
 
 from .admission import Admission
 from .cache import BlockCache, Reservation
-from .keep import BlockError, KeepClient, KeepRoute, probe_order
+from .keep import KeepClient, probe_order
 
 if TYPE_CHECKING:
-    from fedmount.federation.manifest import File, Segment
+    from fedmount.arvados.manifest import File, Segment
 
 log = logging.getLogger("fedmount.prefetch")
 

@@ -66,7 +66,8 @@ import trio
 
 from fedmount.stats import Stats
 
-from .tree import Attr, Entries, FsError, Handle, Invalidation, Tree
+from .errors import FsError
+from .tree import Attr, Entries, Handle, Invalidation, Tree
 
 log = logging.getLogger("fedmount.fuse")
 

@@ -75,7 +75,7 @@ Freshness
     logs one line and is retried after `RETRY_AFTER_ERROR` seconds.
 
 Memory
-    A mounted collection keeps its parsed manifest (`fedmount.federation.manifest`) and a
+    A mounted collection keeps its parsed manifest (`fedmount.arvados.manifest`) and a
     `KeptRecord`: the API record, which only ``.arvados#collection`` reads, kept
     zlib-compressed (its manifest text and its other fields apart). A UUID re-check whose
     answer has the same PDH (and whose signatures are not due) transfers and parses no
@@ -117,14 +117,15 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from fedmount.blocks.keep import BlockError, BlockNotFound, KeepRoute
-from fedmount.federation.controller import ApiError
-from fedmount.federation.ids import CollectionId, IdError, parse_collection_id
-from fedmount.federation.manifest import Directory, File, Manifest, ManifestError, parse_manifest
+from fedmount.arvados.errors import ApiError, BlockError
+from fedmount.arvados.ids import CollectionId, IdError, parse_collection_id
+from fedmount.arvados.manifest import Directory, File, Manifest, ManifestError, parse_manifest
+from fedmount.arvados.routes import KeepRoute
 from fedmount.memory import release
 from fedmount.stats import Stats
 
 from .calls import DEFAULT_API_WAIT, Call, Calls
+from .errors import FsError, api_errno, block_failure
 from .inodes import ROOT_INODE, InodeTable, NegativeCache
 
 log = logging.getLogger("fedmount.fs")
@@ -145,15 +146,6 @@ FREE_INODES = 1 << 30
 _ALWAYS_SELECTED = frozenset({"kind", "etag", "writable_by"})  # in every answer with `select`
 FRESHNESS_FIELDS = ("modified_at", "portable_data_hash", "uuid")  # what a re-check asks first
 _SIGNATURE_EXPIRY_RE = re.compile(r"\+[AR][0-9a-z-]*@([0-9a-f]{8})\b")
-
-
-class FsError(Exception):
-    """A filesystem answer other than success: an errno, and how long it may be cached."""
-
-    def __init__(self, code: int, message: str = "", cache_for: float = 0.0):
-        super().__init__(message or errno.errorcode.get(code, str(code)))
-        self.errno = code
-        self.cache_for = cache_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -946,11 +938,9 @@ class CollectionFileHandle(Handle):
             return await self._reader.read(offset, size)
         except BlockError as e:
             coll.tree.stats.add("read_errors", cluster=coll.record.route.cluster)
-            # "Block not found error" is the phrase crunch-run turns into a runtime warning.
-            what = "Block not found error" if isinstance(e, BlockNotFound) else "Block read error"
-            message = f"{what}: {coll.describe()}: reading {self.node.path}: {e}"
-            log.error("%s", message)
-            raise FsError(errno.EIO, message) from e
+            failure = block_failure(e, f"{coll.describe()}: reading {self.node.path}")
+            log.error("%s", failure)
+            raise failure from e
 
     def close(self) -> None:
         self._reader.close()
@@ -1092,10 +1082,7 @@ class Tree:
         try:
             return await answer
         except ApiError as e:
-            # 422: the federation's "every cluster said no, not all with 404".
-            code = {404: errno.ENOENT, 422: errno.ENOENT, 401: errno.EACCES, 403: errno.EACCES}.get(
-                e.status, errno.EIO
-            )
+            code = api_errno(e)
             message = f"collection {cid} (cluster {e.cluster or '?'}): {e.message}"
             if code != errno.ENOENT:
                 self.stats.add("api_errors", cluster=e.cluster)

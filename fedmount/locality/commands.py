@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import trio
 
+from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.blocks.cache import BlockCache, default_disk_cache_size
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.cli import SUBCOMMAND_HELP, parse_size, setup_logging
-from fedmount.federation.settings import Settings, SettingsError
 
 from .federation_view import FederationView, keep_client_for
 from .locate import locate_collections

@@ -22,22 +22,23 @@ from urllib.parse import quote
 
 import httpx
 
-from fedmount.blocks.keep import KeepClient, KeepRoute
+from fedmount.api.federation import Federation
+from fedmount.arvados.errors import AccessDenied, ApiError, ClusterUnreachable, NotFound
+from fedmount.arvados.ids import CollectionId
+from fedmount.arvados.manifest import ManifestError, parse_manifest, portable_data_hash
+from fedmount.arvados.routes import KeepRoute
+from fedmount.arvados.settings import Settings
+from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.transport import Urllib3Transport
-from fedmount.federation.controller import ApiError
-from fedmount.federation.federation import Federation
-from fedmount.federation.ids import CollectionId
-from fedmount.federation.manifest import ManifestError, parse_manifest, portable_data_hash
-from fedmount.federation.settings import Settings
 from fedmount.stats import Stats
 
 from .view import ClusterCopy, LookupFailure, Resolved
 
 
 def _failure(what: str, exc: ApiError) -> LookupFailure:
-    if exc.status == 0:
+    if isinstance(exc, ClusterUnreachable):
         return LookupFailure(f"{what}: cluster {exc.cluster} unreachable ({exc.message})")
-    if exc.status in (401, 403):
+    if isinstance(exc, AccessDenied):
         return LookupFailure(
             f"{what}: cluster {exc.cluster} refused the token ({exc.message}); check ARVADOS_API_TOKEN"
         )
@@ -89,7 +90,7 @@ class FederationView:
         try:
             record = await self.federation.get_collection(cid)
         except ApiError as exc:
-            if exc.status == 404:
+            if isinstance(exc, NotFound):
                 raise LookupFailure(
                     f"collection {cid} not found on any cluster of the federation "
                     "(or not readable with this token)"
@@ -118,7 +119,7 @@ class FederationView:
                 return None  # forwarded from another cluster: no copy of its own
             services = await client.keep_services()
         except ApiError as exc:
-            if exc.status == 404:
+            if isinstance(exc, NotFound):
                 return None
             raise _failure(f"cannot ask cluster {cluster}", exc) from None
         except ManifestError as exc:

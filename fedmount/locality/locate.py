@@ -64,10 +64,11 @@ from typing import Protocol
 
 import trio
 
-from fedmount.blocks.keep import BlockError, KeepRoute
+from fedmount.arvados.errors import BlockError
+from fedmount.arvados.ids import EMPTY_BLOCK_HASH, IdError, Locator, parse_collection_id
+from fedmount.arvados.manifest import ManifestError, parse_manifest
+from fedmount.arvados.routes import KeepRoute
 from fedmount.blocks.throughput import ThroughputBook
-from fedmount.federation.ids import EMPTY_BLOCK_HASH, IdError, Locator, parse_collection_id
-from fedmount.federation.manifest import ManifestError, parse_manifest
 
 from .progress import human_bytes, human_duration
 from .view import LocalityView, LookupFailure, Resolved

@@ -45,12 +45,14 @@ from typing import Protocol, TextIO
 
 import trio
 
+from fedmount.arvados.errors import BlockError
+from fedmount.arvados.ids import CollectionId, IdError, Locator, parse_collection_id
+from fedmount.arvados.manifest import ManifestError, parse_manifest
+from fedmount.arvados.routes import KeepRoute
+from fedmount.arvados.settings import Settings
 from fedmount.blocks.cache import BlockCache
-from fedmount.blocks.keep import BlockError, KeepClient, KeepRoute
+from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook, TransferMeter
-from fedmount.federation.ids import CollectionId, IdError, Locator, parse_collection_id
-from fedmount.federation.manifest import ManifestError, parse_manifest
-from fedmount.federation.settings import Settings
 from fedmount.stats import Stats
 
 from .federation_view import FederationView, keep_client_for

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedmount.blocks.keep import KeepRoute
-from fedmount.federation.ids import CollectionId, Locator
+from fedmount.arvados.ids import CollectionId, Locator
+from fedmount.arvados.routes import KeepRoute
 
 
 class LookupFailure(Exception):

@@ -23,7 +23,7 @@ import shutil
 import tarfile
 from typing import IO
 
-from fedmount.federation.ids import CollectionId
+from fedmount.arvados.ids import CollectionId
 from fedmount.runner.spec import SpecError
 
 WHITEOUT = ".wh."

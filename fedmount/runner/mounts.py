@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from fedmount.federation.tokens import redact
+from fedmount.arvados.tokens import redact
 from fedmount.runner.runtimes import Bind, RunError
 from fedmount.runner.spec import CollectionMount, ContainerSpec, ContentMount, FileMount, SpecError, TmpMount
 

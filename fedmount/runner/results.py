@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any
 
-from fedmount.federation.tokens import redact
+from fedmount.arvados.tokens import redact
 
 STATS_FILE = os.path.join(".fedmount", "stats.json")
 

@@ -31,7 +31,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmount.federation.ids import CollectionId, IdError, looks_like_collection_id, parse_collection_id
+from fedmount.arvados.ids import CollectionId, IdError, looks_like_collection_id, parse_collection_id
 
 STREAM_TARGETS = ("stdin", "stdout", "stderr")
 

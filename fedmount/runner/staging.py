@@ -32,8 +32,8 @@ from typing import Any, NoReturn, TextIO
 
 import trio
 
+from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.blocks.cache import BlockCache, default_disk_cache_size
-from fedmount.federation.settings import Settings, SettingsError
 from fedmount.locality.stage import StageReport, stage_collections
 from fedmount.locality.view import LookupFailure
 from fedmount.runner.runtimes import RunError

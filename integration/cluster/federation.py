@@ -19,7 +19,7 @@ list.go`` and ``services/api/app/models/api_client_authorization.rb`` (validate)
   with the token as received; 2xx with a uuid of the issuer's prefix is accepted, and the
   answer cached for 5 minutes (``Login.RemoteTokenRefresh``).
 
-Token salting: ``sdk/go/auth/salt.go`` (via ``fedmount.federation.tokens``): v2 tokens are
+Token salting: ``sdk/go/auth/salt.go`` (via ``fedmount.arvados.tokens``): v2 tokens are
 salted, tokens of the target cluster and already-salted (40-hex) ones go as they are, a
 bare v1 secret of a local token is first turned into its v2 form.
 """
@@ -33,7 +33,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from urllib.parse import quote, urlencode
 
-from fedmount.federation.tokens import TokenError, parse_token, salt_for
+from fedmount.arvados.tokens import TokenError, parse_token, salt_for
 
 from .manifests import PDH_ID_RE, portable_data_hash
 from .model import Cluster, World

@@ -49,7 +49,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urlsplit
 
-from fedmount.federation.tokens import TokenError, parse_token, salt_for
+from fedmount.arvados.tokens import TokenError, parse_token, salt_for
 
 from . import signing
 from .httpbase import FileBody, Handler, Response, StreamBody

@@ -10,18 +10,19 @@ fedmount speaks the API protocol (reference/arvados-protocol.md §0–§2, §6):
 - Every call sends ``Authorization: Bearer <token>`` with the exact token text the client
   was built with (the caller decides which token a cluster may see; see federation.py)
   and an ``X-Request-Id``.
-- Retries: network errors and 408/429/5xx are retried with exponential backoff and full
-  jitter (``backoff * 2**attempt`` capped at ``max_backoff``), at most ``retries`` times
+- Retries: network errors and 408/429/5xx are retried with jittered exponential backoff
+  (`fedmount.arvados.retry`: ``backoff * 2**attempt`` capped at ``max_backoff``), at most ``retries`` times
   and never past ``retry_budget`` seconds since the first attempt. Every other status is
   an answer: 401/403/404/422 mean what they say and are raised at once.
-- Failures raise `ApiError` with the HTTP status (0 when the cluster could not be reached),
-  the cluster, and a one-line message built from the server's ``{"errors": [...]}``,
-  passed through `redact` so that no token can leak into a log line.
+- Failures raise the `ApiError` tree of `fedmount.arvados.errors`: `ClusterUnreachable`
+  when no HTTP answer came, `ApiRefused` (`AccessDenied`, `NotFound`) with the status the
+  server sent, each with the cluster and a one-line message built from the server's
+  ``{"errors": [...]}``, passed through `redact` so that no token can leak into a log line.
 - What a cluster says about itself is checked before it is used anywhere (a stats label,
   a log line, a route): the discovery document's ``uuidPrefix`` must be a cluster id (and,
   for a client made for a named cluster, that cluster's), and every keep service must have
   an Arvados uuid, a host name and a port. A cluster that answers otherwise is refused
-  with one `ApiError` line (502), as a broken or hostile answer.
+  with one `BadAnswer` line, as a broken or hostile answer.
 - ``collections/{id}`` may be asked for with ``select`` (a JSON list of field names):
   a re-check asks for the record without its manifest text, a few hundred bytes.
 - Bodies are read into a buffer of the client's own and decoded from it, so a large
@@ -31,8 +32,8 @@ fedmount speaks the API protocol (reference/arvados-protocol.md §0–§2, §6):
   (``fedmount --max-manifest-size``): a collection's record is the biggest answer there
   is, and loading one costs a few times its size in memory. A small body is decoded on
   the event loop; one over ``DECODE_IN_STEPS`` bytes by `stepwise_json` in a worker
-  thread, which never holds the GIL (and so the loop) for long, where ``json.loads``
-  held it for the whole decode (0.44 s for 200 MB).
+  thread, which never holds the GIL (and so the loop) for long, as ``json.loads`` of a
+  whole big body would.
 - TLS: a CA file, the system trust store, or no verification in insecure mode
   (``ARVADOS_API_HOST_INSECURE``). The transport is injectable: unit tests pass an
   `httpx.MockTransport` and no socket is opened.
@@ -45,11 +46,8 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
-import secrets
 import ssl
-import string
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -58,12 +56,14 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from fedmount.blocks.keep import KeepService
+from fedmount.arvados.errors import AnswerTooBig, ApiRefused, BadAnswer, ClusterUnreachable, NotFound, refusal
+from fedmount.arvados.ids import IdError, check_cluster_id, check_uuid
+from fedmount.arvados.retry import backoff_delay, new_request_id
+from fedmount.arvados.routes import KeepService
+from fedmount.arvados.tokens import ApiToken
 from fedmount.stats import Stats
 
 from . import stepwise_json
-from .ids import IdError, check_cluster_id, check_uuid
-from .tokens import ApiToken, redact
 
 log = logging.getLogger("fedmount.controller")
 
@@ -72,19 +72,7 @@ KEEP_SERVICES = "keep_services/accessible"
 MiB = 1 << 20
 DEFAULT_MAX_ANSWER = 256 * MiB  # twice the API's default MaxRequestSize: any record it let in
 DECODE_IN_STEPS = 4 * MiB  # bodies bigger than this are decoded in a worker thread, in steps
-RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 _HOST_RE = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")  # a DNS name, IPv4 or [IPv6] address
-_REQUEST_ID_CHARS = string.ascii_lowercase + string.digits
-
-
-class ApiError(Exception):
-    """An API call that failed: `status` (0 = unreachable), `cluster`, one-line `message`."""
-
-    def __init__(self, status: int, cluster: str, message: str):
-        self.status = status
-        self.cluster = cluster
-        self.message = redact(" ".join(message.split()))
-        super().__init__(f"{cluster}: {self.message}")
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -111,10 +99,6 @@ def _error_text(response: httpx.Response, body: bytes | bytearray) -> str:
         text = ""
     text = text or response.reason_phrase or "no reason given"
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def request_id() -> str:
-    return "req-" + "".join(secrets.choice(_REQUEST_ID_CHARS) for _ in range(20))
 
 
 class ControllerClient:
@@ -184,13 +168,13 @@ class ControllerClient:
         prefix = doc.get("uuidPrefix") if isinstance(doc, dict) else None
         document = f"{self.api_host} served a discovery document"
         if not prefix:
-            raise ApiError(502, self._label, f"{document} without uuidPrefix")
+            raise BadAnswer(self._label, f"{document} without uuidPrefix")
         try:
             check_cluster_id(prefix if isinstance(prefix, str) else f"{prefix!r} (a {type(prefix).__name__})")
         except IdError as e:
-            raise ApiError(502, self._label, f"{document} with an {e}") from None
+            raise BadAnswer(self._label, f"{document} with an {e}") from None
         if self._expected_cluster not in (None, prefix):
-            raise ApiError(502, self._label, f"{self.api_host} calls itself cluster {prefix}, "
+            raise BadAnswer(self._label, f"{self.api_host} calls itself cluster {prefix}, "
                            f"not {self._expected_cluster}")  # fmt: skip
         return prefix
 
@@ -210,9 +194,17 @@ class ControllerClient:
 
     async def get_collection(self, id: str, select: Sequence[str] | None = None) -> dict[str, Any]:
         """The collection's record; with `select`, only those fields (and the ``kind``,
-        ``etag`` and ``writable_by`` the API adds to every select-ed answer)."""
+        ``etag`` and ``writable_by`` the API adds to every select-ed answer).
+
+        `NotFound` also for a 422: the controller's answer when no cluster of the federation
+        has the collection but not every one said 404 (``lib/controller/federation``)."""
         params = None if select is None else {"select": list(select)}
-        return await self.call(f"collections/{quote(id, safe='')}", params)
+        try:
+            return await self.call(f"collections/{quote(id, safe='')}", params)
+        except ApiRefused as e:
+            if e.status == 422:
+                raise NotFound(e.cluster, e.message, e.status) from None
+            raise
 
     async def current_user(self) -> dict[str, Any]:
         return await self.call("users/current")
@@ -227,7 +219,7 @@ class ControllerClient:
             return list(self._keep_services)
 
     def _keep_service(self, item: Any) -> KeepService:
-        """One item of keep_services/accessible, checked; ApiError (one line) if it is malformed."""
+        """One item of keep_services/accessible, checked; `BadAnswer` (one line) if it is malformed."""
         try:
             uuid, host, port = item["uuid"], item["service_host"], item["service_port"]
             check_uuid(uuid if isinstance(uuid, str) else repr(uuid))
@@ -236,11 +228,11 @@ class ControllerClient:
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise IdError("port", str(port), 0, "not a port number")
         except KeyError as e:
-            raise ApiError(502, self._label, f"{KEEP_SERVICES} lists a service without {e}") from None
+            raise BadAnswer(self._label, f"{KEEP_SERVICES} lists a service without {e}") from None
         except TypeError:
-            raise ApiError(502, self._label, f"{KEEP_SERVICES} lists a non-object") from None
+            raise BadAnswer(self._label, f"{KEEP_SERVICES} lists a non-object") from None
         except IdError as e:
-            raise ApiError(502, self._label, f"{KEEP_SERVICES} lists a service with an {e}") from None
+            raise BadAnswer(self._label, f"{KEEP_SERVICES} lists a service with an {e}") from None
         scheme = "https" if item.get("service_ssl_flag") else "http"
         return KeepService(
             uuid=uuid,
@@ -257,11 +249,11 @@ class ControllerClient:
         query = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (params or {}).items()}
         answer = await self._request(url, params=query)
         if not isinstance(answer, dict):
-            raise ApiError(502, self._label, f"GET {path}: the answer is not a JSON object")
+            raise BadAnswer(self._label, f"GET {path}: the answer is not a JSON object")
         return answer
 
     async def _request(self, url: str, *, auth: bool = True, params: dict[str, str] | None = None) -> Any:
-        headers = {"Accept": "application/json", "X-Request-Id": request_id()}
+        headers = {"Accept": "application/json", "X-Request-Id": new_request_id()}
         if auth:
             headers["Authorization"] = f"Bearer {self.token.text}"
         path = httpx.URL(url).path
@@ -272,14 +264,17 @@ class ControllerClient:
             try:
                 response, body = await self._get(url, path, headers, params)
                 self._count("api_bytes", len(body))
-                if response.status_code not in RETRY_STATUSES:
-                    return await self._answer(path, response, body)
+                if response.status_code < 400:
+                    return await self._answer(path, body)
                 failure = self._refusal(path, response, body)
+                if not failure.transient:
+                    self._count("api_errors")
+                    raise failure
             except httpx.TransportError as e:
-                failure = ApiError(0, self._label, self._transport_failure(e))
+                failure = ClusterUnreachable(self._label, self._transport_failure(e))
                 if _certificate_error(e):
                     raise failure from None  # retrying cannot make a certificate trusted
-            delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+            delay = backoff_delay(attempt, self.backoff, self.max_backoff)
             if attempt >= self.retries or time.monotonic() - started + delay > self.retry_budget:
                 self._count("api_errors")
                 raise failure
@@ -292,7 +287,7 @@ class ControllerClient:
         self, url: str, path: str, headers: dict[str, str], params: dict[str, str] | None
     ) -> tuple[httpx.Response, bytearray]:
         """GET `url`, its body read into a buffer of our own (see the module docstring);
-        `ApiError` (413) as soon as it is known to be bigger than ``max_answer``."""
+        `AnswerTooBig` as soon as it is known to be bigger than ``max_answer``."""
         async with self._http.stream("GET", url, headers=headers, params=params) as response:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_answer:
@@ -304,11 +299,11 @@ class ControllerClient:
                     raise self._too_big(path)
         return response, body
 
-    def _too_big(self, path: str) -> ApiError:
+    def _too_big(self, path: str) -> AnswerTooBig:
         self._count("api_errors")
         limit = f"{self.max_answer / MiB:g} MiB"
         why = f"the answer is bigger than {limit}, the limit --max-manifest-size sets"
-        return ApiError(413, self._label, f"GET {path}: {why}; raise it to mount this collection")
+        return AnswerTooBig(self._label, f"GET {path}: {why}; raise it to mount this collection")
 
     def _transport_failure(self, error: httpx.TransportError) -> str:
         cert = _certificate_error(error)
@@ -331,16 +326,13 @@ class ControllerClient:
             reason = str(said) if said is error else f"{type(said).__name__}: {said}"
         return f"cannot reach {self.api_host}: {type(error).__name__}: {reason}"
 
-    def _refusal(self, path: str, response: httpx.Response, body: bytearray) -> ApiError:
-        return ApiError(response.status_code, self._label, f"GET {path}: {_error_text(response, body)}")
+    def _refusal(self, path: str, response: httpx.Response, body: bytearray) -> ApiRefused:
+        return refusal(self._label, f"GET {path}: {_error_text(response, body)}", response.status_code)
 
-    async def _answer(self, path: str, response: httpx.Response, body: bytearray) -> Any:
-        if response.status_code >= 400:
-            self._count("api_errors")
-            raise self._refusal(path, response, body)
+    async def _answer(self, path: str, body: bytearray) -> Any:
         try:
             if len(body) > DECODE_IN_STEPS:
                 return await trio.to_thread.run_sync(stepwise_json.loads, body)
             return json.loads(body)
         except ValueError:
-            raise ApiError(502, self._label, f"GET {path}: the answer is not JSON") from None
+            raise BadAnswer(self._label, f"GET {path}: the answer is not JSON") from None

@@ -55,14 +55,25 @@ from typing import Any, Literal
 import httpx
 import trio
 
-from fedmount.blocks.keep import KeepRoute, KeepService
+from fedmount.arvados.errors import (
+    AccessDenied,
+    ApiError,
+    ApiRefused,
+    BadAnswer,
+    ClusterUnreachable,
+    NotFound,
+    TokenNotSaltable,
+    UnknownCluster,
+    transient,
+)
+from fedmount.arvados.ids import CLUSTER_RE, CollectionId
+from fedmount.arvados.manifest import portable_data_hash
+from fedmount.arvados.routes import KeepRoute, KeepService
+from fedmount.arvados.settings import Settings
+from fedmount.arvados.tokens import V2_NEEDED, TokenError, salt_for
 from fedmount.stats import Stats
 
-from .controller import ApiError, ControllerClient
-from .ids import CLUSTER_RE, CollectionId
-from .manifest import portable_data_hash
-from .settings import Settings
-from .tokens import V2_NEEDED, TokenError, salt_for
+from .controller import ControllerClient
 
 log = logging.getLogger("fedmount.federation")
 
@@ -120,9 +131,9 @@ class _RemoteClients:
         return sorted(c for c in self._hosts if c != self._home)
 
     def check_known(self, cluster: str) -> None:
-        """ApiError (404) unless the home can reach `cluster` (``remoteHosts``, or via DNS)."""
+        """`UnknownCluster` unless the home can reach `cluster` (``remoteHosts``, or via DNS)."""
         if cluster not in self._hosts and not self._via_dns:
-            raise ApiError(404, cluster, f"cluster {cluster} is not a remote cluster of {self._home}")
+            raise UnknownCluster(cluster, f"cluster {cluster} is not a remote cluster of {self._home}")
 
     def get(self, cluster: str) -> ControllerClient:
         client = self._clients.get(cluster)
@@ -135,10 +146,10 @@ class _RemoteClients:
         try:
             token = salt_for(self._token, cluster)
         except TokenError as e:
-            raise ApiError(400, cluster, str(e)) from None
+            raise TokenNotSaltable(cluster, str(e)) from None
         if token == self._token and self._token.cluster != cluster:
-            raise ApiError(
-                400, cluster, f"cannot salt the token for {cluster} (it looks salted already); use home mode"
+            raise TokenNotSaltable(
+                cluster, f"cannot salt the token for {cluster} (it looks salted already); use home mode"
             )
         client = ControllerClient(host, token, cluster=cluster, **self._client_args)
         self._clients[cluster] = client
@@ -190,12 +201,13 @@ class Federation:
             federation.user = user
         except ApiError as e:
             await home.aclose()
-            if e.status in (401, 403):
-                raise ApiError(
-                    e.status, e.cluster, f"the token was rejected ({e.message}); check ARVADOS_API_TOKEN"
+            if isinstance(e, AccessDenied):
+                raise AccessDenied(
+                    e.cluster, f"the token was rejected ({e.message}); check ARVADOS_API_TOKEN", e.status
                 ) from None
-            if e.status == 0:
-                raise ApiError(0, e.cluster, f"{e.message}; check ARVADOS_API_HOST and the network") from None
+            if isinstance(e, ClusterUnreachable):
+                hint = "check ARVADOS_API_HOST and the network"
+                raise ClusterUnreachable(e.cluster, f"{e.message}; {hint}") from None
             raise
         return federation
 
@@ -207,8 +219,8 @@ class Federation:
         """The API client of `cluster`: the home client (home token) for the home cluster,
         otherwise the remote client made with the token salted for it, in any mode.
 
-        Raises `ApiError` (404) for a cluster the home does not know, (400) for a token
-        that cannot be salted. The clients are closed by `aclose`."""
+        Raises `UnknownCluster` for a cluster the home does not know, `TokenNotSaltable`
+        for a token that cannot be salted. The clients are closed by `aclose`."""
         if cluster == self.home_cluster:
             return self.home
         return self._remotes.get(cluster)
@@ -232,7 +244,7 @@ class Federation:
         record = await client.get_collection(cid.text, fields)
         pdh = record.get("portable_data_hash")
         if not isinstance(pdh, str) or not pdh:
-            raise ApiError(502, client.cluster, f"the record of {cid} has no portable_data_hash")
+            raise BadAnswer(client.cluster, f"the record of {cid} has no portable_data_hash")
         return CollectionSummary(**await self._summary_fields(client, cid, record, pdh))
 
     def _client_for(self, cid: CollectionId) -> ControllerClient | None:
@@ -249,14 +261,14 @@ class Federation:
         record = await client.get_collection(cid.text)
         manifest_text = record.get("manifest_text")
         if not isinstance(manifest_text, str):
-            raise ApiError(502, client.cluster, f"the record of {cid} has no manifest_text")
+            raise BadAnswer(client.cluster, f"the record of {cid} has no manifest_text")
         got = await trio.to_thread.run_sync(portable_data_hash, manifest_text)
         if cid.is_pdh and got != cid.text:
-            raise ApiError(502, client.cluster, f"answered {cid} with a manifest whose hash is {got}")
+            raise BadAnswer(client.cluster, f"answered {cid} with a manifest whose hash is {got}")
         claimed = record.get("portable_data_hash") or got
         if claimed != got:
-            raise ApiError(502, client.cluster, f"the record of {cid} claims portable data hash {claimed} "
-                                                f"but its manifest hashes to {got}")
+            raise BadAnswer(client.cluster, f"the record of {cid} claims portable data hash {claimed} "
+                                            f"but its manifest hashes to {got}")
         fields = await self._summary_fields(client, cid, record, got)
         return CollectionRecord(**fields, manifest_text=manifest_text)
 
@@ -347,13 +359,18 @@ async def _with_v2_token(home: ControllerClient, settings: Settings) -> Settings
 
 
 def _combined(cid: CollectionId, errors: dict[str, ApiError]) -> ApiError:
-    """All 404 -> 404; any 5xx/429/unreachable -> 502; otherwise 422 (controller's rule)."""
-    statuses = [e.status for e in errors.values()]
-    if all(s == 404 for s in statuses):
-        status = 404
-    elif any(s == 0 or s == 429 or s >= 500 for s in statuses):
-        status = 502
-    else:
-        status = 422
-    detail = ", ".join(f"{c}: {e.status or 'unreachable'}" for c, e in errors.items())
-    return ApiError(status, ",".join(errors), f"{cid} not found in the federation ({detail})")
+    """The controller's rule for a lookup every cluster failed: all not found -> `NotFound`;
+    any unreachable, failing or lying cluster -> `ApiError`; otherwise (refusals,
+    not all of them 404) -> `NotFound` too, as the controller's 422 means."""
+    detail = ", ".join(f"{c}: {_outcome(e)}" for c, e in errors.items())
+    clusters, message = ",".join(errors), f"{cid} not found in the federation ({detail})"
+    if any(transient(e) or isinstance(e, BadAnswer) for e in errors.values()):
+        return ApiError(clusters, message)
+    return NotFound(clusters, message, 404 if all(isinstance(e, NotFound) for e in errors.values()) else 422)
+
+
+def _outcome(error: ApiError) -> str:
+    """What one cluster answered, in a word, for `_combined`'s message."""
+    if isinstance(error, ApiRefused):
+        return str(error.status)
+    return "unreachable" if isinstance(error, ClusterUnreachable) else type(error).__name__

@@ -1,1 +1,0 @@
-"""Who holds what: identifiers, tokens, manifests, controllers and federation routing."""
