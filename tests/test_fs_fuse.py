@@ -13,7 +13,7 @@ from test_fs_tree import FILES_A, UUID_A, world  # noqa: F401  (world is a fixtu
 
 from fedmount.fs.fuse import FuseOperations
 from fedmount.fs.inodes import ROOT_INODE
-from fedmount.fs.tree import FOREVER
+from fedmount.fs.nodes import FOREVER
 
 
 @pytest.fixture

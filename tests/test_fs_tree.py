@@ -28,9 +28,12 @@ from fedmount.arvados.errors import AccessDenied, BlockError, ClusterUnreachable
 from fedmount.arvados.ids import CollectionId, parse_collection_id, parse_locator
 from fedmount.arvados.manifest import File, portable_data_hash
 from fedmount.arvados.routes import KeepRoute
+from fedmount.fs.context import Invalidation
 from fedmount.fs.errors import FsError
 from fedmount.fs.inodes import ROOT_INODE, InodeTable, NegativeCache
-from fedmount.fs.tree import FOREVER, Invalidation, Layout, Tree
+from fedmount.fs.layout import Layout
+from fedmount.fs.nodes import FOREVER
+from fedmount.fs.tree import Tree
 from fedmount.stats import Stats
 
 NOW = 1_800_000_000.0
@@ -51,7 +54,7 @@ class Record:
     manifest_text: str
     modified_at: float | None
     cluster: str
-    record: dict[str, Any]
+    answer: dict[str, Any]
     route: KeepRoute
 
 
@@ -115,8 +118,8 @@ class FakeFederation:
         for rec in self.collections.values():
             rec.manifest_text = re.sub(r"\+A[0-9a-f]{40}@[0-9a-f]{8}", f"+A{'b' * 40}@{expiry:08x}",
                                        rec.manifest_text)
-            if "manifest_text" in rec.record:
-                rec.record["manifest_text"] = rec.manifest_text
+            if "manifest_text" in rec.answer:
+                rec.answer["manifest_text"] = rec.manifest_text
 
     async def _find(self, cid: CollectionId) -> Record:
         if cid.text in self.stall:
@@ -136,7 +139,7 @@ class FakeFederation:
         """As the API answers with ``select``: only those fields, and no manifest text."""
         self.summaries.append((cid.text, list(fields)))
         rec = await self._find(cid)
-        selected = {k: rec.record.get(k) for k in fields}
+        selected = {k: rec.answer.get(k) for k in fields}
         return CollectionSummary(rec.uuid, rec.portable_data_hash, rec.modified_at, rec.cluster, selected,
                                  rec.route)
 
@@ -338,7 +341,7 @@ async def test_collection_layout_of_a_missing_collection_fails_to_start(world, c
     # The start-up error is printed once by the caller (fedmount --collection), not logged too.
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]
     with caplog.at_level(logging.INFO, "fedmount"), pytest.raises(FsError):  # later failures do log
-        await tree.fetch(parse_collection_id("zbbbb-4zz18-000000000000000"))
+        await tree.loader.load(parse_collection_id("zbbbb-4zz18-000000000000000"))
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [str(e.value)]
 
 
@@ -356,7 +359,7 @@ async def test_hidden_collection_record(world):
 async def test_a_mounted_collection_keeps_its_record_only_compressed(world):
     fed, *_, make = world
     description = "a long description " * 50_000  # about 1 MB
-    fed.collections[UUID_A].record["description"] = description
+    fed.collections[UUID_A].answer["description"] = description
     tree = make()
     await path_node(tree, f"by_id/{UUID_A}")
     coll = tree.root.children["by_id"]._collections[UUID_A]
@@ -364,14 +367,14 @@ async def test_a_mounted_collection_keeps_its_record_only_compressed(world):
     kept = [getattr(coll.record, f.name) for f in dataclasses.fields(coll.record)]
     assert text not in kept and description not in kept
     assert len(coll.record.packed_fields) < 20_000
-    assert coll.record.answer() == fed.collections[UUID_A].record
+    assert coll.record.answer() == fed.collections[UUID_A].answer
     assert coll.record.field_names == ("uuid", "portable_data_hash", "name", "description")
 
 
 async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
     fed, _, _, _, mono, make = world
     released: list[int] = []
-    monkeypatch.setattr("fedmount.fs.tree.release", lambda: released.append(len(fed.calls + fed.summaries)))
+    monkeypatch.setattr("fedmount.fs.loader.release", lambda: released.append(len(fed.calls + fed.summaries)))
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
     assert released == [1]
@@ -385,12 +388,12 @@ async def test_free_heap_is_released_after_every_fetch(world, monkeypatch):
 
 async def test_an_unchanged_recheck_asks_only_for_what_decides_freshness(world, monkeypatch):
     fed, _, _, _, mono, make = world
-    fed.collections[UUID_A].record["description"] = "d" * 100_000  # re-downloaded every time, before
+    fed.collections[UUID_A].answer["description"] = "d" * 100_000  # re-downloaded every time, before
     tree = make()
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
     record_before = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
     parsed: list[str] = []
-    monkeypatch.setattr("fedmount.fs.tree.parse_manifest", lambda text: parsed.append(text))
+    monkeypatch.setattr("fedmount.fs.loader.parse_manifest", lambda text: parsed.append(text))
     for _ in range(3):
         mono.t += 16
         assert (await tree.getattr(ino)).size == 12
@@ -405,9 +408,9 @@ async def test_a_record_change_without_new_content_fetches_its_fields_not_its_ma
     ino = await path_node(tree, f"by_id/{UUID_A}/hello.txt")
     record_before = json.loads(await read_all(tree, f"by_id/{UUID_A}/.arvados#collection"))
     parsed: list[str] = []
-    monkeypatch.setattr("fedmount.fs.tree.parse_manifest", lambda text: parsed.append(text))
+    monkeypatch.setattr("fedmount.fs.loader.parse_manifest", lambda text: parsed.append(text))
     rec = fed.collections[UUID_A]
-    rec.record["name"], rec.modified_at = "renamed", NOW  # the record changed, not its content
+    rec.answer["name"], rec.modified_at = "renamed", NOW  # the record changed, not its content
     mono.t += 16
     assert (await tree.getattr(ino)).mtime == NOW
     assert fed.calls == [UUID_A] and parsed == []
