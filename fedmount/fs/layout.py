@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from fedmount.arvados.ids import CollectionId, IdError, parse_collection_id
 
-from .calls import Call
+from .calls import Call, answer_by_deadline
 from .collection import Collection
 from .context import MountContext
 from .errors import FsError
@@ -181,20 +181,12 @@ class CollectionIdDir(DirNode):
         """Collection `key`, loaded by the background call this lookup starts or joins (so
         concurrent lookups of one id make one API call); ETIMEDOUT once that call is past its
         deadline (`Calls`): it goes on, and a later lookup gets its answer."""
-        calls = self.context.calls
+        calls, group = self.context.calls, api_group(cid)
         call = self._loading.get(key)
         if call is None:
-            call = self._loading[key] = calls.start(api_group(cid), f"loading collection {cid}",
-                                                    lambda: self._load(key, cid))
-        if await call.wait():
-            return call.result()
-        group, wait = api_group(cid), calls.wait
-        why = f"within {wait:g}s" if call.waited_for else f"yet ({group} has requests pending past {wait:g}s)"
-        message = f"collection {cid}: no answer from the API {why}; still asking, for the next lookup"
-        if call.first_late_answer():
-            self.context.stats.add("api_calls_late", op="lookup", cluster=group)
-            log.warning("%s", message)
-        raise FsError(errno.ETIMEDOUT, message)
+            call = calls.start(group, f"loading collection {cid}", lambda: self._load(key, cid))
+            self._loading[key] = call
+        return await answer_by_deadline(call, calls, group, f"collection {cid}", self.context.stats, "lookup")
 
     async def _load(self, key: str, cid: CollectionId) -> Collection:
         context = self.context
