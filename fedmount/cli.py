@@ -34,7 +34,7 @@ from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.blocks.transport import Timeouts
 from fedmount.daemon_log import add_detached_log, open_private
 from fedmount.fs.calls import DEFAULT_API_WAIT
-from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
+from fedmount.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
 SUBCOMMANDS: dict[str, str] = {

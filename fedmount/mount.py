@@ -67,7 +67,7 @@ from fedmount.daemon_log import detached_log_path
 from fedmount.fs import fuse
 from fedmount.fs.calls import DEFAULT_API_WAIT
 from fedmount.fs.errors import FsError
-from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, serve_prometheus
+from fedmount.stats_export import CrunchStat, crunchstat_groups, serve_prometheus
 from fedmount.fs.tree import Layout, Tree
 from fedmount.stats import Stats
 

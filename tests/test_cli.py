@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from fedmount import cli
-from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, prometheus_text
+from fedmount.stats_export import CrunchStat, crunchstat_groups, prometheus_text
 from fedmount.mount import MountOptions, _cache_config, mountinfo
 from fedmount.stats import Stats
 
