@@ -272,3 +272,18 @@ def test_help_loads_no_event_loop_database_or_http_client(argv):
     assert done.returncode == 0, done.stderr
     assert "fedmount" in done.stdout
     assert done.stderr.strip() == "", f"--help imported {done.stderr.strip()}"
+
+
+def test_a_mount_is_known_by_its_id_and_the_topmost_hides_the_others():
+    entries = mountinfo.parse(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "90 22 0:57 / /tmp/m rw,nosuid shared:50 - fuse.fedmount fedmount ro\n"
+        "97 90 0:61 / /tmp/m rw,nosuid - fuse fedmount ro\n"
+    )
+    top = mountinfo.mounted_at("/tmp/m", entries)
+    assert top is not None and (top.mount_id, top.minor, top.fstype) == (97, 61, "fuse") and top.is_fuse
+    assert top != entries[1] and mountinfo.mounted_at("/tmp", entries) is None
+
+
+def test_only_octal_escapes_are_decoded():
+    assert mountinfo.unescape(r"/a\040b\011c\134d\\9") == "/a b\tc\\d\\\\9"
