@@ -191,10 +191,12 @@ class ProjectSource:
             )
         return out
 
-    async def find(self, owner: str, names: Sequence[str]) -> list[dict[str, Any]]:
+    async def find(
+        self, owner: str, names: Sequence[str], cluster: str | None = None
+    ) -> list[dict[str, Any]]:
         """The projects or filter groups, else the collections, of `owner` named one of
-        `names` (at most two of each), asked of the owner's cluster."""
-        client = self._client(cluster_of(owner))
+        `names` (at most two of each), asked of `cluster` (default: the owner's)."""
+        client = self._client(cluster or cluster_of(owner))
         path = f"groups/{quote(owner, safe='')}/contents"
         name = ["name", "=", names[0]] if len(names) == 1 else ["name", "in", list(names)]
         queries = [

@@ -7,7 +7,7 @@ answered from the listing the directory has (or ETIMEDOUT if it has none yet, an
 call goes on for the next operation). A listing that fails keeps the previous one, logs
 one line naming the directory and the cluster, and is asked again after ``refresh_time``;
 with no previous listing the failure is the operation's answer (EIO for a cluster that is
-down: only the directories of that cluster are affected).
+down: only the directories of that cluster are affected), and the next operation asks again.
 
 Entries are nodes kept by object uuid for the life of the directory, numbered by (this
 directory, uuid): a re-listing that renames an object keeps its number under the new name,
@@ -86,7 +86,8 @@ class ListedDir(DirNode):
     async def listing(self) -> dict[str, Node]:
         """The entries, listed again first if due (waiting for that until its deadline)."""
         context = self.context
-        if self._call is None and context.clock() - self._listed_at >= context.policy.refresh_time:
+        due = self._names is None or context.clock() - self._listed_at >= context.policy.refresh_time
+        if self._call is None and due:  # never listed (or failed to): asked again each time
             self._call = context.calls.start(self.cluster, f"listing {self.subject}", self._relist)
         call = self._call
         if call is None:
