@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import trio
 from fsworld import (  # tests/ is on sys.path under pytest
     NOW,
     UUID_A,
@@ -20,6 +21,7 @@ from fsworld import (  # tests/ is on sys.path under pytest
     names,
     path_node,
     read_all,
+    settle,
     world_fixture,  # noqa: F401 (a fixture)
 )
 
@@ -58,12 +60,15 @@ class FakeSource:
     shares: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = field(default_factory=dict)
     tag_heads: dict[str, list[str]] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    stall: dict[str, trio.Event] = field(default_factory=dict)
     asked: list[tuple[str, ...]] = field(default_factory=list)
     home_cluster: str = "zzzzz"
     clusters: list[str] = field(default_factory=lambda: ["zzzzz", "zbbbb"])
     user: dict[str, Any] = field(default_factory=lambda: {"uuid": ME, "first_name": "Me", "last_name": "Me"})
 
-    def _check(self, cluster: str) -> None:
+    async def _check(self, cluster: str) -> None:
+        if cluster in self.stall:
+            await self.stall[cluster].wait()
         if cluster in self.down:
             raise ClusterUnreachable(cluster, "connection refused")
 
@@ -72,13 +77,13 @@ class FakeSource:
 
     async def get(self, uuid: str) -> dict[str, Any]:
         self.asked.append(("get", uuid))
-        self._check(uuid[:5])
+        await self._check(uuid[:5])
         return self.records[uuid]
 
     async def contents(self, owner: str, cluster: str | None = None) -> list[dict[str, Any]]:
         cluster = cluster or owner[:5]
         self.asked.append(("contents", owner, cluster))
-        self._check(cluster)
+        await self._check(cluster)
         return list(self.contents_of(owner, cluster))
 
     def contents_of(self, owner: str, cluster: str) -> list[dict[str, Any]]:
@@ -87,14 +92,14 @@ class FakeSource:
     async def find(self, owner: str, wanted: list[str], cluster: str | None = None) -> list[dict[str, Any]]:
         cluster = cluster or owner[:5]
         self.asked.append(("find", owner, cluster, *wanted))
-        self._check(cluster)
+        await self._check(cluster)
         items = self.contents_of(owner, cluster)
         groups = [i for i in items if "-j7d0g-" in i["uuid"] and i["name"] in wanted]
         return groups or [i for i in items if "-4zz18-" in i["uuid"] and i["name"] in wanted]
 
     async def shared(self, cluster: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         self.asked.append(("shared", cluster))
-        self._check(cluster)
+        await self._check(cluster)
         return self.shares.get(cluster, ([], []))
 
     async def tags(self, cluster: str) -> list[str]:
@@ -276,3 +281,21 @@ async def test_a_project_mode_loads_the_project_at_start(tree_of):
 async def test_mount_directories_are_named_as_asked(tree_of):
     tree = tree_of(Layout(by_id=["ids"], home=["mine"], shared=["theirs"], by_tag=["tags"]))
     assert await names(tree, ROOT_INODE) == ["ids", "tags", "mine", "theirs"]
+
+
+async def test_a_lookup_in_a_stalled_clusters_project_answers_etimedout_at_its_deadline(
+    world, source, mock_clock
+):
+    mock_clock.autojump_threshold = 0.5
+    *_, make = world
+    tree = make(layout=Layout(everything=True), projects=source, api_wait=5.0)
+    release = source.stall["zbbbb"] = trio.Event()
+    for path in (f"by_id/{REMOTE}", "clusters/zbbbb/home/work on zbbbb"):
+        started = trio.current_time()
+        with pytest.raises(FsError) as e:
+            await path_node(tree, path)
+        assert e.value.errno == errno.ETIMEDOUT and trio.current_time() - started <= 5.0
+    assert await names(tree, await path_node(tree, "home")) != []  # another cluster: no wait
+    release.set()
+    await settle()
+    assert await names(tree, await path_node(tree, f"by_id/{REMOTE}")) == ["a{slash}b"]

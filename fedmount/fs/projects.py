@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from fedmount.api.listing import ClusterConfig, cluster_of
 
+from .calls import JoinedCalls, answer_by_deadline
 from .context import MountContext
 from .errors import FsError
 from .listed import ListedCollectionDir, ListedDir, asked, record_mtime
@@ -86,6 +87,7 @@ class ProjectTree:
         self.loader = loader
         self.source = source
         self._by_id: dict[tuple[int, str], ProjectDir] = {}
+        self._loading: JoinedCalls[dict[str, Any]] = JoinedCalls(context.calls)
 
     def _number(self, parent: int, uuid: str) -> int:
         return self.context.table.number((parent, uuid))
@@ -157,9 +159,14 @@ class ProjectTree:
         """Project or filter group `uuid` of any cluster, as ``by_id/<uuid>``."""
         node = self._by_id.get((parent, uuid))
         if node is None:
-            record = await self.record(uuid)
-            node = self.project(self._number(parent, uuid), record, cluster_of(uuid))
-            self._by_id[(parent, uuid)] = node
+            cluster = cluster_of(uuid)
+            what = f"loading project {uuid}"
+            call = self._loading.start((parent, uuid), cluster, what, lambda: self.record(uuid))
+            record = await answer_by_deadline(call, self.context.calls, cluster, f"project {uuid}",
+                                              self.context.stats, "lookup")  # fmt: skip
+            node = self._by_id.get((parent, uuid))  # made by a concurrent lookup of the same call
+            if node is None:
+                node = self._by_id[(parent, uuid)] = self.project(self._number(parent, uuid), record, cluster)
         return node
 
     def looked_up_by_id(self, parent: int) -> list[tuple[str, Node]]:
@@ -213,6 +220,7 @@ class ProjectDir(ListedDir):
         self.contained_in_itself = record.get("group_class") == "filter" and uuid in ancestors
         self.ancestors = ancestors | {uuid}
         self._found: dict[str, Node] = {}  # names looked up before any listing
+        self._finding: JoinedCalls[Node | None] = JoinedCalls(context.calls)
         data = lambda: (json.dumps(self.record, indent=1, sort_keys=True) + "\n").encode()  # noqa: E731
         self.record_file = GeneratedFile(
             context.table.number((ino, PROJECT_RECORD_NAME)),
@@ -234,7 +242,13 @@ class ProjectDir(ListedDir):
     async def lookup(self, name: str) -> Node:
         if name in self.hidden or self._names is not None or self.contained_in_itself:
             return await super().lookup(name)
-        node = self._found.get(name) or await self._find(name)
+        node = self._found.get(name)
+        if node is None:
+            call = self._finding.start(name, self.cluster, f"looking up {name!r} in {self.subject}",
+                                       lambda: self._find(name))  # fmt: skip
+            subject = f"{self.subject}: {name!r}"
+            node = await answer_by_deadline(call, self.context.calls, self.cluster, subject,
+                                            self.context.stats, "lookup")  # fmt: skip
         if node is None:
             raise FsError(errno.ENOENT, cache_for=self.context.policy.refresh_time)
         return node
