@@ -299,3 +299,15 @@ async def test_a_lookup_in_a_stalled_clusters_project_answers_etimedout_at_its_d
     release.set()
     await settle()
     assert await names(tree, await path_node(tree, f"by_id/{REMOTE}")) == ["a{slash}b"]
+
+
+async def test_a_relisting_keeps_numbers_and_loaded_collections(world, tree_of):
+    fed, mono = world[0], world[4]
+    tree = tree_of()
+    results = await path_node(tree, "home/analysis/results")
+    assert await read_all(tree, "home/analysis/results/hello.txt") == b"hello world\n"
+    mono.t += 16  # the listing and the collection are due
+    assert await names(tree, await path_node(tree, "home/analysis")) == ["results"]
+    assert await path_node(tree, "home/analysis/results") == results
+    assert await read_all(tree, "home/analysis/results/hello.txt") == b"hello world\n"
+    assert fed.calls == [UUID_A]  # loaded once; its re-check asked only for a summary

@@ -138,6 +138,10 @@ class ListedCollectionDir(DirNode):
         self.collection: Collection | None = None
         self._call: Call[Collection] | None = None
 
+    def relisted(self, record: dict[str, Any]) -> None:
+        """Its directory listed it again, with this record (its attributes until it is loaded)."""
+        self.record = record
+
     def attr(self) -> Attr:
         if self.collection is not None:
             return self.collection.root.attr()

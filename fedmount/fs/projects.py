@@ -87,6 +87,7 @@ class ProjectTree:
         self.loader = loader
         self.source = source
         self._by_id: dict[tuple[int, str], ProjectDir] = {}
+        self._listed: dict[tuple[int, str], Node] = {}  # by (directory, uuid), for the life of the mount
         self._loading: JoinedCalls[dict[str, Any]] = JoinedCalls(context.calls)
 
     def _number(self, parent: int, uuid: str) -> int:
@@ -99,16 +100,24 @@ class ProjectTree:
     def node(
         self, parent: int, record: dict[str, Any], cluster: str, ancestors: frozenset[str]
     ) -> Node | None:
-        """The node of an object listed in directory `parent` (a project's, a user's, a tag's)."""
+        """The node of an object listed in directory `parent` (a project's, a user's, a tag's):
+        the one it had in an earlier listing, with the new record, if it had one."""
         uuid = str(record.get("uuid") or "")
+        node = self._listed.get((parent, uuid))
+        if isinstance(node, ListedCollectionDir | ProjectDir):
+            node.relisted(record)
+            return node
         if COLLECTION_UUID_RE.match(uuid):
-            return self._bound(
+            node = self._bound(
                 ListedCollectionDir(self.context, self.loader, self._number(parent, uuid), record)
             )
-        if GROUP_UUID_RE.match(uuid) or USER_UUID_RE.match(uuid):
+        elif GROUP_UUID_RE.match(uuid) or USER_UUID_RE.match(uuid):
             owner_cluster = cluster if USER_UUID_RE.match(uuid) else cluster_of(uuid)
-            return self.project(self._number(parent, uuid), record, owner_cluster, ancestors)
-        return None
+            node = self.project(self._number(parent, uuid), record, owner_cluster, ancestors)
+        else:
+            return None
+        self._listed[(parent, uuid)] = node
+        return node
 
     def project(
         self,
@@ -231,6 +240,11 @@ class ProjectDir(ListedDir):
         )
         context.table.bind(self.record_file.ino, self.record_file)
         self.hidden[PROJECT_RECORD_NAME] = self.record_file
+
+    def relisted(self, record: dict[str, Any]) -> None:
+        """Its parent listed it again, with this record."""
+        self.record = record
+        self.mtime = record_mtime(record, self.context.started)
 
     async def _list(self) -> dict[str, Node]:
         if self.contained_in_itself:
