@@ -142,21 +142,20 @@ class ProjectTree:
 
     def clusters_dir(self, ino: int) -> StaticDir:
         """``clusters/``: ``<id>/home`` and ``<id>/shared`` for every cluster of the federation."""
-        context, entries = self.context, {}
+        table = self.context.table
+        entries: dict[str, Node] = {}
         for cluster in self.source.clusters:
-            home = self.home(context.table.number(("clusters", cluster, "home")), cluster)
-            shared = self.shared(context.table.number(("clusters", cluster, "shared")), cluster)
-            entries[cluster] = self._bound(StaticDir(context.table.number(("clusters", cluster)),
-                                                     {"home": home, "shared": shared}, mtime=context.started,
-                                                     negative_ttl=context.policy.negative_ttl))  # fmt: skip
-        return self._bound(
-            StaticDir(
-                ino,
-                entries,
-                mtime=context.started,  # type: ignore[return-value]
-                negative_ttl=context.policy.negative_ttl,
-            )
-        )
+            home = self.home(table.number(("clusters", cluster, "home")), cluster)
+            shared = self.shared(table.number(("clusters", cluster, "shared")), cluster)
+            both: dict[str, Node] = {"home": home, "shared": shared}
+            entries[cluster] = self._static(table.number(("clusters", cluster)), both)
+        return self._static(ino, entries)
+
+    def _static(self, ino: int, entries: dict[str, Node]) -> StaticDir:
+        context = self.context
+        node = StaticDir(ino, entries, mtime=context.started, negative_ttl=context.policy.negative_ttl)
+        self.context.table.bind(ino, node)
+        return node
 
     async def record(self, uuid: str) -> dict[str, Any]:
         """The record of project or filter group `uuid` (EINVAL for anything else)."""
