@@ -177,8 +177,12 @@ def test_a_shared_tree_whose_cluster_is_down_fails_with_eio_alone(fed, mount):
 def test_no_remote_cluster_sees_the_home_token_unsalted_while_walking_every_tree(fed, mount):
     since = fed.mark()
     m = mount(federation=fed)
-    walked = tree_of(m.path, skip=("by_id",))
-    assert any(p.startswith("clusters/") for p in walked)
+    walked = []
+    for top, dirs, _ in os.walk(m.path, onerror=lambda e: None):  # other tests' broken collections: EIO
+        walked.append(os.path.relpath(top, m.path))
+        if top == str(m.path):
+            dirs.remove("by_id")
+    assert any(p.startswith("clusters/") and "/shared/" in p for p in walked)
     home_token = fed.token(fed.home)
     remote_requests = [r for r in fed.requests(since=since) if r["cluster"] != fed.home]
     assert remote_requests, "the walk asked every cluster"
