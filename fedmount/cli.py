@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from fedmount import __version__
 from fedmount.api.controller import DEFAULT_MAX_ANSWER
 from fedmount.arvados.tokens import redact
-from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
+from fedmount.blocks.readahead import DEFAULT_PREFETCH_BLOCKS
 from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
 from fedmount.blocks.transport import Timeouts
 from fedmount.daemon_log import add_detached_log, open_private

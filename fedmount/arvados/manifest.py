@@ -72,14 +72,14 @@ from itertools import accumulate, compress, count, islice
 from operator import add, eq, itemgetter
 from typing import overload
 
-from .ids import MAX_BLOCK_SIZE, IdError, Locator, parse_locator
+from .ids import EMPTY_BLOCK_HASH, MAX_BLOCK_SIZE, IdError, Locator, parse_locator
 
 _LOCATOR_RE = re.compile(r"[0-9a-f]{32}\+([0-9]+)(?:\+[A-Z][A-Za-z0-9@_-]*)*", re.ASCII)
 _SEGMENT_RE = re.compile(r"([0-9]+):([0-9]+):(.+)", re.ASCII | re.DOTALL)
 _FILE_TOKEN_RE = re.compile(r"(?<![^ ])([0-9]+):([0-9]+):([^ ]+)", re.ASCII)
 _ESCAPE_RE = re.compile(rb"\\([0-7]{3}|\\)")
 _HINTS_RE = re.compile(r"( [0-9a-f]{32}\+[0-9]+)\+[^ \n]*")
-_EMPTY_PDH = "d41d8cd98f00b204e9800998ecf8427e+0"
+_EMPTY_PDH = f"{EMPTY_BLOCK_HASH}+0"  # the empty text hashes as the empty block does
 _HIGH_HALF = (32).__rrshift__  # h -> h >> 32: the top half of a hash, which sorts as the hash does
 _WIDER = {"B": "H", "H": "I", "I": "Q"}
 WINDOW = 1 << 18  # characters of a line handled by one step of the parse

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import trio
 
 from fedmount.arvados.settings import Settings, SettingsError
-from fedmount.blocks.cache import BlockCache, default_disk_cache_size
+from fedmount.blocks.cache import CacheConfig, TieredCache
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.cli import SUBCOMMAND_HELP, parse_size, setup_logging
 
@@ -87,15 +87,19 @@ def _settings() -> Settings | None:
         return None
 
 
+def _config(args: argparse.Namespace) -> CacheConfig:
+    """The mount's cache directory, bounded as a mount bounds it (`CacheConfig.for_directory`)."""
+    return CacheConfig.for_directory(args.disk_cache_dir, getattr(args, "disk_cache_size", 0), ram=64 << 20)
+
+
 def disk_limit(args: argparse.Namespace) -> int:
     """The bound this process evicts to: ``--disk-cache-size``, else the mount's default for the
-    directory (`default_disk_cache_size`), so a stage and a later mount agree on it."""
-    return getattr(args, "disk_cache_size", 0) or default_disk_cache_size(args.disk_cache_dir)
+    directory, so a stage and a later mount agree on it."""
+    return _config(args).disk_limit
 
 
-def _cache(args: argparse.Namespace) -> BlockCache:
-    """The mount's cache directory, bounded as a mount bounds it (`disk_limit`)."""
-    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit(args), ram_limit=64 << 20)
+def _cache(args: argparse.Namespace) -> TieredCache:
+    return TieredCache.configured(_config(args))
 
 
 def locate_main(argv: Sequence[str]) -> int:

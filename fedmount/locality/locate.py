@@ -65,7 +65,7 @@ from typing import Protocol
 import trio
 
 from fedmount.arvados.errors import BlockError
-from fedmount.arvados.ids import EMPTY_BLOCK_HASH, IdError, Locator, parse_collection_id
+from fedmount.arvados.ids import IdError, Locator, parse_collection_id
 from fedmount.arvados.manifest import ManifestError, parse_manifest
 from fedmount.arvados.routes import KeepRoute
 from fedmount.blocks.throughput import ThroughputBook
@@ -83,10 +83,6 @@ class BlockProbe(Protocol):
 
 class CacheProbe(Protocol):
     def cached_bytes(self, key: str) -> int: ...
-
-
-def is_empty_block(loc: Locator) -> bool:
-    return loc.size == 0 and loc.hash == EMPTY_BLOCK_HASH
 
 
 def serving_cluster(loc: Locator, route: KeepRoute) -> tuple[str, str | None]:
@@ -391,7 +387,7 @@ async def _locate_one(
     c.resolved = resolved
     for loc in blocks:
         c.sizes[loc.key] = loc.size
-        c.cached[loc.key] = loc.size if is_empty_block(loc) else cache.cached_bytes(loc.key)
+        c.cached[loc.key] = loc.size if loc.is_empty else cache.cached_bytes(loc.key)
         c.serving[loc.key] = serving_cluster(loc, resolved.route)
     c.holdings = {name: Holding(name) for name in clusters}
     async with trio.open_nursery() as nursery:
@@ -431,7 +427,7 @@ async def _probe_cluster(
             loc = signed.get(key)
             if loc is None:  # the cluster's copy lacks this block: cannot be the same PDH
                 h.missing.add(key)
-            elif is_empty_block(loc):
+            elif loc.is_empty:
                 h.held.add(key)
             else:
                 nursery.start_soon(head, key, loc)
