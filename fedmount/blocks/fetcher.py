@@ -126,7 +126,7 @@ class BlockReader:
     ) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset+length) of one block, from the cache or fetched (once) from Keep.
 
-        Possibly a read-only view (see the module docstring). A `sequential` reader also gets
+        Possibly a read-only view (readahead.py, "Reads"). A `sequential` reader also gets
         the next cached chunks verified ahead of it, and holds the block while it reads it; a
         fetch waits its turn for room in the cache (admission.py)."""
         key = locator.key

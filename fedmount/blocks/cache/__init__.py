@@ -295,11 +295,11 @@ class TieredCache:
         background. Starts once at least half of the range is missing, so each worker-thread hop
         verifies several chunks."""
         assert self._disk is not None
-        verified = self._disk.verified(key)
+        verified, in_memory, loading = self._disk.verified(key), self._memory.slots, self._loading
         todo = [
             i
             for i in range(lo, hi)
-            if i not in verified and (key, i) not in self._memory and (key, i) not in self._loading
+            if i not in verified and (key, i) not in in_memory and (key, i) not in loading
         ]
         if not todo or (len(todo) < (hi - lo + 1) // 2 and hi < chunk_count(key_size(key))):
             return  # enough is ahead already: verify in batches, not one chunk per thread hop

@@ -13,7 +13,7 @@ Stats: ``cache_ram_bytes`` (gauge).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Container, KeysView
 
 from fedmount.stats import Stats
 
@@ -25,10 +25,8 @@ class MemoryTier:
         self.limit = limit
         self._stats = stats
         self._chunks: OrderedDict[tuple[str, int], bytes | memoryview] = OrderedDict()
+        self.slots: KeysView[tuple[str, int]] = self._chunks.keys()  # (key, index) of the chunks held
         self.used = 0  # bytes
-
-    def __contains__(self, slot: tuple[str, int]) -> bool:
-        return slot in self._chunks
 
     def get(self, key: str, index: int) -> bytes | memoryview | None:
         """A chunk of a block, or None; a hit makes it the most recently used."""
