@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from keepfakes import received  # tests/ is on sys.path under pytest
 
+from fedmount.api.federation import CollectionRecord
 from fedmount.arvados.ids import CollectionId, Locator
 from fedmount.arvados.manifest import portable_data_hash
 from fedmount.arvados.routes import KeepRoute, KeepService
@@ -21,9 +22,10 @@ from fedmount.blocks.cache import TieredCache
 from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.blocks.transport import Response, Sink, Timeouts
-from fedmount.locality.locate import SCHEMA, locate_collections
+from fedmount.locality.locate import locate_collections
+from fedmount.locality.locate_report import SCHEMA
 from fedmount.locality.stage import stage_with, unpin_collections
-from fedmount.locality.view import ClusterCopy, LookupFailure, Resolved
+from fedmount.locality.view import ClusterCopy, LookupFailure
 
 MiB = 1 << 20
 HOME, B, C = "zzzzz", "zbbbb", "zcccc"
@@ -79,6 +81,11 @@ class FakeKeepstores:
         return sum(1 for m, _, _ in self.calls if m == method)
 
 
+def record(uuid: str, pdh: str, text: str, owner: str, route: KeepRoute) -> CollectionRecord:
+    return CollectionRecord(uuid=uuid, portable_data_hash=pdh, modified_at=None, cluster=owner, record={},
+                            route=route, manifest_text=text)
+
+
 def make_block(seed: str, size: int) -> bytes:
     out = hashlib.sha256(seed.encode()).digest()
     return (out * (size // len(out) + 1))[:size]
@@ -119,15 +126,15 @@ class FakeFederation:
     async def clusters(self) -> list[str]:
         return [HOME, B, C]
 
-    async def resolve(self, cid: CollectionId) -> Resolved:
+    async def resolve(self, cid: CollectionId) -> CollectionRecord:
         for uuid, (pdh, blocks) in self.collections.items():
             if cid.text in (uuid, pdh):
                 owner = uuid[:5]
                 if self.mode == "direct" or owner == HOME:
                     text = self._manifest(blocks, owner)
-                    return Resolved(uuid, pdh, text, owner, KeepRoute(owner, TOKEN[owner], services(owner)))
+                    return record(uuid, pdh, text, owner, KeepRoute(owner, TOKEN[owner], services(owner)))
                 text = self._manifest(blocks, owner, hint="R")  # home proxies: +R<owner>-sig
-                return Resolved(uuid, pdh, text, owner, KeepRoute(HOME, TOKEN[HOME], services(HOME)))
+                return record(uuid, pdh, text, owner, KeepRoute(HOME, TOKEN[HOME], services(HOME)))
         raise LookupFailure(f"collection {cid} not found on any cluster of the federation")
 
     async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None:

@@ -35,7 +35,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TextIO
 
 import trio
@@ -50,13 +50,14 @@ from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook, TransferMeter
 from fedmount.stats import Stats
 
+from .arguments import DEFAULT_STAGE_CONCURRENCY
 from .federation_view import FederationView, keep_client_for
-from .progress import Progress, human_bytes
+from .progress import Progress
+from .stage_report import Outcome, StagedCollection, StageReport
 from .view import LocalityView, LookupFailure
 
 log = logging.getLogger("fedmount.locality")
 
-DEFAULT_STAGE_CONCURRENCY = 4
 
 
 class BlockFetcher(Protocol):
@@ -73,90 +74,6 @@ class StageCache(Protocol):
     def pins_of(self, name: str) -> tuple[str, list[str]] | None: ...
 
 
-@dataclass
-class StagedCollection:
-    id: str
-    error: str | None = None
-    uuid: str | None = None
-    portable_data_hash: str | None = None
-    keys: list[str] = field(default_factory=list)
-    sizes: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self, outcome: dict[str, str], failures: dict[str, str], pinned: bool) -> dict:
-        out: dict = {"id": self.id, "error": self.error}
-        if self.error is not None:
-            return out
-
-        def count(state: str) -> dict:
-            keys = [k for k in self.keys if outcome.get(k) == state]
-            return {"blocks": len(keys), "bytes": sum(self.sizes[k] for k in keys)}
-
-        return out | {
-            "uuid": self.uuid,
-            "portable_data_hash": self.portable_data_hash,
-            "blocks": len(self.keys),
-            "bytes": sum(self.sizes.values()),
-            "already_cached": count("cached"),
-            "fetched": count("fetched"),
-            "evicted": count("evicted"),
-            "failed": [failures[k] for k in self.keys if k in failures],
-            "pinned": pinned,
-            "complete": all(outcome.get(k) in ("cached", "fetched") for k in self.keys),
-        }
-
-
-@dataclass
-class StageReport:
-    collections: list[StagedCollection]
-    pinned: bool
-    outcome: dict[str, str] = field(default_factory=dict)  # key -> cached | fetched | failed | evicted
-    failures: dict[str, str] = field(default_factory=dict)  # key -> one-line error
-    error: str | None = None  # stopped everything (no disk cache, ...)
-
-    @property
-    def complete(self) -> bool:
-        return self.error is None and all(
-            c.error is None and all(self.outcome.get(k) in ("cached", "fetched") for k in c.keys)
-            for c in self.collections
-        )
-
-    def exit_status(self) -> int:
-        return 0 if self.complete else 2
-
-    def to_json(self) -> dict:
-        return {
-            "schema": "fedmount-stage/1",
-            "complete": self.complete,
-            "error": self.error,
-            "collections": [c.to_json(self.outcome, self.failures, self.pinned) for c in self.collections],
-        }
-
-    def render(self) -> str:
-        lines = [f"error: {self.error}"] if self.error else []
-        for c in self.to_json()["collections"]:
-            if c["error"]:
-                lines.append(f"{c['id']}: error: {c['error']}")
-                continue
-            state = "staged" if c["complete"] else "NOT fully staged"
-            text = (
-                f"{c['id']}: {state}: {c['blocks']} blocks, {human_bytes(c['bytes'])} "
-                f"(fetched {human_bytes(c['fetched']['bytes'])}, already cached "
-                f"{human_bytes(c['already_cached']['bytes'])})"
-            )
-            if c["pinned"]:
-                text += ", pinned until `fedmount unpin`"
-            lines.append(text)
-            if c["evicted"]["blocks"]:
-                lines.append(
-                    f"  {c['evicted']['blocks']} blocks were evicted again: the cache is smaller than "
-                    "what was staged; raise the cache size or stage with --pin"
-                )
-            lines.extend(f"  {msg}" for msg in c["failed"][:5])
-            if len(c["failed"]) > 5:
-                lines.append(f"  ... and {len(c['failed']) - 5} more unreadable blocks")
-        return "\n".join(lines) + "\n"
-
-
 async def _resolve_all(
     ids: Sequence[str], view: LocalityView, concurrency: int
 ) -> tuple[list[StagedCollection], dict[str, tuple[Locator, KeepRoute]]]:
@@ -169,13 +86,13 @@ async def _resolve_all(
     async def one(n: int, s: StagedCollection) -> None:
         async with limiter:
             try:
-                resolved = await view.resolve(parse_collection_id(s.id))
-                manifests[n] = parse_manifest(resolved.manifest_text).blocks()
+                record = await view.resolve(parse_collection_id(s.id))
+                manifests[n] = parse_manifest(record.manifest_text).blocks()
             except (IdError, LookupFailure, ManifestError) as exc:
                 s.error = str(exc)
                 return
-        s.uuid, s.portable_data_hash = resolved.uuid, resolved.portable_data_hash
-        routes[n] = resolved.route
+        s.uuid, s.portable_data_hash = record.uuid, record.portable_data_hash
+        routes[n] = record.route
 
     async with trio.open_nursery() as nursery:
         for n, s in enumerate(staged):
@@ -218,13 +135,13 @@ async def stage_with(
     todo: list[tuple[Locator, KeepRoute]] = []
     for key, (loc, route) in plan.items():
         if loc.is_empty or cache.cached_bytes(key) >= loc.size:
-            report.outcome[key] = "cached"
+            report.outcome[key] = Outcome.CACHED
         else:
             todo.append((loc, route))
     total = sum(loc.size for loc, _ in plan.values())
     progress = Progress(total, len(plan), stream=progress_stream) if progress_stream is not None else None
     if progress is not None:
-        skipped = [key for key, state in report.outcome.items() if state == "cached"]
+        skipped = [key for key, outcome in report.outcome.items() if outcome is Outcome.CACHED]
         progress.skip(sum(plan[k][0].size for k in skipped), len(skipped))
     meter = TransferMeter()
     limiter = trio.CapacityLimiter(max(1, concurrency))
@@ -236,7 +153,7 @@ async def stage_with(
             try:
                 data = await keep.get(loc, route)
             except BlockError as exc:
-                report.outcome[loc.key] = "failed"
+                report.outcome[loc.key] = Outcome.FAILED
                 report.failures[loc.key] = str(exc)
                 if progress is not None:
                     progress.fail()
@@ -244,7 +161,7 @@ async def stage_with(
             finally:
                 meter.finish(route.cluster, len(data))
             await cache.put(loc.key, data)
-        report.outcome[loc.key] = "fetched"
+        report.outcome[loc.key] = Outcome.FETCHED
         if progress is not None:
             progress.advance(loc.size)
 
@@ -260,9 +177,9 @@ async def stage_with(
         if progress is not None:
             progress.finish()
     on_disk = TieredCache(cache.directory, sys.maxsize, 0)  # the disk tier alone, as a later mount sees it
-    for key, state in report.outcome.items():
-        if state == "fetched" and on_disk.cached_bytes(key) < plan[key][0].size:
-            report.outcome[key] = "evicted"
+    for key, outcome in report.outcome.items():
+        if outcome is Outcome.FETCHED and on_disk.cached_bytes(key) < plan[key][0].size:
+            report.outcome[key] = Outcome.EVICTED
     return report
 
 
@@ -282,7 +199,7 @@ async def stage_collections(
 
     Connects to the federation with `settings` in `mode` ("home" or "direct": read the way
     the mount will), fetches through `keep` (a new KeepClient if None) and returns a
-    `StageReport` (``.complete``, ``.render()``, ``.to_json()``). Bad IDs, unknown
+    `StageReport` (``.complete``, ``.summaries()``, ``.render()``, ``.to_json()``). Bad IDs, unknown
     collections and unreadable blocks are in the report, not raised; `LookupFailure` is
     raised only when the home cluster itself cannot be used."""
     async with FederationView.open(settings, mode=mode, stats=stats) as view:
@@ -337,12 +254,12 @@ async def unpin_collections(
         async with open_view() as view:
             for r, cid in pending:
                 try:
-                    resolved = await view.resolve(cid)
-                    keys = [loc.key for loc in parse_manifest(resolved.manifest_text).blocks()]
+                    record = await view.resolve(cid)
+                    keys = [loc.key for loc in parse_manifest(record.manifest_text).blocks()]
                 except (LookupFailure, ManifestError) as exc:
                     r.error = str(exc)
                     continue
-                r.blocks = len(cache.unpin(keys, resolved.portable_data_hash))
+                r.blocks = len(cache.unpin(keys, record.portable_data_hash))
     except LookupFailure as exc:
         for r, _ in pending:
             r.error = r.error or str(exc)

@@ -34,7 +34,8 @@ import trio
 
 from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.blocks.cache import CacheConfig, TieredCache
-from fedmount.locality.stage import StageReport, stage_collections
+from fedmount.locality.stage import stage_collections
+from fedmount.locality.stage_report import Outcome, StageReport
 from fedmount.locality.view import LookupFailure
 from fedmount.runner.runtimes import RunError
 from fedmount.runner.spec import ContainerSpec, SpecError
@@ -119,33 +120,29 @@ async def _stage(
 def _refuse_incomplete(report: StageReport, fields: dict[str, str]) -> None:
     if report.error is not None:
         raise RunError(f"--stage: {report.error}")
-    for c in report.to_json()["collections"]:
-        field = fields[c["id"]]
-        if c["error"] is not None:
-            raise SpecError(field, f"cannot stage: {c['error']}")
-        if c["failed"]:
-            more = f" (and {len(c['failed']) - 1} more blocks)" if len(c["failed"]) > 1 else ""
-            raise SpecError(field, f"cannot stage: {c['failed'][0]}{more}")
-        if c["evicted"]["blocks"]:
+    for c in report.summaries():
+        field = fields[c.id]
+        if c.error is not None:
+            raise SpecError(field, f"cannot stage: {c.error}")
+        if c.failed:
+            more = f" (and {len(c.failed) - 1} more blocks)" if len(c.failed) > 1 else ""
+            raise SpecError(field, f"cannot stage: {c.failed[0]}{more}")
+        evicted = c.count(Outcome.EVICTED).blocks
+        if evicted:
             raise SpecError(
                 field,
-                f"cannot stage: {c['evicted']['blocks']} blocks were evicted again: the collections do not "
+                f"cannot stage: {evicted} blocks were evicted again: the collections do not "
                 "fit in the cache; raise runtime_constraints.keep_cache_disk",
             )
 
 
 def _figures(report: StageReport, seconds: float) -> dict[str, Any]:
-    sizes = {k: size for c in report.collections for k, size in c.sizes.items()}
-
-    def total(state: str) -> int:
-        return sum(sizes[k] for k, s in report.outcome.items() if s == state)
-
+    every = report.distinct()
     return {
         "collections": len(report.collections),
-        "blocks": len(sizes),
-        "bytes": sum(sizes.values()),
-        "bytes_staged": total("fetched"),
-        "bytes_already_cached": total("cached"),
+        "blocks": every.blocks,
+        "bytes": every.bytes,
+        "bytes_staged": report.tally(Outcome.FETCHED).bytes,
+        "bytes_already_cached": report.tally(Outcome.CACHED).bytes,
         "seconds": round(seconds, 3),
     }
-
