@@ -243,7 +243,7 @@ def test_prometheus_text_has_counters_and_process_gauges():
 
 def test_the_defaults_the_help_shows_are_the_ones_the_layers_use():
     from fedmount.api.controller import DEFAULT_MAX_ANSWER
-    from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
+    from fedmount.blocks.readahead import DEFAULT_PREFETCH_BLOCKS
     from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
     from fedmount.blocks.transport import Timeouts
     from fedmount.fs.calls import DEFAULT_API_WAIT
