@@ -2,7 +2,7 @@
 
 ``fedmount --help`` prints these numbers; importing the layers that use them would load
 trio, sqlite3, xxhash, httpx and urllib3 for a help text. The layers keep their own names
-for them (``DEFAULT_PREFETCH_BLOCKS`` in `fedmount.blocks.prefetch`, ...); a unit test
+for them (``DEFAULT_PREFETCH_BLOCKS`` in `fedmount.blocks.readahead`, ...); a unit test
 (tests/test_cli.py) checks that each one is the value given here.
 """
 

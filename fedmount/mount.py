@@ -43,10 +43,10 @@ from fedmount.api.listing import ProjectSource
 from fedmount.arvados.errors import ApiError
 from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.arvados.tokens import V2_NEEDED
-from fedmount.blocks.cache import BlockCache, default_cache_dir, default_disk_cache_size
+from fedmount.blocks.cache import CacheConfig, TieredCache
+from fedmount.blocks.fetcher import BlockReader
 from fedmount.blocks.keep import KeepClient
-from fedmount.blocks.prefetch import BlockReader
-from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
+from fedmount.blocks.throughput import ThroughputBook
 from fedmount.blocks.transport import Timeouts, Urllib3Transport
 from fedmount.fs import fuse
 from fedmount.fs.errors import FsError
@@ -65,18 +65,15 @@ from fedmount.stats_export import CrunchStat, crunchstat_groups, serve_prometheu
 
 log = logging.getLogger("fedmount")
 
-MiB = 1 << 20
-DEFAULT_RAM_CACHE = 256 * MiB
 READY_TIMEOUT = 30.0
 
 
-def _cache_config(opts: MountOptions) -> tuple[str | None, int, int]:
-    """(directory, disk limit, RAM limit) from the cache flags."""
+def _cache_config(opts: MountOptions) -> CacheConfig:
+    """The cache's directory and bounds from the cache flags."""
     if opts.cache_kind == "ram":
-        return None, 0, opts.ram_cache_size or opts.file_cache or DEFAULT_RAM_CACHE
-    directory = opts.disk_cache_dir or default_cache_dir()
-    disk = opts.disk_cache_size or opts.file_cache or default_disk_cache_size(directory)
-    return directory, disk, opts.ram_cache_size or DEFAULT_RAM_CACHE
+        return CacheConfig.memory_only(opts.ram_cache_size or opts.file_cache)
+    disk = opts.disk_cache_size or opts.file_cache
+    return CacheConfig.for_directory(opts.disk_cache_dir, disk, opts.ram_cache_size)
 
 
 def run(opts: MountOptions) -> int:
@@ -128,21 +125,18 @@ class Daemon:
         try:
             if opts.route == "direct" and federation.settings.token.is_v1:
                 raise StartupError(f"--route direct {V2_NEEDED}")
-            directory, disk_limit, ram_limit = _cache_config(opts)
-            cache = BlockCache(directory, disk_limit, ram_limit, stats)
+            cache = TieredCache.configured(_cache_config(opts), stats)
             transport = Urllib3Transport(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
             timeouts = Timeouts(stall=opts.keep_stall_timeout, min_rate=opts.keep_min_rate,
                                 rate_window=opts.keep_rate_window)
             keep = KeepClient(transport, stats=stats, timeouts=timeouts)
             reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
             self._reader = reader
-            capacity = disk_limit or ram_limit
-            gauge = "cache_disk_bytes" if disk_limit else "cache_ram_bytes"
             projects = ProjectSource(federation, opts.layout.filters) if opts.layout.lists_projects else None
             tree = Tree(
                 federation, reader, stats=stats, layout=opts.layout, refresh_time=opts.refresh_time,
                 api_wait=opts.api_wait, projects=projects,
-                cached_bytes=cache.cached_bytes, cache_usage=lambda: (capacity, int(stats.get(gauge))),
+                cached_bytes=cache.cached_bytes, cache_usage=cache.usage,
             )
             try:
                 await tree.start()
@@ -152,7 +146,7 @@ class Daemon:
                 return await self._serve(tree)
             finally:
                 book = ThroughputBook.in_cache_dir(cache.directory)  # no file for a RAM-only cache
-                record_keep_stats(book, stats)
+                keep.meter.record_into(book)
                 book.save()
         finally:
             await federation.aclose()

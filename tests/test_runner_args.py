@@ -6,7 +6,7 @@ import os
 
 from test_cache import hold_as_much_as_the_filesystem  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.cache import default_disk_cache_size
+from fedmount.blocks.cache.config import default_disk_cache_size
 from fedmount.runner.mounts import collection_source, fedmount_args, prepare_binds, stream_path
 from fedmount.runner.runtimes import Bind, container_environment
 from fedmount.runner.runtimes.docker import container_name, create_args

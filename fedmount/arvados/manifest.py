@@ -38,7 +38,7 @@ from array import array
 from collections.abc import Iterator
 from operator import add, itemgetter
 
-from .ids import MAX_BLOCK_SIZE, IdError, parse_locator
+from .ids import EMPTY_BLOCK_HASH, MAX_BLOCK_SIZE, IdError, parse_locator
 from .manifest_tree import SORT_RUN, Directory, File, Manifest, ManifestError, Segment, Stream
 
 __all__ = [
@@ -52,7 +52,7 @@ _SEGMENT_RE = re.compile(r"([0-9]+):([0-9]+):(.+)", re.ASCII | re.DOTALL)
 _FILE_TOKEN_RE = re.compile(r"(?<![^ ])([0-9]+):([0-9]+):([^ ]+)", re.ASCII)
 _ESCAPE_RE = re.compile(rb"\\([0-7]{3}|\\)")
 _HINTS_RE = re.compile(r"( [0-9a-f]{32}\+[0-9]+)\+[^ \n]*")
-_EMPTY_PDH = "d41d8cd98f00b204e9800998ecf8427e+0"
+_EMPTY_PDH = f"{EMPTY_BLOCK_HASH}+0"  # the empty text hashes as the empty block does
 WINDOW = 1 << 18  # characters of a line handled by one step of the parse
 
 

@@ -37,6 +37,7 @@ from typing import Generic, TypeVar
 
 import trio
 
+from fedmount import defaults
 from fedmount.stats import Stats
 
 from .errors import FsError
@@ -46,7 +47,7 @@ T = TypeVar("T")
 # --api-wait: longer than the API client's retries of a cluster that refuses or resets
 # connections (at most 7.5 s of back-off), so a down cluster still answers with its error and
 # only a stalled one is cut short.
-DEFAULT_API_WAIT = 10.0
+DEFAULT_API_WAIT = defaults.API_WAIT
 MAX_CALLS_PER_CLUSTER = 8
 
 

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from fedmount.arvados.settings import Settings, SettingsError
-from fedmount.blocks.cache import BlockCache, default_disk_cache_size
+from fedmount.blocks.cache import CacheConfig, TieredCache
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.logs import setup_logging
 
@@ -54,18 +54,22 @@ def _settings() -> Settings | None:
         return None
 
 
+def _config(args: argparse.Namespace) -> CacheConfig:
+    """The mount's cache directory, bounded as a mount bounds it (`CacheConfig.for_directory`)."""
+    return CacheConfig.for_directory(args.disk_cache_dir, getattr(args, "disk_cache_size", 0), ram=64 << 20)
+
+
 def disk_limit(args: argparse.Namespace) -> int:
     """The bound this process evicts to: ``--disk-cache-size``, else the mount's default for the
-    directory (`default_disk_cache_size`), so a stage and a later mount agree on it."""
-    return getattr(args, "disk_cache_size", 0) or default_disk_cache_size(args.disk_cache_dir)
+    directory, so a stage and a later mount agree on it."""
+    return _config(args).disk_limit
 
 
-def _cache(args: argparse.Namespace) -> BlockCache:
-    """The mount's cache directory, bounded as a mount bounds it (`disk_limit`)."""
-    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit(args), ram_limit=64 << 20)
+def _cache(args: argparse.Namespace) -> TieredCache:
+    return TieredCache.configured(_config(args))
 
 
-Body = Callable[[argparse.Namespace, Settings, BlockCache], Awaitable[int]]
+Body = Callable[[argparse.Namespace, Settings, TieredCache], Awaitable[int]]
 
 
 def _run_subcommand(
@@ -91,7 +95,7 @@ def _run_subcommand(
     return status
 
 
-async def _locate(args: argparse.Namespace, settings: Settings, cache: BlockCache) -> int:
+async def _locate(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
     book = ThroughputBook.in_cache_dir(cache.directory)
     try:
         async with FederationView.open(settings, mode=args.route, retries=1) as view:
@@ -112,7 +116,7 @@ async def _locate(args: argparse.Namespace, settings: Settings, cache: BlockCach
     return report.exit_status()
 
 
-async def _stage(args: argparse.Namespace, settings: Settings, cache: BlockCache) -> int:
+async def _stage(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
     async with FederationView.open(settings, mode=args.route) as view:
         report = await stage_with(
             args.ids, view, keep_client_for(settings), cache, pin=args.pin,

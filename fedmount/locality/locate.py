@@ -41,7 +41,7 @@ from fedmount.arvados.routes import KeepRoute
 from fedmount.blocks.throughput import ThroughputBook
 
 from .locate_report import CollectionReport, Holding, LocateReport
-from .view import LocalityView, LookupFailure, is_empty_block
+from .view import LocalityView, LookupFailure
 
 COLLECTIONS_AT_ONCE = 8  # collections resolved and asked about at once (API calls stay bounded too)
 
@@ -115,7 +115,7 @@ async def _locate_one(
     c.record = record
     for loc in blocks:
         c.sizes[loc.key] = loc.size
-        c.cached[loc.key] = loc.size if is_empty_block(loc) else cache.cached_bytes(loc.key)
+        c.cached[loc.key] = loc.size if loc.is_empty else cache.cached_bytes(loc.key)
         c.serving[loc.key] = serving_cluster(loc, record.route)
     c.holdings = {name: Holding(name) for name in clusters}
     async with trio.open_nursery() as nursery:
@@ -155,7 +155,7 @@ async def _probe_cluster(
             loc = signed.get(key)
             if loc is None:  # the cluster's copy lacks this block: cannot be the same PDH
                 h.missing.add(key)
-            elif is_empty_block(loc):
+            elif loc.is_empty:
                 h.held.add(key)
             else:
                 nursery.start_soon(head, key, loc)

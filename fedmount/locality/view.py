@@ -25,17 +25,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fedmount.api.federation import CollectionRecord
-from fedmount.arvados.ids import EMPTY_BLOCK_HASH, CollectionId, Locator
+from fedmount.arvados.ids import CollectionId, Locator
 from fedmount.arvados.routes import KeepRoute
 
 
 class LookupFailure(Exception):
     """One line that says what could not be looked up and why."""
-
-
-def is_empty_block(loc: Locator) -> bool:
-    """The empty block: in every manifest of an empty file, and never asked of Keep."""
-    return loc.size == 0 and loc.hash == EMPTY_BLOCK_HASH
 
 
 @dataclass(frozen=True)
