@@ -133,7 +133,7 @@ class PinBook:
         return [k for k in keys if k not in still]
 
 
-async def _resolve_all(
+async def resolve_blocks(
     ids: Sequence[str], view: LocalityView, concurrency: int
 ) -> tuple[list[StagedCollection], dict[str, tuple[Locator, KeepRoute]]]:
     """Every collection's blocks; `plan` maps each distinct key to (locator, route) to fetch it by."""
@@ -185,7 +185,7 @@ async def stage_with(
             "staging needs one: fix --cache-dir or the cache size",
         )
     book = book if book is not None else ThroughputBook.in_cache_dir(cache.directory)
-    staged, plan = await _resolve_all(ids, view, concurrency)
+    staged, plan = await resolve_blocks(ids, view, concurrency)
     report = StageReport(staged, pin)
     if pin:
         cache.pin(list(plan))

@@ -53,7 +53,7 @@ from fedmount.runner.results import mount_figures, read_mount_stats, write_resul
 from fedmount.runner.runtimes import Launch, RunError, Runtime, container_environment
 from fedmount.runner.runtimes.docker import DockerRuntime
 from fedmount.runner.runtimes.local import LocalRuntime
-from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, load_record
+from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, read_record
 from fedmount.runner.staging import stage_for_run
 
 EXIT_FAILED = 1
@@ -410,15 +410,7 @@ def _new_results(record: str, spec: ContainerSpec) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.record == "-":
-            text, source = sys.stdin.read(), "record"
-        else:
-            source = args.record
-            try:
-                text = Path(args.record).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise SpecError(args.record, f"cannot read the record: {exc.strerror}") from None
-        spec = load_record(text, source)
+        spec = read_record(args.record)
         if args.output_dir:
             results = _prepare_results(args.output_dir)
         else:
