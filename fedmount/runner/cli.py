@@ -26,6 +26,7 @@ only the wrapper, which stops them in order.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -40,6 +41,7 @@ from types import FrameType
 from typing import IO, Any, NoReturn
 
 from fedmount.cliutil import seconds
+from fedmount.runner.check import check_record
 from fedmount.runner.crunchstat import Sampler
 from fedmount.runner.mounts import (
     FedMount,
@@ -51,8 +53,7 @@ from fedmount.runner.mounts import (
 )
 from fedmount.runner.results import mount_figures, read_mount_stats, write_result
 from fedmount.runner.runtimes import Launch, RunError, Runtime, container_environment
-from fedmount.runner.runtimes.docker import DockerRuntime
-from fedmount.runner.runtimes.local import LocalRuntime
+from fedmount.runner.runtimes.choice import choose_runtime
 from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, read_record
 from fedmount.runner.staging import stage_for_run
 
@@ -168,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tmpdir", metavar="DIR", help="where the private temporary directory goes (default $TMPDIR or /tmp)"
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="start nothing: answer YES or NO, with every reason, whether the record could run on this "
+        "host now (runtime usable, image available, runtime_constraints within this host's memory, CPUs, "
+        "scratch space and GPUs, every input readable with this token) and estimate the transfer of "
+        "what is not in the --cache-dir cache; exit status 0 YES, 1 NO, 2 a refused record",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="with --check: print the fedmount-check/1 JSON document"
+    )
     return p
 
 
@@ -179,18 +191,6 @@ def default_fedmount() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "fedmount"]
-
-
-def choose_runtime(name: str | None) -> Runtime:
-    if name == "docker" or (name is None and DockerRuntime.available()):
-        if name == "docker" and not DockerRuntime.available():
-            raise RunError(
-                "--runtime docker: the Docker daemon does not answer; start dockerd or use --runtime local"
-            )
-        return DockerRuntime()
-    if not LocalRuntime.available():
-        raise RunError("no runtime: the Docker daemon does not answer and bwrap is not installed")
-    return LocalRuntime()
 
 
 def _now() -> str:
@@ -407,10 +407,24 @@ def _new_results(record: str, spec: ContainerSpec) -> str:
     raise SpecError("--output-dir", f"{base}: every name is taken; give --output-dir")
 
 
+def _check(spec: ContainerSpec, args: argparse.Namespace) -> int:
+    report = check_record(spec, runtime=args.runtime, cache_dir=args.cache_dir, tmpdir=args.tmpdir,
+                          env=dict(os.environ))  # fmt: skip
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        sys.stdout.write(report.render())
+    return report.exit_status()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = read_record(args.record)
+        if args.json and not args.check:
+            raise SpecError("--json", "is only for --check")
+        if args.check:
+            return _check(spec, args)
         if args.output_dir:
             results = _prepare_results(args.output_dir)
         else:

@@ -9,8 +9,8 @@ or by the older ``cuda`` (``device_count``, ``driver_version``).
 
 `Capacity` is what a machine offers: this host (`host_capacity`: memory, usable CPUs, free
 space of the temporary directory, NVIDIA GPUs that ``nvidia-smi`` lists) or an instance
-type of a cluster's exported config (`instance_capacity`). `shortfalls` lists every way a
-capacity falls short, one line each; none means the record fits.
+type of a cluster's exported config (`instance_capacity`). `compare` says, one line per
+requirement, whether a capacity meets it; `shortfalls` keeps the unmet ones (none: it fits).
 """
 
 from __future__ import annotations
@@ -84,25 +84,32 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
-def shortfalls(need: Requirements, have: Capacity) -> dict[str, str]:
-    """Every requirement `have` does not meet: ram, vcpus, scratch, gpu -> one line."""
-    out = {}
-    if need.ram > have.ram:
-        out["ram"] = f"needs {_gib(need.ram)} of memory, has {_gib(have.ram)}"
-    if need.vcpus > have.vcpus:
-        out["vcpus"] = f"needs {need.vcpus} CPUs, has {have.vcpus}"
-    if need.scratch > have.scratch:
-        out["scratch"] = f"needs {_gib(need.scratch)} of scratch space, has {_gib(have.scratch)}"
+def compare(need: Requirements, have: Capacity) -> dict[str, tuple[bool, str]]:
+    """Each requirement (ram, vcpus, scratch, and gpu when one is asked) -> (met, one line)."""
+    out = {
+        "ram": (need.ram <= have.ram, f"needs {_gib(need.ram)} of memory, has {_gib(have.ram)}"),
+        "vcpus": (need.vcpus <= have.vcpus, f"needs {need.vcpus} CPUs, has {have.vcpus}"),
+        "scratch": (need.scratch <= have.scratch,
+                    f"needs {_gib(need.scratch)} of scratch space, has {_gib(have.scratch)}"),
+    }  # fmt: skip
     if need.gpus:
-        if have.gpus < need.gpus:
-            out["gpu"] = f"needs {need.gpus} {need.gpu_stack} GPU(s), has {have.gpus}"
-        elif have.gpu_stack != need.gpu_stack:
-            out["gpu"] = f"needs {need.gpu_stack} GPUs, has {have.gpu_stack}"
+        wanted = f"{need.gpus} {need.gpu_stack} GPU(s)"
+        if have.gpus < need.gpus or have.gpu_stack != need.gpu_stack:
+            got = f"{have.gpus} {have.gpu_stack} GPU(s)" if have.gpus else "none"
+            out["gpu"] = (False, f"needs {wanted}, has {got}")
         elif need.gpu_driver and _version(have.gpu_driver) < _version(need.gpu_driver):
-            out["gpu"] = f"needs GPU driver {need.gpu_driver} or later, has {have.gpu_driver or 'unknown'}"
+            driver = have.gpu_driver or "unknown"
+            out["gpu"] = (False, f"needs GPU driver {need.gpu_driver} or later, has {driver}")
         elif need.gpu_vram > have.gpu_vram:
-            out["gpu"] = f"needs {_gib(need.gpu_vram)} of GPU memory, has {_gib(have.gpu_vram)}"
+            out["gpu"] = (False, f"needs {_gib(need.gpu_vram)} of GPU memory, has {_gib(have.gpu_vram)}")
+        else:
+            out["gpu"] = (True, f"needs {wanted}, has {have.gpus} (driver {have.gpu_driver or 'unknown'})")
     return out
+
+
+def shortfalls(need: Requirements, have: Capacity) -> dict[str, str]:
+    """Every requirement `have` does not meet -> one line; empty when the record fits."""
+    return {name: line for name, (met, line) in compare(need, have).items() if not met}
 
 
 def instance_capacity(t: InstanceType) -> Capacity:
