@@ -41,6 +41,7 @@ from types import FrameType
 from typing import IO, Any, NoReturn
 
 from fedmount.cliutil import seconds
+from fedmount.runner import reuse
 from fedmount.runner.check import check_record
 from fedmount.runner.crunchstat import Sampler
 from fedmount.runner.mounts import (
@@ -95,7 +96,10 @@ results (in --output-dir):
   crunchstat.txt, result.json (state Complete or Cancelled, exit_code, error,
   timings, bytes read per cluster, cache hits, CPU and memory figures; with
   --stage, "stage": collections, blocks, bytes, bytes_staged,
-  bytes_already_cached, seconds). No token is written to any of them.
+  bytes_already_cached, seconds; "reuse": the step's key, reused_from (the
+  results_dir, container_uuid and finished_at of the earlier run whose outputs
+  were handed back, or null) and a note when the step has no key). No token is
+  written to any of them.
 
 exit status:
   the container's exit status when it ran; 1 when the run failed for another
@@ -105,6 +109,10 @@ exit status:
   by signal N (SIGINT, SIGTERM). Every path stops the container, unmounts and
   removes temporary directories.
 """
+
+
+class _Reused(Exception):
+    """An earlier run's outputs were handed back: nothing is started."""
 
 
 class Interrupted(Exception):
@@ -170,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--tmpdir", metavar="DIR", help="where the private temporary directory goes (default $TMPDIR or /tmp)"
     )
     p.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="run the container even when an earlier run of the same step (same image content, command, "
+        "cwd, environment, inputs by their current PDH, mounts and output path) succeeded; by default its "
+        "outputs are handed back without starting anything, and result.json names that run",
+    )
+    p.add_argument(
+        "--reuse-dir",
+        metavar="DIR",
+        help="the record of successful runs that --no-reuse ignores (default $XDG_CACHE_HOME/fedmount/runs "
+        "or ~/.cache/fedmount/runs; bounded, least recently used entries go first)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="start nothing: answer YES or NO, with every reason, whether the record could run on this "
@@ -217,6 +238,7 @@ class Run:
             "timings": {},
             "fedmount": mount_figures({}),
             "stage": None,
+            "reuse": {"key": None, "reused_from": None, "note": None},
             "resources": None,
             "output_dir": os.path.join(results_dir, "output") if spec.output_path else None,
             "stdout": os.path.join(results_dir, "stdout.txt"),
@@ -244,6 +266,14 @@ class Run:
         try:
             runtime = choose_runtime(self.args.runtime)
             self.result["runtime"] = runtime.name
+            earlier = None
+            if self.args.no_reuse:
+                self.result["reuse"]["note"] = "--no-reuse"
+            else:
+                earlier = reuse.try_reuse(self.spec, runtime, self.args.reuse_dir, self.results, self.result)
+            if earlier is not None:
+                print(f"fedmount-run: reused the results of the same step in {earlier}", file=sys.stderr)
+                raise _Reused()
             work = tempfile.mkdtemp(prefix="fedmount-run-", dir=self.args.tmpdir)
             mnt = os.path.join(work, "mnt")
             os.mkdir(mnt)
@@ -304,6 +334,8 @@ class Run:
             status = runtime.exit_code(proc)
             self.result["timings"]["run_seconds"] = round(time.monotonic() - t, 3)
             self.result.update(state="Complete", exit_code=status)
+        except _Reused:
+            status = 0
         except SpecError as exc:
             status, self.result["error"] = EXIT_REFUSED, str(exc)
         except RunError as exc:
@@ -327,6 +359,10 @@ class Run:
                 signal.signal(s, handler)
         if self.result["error"]:
             print(f"fedmount-run: {self.result['error']}", file=sys.stderr)
+        elif status == 0 and self.result["state"] == "Complete":
+            problem = reuse.remember(self.args.reuse_dir, self.results, self.result)
+            if problem:
+                print(f"fedmount-run: {problem}", file=sys.stderr)
         return status
 
     def _cleanup(
