@@ -12,16 +12,23 @@ run copies nothing.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
+
+import pytest
 
 from fedmount.arvados.ids import parse_locator
 from fedmount.locality.cluster_stage import CopyRecord
 from integration.test_locality import (
+    REPO,
     MiB,
     assert_home_token_stayed_home,
     block_keys,
     cli,
+    env_for,
     keep_requests,
     place,
 )
@@ -141,3 +148,32 @@ def test_stage_to_another_cluster_is_refused_in_one_line(fed, tmp_path):
     entry = place(fed, f"str-{uuid.uuid4().hex[:8]}", ("zcccc",))
     run = cli(fed, tmp_path / "cache", "stage", "--to-cluster", "zbbbb", "--quiet", entry["uuid"])
     assert run.returncode == 2 and "only the home cluster (zzzzz)" in run.stderr
+
+
+@pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK), reason="needs /dev/fuse")
+def test_a_collection_saved_on_the_home_cluster_is_read_by_another_host_with_no_cross_cluster_get(
+    fed, tmp_path
+):
+    entry = place(fed, f"sts-{uuid.uuid4().hex[:8]}", ("zbbbb",))
+    name = f"local copy {uuid.uuid4().hex[:6]}"
+    run = cli(fed, tmp_path / "stager", "stage", "--to-cluster", "zzzzz", "--save-as", name, "--json",
+              "--quiet", entry["uuid"])  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    saved = json.loads(run.stdout)["saved"]
+    assert saved["name"] == name and saved["uuid"].startswith("zzzzz-4zz18-")
+    assert saved["portable_data_hash"] == entry["portable_data_hash"]
+    located = cli(fed, tmp_path / "stager", "locate", "--cluster", "zzzzz", entry["portable_data_hash"])
+    assert located.returncode == 0, located.stdout + located.stderr  # zzzzz now holds every block
+
+    # Another host of zzzzz: a new cache directory, a real mount, the saved collection.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mark = fed.mark()
+    cmd = [sys.executable, "-m", "fedmount", "--disk-cache-dir", str(tmp_path / "other-host"), str(mnt),
+           "--exec", "md5sum", str(mnt / "by_id" / saved["uuid"] / "data.bin")]  # fmt: skip
+    read = subprocess.run(cmd, env=env_for(fed), cwd=REPO, text=True, capture_output=True, timeout=120)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.split()[0] == entry["files"]["data.bin"]["md5"]
+    gets = keep_requests(fed, mark, method="GET")
+    assert gets and {r["cluster"] for r in gets} == {"zzzzz"}  # read from the home keepstores only
+    assert all(r["from_service"] is None for r in gets)  # and none of them fetched from zbbbb

@@ -206,3 +206,17 @@ def test_instance_capacity_carries_the_gpu():
     [g] = instance_types(B, CONFIGS[B])
     cap = instance_capacity(g)
     assert (cap.gpus, cap.gpu_stack, cap.gpu_vram) == (1, "cuda", 24 * GiB)
+
+
+def test_the_saved_manifest_has_the_clusters_own_locators_and_the_same_pdh():
+    from fedmount.arvados.manifest import portable_data_hash
+    from fedmount.locality.cluster_stage import local_manifest
+
+    h1, h2 = hashlib.md5(b"a").hexdigest(), hashlib.md5(b"bc").hexdigest()
+    remote1, remote2 = f"{h1}+1+Rzbbbb-{'2' * 40}@7fffffff", f"{h2}+2+Rzbbbb-{'3' * 40}@7fffffff"
+    text = f". {remote1} {remote2} 0:3:f.txt\n./d {h1}+1 0:1:g\n"
+    local = {f"{h1}+1": parse_locator(f"{h1}+1+A{'4' * 40}@7fffffff")}
+    out = local_manifest(text, local)
+    assert out.splitlines()[0].split()[1] == f"{h1}+1+A{'4' * 40}@7fffffff"
+    assert f"{h2}+2+Rzbbbb-" in out and out.splitlines()[1] == f"./d {h1}+1+A{'4' * 40}@7fffffff 0:1:g"
+    assert portable_data_hash(out) == portable_data_hash(text)

@@ -39,7 +39,7 @@ LOCATE = Subcommand(
 STAGE = Subcommand(
     "stage",
     "ID... [--pin] [--json] [--quiet] [--disk-cache-size BYTES] [--route home|direct] "
-    "[--concurrency N] [--disk-cache-dir DIR] [--to-cluster X]",
+    "[--concurrency N] [--disk-cache-dir DIR] [--to-cluster X [--save-as NAME]]",
     "Pull collections into this host's block cache before a run, in parallel (--concurrency N "
     f"blocks at once, default {DEFAULT_STAGE_CONCURRENCY}), with progress on stderr (bytes, rate, "
     "ETA; --quiet: none). "
@@ -53,7 +53,9 @@ STAGE = Subcommand(
     "lacks from the cluster that holds it (asked with X-Keep-Signature: local, as the Arvados SDK "
     "refreshes a signature), so no byte passes through this host; blocks already there are not "
     "copied again. X must be the home cluster (another cluster's keepstore could only present a "
-    "token salted for itself). --json: the fedmount-stage/1 document with \"cluster\": X.",
+    "token salted for itself). --save-as NAME (one ID) then makes collection NAME on X with X's own "
+    "locators, the same PDH, which every host of X reads from X's Keep alone. --json: the "
+    "fedmount-stage/1 document with \"cluster\": X (and \"saved\").",
 )
 UNPIN = Subcommand(
     "unpin",
@@ -108,8 +110,17 @@ def build_locate_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StageParser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        parsed = super().parse_args(args, namespace)
+        if parsed.save_as is not None and (parsed.to_cluster is None or len(parsed.ids) != 1):
+            self.error("--save-as needs --to-cluster and exactly one ID")
+        return parsed
+
+
 def build_stage_parser() -> argparse.ArgumentParser:
-    p = _parser(STAGE)
+    p = _StageParser(prog="fedmount stage", description=STAGE.description)
+    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
     p.add_argument("--pin", action="store_true", help="Keep the blocks from eviction until `fedmount unpin`.")
     p.add_argument("--json", action="store_true", help="Print the fedmount-stage/1 JSON document on stdout.")
     p.add_argument("--quiet", action="store_true", help="No progress display.")
@@ -118,6 +129,8 @@ def build_stage_parser() -> argparse.ArgumentParser:
                    "(default: the bound a mount of this cache directory uses).")
     p.add_argument("--to-cluster", metavar="X",
                    help="Stage into cluster X's Keep (the home cluster) instead of this host's cache.")
+    p.add_argument("--save-as", metavar="NAME",
+                   help="With --to-cluster and one ID: save the collection on X with X's own locators.")
     _add_route(p)
     _add_common(p)
     return p

@@ -26,6 +26,12 @@ itself, which the owner refuses):
    is a `StageReport` for target X. Copies are recorded as they complete: an interrupted
    run, re-run, copies only what is left.
 
+With ``--save-as NAME`` (`save_collection`), once every block of a collection is in X's
+Keep, a new collection NAME is created on X whose manifest is the original with each
+locator replaced by X's own (``+R`` -> ``+A``, the conversion the federation roadmap asks
+for): the same PDH, readable by every host of X from X's Keep alone, and what
+``fedmount locate --cluster X`` then finds there.
+
 `CopyRecord` keeps ``(cluster, hash+size) -> local locator`` in a `diskcache.Cache` in the
 cache directory, each entry expiring with its signature and the store bounded
 (least-recently-stored entries go first): the small persistent key-value store with
@@ -35,6 +41,7 @@ expiry and eviction that this needs, without a schema of fedmount's own.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import sys
 import time
@@ -47,7 +54,8 @@ import httpx
 import trio
 
 from fedmount.arvados.errors import BlockError
-from fedmount.arvados.ids import IdError, Locator, parse_locator
+from fedmount.arvados.ids import IdError, Locator, parse_collection_id, parse_locator
+from fedmount.arvados.retry import new_request_id
 from fedmount.arvados.routes import KeepRoute
 from fedmount.arvados.settings import Settings
 from fedmount.arvados.tokens import redact
@@ -56,7 +64,7 @@ from fedmount.blocks.keep import probe_order
 from .progress import Progress
 from .stage import resolve_blocks
 from .stage_report import Outcome, StageReport
-from .view import LocalityView, is_empty_block
+from .view import LocalityView, LookupFailure, is_empty_block
 
 RECORD_DIR = "cluster-copies"
 RECORD_BYTES = 64 << 20  # bound of the copy record (a few hundred bytes per block)
@@ -149,6 +157,51 @@ class ClusterKeep:
                              "X-Keep-Locator") from None
 
 
+_LOCATOR_RE = re.compile(r"^[0-9a-f]{32}\+[0-9]+(\+[A-Za-z][^+ ]*)*$")
+
+
+def local_manifest(manifest_text: str, local: dict[str, Locator]) -> str:
+    """`manifest_text` with every block locator replaced by `local[hash+size]` (kept if absent)."""
+    def swap(token: str) -> str:
+        if not _LOCATOR_RE.match(token):
+            return token
+        hash_, size = token.split("+", 2)[:2]
+        found = local.get(f"{hash_}+{size}")
+        return str(found) if found is not None else token
+
+    return "".join(" ".join(swap(t) for t in line.split(" ")) + "\n" for line in manifest_text.splitlines())
+
+
+async def save_collection(
+    settings: Settings, name: str, manifest_text: str, transport: httpx.AsyncBaseTransport | None = None
+) -> dict:
+    """Create collection `name` on the home cluster (the only one the home token goes to): its record."""
+    verify: ssl.SSLContext | bool = False if settings.insecure else (
+        ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True)  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, verify=verify, timeout=60.0) as client:
+        answer = await client.post(
+            f"https://{settings.api_host}/arvados/v1/collections",
+            headers={"Authorization": f"Bearer {settings.token.text}", "X-Request-Id": new_request_id()},
+            json={"collection": {"name": name, "manifest_text": manifest_text}},
+        )
+    if answer.status_code >= 300:
+        raise LookupFailure(redact(f"--save-as {name}: the home cluster answered HTTP {answer.status_code}: "
+                                   f"{answer.text.strip()[:200]}"))  # fmt: skip
+    return answer.json()
+
+
+async def save_staged(
+    view: LocalityView, settings: Settings, report: StageReport, local: dict[str, Locator], name: str,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> None:
+    """--save-as: the one staged collection, with X's locators, as collection `name` on X."""
+    [staged] = report.collections
+    record = await view.resolve(parse_collection_id(staged.id))
+    saved = await save_collection(settings, name, local_manifest(record.manifest_text, local), transport)
+    report.saved = {"name": name, "uuid": saved.get("uuid"),
+                    "portable_data_hash": saved.get("portable_data_hash")}  # fmt: skip
+
+
 async def stage_to_cluster(
     ids: Sequence[str],
     view: LocalityView,
@@ -158,8 +211,11 @@ async def stage_to_cluster(
     *,
     concurrency: int = 4,
     progress_stream: TextIO | None = sys.stderr,
+    local: dict[str, Locator] | None = None,
 ) -> StageReport:
-    """Make every block of `ids` present in `cluster`'s Keep (see the module docstring)."""
+    """Make every block of `ids` present in `cluster`'s Keep (see the module docstring); each
+    block's locator signed by `cluster` goes into `local` (for `local_manifest`)."""
+    local = {} if local is None else local
     if cluster != view.home_cluster or view.mode != "home":
         return StageReport([], False, target=cluster, error=(
             f"--to-cluster {cluster}: only the home cluster ({view.home_cluster}) can copy blocks into "
@@ -175,7 +231,7 @@ async def stage_to_cluster(
     async def one(loc: Locator, route: KeepRoute) -> None:
         async with limiter:
             try:
-                outcome = await _make_present(loc, route, keep, record)
+                outcome = await _make_present(loc, route, keep, record, local)
             except BlockError as exc:
                 report.outcome[loc.key], report.failures[loc.key] = Outcome.FAILED, str(exc)
                 if progress is not None:
@@ -199,17 +255,24 @@ async def stage_to_cluster(
     return report
 
 
-async def _make_present(loc: Locator, route: KeepRoute, keep: ClusterKeep, record: CopyRecord) -> Outcome:
+async def _make_present(
+    loc: Locator, route: KeepRoute, keep: ClusterKeep, record: CopyRecord, local: dict[str, Locator]
+) -> Outcome:
     if is_empty_block(loc):
+        local[loc.key] = loc
         return Outcome.CACHED
     known = record.get(route.cluster, loc.key)
     if known is not None and await keep.has(known, route):
+        local[loc.key] = known
         return Outcome.CACHED
     remote = loc.remote
     if loc.signature is not None or remote is None or remote[0] == route.cluster:
         if await keep.has(loc, route):  # signed by the cluster itself: its own block
+            local[loc.key] = loc
             return Outcome.CACHED
         raise BlockError(loc, f"block {loc.key} is not in {route.cluster}'s Keep and no other cluster "
                          "signed it, so there is nowhere to copy it from")  # fmt: skip
-    record.put(route.cluster, await keep.copy(loc, route))
+    copied = await keep.copy(loc, route)
+    record.put(route.cluster, copied)
+    local[loc.key] = copied
     return Outcome.FETCHED

@@ -40,7 +40,7 @@ from .arguments import (
     build_stage_parser,
     build_unpin_parser,
 )
-from .cluster_stage import ClusterKeep, CopyRecord, stage_to_cluster
+from .cluster_stage import ClusterKeep, CopyRecord, save_staged, stage_to_cluster
 from .federation_view import FederationView, keep_client_for
 from .locate import locate_collections
 from .locate_report import failed_locate_json
@@ -136,14 +136,16 @@ async def _place(
 
 
 async def _stage_to_cluster(args: argparse.Namespace, settings: Settings, cache: BlockCache) -> int:
-    keep, record = ClusterKeep(settings), CopyRecord(cache.directory)
+    keep, record, local = ClusterKeep(settings), CopyRecord(cache.directory), {}
     try:
         async with FederationView.open(settings, mode="home") as view:
             report = await stage_to_cluster(
                 args.ids, view, args.to_cluster, keep, record,
                 concurrency=args.concurrency or DEFAULT_STAGE_CONCURRENCY,
-                progress_stream=None if args.quiet else sys.stderr,
+                progress_stream=None if args.quiet else sys.stderr, local=local,
             )  # fmt: skip
+            if args.save_as and report.complete:
+                await save_staged(view, settings, report, local, args.save_as)
     finally:
         record.close()
         await keep.aclose()

@@ -15,7 +15,8 @@ JSON schema (``--json``)::
 
 With ``--to-cluster X`` the document also has ``"cluster": "X"`` after ``schema``, and its
 counts are of X's Keep: ``already_cached`` blocks were there before, ``fetched`` ones X copied
-now (``evicted`` stays zero).
+now (``evicted`` stays zero); with ``--save-as NAME``, ``"saved": {"name", "uuid",
+"portable_data_hash"}`` at the end names the collection made on X.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class StageReport:
     failures: dict[str, str] = field(default_factory=dict)  # key -> one-line error
     error: str | None = None  # stopped everything (no disk cache, ...)
     target: str | None = None  # staged into this cluster's Keep (--to-cluster); None: the host cache
+    saved: dict | None = None  # --save-as: {"name", "uuid", "portable_data_hash"} of the new collection
 
     @property
     def complete(self) -> bool:
@@ -173,10 +175,14 @@ class StageReport:
             "complete": self.complete,
             "error": self.error,
             "collections": [s.to_json() for s in self.summaries()],
+            **({} if self.saved is None else {"saved": self.saved}),
         }
 
     def render(self) -> str:
         lines = [f"error: {self.error}"] if self.error else []
         for s in self.summaries():
             lines.extend(s.render())
+        if self.saved is not None:
+            lines.append(f"saved as {self.saved['name']!r} on {self.target}: {self.saved['uuid']} "
+                         f"({self.saved['portable_data_hash']})")  # fmt: skip
         return "\n".join(lines) + "\n"
