@@ -3,7 +3,9 @@
 The run, in the order crunch-run does it (reference/arvados-protocol.md §7):
 
 1. Parse and validate the record (`spec.py`); a bad record is refused before anything
-   starts (exit status 2, one line naming the field).
+   starts (exit status 2, one line naming the field). ``--check`` stops here and answers
+   whether it could run on this host (`check.py`). Unless ``--no-reuse``, a step an
+   earlier run already computed gets that run's outputs and nothing starts (`reuse.py`).
 2. Make a private temporary directory; with ``--stage``, pull every collection the run
    reads into the disk cache the mount will use (`staging.py`; a collection that cannot
    be staged is the record's fault: exit status 2, nothing mounted yet). Start `fedmount`
