@@ -91,7 +91,7 @@ class _LocateParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
         parsed = super().parse_args(args, namespace)
         if bool(parsed.ids) == bool(parsed.record):
-            self.error("give collection IDs, or --for RECORD, not both")
+            self.error("give collection IDs or --for RECORD (one of the two)")
         if parsed.record and parsed.cluster:
             self.error("--for answers for every cluster; it cannot be combined with --cluster")
         return parsed
