@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from fedmount.arvados.retry import backoff_delay, new_request_id
 from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.stats import Stats
 
-from .md5 import MultiHasher
+from .md5 import MultiHasher, resolve_kernel
 from .throughput import TransferMeter
 from .transport import BlockTransport, Response, Timeouts, TransportError, Urllib3Transport
 
@@ -250,5 +251,7 @@ def _ignore(chunk: memoryview) -> None:
 
 @functools.cache
 def shared_hasher() -> MultiHasher:
-    """The process's multi-buffer md5 (md5.py): every KeepClient's GETs share its lanes."""
-    return MultiHasher()
+    """The process's multi-buffer md5 (md5.py): every KeepClient's GETs share its lanes (with
+    hashlib, without the native kernels: a thread per core)."""
+    kernel = resolve_kernel()
+    return MultiHasher(kernel=kernel, threads=1 if kernel != "hashlib" else max(1, os.cpu_count() or 1))
