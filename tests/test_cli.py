@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedmount import cli, cliutil, defaults, mountinfo
+from fedmount import cli, cliutil, mountinfo
 from fedmount.locality import arguments as locality_arguments
 from fedmount.locality.commands import MAINS
 from fedmount.logs import RedactingFilter, setup_logging
@@ -239,20 +239,6 @@ def test_prometheus_text_has_counters_and_process_gauges():
     text = prometheus_text(stats, psutil.Process())
     assert 'fedmount_keep_bytes{cluster="zbbbb"} 1000' in text
     assert "fedmount_process_rss_bytes" in text
-
-
-def test_the_defaults_the_help_shows_are_the_ones_the_layers_use():
-    from fedmount.api.controller import DEFAULT_MAX_ANSWER
-    from fedmount.blocks.readahead import DEFAULT_PREFETCH_BLOCKS
-    from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
-    from fedmount.blocks.transport import Timeouts
-    from fedmount.fs.calls import DEFAULT_API_WAIT
-
-    assert defaults.PREFETCH_BLOCKS == DEFAULT_PREFETCH_BLOCKS
-    assert defaults.BYTES_PER_SECOND == DEFAULT_BYTES_PER_SECOND
-    assert (defaults.KEEP_MIN_RATE, defaults.KEEP_RATE_WINDOW) == (Timeouts.min_rate, Timeouts.rate_window)
-    assert defaults.MAX_MANIFEST_SIZE == DEFAULT_MAX_ANSWER
-    assert defaults.API_WAIT == DEFAULT_API_WAIT
 
 
 HEAVY = ("trio", "sqlite3", "xxhash", "urllib3", "httpx", "pyfuse3", "psutil")

@@ -82,7 +82,7 @@ class FakeKeepstores:
 
 
 def record(uuid: str, pdh: str, text: str, owner: str, route: KeepRoute) -> CollectionRecord:
-    return CollectionRecord(uuid=uuid, portable_data_hash=pdh, modified_at=None, cluster=owner, record={},
+    return CollectionRecord(uuid=uuid, portable_data_hash=pdh, modified_at=None, cluster=owner, answer={},
                             route=route, manifest_text=text)
 
 

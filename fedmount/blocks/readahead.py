@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from fedmount import defaults
 from fedmount.arvados.ids import Locator
 from fedmount.arvados.routes import KeepRoute
 from fedmount.stats import Stats
@@ -93,7 +94,7 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 SEEK_BACK_TOLERANCE = 1 * MiB
 SEEK_AHEAD_TOLERANCE = 16 * MiB
-DEFAULT_PREFETCH_BLOCKS = 8  # blocks a sequential reader's window grows to
+DEFAULT_PREFETCH_BLOCKS = defaults.PREFETCH_BLOCKS  # blocks a sequential reader's window grows to
 INITIAL_WINDOW = 4  # blocks a fresh sequential reader keeps fetched ahead
 PEEK = 64 << 10  # a handle's first read smaller than this (not reaching EOF) reads nothing ahead
 VERIFY_AHEAD_CHUNKS = 16  # cache chunks (1 MiB) a sequential reader has verified ahead of it

@@ -41,10 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmount import defaults
+
 log = logging.getLogger("fedmount.throughput")
 
 FILE_NAME = "locality-throughput.json"
-DEFAULT_BYTES_PER_SECOND = 50 * 2**20  # 50 MiB/s: a modest WAN link; said to be a default wherever shown
+DEFAULT_BYTES_PER_SECOND = defaults.BYTES_PER_SECOND  # said to be a default wherever shown
 EWMA_WEIGHT = 0.3
 MIN_SAMPLE_BYTES = 256 * 1024
 MIN_SAMPLE_SECONDS = 0.01

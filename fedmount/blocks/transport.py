@@ -43,6 +43,8 @@ from typing import Protocol
 
 import urllib3
 
+from fedmount import defaults
+
 CHUNK = 2 << 20  # most bytes per read1: big enough to hash in one call, small enough to overlap
 
 
@@ -50,8 +52,8 @@ CHUNK = 2 << 20  # most bytes per read1: big enough to hash in one call, small e
 class Timeouts:
     connect: float = 5.0  # seconds to establish a connection and send the request
     stall: float = 30.0  # seconds without receiving a single byte before the replica is abandoned
-    min_rate: float = 32 * 1024  # bytes/s a body must average over `rate_window` (0: no floor)
-    rate_window: float = 256.0  # seconds over which `min_rate` is judged
+    min_rate: float = defaults.KEEP_MIN_RATE  # bytes/s a body must average over `rate_window` (0: no floor)
+    rate_window: float = defaults.KEEP_RATE_WINDOW  # seconds over which `min_rate` is judged
 
 
 @dataclass

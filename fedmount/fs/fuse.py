@@ -66,8 +66,10 @@ import trio
 
 from fedmount.stats import Stats
 
+from .context import Invalidation
 from .errors import FsError
-from .tree import Attr, Entries, Handle, Invalidation, Tree
+from .nodes import Attr, Entries, Handle
+from .tree import Tree
 
 log = logging.getLogger("fedmount.fuse")
 
