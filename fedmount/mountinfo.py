@@ -10,9 +10,12 @@ A line of mountinfo (proc(5))::
     ID parent major:minor root mount-point options [optional fields...] - fstype source ...
 
 The mount point is escaped: space, tab, newline and backslash are written ``\\ooo`` (octal).
-A `MountEntry` is identified by its mount ID, which the kernel never reuses while the
-mount exists: a mount made again at the same path is a different entry, and a mount
-whose parent directory was renamed is still found by `by_id`. Paths are compared exactly
+A `MountEntry` is identified by its mount ID and its device number, which the kernel never
+gives another mount while it exists: a mount made again at the same path is a different
+entry, and a mount whose parent directory was renamed is still found (`same_mount`). Once a
+mount is gone, the kernel hands its ID and its (anonymous) device to the next mounts, lowest
+free first, so the pair alone may name a newer mount: `same_mount` is the one it was only
+while that mount can be known to live (`fedmount-run` also checks its daemon). Paths are compared exactly
 as the kernel writes them (absolute, symlinks resolved); callers decide how to resolve
 theirs (``--unmount`` must not resolve a hung mount's path, which would stat it).
 
@@ -76,9 +79,11 @@ def mounted_at(path: str, entries: list[MountEntry] | None = None) -> MountEntry
     return found[-1] if found else None
 
 
-def by_id(mount_id: int) -> MountEntry | None:
-    """The mount with this ID wherever it is now, or None once it is gone."""
-    return next((m for m in read() if m.mount_id == mount_id), None)
+def same_mount(entry: MountEntry, entries: list[MountEntry] | None = None) -> MountEntry | None:
+    """The mount with `entry`'s ID and device wherever it is now, or None (see the module docstring)."""
+    listed = read() if entries is None else entries
+    identity = (entry.mount_id, entry.major, entry.minor)
+    return next((m for m in listed if (m.mount_id, m.major, m.minor) == identity), None)
 
 
 def lazy_unmount(path: str) -> str:

@@ -39,6 +39,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -88,26 +89,30 @@ def collection_source(mountpoint: str, mount: CollectionMount) -> str:
     return os.path.join(src, mount.path) if mount.path else src
 
 
-def mount_id(path: str) -> int | None:
-    """The ID of the topmost mount at `path` (symlinks resolved), or None when nothing is mounted there."""
-    entry = mountinfo.mounted_at(os.path.realpath(path))
-    return entry.mount_id if entry is not None else None
-
-
 def is_mounted(path: str) -> bool:
-    return mount_id(path) is not None
+    """Whether something is mounted at `path` (symlinks resolved)."""
+    return mountinfo.mounted_at(os.path.realpath(path)) is not None
 
 
 class FedMount:
     """One fedmount child process serving `mountpoint`; `stop` is safe to call at any time."""
 
-    def __init__(self, argv: list[str], unmount_argv: list[str], mountpoint: str, log_path: str) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        unmount_argv: list[str],
+        mountpoint: str,
+        log_path: str,
+        *,
+        mounts: Callable[[], list[mountinfo.MountEntry]] = mountinfo.read,
+    ) -> None:
         self.argv = argv
         self.unmount_argv = unmount_argv
         self.mountpoint = mountpoint
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self.mount_id: int | None = None
+        self.mounted: mountinfo.MountEntry | None = None  # our mount, as the kernel listed it
+        self._mounts = mounts  # the kernel's table of mounts (a seam for tests)
         self._logger: threading.Thread | None = None
 
     def start(self, env: dict[str, str], timeout: float) -> float:
@@ -138,7 +143,7 @@ class FedMount:
                     f"{_last_line(self.log_path)} (log: {self.log_path})"
                 )
             if os.path.exists(readme):
-                self.mount_id = mount_id(self.mountpoint)
+                self.mounted = mountinfo.mounted_at(os.path.realpath(self.mountpoint), self._mounts())
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise RunError(f"fedmount did not serve {readme} within {timeout:g} s; see {self.log_path}")
@@ -176,12 +181,18 @@ class FedMount:
             raise RunError(f"{field_name}: reading {path} failed ({why}); see {self.log_path}") from None
 
     def mounted_at(self) -> str | None:
-        """Where our mount is now: followed by mount ID once known, so a renamed parent
-        directory cannot hide it; None when it is not mounted."""
-        if self.mount_id is not None:
-            entry = mountinfo.by_id(self.mount_id)
-            return entry.path if entry is not None else None
-        return self.mountpoint if is_mounted(self.mountpoint) else None
+        """Where our mount is now, None when it is gone. Once known it is followed by its
+        mount ID and device (`mountinfo.same_mount`), so a renamed parent directory cannot
+        hide it; found elsewhere than where we mounted it, it is ours only while our daemon
+        lives: the kernel gives a gone mount's ID and device to the next mount, and
+        unmounting that one would take another job's mount away."""
+        if self.mounted is None:
+            found = mountinfo.mounted_at(os.path.realpath(self.mountpoint), self._mounts())
+            return self.mountpoint if found is not None else None
+        entry = mountinfo.same_mount(self.mounted, self._mounts())
+        if entry is None or (entry.path != self.mounted.path and not self.alive()):
+            return None
+        return entry.path
 
     def stop(self) -> None:
         """Unmount and end the child, whatever state they are in."""
