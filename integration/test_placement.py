@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -177,3 +178,39 @@ def test_a_collection_saved_on_the_home_cluster_is_read_by_another_host_with_no_
     gets = keep_requests(fed, mark, method="GET")
     assert gets and {r["cluster"] for r in gets} == {"zzzzz"}  # read from the home keepstores only
     assert all(r["from_service"] is None for r in gets)  # and none of them fetched from zbbbb
+
+
+def test_a_cluster_going_down_mid_stage_leaves_a_resumable_stage_that_counts_only_whole_copies(fed, tmp_path):
+    entry = place(fed, f"std-{uuid.uuid4().hex[:8]}", ("zbbbb",), size=8 * MiB + 1000)
+    keys = block_keys(fed, entry)
+    for service in ("keep0", "keep1"):
+        fed.set_fault("zbbbb", service, latency_ms=300)  # each copy takes a while: time to go down mid-stage
+    mark = fed.mark()
+    args = ("stage", "--to-cluster", "zzzzz", "--json", "--quiet", "--concurrency", "1", entry["uuid"])
+    proc = cli(fed, tmp_path / "cache", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(keep_requests(fed, mark, cluster="zbbbb", method="GET")) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before zbbbb was down"
+            time.sleep(0.05)
+        for service in ("keep0", "keep1"):
+            fed.set_fault("zbbbb", service, down="refuse")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        fed.clear_faults("zbbbb")
+    assert proc.returncode == 2, (out, err)  # incomplete
+    [col] = json.loads(out)["collections"]
+    copied = col["fetched"]["blocks"]
+    assert 3 <= copied < len(keys) and len(col["failed"]) == len(keys) - copied, col
+    copies = CopyRecord(str(tmp_path / "cache"))
+    recorded = [key for key in keys if copies.get("zzzzz", key) is not None]
+    copies.close()
+    assert len(recorded) == copied  # a copy that did not complete is not counted as one
+
+    again_mark = fed.mark()
+    again = cli(fed, tmp_path / "cache", "stage", "--to-cluster", "zzzzz", "--json", "--quiet", entry["uuid"])
+    assert again.returncode == 0, again.stderr
+    [col] = json.loads(again.stdout)["collections"]
+    assert col["already_cached"]["blocks"] == copied and col["fetched"]["blocks"] == len(keys) - copied
+    assert len(keep_requests(fed, again_mark, cluster="zbbbb", method="GET")) == len(keys) - copied
