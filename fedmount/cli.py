@@ -2,8 +2,8 @@
 
 ``fedmount [options] MOUNTPOINT`` mounts; ``fedmount --unmount MOUNTPOINT`` unmounts
 without talking to any API. arv-mount's read-path flags are accepted where they mean the
-same thing, so fedmount can stand in for arv-mount under crunch-run-like wrappers; its
-write flags are refused with a one-line reason (exit 2).
+same thing, so fedmount can stand in for arv-mount under crunch-run; its write flags
+(`fedmount.write_flags`) write only into ``--mount-tmp`` scratch directories.
 
 Subcommands (``fedmount NAME ...``) dispatch on the first argument through `SUBCOMMANDS`
 before the mount parser sees anything, so later tools (``fedmount locate``, ``fedmount
@@ -35,6 +35,7 @@ from fedmount.blocks.transport import Timeouts
 from fedmount.daemon_log import add_detached_log, open_private
 from fedmount.fs.calls import DEFAULT_API_WAIT
 from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
+from fedmount.write_flags import add_write_options, check_write_options
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit status.
 SUBCOMMANDS: dict[str, str] = {
@@ -101,11 +102,6 @@ EPILOG = f"""\
 Statistics: MOUNTPOINT/.fedmount/stats.json (hidden). Extended attributes: getfattr -d FILE.
 See fedmount(1)."""
 
-REFUSED = {
-    "--read-write": "fedmount is read-only; write results with arv-put",
-    "--mount-tmp": "fedmount has no writable scratch collections; use a local directory and arv-put",
-}
-
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -133,15 +129,6 @@ def _dir_name(text: str) -> str:
     if not text or "/" in text or text in (".", ".."):
         raise argparse.ArgumentTypeError(f"{text!r} must be a single directory name such as by_id")
     return text
-
-
-class _Refuse(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
-        parser.exit(2, f"fedmount: {option_string} is not supported: {REFUSED[self.dest_flag]}\n")
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object):
-        self.dest_flag = option_strings[0]
-        super().__init__(option_strings, dest, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,13 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-event-listening", action="store_true",
                    help="fedmount never listens to events: UUID collections are re-checked every "
                    "--refresh-time.")
-    g.add_argument("--storage-classes", metavar="LIST", help="Only matters for writing; ignored.")
-
-    g = p.add_argument_group("refused (fedmount is read-only)")
-    for flag, reason in REFUSED.items():
-        takes_value = flag == "--mount-tmp"
-        g.add_argument(flag, action=_Refuse, nargs=1 if takes_value else 0,
-                       metavar="DIR" if takes_value else None, help=f"Refused: {reason}.")
+    add_write_options(p, dir_name=_dir_name, size=parse_size)
     return p
 
 
@@ -310,9 +291,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.collection and (args.mount_by_id or args.mount_by_pdh):
         parser.error("--collection cannot be combined with --mount-by-id/--mount-by-pdh")
-    names = args.mount_by_id + args.mount_by_pdh
+    names = args.mount_by_id + args.mount_by_pdh + args.mount_tmp
     if len(set(names)) != len(names):
-        parser.error("each --mount-by-id/--mount-by-pdh directory name may be given once")
+        parser.error("each --mount-by-id/--mount-by-pdh/--mount-tmp directory name may be given once")
+    check_write_options(parser, args)
     if args.exec_args is not None and not args.exec_args:
         parser.error("--exec needs a command")
     return args

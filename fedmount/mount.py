@@ -63,10 +63,12 @@ from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS, BlockReader
 from fedmount.blocks.throughput import ThroughputBook, record_keep_stats
 from fedmount.blocks.transport import Timeouts, Urllib3Transport
+from fedmount.blocks.upload import Urllib3Put
 from fedmount.daemon_log import detached_log_path
 from fedmount.fs import fuse
 from fedmount.fs.calls import DEFAULT_API_WAIT
 from fedmount.fs.errors import FsError
+from fedmount.fs.scratch_root import ScratchOptions, attach_scratch
 from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, serve_prometheus
 from fedmount.fs.tree import Layout, Tree
 from fedmount.stats import Stats
@@ -116,6 +118,7 @@ class MountOptions:
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
     log_path: str | None = None  # the log file, named in the "mounted" line; None: stderr only
+    scratch: ScratchOptions = field(default_factory=ScratchOptions)  # --mount-tmp directories
 
     @property
     def detached(self) -> bool:
@@ -138,6 +141,8 @@ class MountOptions:
             keep_min_rate=args.keep_min_rate, keep_rate_window=args.keep_rate_window,
             max_manifest_size=args.max_manifest_size, read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
+            scratch=ScratchOptions(list(args.mount_tmp), args.mount_tmp_dir, args.mount_tmp_size,
+                                   [c.strip() for c in (args.storage_classes or "").split(",") if c.strip()]),
         )  # fmt: skip
         if args.logfile:
             opts.log_path = os.path.abspath(args.logfile)
@@ -451,6 +456,11 @@ class Daemon:
             except FsError as e:
                 raise StartupError(f"cannot mount --collection {opts.layout.collection}: {e}") from None
             try:
+                put = Urllib3Put(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
+                attach_scratch(tree, federation, opts.scratch, transport=put, stats=stats)
+            except FsError as e:
+                raise StartupError(str(e)) from None
+            try:
                 return await self._serve(tree)
             finally:
                 book = ThroughputBook.in_cache_dir(cache.directory)  # no file for a RAM-only cache
@@ -463,7 +473,8 @@ class Daemon:
         opts = self.opts
         ops = fuse.FuseOperations(tree, self.stats)
         try:
-            fuse.mount(ops, opts.mountpoint, subtype=opts.subtype, allow_other=opts.allow_other)
+            fuse.mount(ops, opts.mountpoint, subtype=opts.subtype, allow_other=opts.allow_other,
+                       writable=bool(opts.scratch.names))
         except OSError as e:
             raise StartupError(e.strerror or str(e)) from None
         status = 0
