@@ -162,3 +162,11 @@ async def test_uploader_makes_a_manifest_the_sdk_reads_back_and_resends_nothing_
     assert portable_data_hash(text) == coll.portable_data_hash()
     sent = len(keep.puts)
     assert await uploader.upload(tree) == text and len(keep.puts) == sent  # nothing sent again
+
+
+async def test_a_block_that_cannot_be_stored_fails_the_upload_with_its_own_error():
+    keep = FakeKeep({"http://keep0/": ("default",), "http://keep1/": ("default",)},
+                    status={"http://keep1/": 507})
+    tree = SourceDir([SourceFile(f"f{i}", 10, lambda off, size: b"x" * size) for i in range(3)])
+    with pytest.raises(KeepWriteError, match="wanted 2 copies, stored 1"):
+        await Uploader(KeepWriter(route(), keep, copies=2, backoff=0), block_size=10).upload(tree)

@@ -338,9 +338,12 @@ class Uploader:
                 locators[i] = await self.writer.put(data, digest)
                 self._remember(key, locators[i])
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(sizes)):
-                nursery.start_soon(one, i)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(sizes)):
+                    nursery.start_soon(one, i)
+        except BaseExceptionGroup as group:  # the first block that failed says why
+            raise _first_failure(group) from None
         entries = {id(f): FileEntry(f.name, mine) for f, mine in zip(files, pieces, strict=True)}
         return manifest_text(_entries(root, entries), locators, sizes)
 
@@ -349,6 +352,15 @@ class Uploader:
         expiry = parse_locator(locator).signature_expiry
         if expiry is not None and expiry > now:
             self._stored[key] = _Stored(locator, now + (expiry - now) / 2)
+
+
+def _first_failure(group: BaseExceptionGroup) -> BaseException:
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first_failure(e)
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return group
 
 
 def _assemble(parts: list[tuple[SourceFile, Piece, int]], size: int) -> tuple[bytearray, str]:
