@@ -228,7 +228,7 @@ def test_crunchstat_summary_reads_keep_and_fuse_figures_from_the_log(fed, crunch
     time.sleep(2.5)
     run.cleanup()
     done = subprocess.run([tool, "--log-file", str(run.log_path), "--format", "text"],
-                          capture_output=True, text=True, timeout=120, env=fed.env())  # it makes an API client
+                          capture_output=True, text=True, timeout=120, env=fed.env())  # it makes a client
     assert done.returncode == 0, done.stderr
     rows = [line.split("\t") for line in done.stdout.splitlines() if "\t" in line]
     total = {(row[0], row[1]): float(row[-1]) for row in rows[1:] if row[-1] not in ("-", "")}
