@@ -175,6 +175,7 @@ def test_collections_stay_read_only_under_read_write(fed, crunch):
         os.rename(mnt / "tmp0" / "fine.txt", mnt / f"by_id/{text['uuid']}/fine.txt")
     assert e.value.errno in (errno.EXDEV, errno.EROFS)
     assert run.cleanup() < 9 and run.killed == []
+    assert run.log_text().count("outside the --mount-tmp directories was refused (EROFS)") == 1
 
 
 def test_keep_write_failure_fails_the_read_in_one_line_keeps_the_files_and_a_retry_saves_them(

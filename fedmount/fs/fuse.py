@@ -164,6 +164,7 @@ class FuseOperations(pyfuse3.Operations):
         self._dirs: dict[int, _OpenDir] = {}
         self._reported_dirs: set[int] = set()  # directories whose left-out names were logged
         self._next_fh = 1
+        self._said_read_only = False
         self._changes_in, self._changes_out = trio.open_memory_channel[Invalidation](math.inf)
         tree.on_change = self._changes_in.send_nowait
 
@@ -270,7 +271,7 @@ class FuseOperations(pyfuse3.Operations):
         if is_scratch(node):
             handle = await open_scratch(node, flags)
         elif flags & _WRITE_FLAGS:
-            raise FsError(errno.EROFS)
+            raise self._refused_write()
         else:
             handle = await self.tree.open(inode)
         fh = self._fh()
@@ -315,8 +316,18 @@ class FuseOperations(pyfuse3.Operations):
     def _scratch(self, inode: int) -> ScratchNode:
         node = self.tree.node(inode)
         if not isinstance(node, ScratchNode):
-            raise FsError(errno.EROFS)
+            raise self._refused_write()
         return node
+
+    def _refused_write(self) -> FsError:
+        """EROFS for a write anywhere but a scratch directory, said once in the log."""
+        self.stats.add("writes_refused")
+        if not self._said_read_only:
+            self._said_read_only = True
+            log.warning("a write outside the --mount-tmp directories was refused (EROFS): collections are "
+                        "read-only, and writing into an existing collection (under by_uuid/, as crunch-run's "
+                        "Singularity image conversion does) is not supported")
+        return FsError(errno.EROFS)
 
     def _scratch_dir(self, inode: int) -> ScratchDir:
         node = self._scratch(inode)
