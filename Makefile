@@ -23,7 +23,7 @@ TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static libfuse-dev pkg-conf
 ARV_MOUNT_VENV ?= .venv-arv-mount
 ARV_MOUNT_VERSION := 3.2.1
 
-.PHONY: demo test bench lint install uninstall system-deps test-system-deps venv arv-mount clean
+.PHONY: demo test bench lint install uninstall arv-mount-link system-deps test-system-deps venv arv-mount clean
 
 demo: system-deps venv
 	$(VENV)/bin/python -m integration.demo
@@ -51,11 +51,23 @@ install: system-deps
 	  ln -sfn $(INSTALL_VENV)/bin/$$c $(PREFIX)/bin/$$c && \
 	  ln -sfn $(INSTALL_VENV)/share/man/man1/$$c.1 $(PREFIX)/share/man/man1/$$c.1 || exit 1; \
 	done
+	ln -sfn $(INSTALL_VENV)/bin/fedmount-arv-mount $(PREFIX)/bin/fedmount-arv-mount
 	@echo "installed $(COMMANDS) in $(PREFIX)/bin and their man pages in $(PREFIX)/share/man/man1"
+	@echo "fedmount-arv-mount is fedmount under arv-mount's command line; make arv-mount-link names it arv-mount"
 
 uninstall:
 	for c in $(COMMANDS); do rm -f $(PREFIX)/bin/$$c $(PREFIX)/share/man/man1/$$c.1; done
+	rm -f $(PREFIX)/bin/fedmount-arv-mount
+	[ "$$(readlink $(PREFIX)/bin/arv-mount 2>/dev/null)" != fedmount-arv-mount ] || rm -f $(PREFIX)/bin/arv-mount
 	rm -rf $(INSTALL_VENV)
+
+# fedmount as crunch-run's arv-mount: PREFIX/bin/arv-mount -> fedmount-arv-mount (after make install),
+# never over an arv-mount that is not this link.
+arv-mount-link:
+	@[ -x $(PREFIX)/bin/fedmount-arv-mount ] || { echo "make arv-mount-link: run make install first (PREFIX=$(PREFIX))" >&2; exit 1; }
+	@if [ -e $(PREFIX)/bin/arv-mount ] && [ "$$(readlink $(PREFIX)/bin/arv-mount)" != fedmount-arv-mount ]; then \
+	  echo "make arv-mount-link: $(PREFIX)/bin/arv-mount exists and is not fedmount's link; not replacing it" >&2; exit 1; fi
+	ln -sfn fedmount-arv-mount $(PREFIX)/bin/arv-mount
 
 # apt-get runs only when a package is missing, so repeated runs cost nothing. On a fresh
 # cloud machine another apt run (cloud-init, unattended-upgrades) often holds the dpkg lock:
