@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+from types import SimpleNamespace
 
+import pyfuse3
 import pytest
+from test_fs_tree import world  # noqa: F401  (a fixture)
 
 from fedmount.arvados.errors import KeepWriteError
 from fedmount.arvados.manifest import portable_data_hash
@@ -188,3 +191,51 @@ async def test_a_failed_upload_fails_the_read_keeps_the_files_and_the_next_read_
     assert isinstance(store.root.children["keep-me"], ScratchFile)
     store.fake.failing = False
     assert b"keep-me" in await store.collection_record()
+
+
+class FakeHome:
+    default_replication = 2
+
+    async def home_route(self):
+        raise AssertionError("no upload in this test")
+
+
+async def test_the_fuse_adapter_routes_writes_to_the_scratch_directory_and_nowhere_else(world, tmp_path):  # noqa: F811
+    from test_fs_tree import UUID_A
+
+    from fedmount.fs.fuse import FuseOperations
+    from fedmount.fs.inodes import ROOT_INODE
+    from fedmount.fs.scratch_root import ScratchOptions, attach_scratch
+
+    *_, make = world
+    tree = make()
+    opts = ScratchOptions(["tmp0"], str(tmp_path), 1 << 20)
+    attach_scratch(tree, FakeHome(), opts, transport=lambda *a: None, stats=tree.stats)
+    ops = FuseOperations(tree, tree.stats, uid=1234, gid=5678)
+    tmp0 = (await ops.lookup(ROOT_INODE, b"tmp0", None)).st_ino
+    info, entry = await ops.create(tmp0, b"out.txt", 0o100644, os.O_WRONLY, None)
+    assert await ops.write(info.fh, 0, b"written") == 7 and tree.stats.get("fuse_write_bytes") == 7
+    await ops.release(info.fh)
+    sub = (await ops.mkdir(tmp0, b"sub", 0o755, None)).st_ino
+    await ops.rename(tmp0, b"out.txt", sub, b"moved.txt", 0, None)
+    fields = SimpleNamespace(update_uid=False, update_gid=False, update_size=True, update_mode=True,
+                             update_mtime=False)  # pyfuse3's SetattrFields cannot be made outside it
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size, attr.st_mode = 3, 0o100600
+    changed = await ops.setattr(entry.st_ino, attr, fields, None, None)
+    assert changed.st_size == 3 and changed.st_mode == 0o100600
+    reading = await ops.open(entry.st_ino, os.O_RDONLY, None)
+    assert await ops.read(reading.fh, 0, 100) == b"wri"
+    await ops.release(reading.fh)
+    by_id = (await ops.lookup(ROOT_INODE, b"by_id", None)).st_ino
+    collection = (await ops.lookup(by_id, UUID_A.encode(), None)).st_ino
+    attempts = (ops.mkdir(collection, b"x", 0o755, None), ops.create(collection, b"x", 0o100644, 1, None),
+                ops.rename(tmp0, b"sub", collection, b"sub", 0, None),
+                ops.unlink(collection, b"hello.txt", None))
+    for attempt in attempts:
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await attempt
+        assert e.value.errno == errno.EROFS
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.symlink(tmp0, b"link", b"target", None)
+    assert e.value.errno == errno.EPERM
