@@ -12,13 +12,15 @@ Files and directories
     names), each file's bytes in a file of its own on local disk (`ScratchFile`), created
     in the backing directory and unlinked at once, so only its descriptor names it: the
     bytes go when the daemon goes, even killed (crunch-run kills a mount 9 s after asking
-    it to unmount), and nothing is left to clean up. Writes and reads are ``pwrite`` and
-    ``pread`` on it, at the speed of the local disk's page cache. Names are those a
-    collection can hold (not ``.``, ``..`` nor ``.arvados#collection`` at the root); files,
-    directories, renames (replacing a file or an empty directory, ``RENAME_NOREPLACE``),
-    truncation, ``chmod`` and ``utime`` work; symlinks, hard links and special files do not
-    (EPERM), as a collection cannot hold them. A file unlinked while open stays readable and
-    writable through its handles and frees its space at the last close.
+    it to unmount), and nothing is left to clean up. That is one descriptor per file (the
+    daemon raises its open-file limit to the hard limit at start; past it, EMFILE). Writes
+    and reads are ``pwrite`` and ``pread`` on it, at the speed of the local disk's page
+    cache. Names are those a collection can hold (not ``.``, ``..`` nor
+    ``.arvados#collection`` at the root); files, directories, renames (replacing a file or
+    an empty directory, ``RENAME_NOREPLACE``), truncation, ``chmod`` and ``utime`` work;
+    symlinks, hard links and special files do not (EPERM), as a collection cannot hold
+    them. A file unlinked while open stays readable and writable through its handles and
+    frees its space at the last close.
 
 Space
     Every store of a mount shares one `Quota`: the sum of the file sizes may not pass its
@@ -127,7 +129,11 @@ class ScratchFile(ScratchNode):
         self.size = 0
         self.linked = True
         self.handles = 0
-        fd, path = tempfile.mkstemp(prefix="fedmount-scratch-", dir=store.backing_dir)
+        try:
+            fd, path = tempfile.mkstemp(prefix="fedmount-scratch-", dir=store.backing_dir)
+        except OSError as e:  # EMFILE (one descriptor per file), ENOSPC, ...
+            log.warning("cannot make a scratch file in %s: %s", store.backing_dir, e.strerror)
+            raise FsError(e.errno or errno.EIO, f"scratch file: {e.strerror}") from None
         os.unlink(path)  # only the descriptor names it: gone with the daemon, however it ends
         self.fd = fd
 
