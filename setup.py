@@ -29,7 +29,7 @@ setup(
         # on this class of machine (see fedmount/blocks/keep.py).
         "urllib3>=2.0",
         # Per-chunk checksums of cached blocks: xxh3 runs at ~15 GB/s, so every
-        # cached read is verified at no measurable cost (fedmount/blocks/cache.py).
+        # cached read is verified at no measurable cost (fedmount/blocks/cache/format.py).
         "xxhash>=3.0",
     ],
     extras_require={

@@ -9,7 +9,7 @@ process against the same server and the same 64 MiB blocks:
 - ``urllib3_md5``: the same, then md5 of the body: the least work a verifying client does.
 - ``keep_get``: `KeepClient.get` under trio (worker thread, md5 hashed while receiving,
   verification, stats), the figure the ratios are about.
-- ``cache_warm``: a fresh `BlockCache` + `BlockReader` (empty memory tier, as after a
+- ``cache_warm``: a fresh `TieredCache` + `BlockReader` (empty memory tier, as after a
   remount) reading a file made of the blocks through `FileReader` in 128 KiB sequential
   requests, all served by the disk tier: the per-read cost fedmount adds above FUSE.
   Against ``pread`` of the same block files in 128 KiB requests (``cache_pread``); the
@@ -42,9 +42,9 @@ import urllib3
 from fedmount.arvados.ids import Locator
 from fedmount.arvados.manifest import parse_manifest
 from fedmount.arvados.routes import KeepRoute, KeepService
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.fetcher import BlockReader
 from fedmount.blocks.keep import KeepClient, probe_order
-from fedmount.blocks.prefetch import BlockReader
 from fedmount.stats import Stats
 from integration.harness import Federation
 
@@ -183,7 +183,7 @@ def measure(work: str, route: KeepRoute, locators: list[Locator], runs: int) -> 
     cache_dir = os.path.join(work, "cache")
 
     async def fill() -> None:
-        cache = BlockCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
+        cache = TieredCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
         for x in locators:
             await cache.put(x.key, await keep.get(x, route))
 
@@ -193,7 +193,7 @@ def measure(work: str, route: KeepRoute, locators: list[Locator], runs: int) -> 
     ((_, file),) = manifest.walk()
 
     async def warm_read() -> None:
-        cache = BlockCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
+        cache = TieredCache(cache_dir, disk_limit=total * 2, ram_limit=256 << 20)
         handle = BlockReader(keep, cache).open(file, route)
         for offset in range(0, total, READ):
             await handle.read(offset, READ)

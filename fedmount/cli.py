@@ -5,11 +5,12 @@ without talking to any API. arv-mount's read-path flags are accepted where they 
 same thing, so fedmount can stand in for arv-mount under crunch-run; its write flags
 (`fedmount.write_flags`) write only into ``--mount-tmp`` scratch directories.
 
-Subcommands (``fedmount NAME ...``) dispatch on the first argument through `SUBCOMMANDS`
-before the mount parser sees anything, so later tools (``fedmount locate``, ``fedmount
-stage``) register one line here and own their own argument parsing. Their synopses and
-descriptions live here too (`SUBCOMMAND_HELP`): ``fedmount --help`` lists them after the
-options and each subcommand's own ``--help`` opens with its description.
+Subcommands (``fedmount NAME ...``: ``locate``, ``stage``, ``unpin``) dispatch on the first
+argument before the mount parser sees anything. Each owns its help and its parser
+(`fedmount.locality.arguments`, light: ``fedmount --help`` lists them after the options)
+and runs in `fedmount.locality.commands`, imported only when one runs. The numbers the
+help shows come from `fedmount.defaults`, so that ``--help`` loads neither trio nor
+sqlite3, httpx or urllib3; the mount itself (`fedmount.mount`) is imported after parsing.
 
 The help strings below are also the text of ``man/fedmount.1``; a unit test keeps the two
 in step.
@@ -18,31 +19,26 @@ in step.
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 import os
-import re
 import sys
-import textwrap
 from collections.abc import Sequence
 
-from fedmount import __version__
-from fedmount.api.controller import DEFAULT_MAX_ANSWER
-from fedmount.arvados.tokens import redact
-from fedmount.blocks.prefetch import DEFAULT_PREFETCH_BLOCKS
-from fedmount.blocks.throughput import DEFAULT_BYTES_PER_SECOND
-from fedmount.blocks.transport import Timeouts
-from fedmount.daemon_log import add_detached_log, open_private
-from fedmount.fs.calls import DEFAULT_API_WAIT
-from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS
+from fedmount import __version__, defaults
+from fedmount.cliutil import Subcommand, parse_size, seconds, subcommands_text
+from fedmount.locality import arguments as locality_arguments
+from fedmount.logs import add_detached_log, setup_logging
+from fedmount.unmount import unmount_command
 from fedmount.write_flags import add_write_options, check_write_options
 
-# name -> "module:function"; the function takes the remaining argv and returns an exit status.
-SUBCOMMANDS: dict[str, str] = {
-    "locate": "fedmount.locality.commands:locate_main",
-    "stage": "fedmount.locality.commands:stage_main",
-    "unpin": "fedmount.locality.commands:unpin_main",
-}
+SUBCOMMANDS: dict[str, Subcommand] = {c.name: c for c in locality_arguments.SUBCOMMANDS}
+
+
+def run_subcommand(name: str, argv: Sequence[str]) -> int:
+    """Run ``fedmount NAME ARGV...``: the subcommand's exit status."""
+    from fedmount.locality.commands import MAINS  # loads trio and the cache: only to run one
+
+    return MAINS[name](argv)
+
 
 DESCRIPTION = """\
 Mount Arvados collections of every cluster of a federation, read-only, at MOUNTPOINT.
@@ -50,79 +46,11 @@ The mount root holds README and by_id/: look up any collection UUID or portable 
 hash under by_id/ and its files appear. Settings come from ARVADOS_API_HOST,
 ARVADOS_API_TOKEN, ARVADOS_API_HOST_INSECURE and ~/.config/arvados/settings.conf."""
 
-# name -> (synopsis after "fedmount NAME", description)
-SUBCOMMAND_HELP: dict[str, tuple[str, str]] = {
-    "locate": (
-        "ID... [--json] [--cluster X] [--route home|direct] [--concurrency N] [--disk-cache-dir DIR]",
-        "For each collection (UUID or portable data hash of any cluster): how many of its blocks and "
-        "bytes each cluster's Keep holds (HEAD requests with the token that cluster accepts), how much "
-        "this host's cache has, which cluster would serve each block, and the time to pull the rest "
-        "from each cluster at the throughput fedmount observed (fedmount stage and every mount record "
-        f"it in the cache directory; {DEFAULT_BYTES_PER_SECOND >> 20} MiB/s until one has been measured; "
-        "estimates say \"observed\" "
-        "or \"default\"). --json prints the fedmount-locate/1 document. --cluster X asks only X. "
-        "--route answers for a mount with that --route. --concurrency N: HEAD requests at once "
-        "(default 16). Exit: 0 complete answer (with --cluster: X holds every block); 1 X lacks a "
-        "block; 2 something could not be answered (bad or unknown ID, unreachable cluster or keepstore).",
-    ),
-    "stage": (
-        "ID... [--pin] [--json] [--quiet] [--disk-cache-size BYTES] [--route home|direct] "
-        "[--concurrency N] [--disk-cache-dir DIR]",
-        "Pull collections into this host's block cache before a run, in parallel (--concurrency N "
-        "blocks at once, default 4), with progress on stderr (bytes, rate, ETA; --quiet: none). "
-        "Every block is md5-verified before it is cached. Blocks already cached are skipped, so an "
-        "interrupted stage (Ctrl-C, exit 130) resumes when run again. A later mount with the same "
-        "--disk-cache-dir reads the blocks without contacting Keep. --pin keeps them from eviction "
-        "until `fedmount unpin`. --disk-cache-size bounds the cache while staging (default: the bound "
-        "a mount of that directory uses). --json prints the fedmount-stage/1 document on stdout. "
-        "Exit 0 when every block is cached, 2 otherwise.",
-    ),
-    "unpin": (
-        "ID... [--disk-cache-dir DIR]",
-        "Release the pins of `fedmount stage --pin`; blocks another pinned collection needs stay "
-        "pinned. The blocks stay cached until evicted normally. Exit 0 when every ID was released, "
-        "2 otherwise.",
-    ),
-}
-
-
-def _subcommands_text() -> str:
-    lines = ["subcommands (each has its own --help):"]
-    for name, (synopsis, description) in SUBCOMMAND_HELP.items():
-        wrap = {"break_on_hyphens": False, "break_long_words": False}
-        lines += textwrap.wrap(f"fedmount {name} {synopsis}", 90, initial_indent="  ",
-                               subsequent_indent="        ", **wrap)
-        lines += textwrap.wrap(description, 90, initial_indent="      ", subsequent_indent="      ", **wrap)
-    return "\n".join(lines)
-
-
 EPILOG = f"""\
-{_subcommands_text()}
+{subcommands_text(SUBCOMMANDS.values())}
 
 Statistics: MOUNTPOINT/.fedmount/stats.json (hidden). Extended attributes: getfattr -d FILE.
 See fedmount(1)."""
-
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``123``, ``64M``, ``64MiB``, ``1.5G`` (binary multiples)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 1048576, 512M, 2GiB)")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * 1024 ** "_kmgtp".index(unit)) if unit else int(number)
-
-
-def seconds(text: str) -> float:
-    """argparse type of a SECONDS option (fedmount's and fedmount-run's): a number, not negative."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
 
 
 def _dir_name(text: str) -> str:
@@ -181,16 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-time", metavar="SECONDS", type=seconds, default=15.0,
                    help="How often collections addressed by UUID are re-checked, and how long a "
                    "collection id that does not exist is remembered as missing (default 15).")
-    g.add_argument("--api-wait", metavar="SECONDS", type=seconds, default=DEFAULT_API_WAIT,
+    g.add_argument("--api-wait", metavar="SECONDS", type=seconds, default=defaults.API_WAIT,
                    help="How long a lookup, stat, listing or open waits for an API answer: loading a "
                    "collection not yet mounted, or re-checking a UUID collection. Past it, a lookup fails "
                    "with ETIMEDOUT and a re-checked collection is served as it was; the request goes on in "
                    "the background, for the next one. While a request to a cluster is pending past this "
-                   f"wait, that cluster's collections do not wait at all (default {DEFAULT_API_WAIT:g}).")
-    g.add_argument("--max-manifest-size", metavar="BYTES", type=parse_size, default=DEFAULT_MAX_ANSWER,
+                   f"wait, that cluster's collections do not wait at all (default {defaults.API_WAIT:g}).")
+    g.add_argument("--max-manifest-size", metavar="BYTES", type=parse_size,
+                   default=defaults.MAX_MANIFEST_SIZE,
                    help="Refuse a collection whose API record (its manifest and the rest) is bigger "
                    "than this, with one line in the log and EIO: loading one costs the daemon a few "
-                   f"times its size in memory (default {DEFAULT_MAX_ANSWER >> 20}M).")
+                   f"times its size in memory (default {defaults.MAX_MANIFEST_SIZE >> 20}M).")
 
     g = p.add_argument_group("cache and read-ahead")
     cache_kind = g.add_mutually_exclusive_group()
@@ -215,19 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "fedmount stage uses the same default).")
     g.add_argument("--ram-cache-size", metavar="BYTES", type=parse_size, default=0,
                    help="Size of the RAM cache (default 256M, or --file-cache with --ram-cache).")
-    g.add_argument("--prefetch-blocks", metavar="N", type=int, default=DEFAULT_PREFETCH_BLOCKS,
+    g.add_argument("--prefetch-blocks", metavar="N", type=int, default=defaults.PREFETCH_BLOCKS,
                    help="How many blocks to read ahead of a sequential reader "
-                   f"(default {DEFAULT_PREFETCH_BLOCKS}).")
+                   f"(default {defaults.PREFETCH_BLOCKS}).")
     g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=seconds, default=15.0,
                    help="Abandon a keep service that sends no byte for this long and read the "
                    "block from the next replica (default 15).")
-    g.add_argument("--keep-min-rate", metavar="BYTES", type=parse_size, default=int(Timeouts.min_rate),
+    g.add_argument("--keep-min-rate", metavar="BYTES", type=parse_size, default=defaults.KEEP_MIN_RATE,
                    help="Abandon a keep service that sends a block slower than BYTES per second on "
                    "average over --keep-rate-window, and read the block from the next replica "
-                   f"(default {int(Timeouts.min_rate) >> 10}K, as the Arvados SDK; 0: never).")
-    g.add_argument("--keep-rate-window", metavar="SECONDS", type=seconds, default=Timeouts.rate_window,
+                   f"(default {defaults.KEEP_MIN_RATE >> 10}K, as the Arvados SDK; 0: never).")
+    g.add_argument("--keep-rate-window", metavar="SECONDS", type=seconds, default=defaults.KEEP_RATE_WINDOW,
                    help="The span in seconds over which --keep-min-rate is averaged; a transfer is "
-                   f"first judged once it has run this long (default {Timeouts.rate_window:g}, as the "
+                   f"first judged once it has run this long (default {defaults.KEEP_RATE_WINDOW:g}, as the "
                    "Arvados SDK).")
     g.add_argument("--read-ahead-kb", metavar="KB", type=int, default=4096,
                    help="Kernel read-ahead of the mount (its BDI read_ahead_kb); needs root, skipped "
@@ -239,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "figures) to stderr every SECONDS (0: never).")
     g.add_argument("--stats-port", metavar="PORT", type=int, default=None,
                    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
-                   f"({MAX_CONNECTIONS} connections at a time at most, each closed "
-                   f"{CONNECTION_SECONDS:g} seconds after it was accepted).")
+                   f"({defaults.STATS_MAX_CONNECTIONS} connections at a time at most, each closed "
+                   f"{defaults.STATS_CONNECTION_SECONDS:g} seconds after it was accepted).")
     g.add_argument("--debug", action="store_true", help="Log debugging detail.")
     g.add_argument("--logfile", metavar="FILE",
                    help="Write the log to FILE (default: stderr with --foreground or --exec; detached, a "
@@ -254,36 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "--refresh-time.")
     add_write_options(p, dir_name=_dir_name, size=parse_size)
     return p
-
-
-class RedactingFilter(logging.Filter):
-    """Masks anything token-shaped, and locator signatures, in a record, its arguments and its
-    traceback (`redact`), at every level: urllib3's debug lines carry signed locators."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
-        record.args = None
-        if record.exc_info:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-            record.exc_info = None
-        return True
-
-
-def _logfile_handler(path: str) -> logging.Handler:
-    """Appends to `path`, creating it readable by its owner only (an existing file keeps its mode)."""
-    return logging.StreamHandler(open_private(path))
-
-
-def setup_logging(debug: bool, logfile: str | None) -> None:
-    """Log to `logfile` (OSError if it cannot be written) or stderr, redacted."""
-    handler: logging.Handler = _logfile_handler(logfile) if logfile else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s fedmount[%(process)d] %(levelname)s: %(message)s"))
-    handler.addFilter(RedactingFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("httpx", "httpcore", "urllib3", "pyfuse3", "trio"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -303,8 +202,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        module, function = SUBCOMMANDS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
+        return run_subcommand(argv[0], argv[1:])
     args = parse_args(argv)
     from fedmount import mount  # after parsing: --help stays fast and needs no FUSE
 
@@ -314,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedmount: cannot write the log to {args.logfile}: {e.strerror}", file=sys.stderr)
         return 1
     if args.unmount:
-        return mount.unmount_command(os.path.abspath(args.mountpoint), args.unmount_timeout)
+        return unmount_command(os.path.abspath(args.mountpoint), args.unmount_timeout)
     opts = mount.MountOptions.from_args(args)
     if opts.detached and not args.logfile and opts.log_path and not add_detached_log(opts.log_path):
         opts.log_path = None

@@ -16,9 +16,9 @@ from fedmount.arvados.errors import BlockError, BlockNotFound
 from fedmount.arvados.ids import Locator
 from fedmount.arvados.manifest import parse_manifest
 from fedmount.arvados.routes import KeepRoute, KeepService
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.fetcher import BlockReader
 from fedmount.blocks.keep import KeepClient, probe_order
-from fedmount.blocks.prefetch import BlockReader
 from fedmount.blocks.transport import Timeouts
 from fedmount.stats import Stats
 from integration.harness import Federation
@@ -96,7 +96,7 @@ async def test_corrupt_bytes_never_reach_a_file_reader(fed: Federation, tmp_path
     ((_, file),) = manifest.walk()
     for service in route.services:
         fed.set_fault(fed.home, service_name(fed, service), corrupt=True)
-    reader = BlockReader(KeepClient(backoff=0, retries=1), BlockCache(str(tmp_path), 1 << 30, 64 << 20))
+    reader = BlockReader(KeepClient(backoff=0, retries=1), TieredCache(str(tmp_path), 1 << 30, 64 << 20))
     handle = reader.open(file, route)
     with pytest.raises(BlockError):
         await handle.read(0, 4096)
@@ -130,7 +130,7 @@ async def test_remote_block_read_through_home_keepstore_with_home_token(fed: Fed
     manifest = parse_manifest(manifest_of(fed, entry["uuid"]))
     assert all(loc.remote for loc in manifest.blocks())
     mark = fed.mark()
-    reader = BlockReader(KeepClient(), BlockCache(str(tmp_path), 1 << 30, 64 << 20))
+    reader = BlockReader(KeepClient(), TieredCache(str(tmp_path), 1 << 30, 64 << 20))
     for path, file in manifest.walk():
         want = entry["files"][path]
         got = await reader.open(file, route).read(0, file.size)

@@ -26,8 +26,8 @@ from fedmount.api.federation import Federation
 from fedmount.arvados.ids import parse_collection_id
 from fedmount.arvados.manifest import parse_manifest
 from fedmount.arvados.settings import Settings
-from fedmount.blocks.cache import BlockCache
-from fedmount.blocks.prefetch import BlockReader
+from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.fetcher import BlockReader
 from fedmount.locality.federation_view import keep_client_for
 from fedmount.locality.stage import stage_collections
 
@@ -152,7 +152,7 @@ async def test_staged_collection_is_read_with_no_keep_request(fed, tmp_path):
     settings = settings_for(fed, tmp_path)
     cache_dir = str(tmp_path / "cache")
     mark = fed.mark()
-    report = await stage_collections([entry["uuid"]], settings, BlockCache(cache_dir, 1 << 30, 64 * MiB),
+    report = await stage_collections([entry["uuid"]], settings, TieredCache(cache_dir, 1 << 30, 64 * MiB),
                                      progress_stream=None)  # fmt: skip
     assert report.complete, report.render()
     gets = keep_requests(fed, mark, method="GET", cluster="zzzzz")  # via the home keepstore
@@ -166,7 +166,7 @@ async def test_staged_collection_is_read_with_no_keep_request(fed, tmp_path):
     federation = await Federation.connect(settings)
     try:
         record = await federation.get_collection(parse_collection_id(entry["uuid"]))
-        reader = BlockReader(keep_client_for(settings), BlockCache(cache_dir, 1 << 30, 64 * MiB))
+        reader = BlockReader(keep_client_for(settings), TieredCache(cache_dir, 1 << 30, 64 * MiB))
         ((path, file),) = parse_manifest(record.manifest_text).walk()
         handle = reader.open(file, record.route)
         data = await handle.read(0, file.size)

@@ -18,9 +18,9 @@ from fedmount.arvados.ids import parse_collection_id
 from fedmount.arvados.manifest import File, parse_manifest
 from fedmount.arvados.settings import Settings
 from fedmount.arvados.tokens import parse_token, salt_for
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.fetcher import BlockReader
 from fedmount.blocks.keep import KeepClient
-from fedmount.blocks.prefetch import BlockReader
 from fedmount.blocks.transport import Urllib3Transport
 from fedmount.stats import Stats
 
@@ -58,7 +58,7 @@ async def test_every_demo_collection_resolves_and_reads_by_uuid_and_pdh(fed, tmp
     mark = fed.mark()
     federation = await Federation.connect(settings_for(fed, tmp_path), mode=mode, stats=stats)
     keep = KeepClient(Urllib3Transport(ca_file=fed.ca_cert), stats=stats)
-    reader = BlockReader(keep, BlockCache(None, 0, 256 * MiB, stats=stats), stats=stats)
+    reader = BlockReader(keep, TieredCache(None, 0, 256 * MiB, stats=stats), stats=stats)
     try:
         assert federation.home_cluster == fed.home
         for name, seeded in fed.seeded_collections.items():

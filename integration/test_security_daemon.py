@@ -30,7 +30,7 @@ pytestmark = requires_fuse
 
 FD_LIMIT = 256  # the daemon's open-file limit during the flood
 FLOOD = 2 * FD_LIMIT  # idle connections to the stats port
-MAX_CONNECTIONS = 16  # what the daemon promises (fedmount.fs.stats_export)
+MAX_CONNECTIONS = 16  # what the daemon promises (fedmount.stats_export)
 INJECTION = '"} 1\nfedmount_injected 1\n# '  # closes a label value, adds a metric line
 _VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'  # a label value of the Prometheus text format, escapes and all
 _TYPE_RE = re.compile(r"# TYPE fedmount_[a-z0-9_]+ (counter|gauge)")

@@ -1,11 +1,11 @@
-"""Blocks and caches for the BlockCache tests: made-up blocks with their keys, fresh caches."""
+"""Blocks and caches for the block cache tests: made-up blocks with their keys, fresh caches."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import TieredCache
 from fedmount.stats import Stats
 
 MiB = 1 << 20
@@ -17,10 +17,10 @@ def make_block(size: int, seed: int = 0) -> tuple[str, bytes]:
     return f"{hashlib.md5(data).hexdigest()}+{size}", data
 
 
-def fresh(cache_dir: Path, **kw: int) -> tuple[BlockCache, Stats]:
+def fresh(cache_dir: Path, **kw: int) -> tuple[TieredCache, Stats]:
     stats = Stats()
     args = {"disk_limit": 64 * MiB, "ram_limit": 8 * MiB} | kw
-    return BlockCache(str(cache_dir), stats=stats, **args), stats
+    return TieredCache(str(cache_dir), stats=stats, **args), stats
 
 
 def block_file(cache_dir: Path, key: str) -> Path:

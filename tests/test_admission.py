@@ -14,7 +14,7 @@ BLOCK = 64 * MiB
 
 
 class Cache:
-    """What Admission needs of a BlockCache: its capacity and the held keys."""
+    """What Admission needs of a block cache: its capacity and the held keys."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity

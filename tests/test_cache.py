@@ -1,4 +1,4 @@
-"""BlockCache: tiers, partial reads, eviction, pins, corruption, degrading, sharing between processes."""
+"""TieredCache: tiers, partial reads, eviction, pins, corruption, degrading, sharing between processes."""
 
 from __future__ import annotations
 
@@ -15,14 +15,10 @@ import pytest
 import trio
 from cacheblocks import block_file, fresh, make_block  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.cache import (
-    CHUNK,
-    MAPPED_BLOCKS,
-    MIN_DISK_CACHE,
-    BlockCache,
-    default_cache_dir,
-    default_disk_cache_size,
-)
+from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.cache.config import MIN_DISK_CACHE, default_cache_dir, default_disk_cache_size
+from fedmount.blocks.cache.disk import MAPPED_BLOCKS
+from fedmount.blocks.cache.format import CHUNK
 
 MiB = 1 << 20
 
@@ -52,7 +48,8 @@ async def test_fresh_instance_reads_partial_ranges_from_disk(tmp_path: Path) -> 
     assert stats.get("cache_hits", tier="disk") == 1
     assert reader.cached_bytes(key) == len(data)
     for offset in range(0, len(data), 128 << 10):  # as a sequential reader asks
-        assert await reader.read(key, offset, 128 << 10, readahead=2) == data[offset : offset + (128 << 10)]
+        got = await reader.read(key, offset, 128 << 10, verify_ahead=2)
+        assert got == data[offset : offset + (128 << 10)]
     # each of the 6 chunks comes from disk once at most (how many reads find a background
     # load finished is timing: not asserted); all other reads are served from memory
     assert stats.get("cache_hits", tier="disk") <= 1 + 6
@@ -79,7 +76,7 @@ async def test_small_random_reads_of_verified_chunks_copy_only_their_bytes(tmp_p
 async def test_default_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == str(tmp_path / "fedmount")
-    cache = BlockCache(None, disk_limit=MiB, ram_limit=MiB)
+    cache = TieredCache(None, disk_limit=MiB, ram_limit=MiB)
     assert cache.directory == str(tmp_path / "fedmount")
 
 
@@ -205,12 +202,12 @@ async def test_put_rejects_wrong_size(tmp_path: Path) -> None:
 SHARED_CHILD = textwrap.dedent(
     """
     import sys, trio
-    from fedmount.blocks.cache import BlockCache
+    from fedmount.blocks.cache import TieredCache
     directory, key, want_md5, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
     async def main():
         import hashlib
-        cache = BlockCache(directory, disk_limit=64 << 20, ram_limit=1 << 20)
+        cache = TieredCache(directory, disk_limit=64 << 20, ram_limit=1 << 20)
         data = await cache.read(key, 0, size)
         assert data is not None and hashlib.md5(data).hexdigest() == want_md5, "child read wrong bytes"
         cache.pin([key])
@@ -243,7 +240,7 @@ async def test_two_processes_share_one_directory(tmp_path: Path) -> None:
 
 def hold_as_much_as_the_filesystem(cache_dir: Path) -> int:
     """Record (in the index only) a block as big as the filesystem; returns the filesystem's size."""
-    BlockCache(str(cache_dir), disk_limit=MiB, ram_limit=0)  # creates the index
+    TieredCache(str(cache_dir), disk_limit=MiB, ram_limit=0)  # creates the index
     vfs = os.statvfs(cache_dir)
     total = vfs.f_blocks * vfs.f_frsize
     with sqlite3.connect(cache_dir / "index.sqlite3") as db:
@@ -270,7 +267,7 @@ async def test_concurrent_readers_of_more_block_files_than_are_mapped_get_their_
 
     async def stream(key: str, data: bytes, step: int) -> None:
         for offset in range(0, len(data), step):
-            got = await reader.read(key, offset, step, readahead=4)
+            got = await reader.read(key, offset, step, verify_ahead=4)
             if got != data[offset : offset + step]:
                 wrong.append((key, offset))
             await trio.sleep(0)
@@ -288,15 +285,38 @@ async def test_concurrent_readers_of_more_block_files_than_are_mapped_get_their_
     assert stats.get("cache_corrupt") == 0
 
 
-async def test_preload_loads_the_start_of_a_block_in_the_background(tmp_path: Path) -> None:
+async def test_verify_ahead_loads_the_start_of_a_block_in_the_background(tmp_path: Path) -> None:
     writer, _ = fresh(tmp_path)
     key, data = make_block(6 * MiB)
     await writer.put(key, data)
     reader, stats = fresh(tmp_path)
-    reader.preload(key, 0, 4 * MiB)
+    reader.verify_ahead(key, 0, 4 * MiB)
     with trio.fail_after(10):
         while reader._loading:
             await trio.sleep(0.005)
     for i in range(4):
         assert await reader.read(key, i * MiB, MiB) == data[i * MiB : (i + 1) * MiB]
     assert stats.get("cache_hits", tier="ram") == 4 and stats.get("cache_hits", tier="disk") == 0
+
+
+async def test_an_aborted_transaction_leaves_no_block_behind(tmp_path: Path) -> None:
+    cache, _ = fresh(tmp_path)
+    key, data = make_block(2 * MiB, 3)
+    txn = await cache.begin(key, len(data))
+    txn.buffer[:MiB] = data[:MiB]  # part of the block received, then the fetch failed
+    txn.abort()
+    assert await cache.read(key, 0, MiB) is None and cache.cached_bytes(key) == 0
+    assert [p for p in (tmp_path / "blocks").rglob("*") if p.is_file()] == []
+    txn = await cache.begin(key, len(data))
+    txn.buffer[:] = data
+    await txn.commit()
+    assert await TieredCache(str(tmp_path), 64 * MiB, MiB).read(key, 0, len(data)) == data
+
+
+async def test_usage_is_what_the_last_tier_holds_of_its_bound(tmp_path: Path) -> None:
+    disk, _ = fresh(tmp_path, disk_limit=64 * MiB)
+    memory = TieredCache(None, 0, 8 * MiB)
+    assert disk.usage() == (64 * MiB, 0) and memory.usage() == (8 * MiB, 0)
+    for cache in (disk, memory):
+        await cache.put(*make_block(3 * MiB, 4))
+    assert disk.usage() == (64 * MiB, 3 * MiB) and memory.usage() == (8 * MiB, 3 * MiB)

@@ -1,4 +1,4 @@
-"""BlockCache against a hostile or careless neighbour: who may write the directory, files that
+"""TieredCache against a hostile or careless neighbour: who may write the directory, files that
 shrink under a mapping, temporary files of dead fetches, a corrupt index."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 import trio
 from cacheblocks import block_file, fresh, make_block, on_disk  # tests/ is on sys.path under pytest
 
-from fedmount.blocks import cache as cache_module
-from fedmount.blocks.cache import BlockCache, trailer
+from fedmount.blocks.cache import TieredCache, disk, files
+from fedmount.blocks.cache.format import trailer
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
@@ -95,10 +95,10 @@ async def test_the_index_and_every_file_are_private(tmp_path: Path) -> None:
         cache, _ = fresh(tmp_path / "c")
         for seed in range(3):
             await cache.put(*make_block(MiB, seed))  # from plain buffers: the fallback write path
-        reservation = await cache.reserve(make_block(MiB, 7)[0])  # received into its file
-        assert reservation is not None
-        reservation.buffer[:] = make_block(MiB, 7)[1]
-        await cache.put(make_block(MiB, 7)[0], reservation.buffer, reservation)
+        txn = await cache.begin(make_block(MiB, 7)[0], MiB)  # received into its file
+        assert txn._reservation is not None
+        txn.buffer[:] = make_block(MiB, 7)[1]
+        await txn.commit()
     finally:
         os.umask(umask)
     root = tmp_path / "c"
@@ -118,7 +118,7 @@ async def test_a_mapped_block_file_truncated_by_another_process_is_discarded_nev
 ) -> None:
     key, data = await on_disk(tmp_path, 8 * MiB)
     cache, stats = fresh(tmp_path)
-    view = await cache.read(key, 0, 4 * MiB, readahead=4)  # mapped: the read is a view of the file
+    view = await cache.read(key, 0, 4 * MiB, verify_ahead=4)  # mapped: the read is a view of the file
     assert isinstance(view, memoryview) and view == data[: 4 * MiB]
     path = str(block_file(tmp_path, key))
     refused = subprocess.run(["truncate", "-s", "0", path], capture_output=True, text=True)
@@ -158,12 +158,12 @@ async def test_a_block_file_that_cannot_be_leased_is_read_by_copy_and_a_shrink_i
 KILLED_MID_FETCH = textwrap.dedent(
     """
     import os, signal, sys, trio
-    from fedmount.blocks.cache import BlockCache
+    from fedmount.blocks.cache import TieredCache
 
     async def main():
-        cache = BlockCache(sys.argv[1], disk_limit=1 << 30, ram_limit=1 << 20)
-        reservation = await cache.reserve(sys.argv[2])
-        reservation.buffer[: 1 << 20] = b"x" * (1 << 20)  # part of a block received
+        cache = TieredCache(sys.argv[1], disk_limit=1 << 30, ram_limit=1 << 20)
+        txn = await cache.begin(sys.argv[2], int(sys.argv[2].split("+")[1]))
+        txn.buffer[: 1 << 20] = b"x" * (1 << 20)  # part of a block received
         print("reserved", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -193,7 +193,7 @@ async def test_temporary_files_of_dead_fetches_are_removed_at_start_up_live_ones
     dead, young, live = (fan / f"{key}.tmp.{name}" for name in ("1234.dead", "1235.young", "1236.live"))
     for path in (dead, young, live):
         path.write_bytes(b"\0" * MiB)
-    old = time.time() - 2 * cache_module.STALE_TEMPORARY
+    old = time.time() - 2 * disk.STALE_TEMPORARY
     os.utime(dead, (old, old))
     os.utime(live, (old, old))
     holder = subprocess.Popen(  # another fedmount's fetch in progress: it holds a lease on its file
@@ -216,18 +216,18 @@ async def test_named_temporary_files_are_unguessable_and_never_open_a_planted_na
 ) -> None:
     """Where the filesystem cannot make unnamed files, new block files get random names, created
     exclusively: a symlink planted at the name is neither followed nor overwritten."""
-    names = [cache_module._new_file(str(tmp_path), "k", unnamed=False) for _ in range(2)]
+    names = [files.new_file(str(tmp_path), "k", unnamed=False) for _ in range(2)]
     for fd, _ in names:
         os.close(fd)
     (_, a), (_, b) = names
     assert a != b and str(os.getpid()) not in Path(str(a)).name
     assert stat.S_IMODE(os.stat(str(a)).st_mode) == 0o600
-    monkeypatch.setattr(cache_module.secrets, "token_hex", lambda n: "guessed")
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: "guessed")
     victim = tmp_path / "victim"
     victim.write_text("mine")
     os.symlink(victim, tmp_path / "k.tmp.guessed")
     with pytest.raises(FileExistsError):
-        cache_module._new_file(str(tmp_path), "k", unnamed=False)
+        files.new_file(str(tmp_path), "k", unnamed=False)
     assert victim.read_text() == "mine"
 
 
@@ -261,7 +261,7 @@ def test_the_degrade_message_names_real_flags_and_the_real_cause(
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with caplog.at_level(logging.WARNING, logger="fedmount.cache"):
-        BlockCache(str(blocker / "cache"), disk_limit=MiB, ram_limit=MiB)
+        TieredCache(str(blocker / "cache"), disk_limit=MiB, ram_limit=MiB)
     [line] = warnings_of(caplog)
     assert "--disk-cache-dir" in line and "--cache-dir" not in line.replace("--disk-cache-dir", "")
     assert "free space" not in line

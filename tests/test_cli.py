@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from fedmount import __version__, cli
-from fedmount.fs.stats_export import CrunchStat, crunchstat_groups, prometheus_text
-from fedmount.mount import MountOptions, _cache_config, mountinfo
+from fedmount import __version__, cli, cliutil, mountinfo
+from fedmount.locality import arguments as locality_arguments
+from fedmount.locality.commands import MAINS
+from fedmount.logs import RedactingFilter, setup_logging
+from fedmount.mount import MountOptions, _cache_config
 from fedmount.stats import Stats
+from fedmount.stats_export import CrunchStat, crunchstat_groups, prometheus_text
 
 MAN = Path(__file__).resolve().parent.parent / "man" / "fedmount.1"
 TOKEN = "v2/zzzzz-gj3su-000000000000001/" + "s3cr3t" * 8
@@ -51,12 +55,12 @@ def test_subcommands_are_in_help_and_man_page_in_the_same_words(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     help_text = squash(capsys.readouterr().out)
-    assert set(cli.SUBCOMMAND_HELP) == set(cli.SUBCOMMANDS)
-    for name, (synopsis, description) in cli.SUBCOMMAND_HELP.items():
+    assert set(cli.SUBCOMMANDS) == set(MAINS)
+    for name, command in cli.SUBCOMMANDS.items():
+        synopsis, description = command.synopsis, command.description
         for text in (f"fedmount {name} {synopsis}", description):
             assert squash(text) in help_text and squash(text) in page, (name, text)
-        module = importlib.import_module(cli.SUBCOMMANDS[name].split(":")[0])
-        parser = getattr(module, f"build_{name}_parser")()
+        parser = getattr(locality_arguments, f"build_{name}_parser")()
         assert parser.description == description
         flags = {flag for action in parser._actions for flag in action.option_strings}
         assert {f for f in flags - {"-h", "--help", "--debug"} if f not in synopsis} == set(), name
@@ -139,13 +143,12 @@ def test_bad_usage_exits_2(argv, capsys):
     ("text", "value"), [("1048576", 1 << 20), ("64M", 64 << 20), ("2GiB", 2 << 30), ("1.5k", 1536), ("0", 0)]
 )
 def test_sizes(text, value):
-    assert cli.parse_size(text) == value
+    assert cliutil.parse_size(text) == value
 
 
 def test_subcommands_dispatch_to_existing_functions():
-    for name, target in cli.SUBCOMMANDS.items():
-        module, function = target.split(":")
-        assert callable(getattr(importlib.import_module(module), function)), name
+    for name in cli.SUBCOMMANDS:
+        assert callable(MAINS[name]), name
 
 
 @contextlib.contextmanager
@@ -153,7 +156,7 @@ def redacted_log(name: str) -> Iterator[tuple[logging.Logger, io.StringIO]]:
     """Logger `name` (at DEBUG) writing through a RedactingFilter into the yielded stream."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.addFilter(cli.RedactingFilter())
+    handler.addFilter(RedactingFilter())
     logger = logging.getLogger(name)
     logger.addHandler(handler)
     level = logger.level
@@ -189,7 +192,7 @@ def test_a_new_logfile_is_readable_by_its_owner_only(tmp_path):
     saved = root.handlers[:], root.level
     path = tmp_path / "fedmount.log"
     try:
-        cli.setup_logging(False, str(path))
+        setup_logging(False, str(path))
         logging.getLogger("fedmount.test").info("hello")
         root.handlers[0].flush()
     finally:
@@ -212,7 +215,7 @@ def test_mountinfo_parsing_unescapes_paths(tmp_path):
         "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
         "90 22 0:57 / /tmp/with\\040space rw,nosuid,nodev,relatime shared:50 - fuse.fedmount fedmount ro\n"
     )
-    root, fuse = mountinfo(str(info))
+    root, fuse = mountinfo.read(str(info))
     assert not root.is_fuse and root.path == "/"
     assert fuse.is_fuse and fuse.path == "/tmp/with space" and (fuse.major, fuse.minor) == (0, 57)
 
@@ -255,3 +258,37 @@ def test_prometheus_text_has_counters_and_process_gauges():
     text = prometheus_text(stats, psutil.Process())
     assert 'fedmount_keep_bytes{cluster="zbbbb"} 1000' in text
     assert "fedmount_process_rss_bytes" in text
+
+
+HEAVY = ("trio", "sqlite3", "xxhash", "urllib3", "httpx", "pyfuse3", "psutil")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+def test_help_loads_no_event_loop_database_or_http_client(argv):
+    """`fedmount --help` (and a subcommand's) in a fresh interpreter: which modules it loaded."""
+    probe = (
+        "import sys, runpy\n"
+        f"sys.argv = ['fedmount', *{argv!r}]\n"
+        "try:\n    runpy.run_module('fedmount', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "fedmount" in done.stdout
+    assert done.stderr.strip() == "", f"--help imported {done.stderr.strip()}"
+
+
+def test_a_mount_is_known_by_its_id_and_the_topmost_hides_the_others():
+    entries = mountinfo.parse(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "90 22 0:57 / /tmp/m rw,nosuid shared:50 - fuse.fedmount fedmount ro\n"
+        "97 90 0:61 / /tmp/m rw,nosuid - fuse fedmount ro\n"
+    )
+    top = mountinfo.mounted_at("/tmp/m", entries)
+    assert top is not None and (top.mount_id, top.minor, top.fstype) == (97, 61, "fuse") and top.is_fuse
+    assert top != entries[1] and mountinfo.mounted_at("/tmp", entries) is None
+
+
+def test_only_octal_escapes_are_decoded():
+    assert mountinfo.unescape(r"/a\040b\011c\134d\\9") == "/a b\tc\\d\\\\9"

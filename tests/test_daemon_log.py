@@ -10,8 +10,10 @@ import stat
 import pytest
 
 from fedmount import cli
-from fedmount.daemon_log import PrivateRotatingFileHandler, detached_log_path, log_dir, open_private
-from fedmount.mount import MountOptions, StartupError, _prepare_mountpoint, unmount_command
+from fedmount.logs import PrivateRotatingFileHandler, detached_log_path, log_dir, open_private
+from fedmount.mount_options import MountOptions
+from fedmount.startup import StartupError, prepare_mountpoint
+from fedmount.unmount import unmount_command
 
 
 def test_log_dir_follows_xdg_state_home():
@@ -73,12 +75,12 @@ def test_open_private_keeps_an_existing_files_mode(tmp_path):
 def test_a_non_empty_mount_point_is_refused_unless_nonempty(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me visible")
     with pytest.raises(StartupError) as info:
-        _prepare_mountpoint(MountOptions(str(tmp_path)))
+        prepare_mountpoint(MountOptions(str(tmp_path)))
     assert str(info.value) == (f"{tmp_path} is not empty (1 entry, which the mount would hide); use an "
                                "empty directory, or --nonempty to mount over it")
-    _prepare_mountpoint(MountOptions(str(tmp_path), nonempty=True))
+    prepare_mountpoint(MountOptions(str(tmp_path), nonempty=True))
     (tmp_path / "empty").mkdir()
-    _prepare_mountpoint(MountOptions(str(tmp_path / "empty")))
+    prepare_mountpoint(MountOptions(str(tmp_path / "empty")))
 
 
 def test_unmount_of_a_path_that_is_not_mounted_exits_1_with_one_line(tmp_path, capsys):

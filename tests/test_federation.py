@@ -80,7 +80,7 @@ async def test_home_mode_local_uuid(fake):
     fed = await connect(fake)
     got = await fed.get_collection(parse_collection_id(rec["uuid"]))
     assert got.uuid == rec["uuid"] and got.portable_data_hash == rec["portable_data_hash"]
-    assert got.cluster == "zzzzz" and got.record == rec
+    assert got.cluster == "zzzzz" and got.answer == rec
     assert got.route.cluster == "zzzzz" and got.route.token == fake.token.text
     assert [s.root_url for s in got.route.services] == [
         "http://keep0.zzzzz.example:25107/",
@@ -195,7 +195,7 @@ async def test_a_summary_is_routed_like_the_record_and_carries_no_manifest(fake,
     got = await fed.get_summary(cid, ["uuid", "portable_data_hash", "modified_at"])
     assert asked == [(host, None), (host, ["uuid", "portable_data_hash", "modified_at"])]
     assert fake.requests[-1].token == (fake.token if token == "home" else salt_for(fake.token, "zbbbb")).text
-    assert not hasattr(got, "manifest_text") and "manifest_text" not in got.record
+    assert not hasattr(got, "manifest_text") and "manifest_text" not in got.answer
     assert (got.uuid, got.portable_data_hash, got.modified_at, got.cluster, got.route) == (
         whole.uuid, whole.portable_data_hash, whole.modified_at, whole.cluster, whole.route)
     assert_home_token_stays_home(fake)

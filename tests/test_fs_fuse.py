@@ -9,15 +9,15 @@ import stat
 
 import pyfuse3
 import pytest
-from test_fs_tree import FILES_A, UUID_A, world  # noqa: F401  (world is a fixture)
+from fsworld import FILES_A, UUID_A, world_fixture  # noqa: F401 (a fixture)  # tests/ is on sys.path
 
 from fedmount.fs.fuse import FuseOperations
 from fedmount.fs.inodes import ROOT_INODE
-from fedmount.fs.tree import FOREVER
+from fedmount.fs.nodes import FOREVER
 
 
 @pytest.fixture
-def ops(world):  # noqa: F811
+def ops(world):
     fed, reader, stats, *_, make = world
     return FuseOperations(make(), stats, uid=1234, gid=5678)
 
@@ -55,7 +55,7 @@ async def test_readme_before_ready_is_a_plain_enoent(ops):
     assert e.value.errno == errno.ENOENT
 
 
-async def test_open_read_release_and_keep_cache_for_pdh(ops, world):  # noqa: F811
+async def test_open_read_release_and_keep_cache_for_pdh(ops, world):
     fed = world[0]
     pdh = fed.collections[UUID_A].portable_data_hash
     entry = await walk(ops, f"by_id/{pdh}/hello.txt")
@@ -117,7 +117,7 @@ async def test_statfs_fields(ops):
     assert s.f_namemax == 255 and s.f_bsize == 4096
 
 
-async def test_unexpected_exception_is_eio_with_one_error_line_and_a_debug_traceback(ops, world, caplog):  # noqa: F811
+async def test_unexpected_exception_is_eio_with_one_error_line_and_a_debug_traceback(ops, world, caplog):
     world[0].fail[UUID_A] = RuntimeError("surprise")  # the layer below breaks its contract
     by_id = await walk(ops, "by_id")
     with caplog.at_level(logging.DEBUG, "fedmount.fuse"), pytest.raises(pyfuse3.FUSEError) as e:

@@ -121,6 +121,8 @@ async def test_empty_block_needs_no_request() -> None:
     keep, _ = client(fake)
     assert await keep.get(block(b""), route(services(1))) == b""
     assert fake.calls == []
+    assert block(b"").is_empty and not block(b"x").is_empty
+    assert not Locator(block(b"").hash, 1).is_empty and not Locator(block(b"x").hash, 0).is_empty
 
 
 async def test_failover_to_next_replica_on_error() -> None:

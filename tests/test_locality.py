@@ -1,6 +1,6 @@
 """locate / stage / unpin over an in-test federation: a fake `LocalityView`, the real
 KeepClient over an in-process block transport that checks tokens and signatures like a
-keepstore, and the real BlockCache in a temporary directory. No sockets."""
+keepstore, and the real TieredCache in a temporary directory. No sockets."""
 
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 from keepfakes import received  # tests/ is on sys.path under pytest
 
+from fedmount.api.federation import CollectionRecord
 from fedmount.arvados.ids import CollectionId, Locator
 from fedmount.arvados.manifest import portable_data_hash
 from fedmount.arvados.routes import KeepRoute, KeepService
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import TieredCache
 from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.blocks.transport import Response, Sink, Timeouts
-from fedmount.locality.locate import SCHEMA, locate_collections
-from fedmount.locality.stage import PinBook, stage_with, unpin_collections
-from fedmount.locality.view import ClusterCopy, LookupFailure, Resolved
+from fedmount.locality.locate import locate_collections
+from fedmount.locality.locate_report import SCHEMA
+from fedmount.locality.stage import stage_with, unpin_collections
+from fedmount.locality.view import ClusterCopy, LookupFailure
 
 MiB = 1 << 20
 HOME, B, C = "zzzzz", "zbbbb", "zcccc"
@@ -79,6 +81,11 @@ class FakeKeepstores:
         return sum(1 for m, _, _ in self.calls if m == method)
 
 
+def record(uuid: str, pdh: str, text: str, owner: str, route: KeepRoute) -> CollectionRecord:
+    return CollectionRecord(uuid=uuid, portable_data_hash=pdh, modified_at=None, cluster=owner, answer={},
+                            route=route, manifest_text=text)
+
+
 def make_block(seed: str, size: int) -> bytes:
     out = hashlib.sha256(seed.encode()).digest()
     return (out * (size // len(out) + 1))[:size]
@@ -119,15 +126,15 @@ class FakeFederation:
     async def clusters(self) -> list[str]:
         return [HOME, B, C]
 
-    async def resolve(self, cid: CollectionId) -> Resolved:
+    async def resolve(self, cid: CollectionId) -> CollectionRecord:
         for uuid, (pdh, blocks) in self.collections.items():
             if cid.text in (uuid, pdh):
                 owner = uuid[:5]
                 if self.mode == "direct" or owner == HOME:
                     text = self._manifest(blocks, owner)
-                    return Resolved(uuid, pdh, text, owner, KeepRoute(owner, TOKEN[owner], services(owner)))
+                    return record(uuid, pdh, text, owner, KeepRoute(owner, TOKEN[owner], services(owner)))
                 text = self._manifest(blocks, owner, hint="R")  # home proxies: +R<owner>-sig
-                return Resolved(uuid, pdh, text, owner, KeepRoute(HOME, TOKEN[HOME], services(HOME)))
+                return record(uuid, pdh, text, owner, KeepRoute(HOME, TOKEN[HOME], services(HOME)))
         raise LookupFailure(f"collection {cid} not found on any cluster of the federation")
 
     async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None:
@@ -156,8 +163,8 @@ def client(keep: FakeKeepstores) -> KeepClient:
     return KeepClient(keep, retries=0, backoff=0)  # type: ignore[arg-type]
 
 
-def cache_at(tmp_path: Path, disk_limit: int = 1 << 30) -> BlockCache:
-    return BlockCache(str(tmp_path / "cache"), disk_limit=disk_limit, ram_limit=MiB)
+def cache_at(tmp_path: Path, disk_limit: int = 1 << 30) -> TieredCache:
+    return TieredCache(str(tmp_path / "cache"), disk_limit=disk_limit, ram_limit=MiB)
 
 
 UUID_B = "zbbbb-4zz18-000000000000001"
@@ -165,7 +172,7 @@ UUID_H = "zzzzz-4zz18-000000000000001"
 UUID_C = "zcccc-4zz18-000000000000001"
 
 
-async def locate(fed: FakeFederation, keep: FakeKeepstores, cache: BlockCache, ids: list[str], **kw):  # type: ignore[no-untyped-def]
+async def locate(fed: FakeFederation, keep: FakeKeepstores, cache: TieredCache, ids: list[str], **kw):  # type: ignore[no-untyped-def]
     book = kw.pop("book", ThroughputBook(None))
     return await locate_collections(ids, fed, client(keep), cache, book, **kw)
 
@@ -339,7 +346,7 @@ async def test_stage_fetches_verifies_and_a_rerun_fetches_nothing(fed: FakeFeder
     assert keep.count("GET") == 5 and {c for _, c, _ in keep.calls} == {HOME}  # the mount's route
     for data in blocks:
         key = f"{hashlib.md5(data).hexdigest()}+{len(data)}"
-        assert await BlockCache(str(tmp_path / "cache"), 1 << 30, MiB).read(key, 0, len(data)) == data
+        assert await TieredCache(str(tmp_path / "cache"), 1 << 30, MiB).read(key, 0, len(data)) == data
     assert "100%" in err.getvalue().splitlines()[-1] and "5/5 blocks" in err.getvalue()
     again = await stage_with([UUID_B], fed, client(keep), cache, progress_stream=None)
     assert again.complete and keep.count("GET") == 5
@@ -377,7 +384,7 @@ async def test_stage_bad_ids_are_reported_and_the_rest_staged(fed: FakeFederatio
 
 
 async def test_stage_needs_a_disk_cache(fed: FakeFederation, keep: FakeKeepstores) -> None:
-    report = await stage_with([UUID_H], fed, client(keep), BlockCache(None, 0, MiB), progress_stream=None)
+    report = await stage_with([UUID_H], fed, client(keep), TieredCache(None, 0, MiB), progress_stream=None)
     assert report.exit_status() == 2 and "disk tier" in (report.error or "")
 
 
@@ -386,11 +393,11 @@ async def test_stage_reports_blocks_a_small_cache_evicted_and_pin_prevents_it(
 ) -> None:
     blocks = [make_block(f"e{i}", MiB) for i in range(4)]
     fed.add(UUID_H, blocks, on=(HOME,))
-    small = BlockCache(str(tmp_path / "small"), disk_limit=2 * MiB + MiB // 2, ram_limit=MiB)
+    small = TieredCache(str(tmp_path / "small"), disk_limit=2 * MiB + MiB // 2, ram_limit=MiB)
     report = await stage_with([UUID_H], fed, client(keep), small, progress_stream=None, concurrency=1)
     assert report.to_json()["collections"][0]["evicted"]["blocks"] == 2 and not report.complete
     assert "evicted again" in report.render()
-    pinned = BlockCache(str(tmp_path / "pinned"), disk_limit=2 * MiB + MiB // 2, ram_limit=MiB)
+    pinned = TieredCache(str(tmp_path / "pinned"), disk_limit=2 * MiB + MiB // 2, ram_limit=MiB)
     report = await stage_with([UUID_H], fed, client(keep), pinned, pin=True, progress_stream=None)
     assert report.complete
 
@@ -406,7 +413,7 @@ async def test_pin_and_unpin_keep_shared_blocks_pinned(fed: FakeFederation, keep
     assert report.complete and keep.count("GET") == 3  # the shared block once
     key = {d: f"{hashlib.md5(d).hexdigest()}+100" for d in (shared, only_a, only_b)}
     assert cache.pinned() == set(key.values())
-    assert PinBook(cache.directory).find(pdh_a) is not None
+    assert cache.pins_of(pdh_a) is not None
 
     (a,) = await unpin_collections([pdh_a], cache)  # recorded: no view needed
     assert (a.error, a.blocks) == (None, 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_cache import hold_as_much_as_the_filesystem  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.cache import default_disk_cache_size
+from fedmount.blocks.cache.config import default_disk_cache_size
 from fedmount.locality.commands import build_stage_parser, disk_limit, locate_main, stage_main, unpin_main
 from fedmount.mount import MountOptions, _cache_config
 

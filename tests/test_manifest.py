@@ -263,7 +263,7 @@ def test_a_directory_bigger_than_a_sort_run_is_sorted_in_bins_and_found():
 
 
 def test_lookup_hashes_that_collide_are_told_apart_by_name(monkeypatch):
-    monkeypatch.setattr("fedmount.arvados.manifest._HIGH_HALF", (62).__rrshift__)  # 4 values, 200 names
+    monkeypatch.setattr("fedmount.arvados.manifest_tree._HIGH_HALF", (62).__rrshift__)  # 4 values, 200 names
     names = [f"f{i}" for i in range(200)]
     first = f". {A}+200 " + " ".join(f"{i}:1:{n}" for i, n in enumerate(names))
     text = f"{first}\n. {B}+3 0:3:f7 0:0:sub\n./sub {B}+3 0:3:x\n"
@@ -285,3 +285,14 @@ def test_arrays_take_the_narrowest_type_their_values_fit():
     root = parse_manifest(text).root
     assert root._p_len.itemsize == root._p_pos.itemsize == 8
     assert root.get("huge").size == big and segs(root.get("huge"))[0][:2] == (f"{A}+{1 << 26}", 0)
+
+
+def test_the_earliest_signature_expiry_of_any_line_is_found_in_the_locators_only():
+    sig = "a" * 40
+    text = (
+        f". {A}+3+A{sig}@65000000 {B}+3+Rzbbbb-{sig}@64000000 0:6:x\n"
+        f"./d {A}+3+Kzbbbb+A{sig}@66000000 0:3:f+A{sig}@00000001\n"  # a file name is not a signature
+    )
+    assert parse_manifest(text).earliest_signature_expiry == 0x64000000
+    assert parse_manifest(f". {A}+3 0:3:x\n").earliest_signature_expiry is None
+    assert parse_manifest("").earliest_signature_expiry is None

@@ -16,9 +16,9 @@ from keepfakes import received  # tests/ is on sys.path under pytest
 from fedmount.arvados.errors import BlockNotFound
 from fedmount.arvados.manifest import File, parse_manifest
 from fedmount.arvados.routes import KeepRoute, KeepService
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.fetcher import BlockReader
 from fedmount.blocks.keep import KeepClient
-from fedmount.blocks.prefetch import BlockReader
 from fedmount.blocks.transport import Response, Sink, Timeouts
 from fedmount.stats import Stats
 
@@ -77,7 +77,7 @@ def make(
     store = Keepstore(blocks)
     stats = Stats()
     keep = KeepClient(store, stats=stats, backoff=0)
-    cache = BlockCache(str(tmp_path), disk_limit=256 * MiB, ram_limit=64 * MiB, stats=stats)
+    cache = TieredCache(str(tmp_path), disk_limit=256 * MiB, ram_limit=64 * MiB, stats=stats)
     return BlockReader(keep, cache, stats=stats, **kw), store, stats, dict(manifest.walk())
 
 
@@ -406,7 +406,7 @@ async def test_readers_outnumbering_the_cache_fetch_each_block_once(tmp_path: Pa
     store = Keepstore(blocks)
     stats = Stats()
     disk_limit, ram_limit = (8 * MiB, MiB) if tier == "disk" else (0, 8 * MiB)  # two blocks
-    cache = BlockCache(str(tmp_path), disk_limit=disk_limit, ram_limit=ram_limit, stats=stats)
+    cache = TieredCache(str(tmp_path), disk_limit=disk_limit, ram_limit=ram_limit, stats=stats)
     reader = BlockReader(KeepClient(store, stats=stats, backoff=0), cache, stats=stats)
     by_name = dict(manifest.walk())
     wrong: list[str] = []

@@ -6,7 +6,7 @@ import os
 
 from test_cache import hold_as_much_as_the_filesystem  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.cache import default_disk_cache_size
+from fedmount.blocks.cache.config import default_disk_cache_size
 from fedmount.runner.mounts import collection_source, fedmount_args, prepare_binds, stream_path
 from fedmount.runner.runtimes import Bind, container_environment
 from fedmount.runner.runtimes.docker import container_name, create_args
@@ -236,3 +236,17 @@ def test_results_default_to_a_new_directory_named_after_the_record(tmp_path, mon
     assert os.listdir(first) == []
     from_stdin = _new_results("-", spec(uuid="zzzzz-dz642-0123456789abcde"))
     assert os.path.basename(from_stdin).startswith("zzzzz-dz642-0123456789abcde-")
+
+
+def test_both_runtimes_start_as_the_runtime_protocol_says():
+    import inspect
+
+    from fedmount.runner.runtimes import Runtime
+    from fedmount.runner.runtimes.docker import DockerRuntime
+    from fedmount.runner.runtimes.local import LocalRuntime
+
+    for cls in (DockerRuntime, LocalRuntime):
+        for method in ("prepare_image", "start", "exit_code", "pid", "stop"):
+            assert inspect.signature(getattr(cls, method)) == inspect.signature(getattr(Runtime, method)), (
+                cls, method)
+        assert isinstance(cls.name, str) and isinstance(cls.needs_allow_other, bool)

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 
 import pyfuse3
 import pytest
-from test_fs_tree import world  # noqa: F401  (a fixture)
+from fsworld import UUID_A, world_fixture  # noqa: F401 (a fixture)  # tests/ is on sys.path
 
 from fedmount.arvados.errors import KeepWriteError
 from fedmount.arvados.manifest import portable_data_hash
+from fedmount.fs.collection import COLLECTION_RECORD_NAME
 from fedmount.fs.errors import FsError
 from fedmount.fs.inodes import InodeTable
 from fedmount.fs.scratch import (
@@ -26,7 +27,6 @@ from fedmount.fs.scratch import (
     ScratchStore,
     open_scratch,
 )
-from fedmount.fs.tree import COLLECTION_RECORD_NAME
 
 
 class FakeUpload:
@@ -200,9 +200,7 @@ class FakeHome:
         raise AssertionError("no upload in this test")
 
 
-async def test_the_fuse_adapter_routes_writes_to_the_scratch_directory_and_nowhere_else(world, tmp_path):  # noqa: F811
-    from test_fs_tree import UUID_A
-
+async def test_the_fuse_adapter_routes_writes_to_the_scratch_directory_and_nowhere_else(world, tmp_path):
     from fedmount.fs.fuse import FuseOperations
     from fedmount.fs.inodes import ROOT_INODE
     from fedmount.fs.scratch_root import ScratchOptions, attach_scratch
@@ -210,11 +208,11 @@ async def test_the_fuse_adapter_routes_writes_to_the_scratch_directory_and_nowhe
     *_, make = world
     tree = make()
     opts = ScratchOptions(["tmp0"], str(tmp_path), 1 << 20)
-    attach_scratch(tree, FakeHome(), opts, transport=lambda *a: None, stats=tree.stats)
-    ops = FuseOperations(tree, tree.stats, uid=1234, gid=5678)
+    attach_scratch(tree, FakeHome(), opts, transport=lambda *a: None, stats=tree.context.stats)
+    ops = FuseOperations(tree, tree.context.stats, uid=1234, gid=5678)
     tmp0 = (await ops.lookup(ROOT_INODE, b"tmp0", None)).st_ino
     info, entry = await ops.create(tmp0, b"out.txt", 0o100644, os.O_WRONLY, None)
-    assert await ops.write(info.fh, 0, b"written") == 7 and tree.stats.get("fuse_write_bytes") == 7
+    assert await ops.write(info.fh, 0, b"written") == 7 and tree.context.stats.get("fuse_write_bytes") == 7
     await ops.release(info.fh)
     sub = (await ops.mkdir(tmp0, b"sub", 0o755, None)).st_ino
     await ops.rename(tmp0, b"out.txt", sub, b"moved.txt", 0, None)

@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from fedmount.fs.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS, metrics_handler, serve_bounded
 from fedmount.stats import Stats
+from fedmount.stats_export import CONNECTION_SECONDS, MAX_CONNECTIONS, metrics_handler, serve_bounded
 
 
 class MemoryListener(trio.abc.Listener[trio.abc.Stream]):

@@ -20,7 +20,6 @@ from fedmount.blocks.throughput import (
     FILE_NAME,
     ThroughputBook,
     TransferMeter,
-    record_keep_stats,
 )
 from fedmount.blocks.transport import Response, Sink, Timeouts
 from fedmount.stats import Stats
@@ -87,19 +86,19 @@ def test_meter_counts_parallel_fetches_as_one_busy_period() -> None:
     assert book.get("zbbbb").bytes_per_second == pytest.approx(4 * MiB)
 
 
-def test_record_keep_stats_uses_the_keep_clients_counters() -> None:
-    stats = Stats()
-    stats.add("keep_bytes", 30 * MiB, cluster="zcccc")
-    stats.add("keep_seconds", 3.0, cluster="zcccc")
-    stats.add("keep_bad_md5", 1, cluster="zcccc", service="x")
+def test_a_meter_of_request_seconds_records_bytes_over_those_seconds() -> None:
+    meter = TransferMeter()
+    meter.add("zcccc", nbytes=30 * MiB, seconds=2.0)
+    meter.add("zcccc", seconds=1.0)  # a failed request: its time counts, no bytes
     book = ThroughputBook(None)
-    record_keep_stats(book, stats)
+    meter.record_into(book)
     assert book.get("zcccc").bytes_per_second == pytest.approx(10 * MiB)
-    record_keep_stats(book, Stats())  # nothing measured: no change, no error
+    TransferMeter().record_into(book)  # nothing measured: no change, no error
+    assert book.get("zcccc").samples == 1
 
 
 async def test_a_mounts_keep_counters_make_the_cluster_observed(tmp_path: Path) -> None:
-    """What the daemon does at unmount: its KeepClient's Stats snapshot, folded in and saved."""
+    """What the daemon does at unmount: its KeepClient's meter, folded in and saved."""
     data = bytes(range(256)) * 4096  # 1 MiB
     delay = 0.05
 
@@ -117,7 +116,7 @@ async def test_a_mounts_keep_counters_make_the_cluster_observed(tmp_path: Path) 
     for _ in range(2):
         await keep.get(parse_locator(f"{hashlib.md5(data).hexdigest()}+{len(data)}"), route)
     book = ThroughputBook.in_cache_dir(tmp_path)
-    record_keep_stats(book, stats)
+    keep.meter.record_into(book)
     book.save()
     again = ThroughputBook.in_cache_dir(tmp_path)
     seen = again.get("zbbbb")

@@ -56,6 +56,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from fedmount import defaults
 from fedmount.arvados.errors import AnswerTooBig, ApiRefused, BadAnswer, ClusterUnreachable, NotFound, refusal
 from fedmount.arvados.ids import IdError, check_cluster_id, check_uuid
 from fedmount.arvados.retry import backoff_delay, new_request_id
@@ -70,7 +71,7 @@ log = logging.getLogger("fedmount.controller")
 DISCOVERY_PATH = "/discovery/v1/apis/arvados/v1/rest"
 KEEP_SERVICES = "keep_services/accessible"
 MiB = 1 << 20
-DEFAULT_MAX_ANSWER = 256 * MiB  # twice the API's default MaxRequestSize: any record it let in
+DEFAULT_MAX_ANSWER = defaults.MAX_MANIFEST_SIZE  # twice the API's default MaxRequestSize
 DECODE_IN_STEPS = 4 * MiB  # bodies bigger than this are decoded in a worker thread, in steps
 _HOST_RE = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")  # a DNS name, IPv4 or [IPv6] address
 

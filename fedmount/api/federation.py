@@ -106,7 +106,7 @@ class CollectionSummary:
     portable_data_hash: str
     modified_at: float | None
     cluster: str  # the cluster that owns (UUID) or served (PDH) the collection
-    record: dict[str, Any]  # the API's answer as it came
+    answer: dict[str, Any]  # the API's answer as it came
     route: KeepRoute  # where the blocks are read from, and with which token
 
 
@@ -289,7 +289,7 @@ class Federation:
             "portable_data_hash": pdh,
             "modified_at": parse_timestamp(record.get("modified_at")),
             "cluster": cid.cluster or client.cluster,
-            "record": record,
+            "answer": record,
             "route": KeepRoute(client.cluster, client.token.text, await self._services(client)),
         }
 

@@ -152,6 +152,11 @@ class Locator:
         return f"{self.hash}+{self.size}"
 
     @property
+    def is_empty(self) -> bool:
+        """The empty block (md5 of nothing, size 0): no Keep service needs to be asked for it."""
+        return self.size == 0 and self.hash == EMPTY_BLOCK_HASH
+
+    @property
     def signature(self) -> str | None:
         """The ``+A`` hint without its letter, or None."""
         return next((h[1:] for h in self.hints if h.startswith("A")), None)

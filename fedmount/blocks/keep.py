@@ -33,7 +33,9 @@ Algorithm of `KeepClient.get`:
 service said "not here", `BlockError` if none could answer.
 
 Stats (labels ``cluster``): ``keep_requests``, ``keep_bytes``, ``keep_errors``,
-``keep_seconds``, ``keep_bad_md5`` (labels cluster and service).
+``keep_seconds``, ``keep_bad_md5`` (labels cluster and service). `KeepClient.meter` keeps
+the bytes received and the seconds spent per cluster, summed over requests, for the
+throughput book (throughput.py).
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ from dataclasses import dataclass
 import trio
 
 from fedmount.arvados.errors import BlockError, BlockNotFound
-from fedmount.arvados.ids import EMPTY_BLOCK_HASH, Locator
+from fedmount.arvados.ids import Locator
 from fedmount.arvados.retry import backoff_delay, new_request_id
 from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.stats import Stats
 
+from .throughput import TransferMeter
 from .transport import BlockTransport, Md5Pipe, Response, Timeouts, TransportError, Urllib3Transport
 
 log = logging.getLogger("fedmount.keep")
@@ -99,6 +102,7 @@ class KeepClient:
         self._max_backoff = max_backoff
         self._demote_seconds = demote_seconds
         self._demoted: dict[str, float] = {}  # service uuid -> monotonic time the demotion ends
+        self.meter = TransferMeter()  # bytes received and seconds spent per cluster, per request
 
     def _order(self, locator: Locator, route: KeepRoute) -> list[KeepService]:
         now = time.monotonic()
@@ -111,8 +115,9 @@ class KeepClient:
         """The block's bytes, verified against its md5; raises BlockNotFound or BlockError.
 
         `into`, a writable buffer of the block's size, receives the bytes (and is returned)
-        instead of a new buffer; after a failure its content is undefined."""
-        if locator.size == 0 and locator.hash == EMPTY_BLOCK_HASH:
+        instead of a new buffer; after a failure its content is undefined. The empty block
+        is b"" without a request."""
+        if locator.is_empty:
             return b""
         body = await self._run(locator, route, "GET", into)
         assert body is not None
@@ -186,13 +191,19 @@ class KeepClient:
                             service.uuid, service.root_url, locator.key, exc)  # fmt: skip
             return None, _Attempt(service, f"{exc.kind}: {exc}", done=exc.kind == "length")
         finally:
-            stats.add("keep_seconds", time.monotonic() - started, cluster=cluster)
+            elapsed = time.monotonic() - started
+            stats.add("keep_seconds", elapsed, cluster=cluster)
+            self.meter.add(cluster, seconds=elapsed)
         self._demoted.pop(service.uuid, None)
         if resp.status == 200 and method == "HEAD":
             return None, None
         if resp.status == 200 and resp.body is not None:
             stats.add("keep_bytes", len(resp.body), cluster=cluster)
+            self.meter.add(cluster, nbytes=len(resp.body))
             if digest == locator.hash:
+                if into is not None and resp.body is not into:  # a transport that ignored `into`
+                    into[:] = resp.body
+                    return into, None
                 return resp.body, None
             stats.add("keep_bad_md5", cluster=cluster, service=service.uuid)
             log.warning(

@@ -15,8 +15,10 @@ Where the numbers come from:
   bytes received divided by the wall-clock time during which at least one fetch from
   that cluster was in flight. Parallel fetches therefore count as one aggregate rate (the
   rate a prefetching reader sees), not as the sum or the mean of per-request rates.
-- A mount, when it unmounts, folds its `Stats` (``keep_bytes`` / ``keep_seconds`` per
-  cluster, the KeepClient's counters) in with `record_keep_stats` and saves the book.
+- A mount, when it unmounts, folds in its KeepClient's meter (`KeepClient.meter`: the
+  bytes received and the seconds its requests took per cluster, added up request by
+  request, so a per-request rate: lower than a parallel stage's aggregate rate, which is
+  the conservative side for estimates) and saves the book.
 
 A new sample moves the stored rate by an exponential moving average (weight
 `EWMA_WEIGHT`), so one slow run does not erase history but a changed network shows up
@@ -39,12 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmount.stats import Stats
+from fedmount import defaults
 
 log = logging.getLogger("fedmount.throughput")
 
 FILE_NAME = "locality-throughput.json"
-DEFAULT_BYTES_PER_SECOND = 50 * 2**20  # 50 MiB/s: a modest WAN link; said to be a default wherever shown
+DEFAULT_BYTES_PER_SECOND = defaults.BYTES_PER_SECOND  # said to be a default wherever shown
 EWMA_WEIGHT = 0.3
 MIN_SAMPLE_BYTES = 256 * 1024
 MIN_SAMPLE_SECONDS = 0.01
@@ -138,10 +140,12 @@ class ThroughputBook:
 
 
 class TransferMeter:
-    """Bytes and busy wall-clock time per cluster for concurrent fetches.
+    """Bytes and seconds per cluster, folded into a `ThroughputBook` as bytes / seconds.
 
-    A cluster is busy while at least one fetch from it is in flight; its rate is
-    bytes / busy time, i.e. the aggregate rate of all its parallel fetches."""
+    Two ways to count the seconds: `start`/`finish` around concurrent fetches count the
+    wall-clock time during which at least one fetch from the cluster was in flight (the
+    aggregate rate of all its parallel fetches: a stage), `add` counts the seconds given
+    (each request's own duration: the KeepClient)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -162,21 +166,11 @@ class TransferMeter:
         if self._inflight[cluster] == 0:
             self.busy[cluster] = self.busy.get(cluster, 0.0) + self._clock() - self._since.pop(cluster)
 
+    def add(self, cluster: str, nbytes: int = 0, seconds: float = 0.0) -> None:
+        """Count `nbytes` received from `cluster` and `seconds` spent on it."""
+        self.bytes[cluster] = self.bytes.get(cluster, 0) + nbytes
+        self.busy[cluster] = self.busy.get(cluster, 0.0) + seconds
+
     def record_into(self, book: ThroughputBook) -> None:
         for cluster, nbytes in self.bytes.items():
             book.record(cluster, nbytes, self.busy.get(cluster, 0.0))
-
-
-def record_keep_stats(book: ThroughputBook, stats: Stats) -> None:
-    """Fold a daemon's KeepClient counters (``keep_bytes``, ``keep_seconds`` by cluster) into `book`.
-
-    ``keep_seconds`` adds up per-request durations, so this is a per-request rate: lower
-    than a parallel stage's aggregate rate, which is the conservative side for estimates."""
-    snap = stats.snapshot()
-    byte_series, second_series = snap.get("keep_bytes"), snap.get("keep_seconds")
-    if not isinstance(byte_series, dict) or not isinstance(second_series, dict):
-        return
-    for labels, nbytes in byte_series.items():
-        cluster = dict(kv.split("=", 1) for kv in labels.split(",")).get("cluster")
-        if cluster is not None:
-            book.record(cluster, nbytes, second_series.get(labels, 0.0))

@@ -62,6 +62,8 @@ from typing import Protocol
 
 import urllib3
 
+from fedmount import defaults
+
 CHUNK = 2 << 20  # most bytes per read1: big enough for hashlib to drop the GIL, small enough to overlap
 INLINE_HASH_LIMIT = 4 << 20  # blocks up to this size are hashed in the receiving thread
 
@@ -70,8 +72,8 @@ INLINE_HASH_LIMIT = 4 << 20  # blocks up to this size are hashed in the receivin
 class Timeouts:
     connect: float = 5.0  # seconds to establish a connection and send the request
     stall: float = 30.0  # seconds without receiving a single byte before the replica is abandoned
-    min_rate: float = 32 * 1024  # bytes/s a body must average over `rate_window` (0: no floor)
-    rate_window: float = 256.0  # seconds over which `min_rate` is judged
+    min_rate: float = defaults.KEEP_MIN_RATE  # bytes/s a body must average over `rate_window` (0: no floor)
+    rate_window: float = defaults.KEEP_RATE_WINDOW  # seconds over which `min_rate` is judged
 
 
 @dataclass

@@ -30,18 +30,24 @@ Deadlines are on trio's clock, so tests may run them on a mock clock.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import trio
 
+from fedmount import defaults
+from fedmount.stats import Stats
+
+from .errors import FsError
+
 log = logging.getLogger("fedmount.fs")
 T = TypeVar("T")
 # --api-wait: longer than the API client's retries of a cluster that refuses or resets
 # connections (at most 7.5 s of back-off), so a down cluster still answers with its error and
 # only a stalled one is cut short.
-DEFAULT_API_WAIT = 10.0
+DEFAULT_API_WAIT = defaults.API_WAIT
 MAX_CALLS_PER_CLUSTER = 8
 
 
@@ -133,3 +139,19 @@ class Calls:
             if not running:  # no call of this cluster holds or awaits a slot
                 del self._running[cluster], self._slots[cluster]
             call._done.set()
+
+
+async def answer_by_deadline(call: Call[T], calls: Calls, group: str, subject: str, stats: Stats,
+                             op: str) -> T:
+    """`call`'s answer, or ETIMEDOUT once it is past its deadline (logged once per call): it
+    goes on, and whoever asks next gets its answer. `subject` names what is asked for (a
+    collection, a project) in the message; `op` labels ``api_calls_late``."""
+    if await call.wait():
+        return call.result()
+    wait = calls.wait
+    why = f"within {wait:g}s" if call.waited_for else f"yet ({group} has requests pending past {wait:g}s)"
+    message = f"{subject}: no answer from the API {why}; still asking, for the next lookup"
+    if call.first_late_answer():
+        stats.add("api_calls_late", op=op, cluster=group)
+        log.warning("%s", message)
+    raise FsError(errno.ETIMEDOUT, message)

@@ -67,9 +67,11 @@ import trio
 
 from fedmount.stats import Stats
 
+from .context import Invalidation
 from .errors import FsError
+from .nodes import Attr, Entries, Handle
 from .scratch import ScratchDir, ScratchFile, ScratchHandle, ScratchNode, is_scratch, open_scratch
-from .tree import Attr, Entries, Handle, Invalidation, Tree
+from .tree import Tree
 
 log = logging.getLogger("fedmount.fuse")
 

@@ -60,9 +60,10 @@ from fedmount.arvados.manifest import portable_data_hash
 from fedmount.blocks.upload import SourceDir, SourceFile
 from fedmount.stats import Stats
 
+from .collection import COLLECTION_RECORD_NAME
 from .errors import FsError
 from .inodes import RangeOwner
-from .tree import COLLECTION_RECORD_NAME, Attr, BytesHandle, DirNode, Handle, Node
+from .nodes import Attr, BytesHandle, DirNode, Handle, Node
 
 log = logging.getLogger("fedmount.scratch")
 

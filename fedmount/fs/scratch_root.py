@@ -23,8 +23,9 @@ from fedmount.blocks.upload import KeepWriter, PutTransport, SourceDir, Uploader
 from fedmount.stats import Stats
 
 from .errors import FsError
+from .nodes import StaticDir
 from .scratch import Quota, ScratchStore, default_quota
-from .tree import StaticDir, Tree
+from .tree import Tree
 
 
 class HomeLike(Protocol):
@@ -75,7 +76,7 @@ def attach_scratch(tree: Tree, home: HomeLike, opts: ScratchOptions, *, transpor
     uploader = _HomeUploader(home, transport, opts.storage_classes, stats)
     stores = []
     for name in opts.names:
-        store = ScratchStore(name, backing_dir=backing, quota=quota, allocate=tree.table.allocate,
+        store = ScratchStore(name, backing_dir=backing, quota=quota, allocate=tree.context.table.allocate,
                              upload=uploader.upload, storage_classes=opts.storage_classes, stats=stats)
         root.children[name] = store.root
         stores.append(store)

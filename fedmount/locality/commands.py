@@ -1,7 +1,7 @@
-"""``fedmount locate``, ``fedmount stage`` and ``fedmount unpin``: argument parsing and exit status.
+"""``fedmount locate``, ``fedmount stage`` and ``fedmount unpin``: running what `arguments` parsed.
 
-`fedmount.cli` dispatches ``fedmount NAME ARGS...`` to ``locate_main`` / ``stage_main`` /
-``unpin_main`` with the remaining arguments; each returns the exit status:
+`fedmount.cli` dispatches ``fedmount NAME ARGS...`` to `MAINS[NAME]` with the remaining
+arguments; each returns the exit status:
 
 - locate: 0 every question answered (and, with ``--cluster X``, X holds every block);
   1 with ``--cluster X``: answered, and X lacks at least one block; 2 something could not
@@ -9,6 +9,10 @@
 - stage: 0 every block of every collection is in the cache; 2 otherwise; 130 interrupted
   (what was fetched stays cached: run the same command again to fetch the rest).
 - unpin: 0 every ID released; 2 otherwise.
+
+locate and stage run the same way (`_run_subcommand`): parse, log, read the settings,
+open the cache, then the command's body under `trio.run`, where a home cluster that
+cannot be used and Ctrl-C each end in one line.
 
 Settings come from the environment as for the mount (ARVADOS_API_HOST, ...); the cache
 options name the same cache a mount uses, so a staged block is a mount's cache hit.
@@ -19,64 +23,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from fedmount.arvados.settings import Settings, SettingsError
-from fedmount.blocks.cache import BlockCache, default_disk_cache_size
+from fedmount.blocks.cache import CacheConfig, TieredCache
 from fedmount.blocks.throughput import ThroughputBook
-from fedmount.cli import SUBCOMMAND_HELP, parse_size, setup_logging
+from fedmount.logs import setup_logging
 
+from .arguments import (
+    DEFAULT_LOCATE_CONCURRENCY,
+    DEFAULT_STAGE_CONCURRENCY,
+    build_locate_parser,
+    build_stage_parser,
+    build_unpin_parser,
+)
 from .federation_view import FederationView, keep_client_for
 from .locate import locate_collections
-from .stage import DEFAULT_STAGE_CONCURRENCY, stage_with, unpin_collections
+from .locate_report import failed_locate_json
+from .stage import stage_with, unpin_collections
 from .view import LookupFailure
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--disk-cache-dir", metavar="DIR",
-                   help="The block cache directory, as given to the mount (default: the mount's default).")
-    p.add_argument("--debug", action="store_true", help="Log debugging detail.")
-
-
-def _add_route(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--route", choices=("home", "direct"), default="home",
-                   help="Read the way a mount with this --route reads (default home).")
-    p.add_argument("--concurrency", metavar="N", type=int, default=None,
-                   help="Requests in flight at once (default: 16 for locate, 4 for stage).")
-
-
-def build_locate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmount locate", description=SUBCOMMAND_HELP["locate"][1])
-    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
-    p.add_argument("--json", action="store_true", help="Print the fedmount-locate/1 JSON document.")
-    p.add_argument("--cluster", metavar="X",
-                   help="Only ask cluster X; the exit status answers whether X holds every block.")
-    _add_route(p)
-    _add_common(p)
-    return p
-
-
-def build_stage_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmount stage", description=SUBCOMMAND_HELP["stage"][1])
-    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
-    p.add_argument("--pin", action="store_true", help="Keep the blocks from eviction until `fedmount unpin`.")
-    p.add_argument("--json", action="store_true", help="Print the fedmount-stage/1 JSON document on stdout.")
-    p.add_argument("--quiet", action="store_true", help="No progress display.")
-    p.add_argument("--disk-cache-size", metavar="BYTES", type=parse_size, default=0,
-                   help="Evict least recently used unpinned blocks beyond this size while staging "
-                   "(default: the bound a mount of this cache directory uses).")
-    _add_route(p)
-    _add_common(p)
-    return p
-
-
-def build_unpin_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmount unpin", description=SUBCOMMAND_HELP["unpin"][1])
-    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
-    _add_common(p)
-    return p
 
 
 def _settings() -> Settings | None:
@@ -87,85 +54,92 @@ def _settings() -> Settings | None:
         return None
 
 
+def _config(args: argparse.Namespace) -> CacheConfig:
+    """The mount's cache directory, bounded as a mount bounds it (`CacheConfig.for_directory`)."""
+    return CacheConfig.for_directory(args.disk_cache_dir, getattr(args, "disk_cache_size", 0), ram=64 << 20)
+
+
 def disk_limit(args: argparse.Namespace) -> int:
     """The bound this process evicts to: ``--disk-cache-size``, else the mount's default for the
-    directory (`default_disk_cache_size`), so a stage and a later mount agree on it."""
-    return getattr(args, "disk_cache_size", 0) or default_disk_cache_size(args.disk_cache_dir)
+    directory, so a stage and a later mount agree on it."""
+    return _config(args).disk_limit
 
 
-def _cache(args: argparse.Namespace) -> BlockCache:
-    """The mount's cache directory, bounded as a mount bounds it (`disk_limit`)."""
-    return BlockCache(args.disk_cache_dir, disk_limit=disk_limit(args), ram_limit=64 << 20)
+def _cache(args: argparse.Namespace) -> TieredCache:
+    return TieredCache.configured(_config(args))
+
+
+Body = Callable[[argparse.Namespace, Settings, TieredCache], Awaitable[int]]
+
+
+def _run_subcommand(
+    name: str, parser: argparse.ArgumentParser, argv: Sequence[str], body: Body, *, interrupted: str
+) -> int:
+    """Parse `argv`, log, read the settings, open the cache, run `body` under trio: its status;
+    2 when the settings or the home cluster cannot be used, 130 on Ctrl-C (`interrupted` says
+    what is left behind)."""
+    args = parser.parse_args(argv)
+    setup_logging(args.debug, None)
+    settings = _settings()
+    if settings is None:
+        return 2
+    cache = _cache(args)
+    status = 2
+    try:
+        status = trio.run(body, args, settings, cache)
+    except* LookupFailure as group:
+        print(f"fedmount {name}: {group.exceptions[0]}", file=sys.stderr)
+    except* KeyboardInterrupt:  # trio may deliver it inside an exception group
+        print(f"\nfedmount {name}: {interrupted}", file=sys.stderr)
+        status = 130
+    return status
+
+
+async def _locate(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
+    book = ThroughputBook.in_cache_dir(cache.directory)
+    try:
+        async with FederationView.open(settings, mode=args.route, retries=1) as view:
+            report = await locate_collections(
+                args.ids, view, keep_client_for(settings, retries=1), cache, book,
+                cluster=args.cluster, concurrency=args.concurrency or DEFAULT_LOCATE_CONCURRENCY,
+            )
+    except LookupFailure as exc:
+        if args.json:
+            print(json.dumps(failed_locate_json(str(exc)), indent=1))
+        else:
+            print(f"fedmount locate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        sys.stdout.write(report.render())
+    return report.exit_status()
+
+
+async def _stage(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
+    async with FederationView.open(settings, mode=args.route) as view:
+        report = await stage_with(
+            args.ids, view, keep_client_for(settings), cache, pin=args.pin,
+            concurrency=args.concurrency or DEFAULT_STAGE_CONCURRENCY,
+            progress_stream=None if args.quiet else sys.stderr,
+        )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        sys.stderr.write(report.render())
+    return report.exit_status()
 
 
 def locate_main(argv: Sequence[str]) -> int:
-    args = build_locate_parser().parse_args(argv)
-    setup_logging(args.debug, None)
-    settings = _settings()
-    if settings is None:
-        return 2
-    cache = _cache(args)
-
-    async def run() -> int:
-        book = ThroughputBook.in_cache_dir(cache.directory)
-        try:
-            async with FederationView.open(settings, mode=args.route, retries=1) as view:
-                report = await locate_collections(
-                    args.ids, view, keep_client_for(settings, retries=1), cache, book,
-                    cluster=args.cluster, concurrency=args.concurrency or 16,
-                )
-        except LookupFailure as exc:
-            if args.json:
-                print(json.dumps({"schema": "fedmount-locate/1", "complete": False, "error": str(exc),
-                                  "collections": []}, indent=1))
-            else:
-                print(f"fedmount locate: {exc}", file=sys.stderr)
-            return 2
-        if args.json:
-            print(json.dumps(report.to_json(), indent=1))
-        else:
-            sys.stdout.write(report.render())
-        return report.exit_status()
-
-    status = 130
-    try:
-        status = trio.run(run)
-    except* KeyboardInterrupt:
-        print("\nfedmount locate: interrupted", file=sys.stderr)
-    return status
+    return _run_subcommand("locate", build_locate_parser(), argv, _locate, interrupted="interrupted")
 
 
 def stage_main(argv: Sequence[str]) -> int:
-    args = build_stage_parser().parse_args(argv)
-    setup_logging(args.debug, None)
-    settings = _settings()
-    if settings is None:
-        return 2
-    cache = _cache(args)
-
-    async def run() -> int:
-        async with FederationView.open(settings, mode=args.route) as view:
-            report = await stage_with(
-                args.ids, view, keep_client_for(settings), cache, pin=args.pin,
-                concurrency=args.concurrency or DEFAULT_STAGE_CONCURRENCY,
-                progress_stream=None if args.quiet else sys.stderr,
-            )
-        if args.json:
-            print(json.dumps(report.to_json(), indent=1))
-        else:
-            sys.stderr.write(report.render())
-        return report.exit_status()
-
-    status = 2
-    try:
-        status = trio.run(run)
-    except* LookupFailure as group:
-        print(f"fedmount stage: {group.exceptions[0]}", file=sys.stderr)
-    except* KeyboardInterrupt:  # trio may deliver it inside an exception group
-        print("\nfedmount stage: interrupted; blocks fetched so far stay cached: run the same command "
-              "again to fetch the rest", file=sys.stderr)
-        status = 130
-    return status
+    return _run_subcommand(
+        "stage", build_stage_parser(), argv, _stage,
+        interrupted="interrupted; blocks fetched so far stay cached: run the same command again to fetch "
+        "the rest",
+    )
 
 
 def unpin_main(argv: Sequence[str]) -> int:
@@ -186,3 +160,10 @@ def unpin_main(argv: Sequence[str]) -> int:
         else:
             print(f"{r.id}: unpinned {r.blocks} blocks")
     return 0 if all(r.error is None for r in results) else 2
+
+
+MAINS: dict[str, Callable[[Sequence[str]], int]] = {
+    "locate": locate_main,
+    "stage": stage_main,
+    "unpin": unpin_main,
+}

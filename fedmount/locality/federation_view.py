@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import quote
 
-import httpx
-
-from fedmount.api.federation import Federation
+from fedmount.api.federation import CollectionRecord, Federation, Mode
 from fedmount.arvados.errors import AccessDenied, ApiError, ClusterUnreachable, NotFound
 from fedmount.arvados.ids import CollectionId
 from fedmount.arvados.manifest import ManifestError, parse_manifest, portable_data_hash
@@ -32,7 +31,7 @@ from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.transport import Urllib3Transport
 from fedmount.stats import Stats
 
-from .view import ClusterCopy, LookupFailure, Resolved
+from .view import ClusterCopy, LookupFailure
 
 
 def _failure(what: str, exc: ApiError) -> LookupFailure:
@@ -52,7 +51,7 @@ def keep_client_for(settings: Settings, stats: Stats | None = None, *, retries: 
 
 
 class FederationView:
-    def __init__(self, federation: Federation, *, mode: str):
+    def __init__(self, federation: Federation, *, mode: Mode):
         self.federation = federation
         self.home_cluster = federation.home_cluster
         self.mode = mode
@@ -60,21 +59,13 @@ class FederationView:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls,
-        settings: Settings,
-        *,
-        mode: str = "home",
-        transport: httpx.AsyncBaseTransport | None = None,
-        stats: Stats | None = None,
-        retries: int = 4,
+        cls, settings: Settings, *, mode: Mode = "home", **connect: Any
     ) -> AsyncIterator[FederationView]:
-        """Connect (raises LookupFailure if the home cluster cannot be used) and close afterwards.
-
-        `retries`: per API call, for every controller (fewer: a down cluster is reported sooner)."""
+        """`Federation.connect` (`connect`: its options, such as ``retries`` per API call: fewer
+        report a down cluster sooner); raises LookupFailure if the home cluster cannot be used.
+        Closes the federation afterwards."""
         try:
-            federation = await Federation.connect(
-                settings, mode=mode, transport=transport, stats=stats, retries=retries
-            )
+            federation = await Federation.connect(settings, mode=mode, **connect)
         except ApiError as exc:
             raise _failure(f"cannot connect to the home cluster {settings.api_host}", exc) from None
         view = cls(federation, mode=mode)
@@ -86,7 +77,7 @@ class FederationView:
     async def clusters(self) -> list[str]:
         return [self.home_cluster, *self.federation.remote_clusters]
 
-    async def resolve(self, cid: CollectionId) -> Resolved:
+    async def resolve(self, cid: CollectionId) -> CollectionRecord:
         try:
             record = await self.federation.get_collection(cid)
         except ApiError as exc:
@@ -96,9 +87,7 @@ class FederationView:
                     "(or not readable with this token)"
                 ) from None
             raise _failure(f"cannot get collection {cid}", exc) from None
-        return Resolved(
-            record.uuid, record.portable_data_hash, record.manifest_text, record.cluster, record.route
-        )
+        return record
 
     async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None:
         try:

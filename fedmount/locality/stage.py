@@ -7,9 +7,10 @@ Algorithm of `stage_with`:
    route of the first collection that names it.
 2. With ``pin``, pin every block *before* fetching anything (the cache's pin table takes
    keys not present yet), so blocks fetched early are never evicted to make room for
-   later ones, and record the pin in ``<cache dir>/locality-pins.json`` (see `PinBook`).
-3. Skip blocks whose every byte is already in the cache (`BlockCache.cached_bytes`): this
-   is what makes an interrupted stage resumable. `BlockCache.put` writes the block file
+   later ones. The cache's index owns the pins: each collection's keys are pinned with its
+   portable data hash as their owner, known also by the ID it was asked as.
+3. Skip blocks whose every byte is already in the cache (`cached_bytes`): this
+   is what makes an interrupted stage resumable. The cache's `put` writes the block file
    and renames it into place before it returns, so every block counted as fetched
    survives SIGINT, and a re-run fetches only what is missing.
 4. Fetch the rest with `KeepClient.get` (md5-verified before it returns) under a
@@ -22,25 +23,19 @@ Algorithm of `stage_with`:
    directory: this process's memory tier would hide evictions): any that a too-small
    cache already evicted are reported (raise the cache size or use ``--pin``).
 
-Pins and `unpin`: the cache's pin table is a set of keys without owners, so two staged
-collections sharing a block would lose the shared pin when either is unpinned. `PinBook`
-remembers which keys each ``stage --pin`` pinned (by PDH, with the IDs it was asked as);
-`unpin_collections` releases a collection's keys minus those another recorded pin still
-needs. It works offline for anything recorded there, and falls back to resolving the ID
-for blocks pinned some other way.
+Pins and `unpin`: a block stays pinned while any owner pins it, so two staged collections
+sharing a block keep it until both are unpinned. `unpin_collections` releases a
+collection's pins (found by its PDH or the ID it was staged as: offline), and falls back to
+resolving the ID for blocks pinned some other way.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol, TextIO
 
 import trio
@@ -50,20 +45,19 @@ from fedmount.arvados.ids import CollectionId, IdError, Locator, parse_collectio
 from fedmount.arvados.manifest import ManifestError, parse_manifest
 from fedmount.arvados.routes import KeepRoute
 from fedmount.arvados.settings import Settings
-from fedmount.blocks.cache import BlockCache
+from fedmount.blocks.cache import TieredCache
 from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook, TransferMeter
 from fedmount.stats import Stats
 
+from .arguments import DEFAULT_STAGE_CONCURRENCY
 from .federation_view import FederationView, keep_client_for
-from .locate import is_empty_block
-from .progress import Progress, human_bytes
+from .progress import Progress
+from .stage_report import Outcome, StagedCollection, StageReport
 from .view import LocalityView, LookupFailure
 
 log = logging.getLogger("fedmount.locality")
 
-PINS_FILE = "locality-pins.json"
-DEFAULT_STAGE_CONCURRENCY = 4
 
 
 class BlockFetcher(Protocol):
@@ -75,146 +69,9 @@ class StageCache(Protocol):
 
     def cached_bytes(self, key: str) -> int: ...
     async def put(self, key: str, data: bytes | bytearray) -> None: ...
-    def pin(self, keys: Sequence[str]) -> None: ...
-    def unpin(self, keys: Sequence[str]) -> None: ...
-
-
-@dataclass
-class StagedCollection:
-    id: str
-    error: str | None = None
-    uuid: str | None = None
-    portable_data_hash: str | None = None
-    keys: list[str] = field(default_factory=list)
-    sizes: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self, outcome: dict[str, str], failures: dict[str, str], pinned: bool) -> dict:
-        out: dict = {"id": self.id, "error": self.error}
-        if self.error is not None:
-            return out
-
-        def count(state: str) -> dict:
-            keys = [k for k in self.keys if outcome.get(k) == state]
-            return {"blocks": len(keys), "bytes": sum(self.sizes[k] for k in keys)}
-
-        return out | {
-            "uuid": self.uuid,
-            "portable_data_hash": self.portable_data_hash,
-            "blocks": len(self.keys),
-            "bytes": sum(self.sizes.values()),
-            "already_cached": count("cached"),
-            "fetched": count("fetched"),
-            "evicted": count("evicted"),
-            "failed": [failures[k] for k in self.keys if k in failures],
-            "pinned": pinned,
-            "complete": all(outcome.get(k) in ("cached", "fetched") for k in self.keys),
-        }
-
-
-@dataclass
-class StageReport:
-    collections: list[StagedCollection]
-    pinned: bool
-    outcome: dict[str, str] = field(default_factory=dict)  # key -> cached | fetched | failed | evicted
-    failures: dict[str, str] = field(default_factory=dict)  # key -> one-line error
-    error: str | None = None  # stopped everything (no disk cache, ...)
-
-    @property
-    def complete(self) -> bool:
-        return self.error is None and all(
-            c.error is None and all(self.outcome.get(k) in ("cached", "fetched") for k in c.keys)
-            for c in self.collections
-        )
-
-    def exit_status(self) -> int:
-        return 0 if self.complete else 2
-
-    def to_json(self) -> dict:
-        return {
-            "schema": "fedmount-stage/1",
-            "complete": self.complete,
-            "error": self.error,
-            "collections": [c.to_json(self.outcome, self.failures, self.pinned) for c in self.collections],
-        }
-
-    def render(self) -> str:
-        lines = [f"error: {self.error}"] if self.error else []
-        for c in self.to_json()["collections"]:
-            if c["error"]:
-                lines.append(f"{c['id']}: error: {c['error']}")
-                continue
-            state = "staged" if c["complete"] else "NOT fully staged"
-            text = (
-                f"{c['id']}: {state}: {c['blocks']} blocks, {human_bytes(c['bytes'])} "
-                f"(fetched {human_bytes(c['fetched']['bytes'])}, already cached "
-                f"{human_bytes(c['already_cached']['bytes'])})"
-            )
-            if c["pinned"]:
-                text += ", pinned until `fedmount unpin`"
-            lines.append(text)
-            if c["evicted"]["blocks"]:
-                lines.append(
-                    f"  {c['evicted']['blocks']} blocks were evicted again: the cache is smaller than "
-                    "what was staged; raise the cache size or stage with --pin"
-                )
-            lines.extend(f"  {msg}" for msg in c["failed"][:5])
-            if len(c["failed"]) > 5:
-                lines.append(f"  ... and {len(c['failed']) - 5} more unreadable blocks")
-        return "\n".join(lines) + "\n"
-
-
-class PinBook:
-    """``<cache dir>/locality-pins.json``: which keys each ``stage --pin`` pinned.
-
-    ``{"version": 1, "pins": {"<pdh>": {"ids": ["<as asked>", ...], "keys": ["hash+size", ...]}}}``
-    Updates re-read the file and replace it atomically."""
-
-    def __init__(self, directory: str | None):
-        self.path = Path(directory) / PINS_FILE if directory else None
-
-    def load(self) -> dict[str, dict]:
-        if self.path is None:
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return dict(data.get("pins", {}))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, AttributeError) as exc:
-            log.warning("ignoring unreadable pin record %s (%s)", self.path, exc)
-            return {}
-
-    def _save(self, pins: dict[str, dict]) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".pins-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": 1, "pins": pins}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
-
-    def add(self, pdh: str, ident: str, keys: Sequence[str]) -> None:
-        pins = self.load()
-        entry = pins.setdefault(pdh, {"ids": [], "keys": []})
-        if ident not in entry["ids"]:
-            entry["ids"].append(ident)
-        entry["keys"] = sorted(set(entry["keys"]) | set(keys))
-        self._save(pins)
-
-    def find(self, ident: str) -> tuple[str, list[str]] | None:
-        """(PDH, keys) recorded for an ID (a PDH itself, or an ID it was staged as)."""
-        for pdh, entry in self.load().items():
-            if ident == pdh or ident in entry.get("ids", ()):
-                return pdh, list(entry.get("keys", ()))
-        return None
-
-    def remove(self, pdh: str, keys: Sequence[str]) -> list[str]:
-        """Forget `pdh`; return those of `keys` that no other recorded pin still needs."""
-        pins = self.load()
-        pins.pop(pdh, None)
-        still = {k for entry in pins.values() for k in entry.get("keys", ())}
-        self._save(pins)
-        return [k for k in keys if k not in still]
+    def pin(self, keys: Sequence[str], owner: str = "", names: Sequence[str] = ()) -> None: ...
+    def unpin(self, keys: Sequence[str], owner: str = "") -> list[str]: ...
+    def pins_of(self, name: str) -> tuple[str, list[str]] | None: ...
 
 
 async def _resolve_all(
@@ -229,13 +86,13 @@ async def _resolve_all(
     async def one(n: int, s: StagedCollection) -> None:
         async with limiter:
             try:
-                resolved = await view.resolve(parse_collection_id(s.id))
-                manifests[n] = parse_manifest(resolved.manifest_text).blocks()
+                record = await view.resolve(parse_collection_id(s.id))
+                manifests[n] = parse_manifest(record.manifest_text).blocks()
             except (IdError, LookupFailure, ManifestError) as exc:
                 s.error = str(exc)
                 return
-        s.uuid, s.portable_data_hash = resolved.uuid, resolved.portable_data_hash
-        routes[n] = resolved.route
+        s.uuid, s.portable_data_hash = record.uuid, record.portable_data_hash
+        routes[n] = record.route
 
     async with trio.open_nursery() as nursery:
         for n, s in enumerate(staged):
@@ -272,21 +129,19 @@ async def stage_with(
     staged, plan = await _resolve_all(ids, view, concurrency)
     report = StageReport(staged, pin)
     if pin:
-        cache.pin(list(plan))
-        pins = PinBook(cache.directory)
         for s in staged:
             if s.portable_data_hash is not None:
-                pins.add(s.portable_data_hash, s.id, s.keys)
+                cache.pin(s.keys, owner=s.portable_data_hash, names=[s.id])
     todo: list[tuple[Locator, KeepRoute]] = []
     for key, (loc, route) in plan.items():
-        if is_empty_block(loc) or cache.cached_bytes(key) >= loc.size:
-            report.outcome[key] = "cached"
+        if loc.is_empty or cache.cached_bytes(key) >= loc.size:
+            report.outcome[key] = Outcome.CACHED
         else:
             todo.append((loc, route))
     total = sum(loc.size for loc, _ in plan.values())
     progress = Progress(total, len(plan), stream=progress_stream) if progress_stream is not None else None
     if progress is not None:
-        skipped = [key for key, state in report.outcome.items() if state == "cached"]
+        skipped = [key for key, outcome in report.outcome.items() if outcome is Outcome.CACHED]
         progress.skip(sum(plan[k][0].size for k in skipped), len(skipped))
     meter = TransferMeter()
     limiter = trio.CapacityLimiter(max(1, concurrency))
@@ -298,7 +153,7 @@ async def stage_with(
             try:
                 data = await keep.get(loc, route)
             except BlockError as exc:
-                report.outcome[loc.key] = "failed"
+                report.outcome[loc.key] = Outcome.FAILED
                 report.failures[loc.key] = str(exc)
                 if progress is not None:
                     progress.fail()
@@ -306,7 +161,7 @@ async def stage_with(
             finally:
                 meter.finish(route.cluster, len(data))
             await cache.put(loc.key, data)
-        report.outcome[loc.key] = "fetched"
+        report.outcome[loc.key] = Outcome.FETCHED
         if progress is not None:
             progress.advance(loc.size)
 
@@ -321,17 +176,17 @@ async def stage_with(
         book.save()
         if progress is not None:
             progress.finish()
-    on_disk = BlockCache(cache.directory, sys.maxsize, 0)  # the disk tier alone, as a later mount sees it
-    for key, state in report.outcome.items():
-        if state == "fetched" and on_disk.cached_bytes(key) < plan[key][0].size:
-            report.outcome[key] = "evicted"
+    on_disk = TieredCache(cache.directory, sys.maxsize, 0)  # the disk tier alone, as a later mount sees it
+    for key, outcome in report.outcome.items():
+        if outcome is Outcome.FETCHED and on_disk.cached_bytes(key) < plan[key][0].size:
+            report.outcome[key] = Outcome.EVICTED
     return report
 
 
 async def stage_collections(
     ids: Sequence[str],
     settings: Settings,
-    cache: BlockCache,
+    cache: StageCache,
     *,
     pin: bool = False,
     mode: str = "home",
@@ -344,7 +199,7 @@ async def stage_collections(
 
     Connects to the federation with `settings` in `mode` ("home" or "direct": read the way
     the mount will), fetches through `keep` (a new KeepClient if None) and returns a
-    `StageReport` (``.complete``, ``.render()``, ``.to_json()``). Bad IDs, unknown
+    `StageReport` (``.complete``, ``.summaries()``, ``.render()``, ``.to_json()``). Bad IDs, unknown
     collections and unreadable blocks are in the report, not raised; `LookupFailure` is
     raised only when the home cluster itself cannot be used."""
     async with FederationView.open(settings, mode=mode, stats=stats) as view:
@@ -373,9 +228,8 @@ async def unpin_collections(
 ) -> list[Unpinned]:
     """Release the pins `stage --pin` took for `ids`, keeping keys another recorded pin needs.
 
-    IDs recorded in the `PinBook` need no network. Others are resolved through
-    `open_view()` (if given) and their blocks unpinned, again minus recorded pins."""
-    pins = PinBook(cache.directory)
+    IDs the cache's index knows as pin owners need no network. Others are resolved through
+    `open_view()` (if given) and their blocks unpinned, again minus other owners' pins."""
     results = [Unpinned(i) for i in ids]
     pending: list[tuple[Unpinned, CollectionId]] = []
     for r in results:
@@ -384,13 +238,12 @@ async def unpin_collections(
         except IdError as exc:
             r.error = str(exc)
             continue
-        recorded = pins.find(cid.text)
+        recorded = cache.pins_of(cid.text)
         if recorded is None:
             pending.append((r, cid))
             continue
-        release = pins.remove(*recorded)
-        cache.unpin(release)
-        r.blocks = len(release)
+        owner, keys = recorded
+        r.blocks = len(cache.unpin(keys, owner))
     if not pending:
         return results
     if open_view is None:
@@ -401,14 +254,12 @@ async def unpin_collections(
         async with open_view() as view:
             for r, cid in pending:
                 try:
-                    resolved = await view.resolve(cid)
-                    keys = [loc.key for loc in parse_manifest(resolved.manifest_text).blocks()]
+                    record = await view.resolve(cid)
+                    keys = [loc.key for loc in parse_manifest(record.manifest_text).blocks()]
                 except (LookupFailure, ManifestError) as exc:
                     r.error = str(exc)
                     continue
-                release = pins.remove(resolved.portable_data_hash, keys)
-                cache.unpin(release)
-                r.blocks = len(release)
+                r.blocks = len(cache.unpin(keys, record.portable_data_hash))
     except LookupFailure as exc:
         for r, _ in pending:
             r.error = r.error or str(exc)

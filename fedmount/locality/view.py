@@ -1,9 +1,12 @@
 """What `locate` and `stage` need to know about the federation, behind one small interface.
 
-`LocalityView` answers two questions:
+`LocalityView` is what locality means by a view: the federation as `locate` and `stage`
+see it (`federation_view.FederationView` is the real one, tests have fakes). It answers
+two questions:
 
-- `resolve(cid)`: the collection as fedmount would read it (manifest + `KeepRoute`), through
-  the same `Federation` a mount uses, in the same mode (home-proxied or direct).
+- `resolve(cid)`: the collection as fedmount would read it (the API's `CollectionRecord`:
+  manifest and `KeepRoute`), through the same `Federation` a mount uses, in the same mode
+  (home-proxied or direct).
 - `copy_at(cluster, pdh)`: the collection as *that* cluster's controller has it, asked
   directly (the home token for the home cluster, the token salted for it elsewhere), with
   block signatures that cluster issued for that token, plus the route to its own keep
@@ -21,23 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from fedmount.api.federation import CollectionRecord
 from fedmount.arvados.ids import CollectionId, Locator
 from fedmount.arvados.routes import KeepRoute
 
 
 class LookupFailure(Exception):
     """One line that says what could not be looked up and why."""
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A collection as fedmount reads it."""
-
-    uuid: str
-    portable_data_hash: str
-    manifest_text: str
-    owner_cluster: str | None
-    route: KeepRoute
 
 
 @dataclass(frozen=True)
@@ -58,6 +51,6 @@ class LocalityView(Protocol):
         """Every cluster of the federation, home first."""
         ...
 
-    async def resolve(self, cid: CollectionId) -> Resolved: ...
+    async def resolve(self, cid: CollectionId) -> CollectionRecord: ...
 
     async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None: ...

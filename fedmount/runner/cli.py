@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn
 
-from fedmount.cli import seconds
+from fedmount.cliutil import seconds
 from fedmount.runner.crunchstat import Sampler
 from fedmount.runner.mounts import (
     FedMount,
@@ -50,7 +50,7 @@ from fedmount.runner.mounts import (
     stream_path,
 )
 from fedmount.runner.results import mount_figures, read_mount_stats, write_result
-from fedmount.runner.runtimes import RunError, container_environment
+from fedmount.runner.runtimes import Launch, RunError, Runtime, container_environment
 from fedmount.runner.runtimes.docker import DockerRuntime
 from fedmount.runner.runtimes.local import LocalRuntime
 from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, load_record
@@ -178,10 +178,10 @@ def default_fedmount() -> list[str]:
     found = shutil.which("fedmount")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from fedmount.cli import main; sys.exit(main())"]
+    return [sys.executable, "-m", "fedmount"]
 
 
-def choose_runtime(name: str | None) -> DockerRuntime | LocalRuntime:
+def choose_runtime(name: str | None) -> Runtime:
     if name == "docker" or (name is None and DockerRuntime.available()):
         if name == "docker" and not DockerRuntime.available():
             raise RunError(
@@ -289,7 +289,8 @@ class Run:
 
             t = time.monotonic()
             env = container_environment(self.spec, os.environ)
-            proc = runtime.start(self.spec, binds, image, env, stdin, stdout, stderr, dict(os.environ))
+            launch = Launch(self.spec, binds, image, env, stdin, stdout, stderr, dict(os.environ))
+            proc = runtime.start(launch)
             sampler = Sampler(
                 runtime.pid, os.path.join(self.results, "crunchstat.txt"), self.args.crunchstat_interval
             )
@@ -330,7 +331,7 @@ class Run:
 
     def _cleanup(
         self,
-        runtime: DockerRuntime | LocalRuntime | None,
+        runtime: Runtime | None,
         mount: FedMount | None,
         sampler: Sampler | None,
         files: list[IO[bytes]],

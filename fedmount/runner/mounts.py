@@ -21,9 +21,10 @@ Mounting (reference/arvados-protocol.md §7, crunch-run's `SetupMounts`):
    the run's (`RunError`).
 
 Unmounting (`FedMount.stop`) never trusts one mechanism: `fedmount --unmount-timeout=8
---unmount` killed after 9 s, then SIGTERM / SIGKILL to the child, then `fusermount3 -u -z`
-and `umount -l` while the mount is still listed in /proc/self/mountinfo. The mount is
-followed by its mountinfo ID, not its path, so a renamed parent directory cannot hide it.
+--unmount` killed after 9 s, then SIGTERM / SIGKILL to the child, then, if the mount is
+still listed in /proc/self/mountinfo, a lazy unmount (`mountinfo.lazy_unmount`:
+`fusermount3 -u -z`, as root `umount -l`). The mount is followed by its mountinfo ID, not
+its path, so a renamed parent directory cannot hide it.
 
 `prepare_binds` makes the host side of the other mounts: tmp mounts are fresh directories
 (mode 0777 + setgid, as crunch-run), the `output_path` tmp mount is the results' `output/`
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from fedmount import mountinfo
 from fedmount.arvados.tokens import redact
 from fedmount.runner.runtimes import Bind, RunError
 from fedmount.runner.spec import CollectionMount, ContainerSpec, ContentMount, FileMount, SpecError, TmpMount
@@ -87,31 +88,14 @@ def collection_source(mountpoint: str, mount: CollectionMount) -> str:
     return os.path.join(src, mount.path) if mount.path else src
 
 
-def _mountinfo() -> list[tuple[int, str]]:
-    """`(mount ID, mount point)` for every mount in this process's namespace, in order."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return [(int(parts[0]), _unescape(parts[4])) for parts in (line.split(" ", 5) for line in f)]
-
-
 def mount_id(path: str) -> int | None:
-    """The ID of the topmost mount at `path`, or None when nothing is mounted there."""
-    target = os.path.realpath(path)
-    ids = [mid for mid, point in _mountinfo() if point == target]
-    return ids[-1] if ids else None
+    """The ID of the topmost mount at `path` (symlinks resolved), or None when nothing is mounted there."""
+    entry = mountinfo.mounted_at(os.path.realpath(path))
+    return entry.mount_id if entry is not None else None
 
 
 def is_mounted(path: str) -> bool:
     return mount_id(path) is not None
-
-
-def mount_point_of(mid: int) -> str | None:
-    """Where mount `mid` is now (its directory may have been renamed), or None once it is gone."""
-    return next((point for m, point in _mountinfo() if m == mid), None)
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 class FedMount:
@@ -195,7 +179,8 @@ class FedMount:
         """Where our mount is now: followed by mount ID once known, so a renamed parent
         directory cannot hide it; None when it is not mounted."""
         if self.mount_id is not None:
-            return mount_point_of(self.mount_id)
+            entry = mountinfo.by_id(self.mount_id)
+            return entry.path if entry is not None else None
         return self.mountpoint if is_mounted(self.mountpoint) else None
 
     def stop(self) -> None:
@@ -214,14 +199,9 @@ class FedMount:
                 pass
         if self.proc is not None:
             _end(self.proc, KILL_AFTER_SECONDS)
-        for tool in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
-            point = self.mounted_at()
-            if point is None:
-                break
-            try:
-                subprocess.run([*tool, point], stderr=subprocess.DEVNULL, timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
+        point = self.mounted_at()
+        if point is not None:
+            mountinfo.lazy_unmount(point)
         if self._logger is not None:
             self._logger.join(timeout=2)
 

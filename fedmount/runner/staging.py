@@ -7,7 +7,7 @@ mounted) and therefore before the container starts:
    each with the record field that names it, in record order, each ID once.
 2. The cache: the directory the run's fedmount will be given (`mounts.fedmount_args` with
    ``staged=True`` always uses a disk cache there), bounded as that fedmount bounds it:
-   ``keep_cache_disk``, else `default_disk_cache_size` of the directory. A stage and the
+   ``keep_cache_disk``, else the default for the directory (`CacheConfig.for_directory`). A stage and the
    mount that follows therefore agree on what may be evicted.
 3. `fedmount.locality.stage.stage_collections` in home mode (the mount's route, read the
    way the mount reads), its progress lines (one plain line every few seconds: bytes,
@@ -33,8 +33,9 @@ from typing import Any, NoReturn, TextIO
 import trio
 
 from fedmount.arvados.settings import Settings, SettingsError
-from fedmount.blocks.cache import BlockCache, default_disk_cache_size
-from fedmount.locality.stage import StageReport, stage_collections
+from fedmount.blocks.cache import CacheConfig, TieredCache
+from fedmount.locality.stage import stage_collections
+from fedmount.locality.stage_report import Outcome, StageReport
 from fedmount.locality.view import LookupFailure
 from fedmount.runner.runtimes import RunError
 from fedmount.runner.spec import ContainerSpec, SpecError
@@ -55,7 +56,11 @@ def staged_fields(spec: ContainerSpec) -> dict[str, str]:
 
 def stage_disk_limit(spec: ContainerSpec, cache_dir: str) -> int:
     """The bound the run's fedmount will give its disk cache in `cache_dir`."""
-    return spec.constraints.keep_cache_disk or default_disk_cache_size(cache_dir)
+    return _config(spec, cache_dir).disk_limit
+
+
+def _config(spec: ContainerSpec, cache_dir: str) -> CacheConfig:
+    return CacheConfig.for_directory(cache_dir, spec.constraints.keep_cache_disk, STAGE_RAM_CACHE)
 
 
 def stage_for_run(
@@ -72,7 +77,7 @@ def stage_for_run(
         settings = Settings.from_environment(env)
     except SettingsError as exc:
         raise RunError(f"--stage: {exc}") from None
-    cache = BlockCache(cache_dir, stage_disk_limit(spec, cache_dir), STAGE_RAM_CACHE)
+    cache = TieredCache.configured(_config(spec, cache_dir))
     signals: list[int] = []
     t0 = time.monotonic()
     with open(log_path, "a", encoding="utf-8") as log:
@@ -94,7 +99,7 @@ def stage_for_run(
 
 
 async def _stage(
-    ids: list[str], settings: Settings, cache: BlockCache, log: TextIO, signals: list[int]
+    ids: list[str], settings: Settings, cache: TieredCache, log: TextIO, signals: list[int]
 ) -> StageReport | None:
     report: StageReport | None = None
     async with trio.open_nursery() as nursery:
@@ -115,33 +120,29 @@ async def _stage(
 def _refuse_incomplete(report: StageReport, fields: dict[str, str]) -> None:
     if report.error is not None:
         raise RunError(f"--stage: {report.error}")
-    for c in report.to_json()["collections"]:
-        field = fields[c["id"]]
-        if c["error"] is not None:
-            raise SpecError(field, f"cannot stage: {c['error']}")
-        if c["failed"]:
-            more = f" (and {len(c['failed']) - 1} more blocks)" if len(c["failed"]) > 1 else ""
-            raise SpecError(field, f"cannot stage: {c['failed'][0]}{more}")
-        if c["evicted"]["blocks"]:
+    for c in report.summaries():
+        field = fields[c.id]
+        if c.error is not None:
+            raise SpecError(field, f"cannot stage: {c.error}")
+        if c.failed:
+            more = f" (and {len(c.failed) - 1} more blocks)" if len(c.failed) > 1 else ""
+            raise SpecError(field, f"cannot stage: {c.failed[0]}{more}")
+        evicted = c.count(Outcome.EVICTED).blocks
+        if evicted:
             raise SpecError(
                 field,
-                f"cannot stage: {c['evicted']['blocks']} blocks were evicted again: the collections do not "
+                f"cannot stage: {evicted} blocks were evicted again: the collections do not "
                 "fit in the cache; raise runtime_constraints.keep_cache_disk",
             )
 
 
 def _figures(report: StageReport, seconds: float) -> dict[str, Any]:
-    sizes = {k: size for c in report.collections for k, size in c.sizes.items()}
-
-    def total(state: str) -> int:
-        return sum(sizes[k] for k, s in report.outcome.items() if s == state)
-
+    every = report.distinct()
     return {
         "collections": len(report.collections),
-        "blocks": len(sizes),
-        "bytes": sum(sizes.values()),
-        "bytes_staged": total("fetched"),
-        "bytes_already_cached": total("cached"),
+        "blocks": every.blocks,
+        "bytes": every.bytes,
+        "bytes_staged": report.tally(Outcome.FETCHED).bytes,
+        "bytes_already_cached": report.tally(Outcome.CACHED).bytes,
         "seconds": round(seconds, 3),
     }
-

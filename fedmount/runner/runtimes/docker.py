@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-from typing import IO, Any
+from typing import Any
 
 from fedmount.runner.image import find_image_tarball
-from fedmount.runner.runtimes import Bind, RunError
+from fedmount.runner.runtimes import Bind, Launch, RunError
 from fedmount.runner.spec import ContainerSpec, SpecError
 
 LABEL = "fedmount-run"
@@ -112,22 +112,13 @@ class DockerRuntime:
                 )
         return image_id
 
-    def start(
-        self,
-        spec: ContainerSpec,
-        binds: list[Bind],
-        image: str,
-        env: dict[str, str],
-        stdin: IO[bytes] | None,
-        stdout: IO[bytes],
-        stderr: IO[bytes],
-        client_env: dict[str, str],
-    ) -> subprocess.Popen[bytes]:
-        self.container = container_name(spec)
-        created = self._docker(
-            *create_args(spec, binds, image, self.container, list(env), stdin=stdin is not None),
-            env={**client_env, **env},
+    def start(self, launch: Launch) -> subprocess.Popen[bytes]:
+        run, stdin = launch, launch.stdin
+        self.container = container_name(run.spec)
+        args = create_args(
+            run.spec, run.binds, run.image, self.container, list(run.env), stdin=stdin is not None
         )
+        created = self._docker(*args, env={**run.client_env, **run.env})
         if created.returncode != 0:
             self.container = None
             raise RunError(f"docker create failed: {_one_line(created.stderr)}")
@@ -136,9 +127,9 @@ class DockerRuntime:
         return subprocess.Popen(
             argv,
             stdin=stdin or subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=client_env,
+            stdout=run.stdout,
+            stderr=run.stderr,
+            env=run.client_env,
             start_new_session=True,
         )
 

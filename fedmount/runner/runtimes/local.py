@@ -25,10 +25,9 @@ import os
 import shutil
 import signal
 import subprocess
-from typing import IO
 
 from fedmount.runner.image import extract_rootfs, find_image_tarball
-from fedmount.runner.runtimes import Bind, RunError
+from fedmount.runner.runtimes import Bind, Launch, RunError
 from fedmount.runner.spec import ContainerSpec, SpecError
 
 # Never taken from the root filesystem: bwrap makes these fresh.
@@ -89,25 +88,14 @@ class LocalRuntime:
         self.rootfs = rootfs
         return rootfs
 
-    def start(
-        self,
-        spec: ContainerSpec,
-        binds: list[Bind],
-        image: str,
-        env: dict[str, str],
-        stdin: IO[bytes] | None,
-        stdout: IO[bytes],
-        stderr: IO[bytes],
-        client_env: dict[str, str],
-    ) -> subprocess.Popen[bytes]:
-        env = {"PATH": DEFAULT_PATH, **env}
+    def start(self, launch: Launch) -> subprocess.Popen[bytes]:
         try:
             self.proc = subprocess.Popen(
-                bwrap_args(spec, image, binds, bwrap=self.bwrap),
-                stdin=stdin or subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                env=env,
+                bwrap_args(launch.spec, launch.image, launch.binds, bwrap=self.bwrap),
+                stdin=launch.stdin or subprocess.DEVNULL,
+                stdout=launch.stdout,
+                stderr=launch.stderr,
+                env={"PATH": DEFAULT_PATH, **launch.env},
                 start_new_session=True,
             )
         except OSError as exc:

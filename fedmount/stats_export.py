@@ -43,14 +43,15 @@ from typing import TextIO
 import psutil
 import trio
 
+from fedmount.defaults import STATS_CONNECTION_SECONDS, STATS_MAX_CONNECTIONS
 from fedmount.stats import Stats
 
 log = logging.getLogger("fedmount.stats")
 
 Group = tuple[str, list[tuple[str, float]]]
 
-MAX_CONNECTIONS = 16  # metrics connections served at once
-CONNECTION_SECONDS = 5.0  # a metrics connection is closed this long after it was accepted
+MAX_CONNECTIONS = STATS_MAX_CONNECTIONS
+CONNECTION_SECONDS = STATS_CONNECTION_SECONDS
 # accept() errors that mean "out of descriptors or memory for now": wait, then accept again
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 

@@ -1,4 +1,10 @@
-"""Where a detached fedmount logs when no ``--logfile`` is given, and private log files.
+"""fedmount's logs: redacted, in files readable by their owner only, and where a detached
+daemon's log goes.
+
+`setup_logging` is what every fedmount command calls first: one handler (stderr or
+``--logfile``), fedmount's line format, and a `RedactingFilter` that masks anything
+token-shaped and every locator signature in every record at every level (urllib3's debug
+lines carry signed locators), so that no token is ever logged.
 
 A detached daemon's stderr is /dev/null once the mount is ready, so without a file every
 later line (a cluster going down, a corrupt block, an unmount) would be lost. Its log goes
@@ -31,6 +37,8 @@ import sys
 from collections.abc import Mapping
 from typing import IO
 
+from fedmount.arvados.tokens import redact
+
 MAX_BYTES = 10 << 20
 BACKUPS = 3
 
@@ -62,7 +70,7 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 def add_detached_log(path: str) -> bool:
     """Log to `path` too (rotated, 0600), formatted and filtered as the handler already set
-    up (`cli.setup_logging`); False, with one line on stderr, if it cannot be opened."""
+    up (`setup_logging`); False, with one line on stderr, if it cannot be opened."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         handler = PrivateRotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS)
@@ -77,3 +85,28 @@ def add_detached_log(path: str) -> bool:
         handler.addFilter(log_filter)
     root.addHandler(handler)
     return True
+
+
+class RedactingFilter(logging.Filter):
+    """Masks anything token-shaped, and locator signatures, in a record, its arguments and its
+    traceback (`redact`), at every level: urllib3's debug lines carry signed locators."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def setup_logging(debug: bool, logfile: str | None) -> None:
+    """Log to `logfile` (created 0600; OSError if it cannot be written) or stderr, redacted."""
+    handler = logging.StreamHandler(open_private(logfile) if logfile else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fedmount[%(process)d] %(levelname)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("httpx", "httpcore", "urllib3", "pyfuse3", "trio"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -1,0 +1,103 @@
+"""The command lines of ``fedmount locate``, ``fedmount stage`` and ``fedmount unpin``: their
+help (which ``fedmount --help`` lists) and their parsers.
+
+Light on purpose (argparse and the standalone helpers only): ``fedmount --help`` reads
+`SUBCOMMANDS` without loading trio or the cache; `commands` runs what was parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fedmount.cliutil import Subcommand, parse_size
+from fedmount.defaults import BYTES_PER_SECOND
+
+DEFAULT_LOCATE_CONCURRENCY = 16
+DEFAULT_STAGE_CONCURRENCY = 4
+
+LOCATE = Subcommand(
+    "locate",
+    "ID... [--json] [--cluster X] [--route home|direct] [--concurrency N] [--disk-cache-dir DIR]",
+    "For each collection (UUID or portable data hash of any cluster): how many of its blocks and "
+    "bytes each cluster's Keep holds (HEAD requests with the token that cluster accepts), how much "
+    "this host's cache has, which cluster would serve each block, and the time to pull the rest "
+    "from each cluster at the throughput fedmount observed (fedmount stage and every mount record "
+    f"it in the cache directory; {BYTES_PER_SECOND >> 20} MiB/s until one has been measured; "
+    "estimates say \"observed\" "
+    "or \"default\"). --json prints the fedmount-locate/1 document. --cluster X asks only X. "
+    "--route answers for a mount with that --route. --concurrency N: HEAD requests at once "
+    f"(default {DEFAULT_LOCATE_CONCURRENCY}). Exit: 0 complete answer (with --cluster: X holds every "
+    "block); 1 X lacks a block; 2 something could not be answered (bad or unknown ID, unreachable "
+    "cluster or keepstore).",
+)
+STAGE = Subcommand(
+    "stage",
+    "ID... [--pin] [--json] [--quiet] [--disk-cache-size BYTES] [--route home|direct] "
+    "[--concurrency N] [--disk-cache-dir DIR]",
+    "Pull collections into this host's block cache before a run, in parallel (--concurrency N "
+    f"blocks at once, default {DEFAULT_STAGE_CONCURRENCY}), with progress on stderr (bytes, rate, "
+    "ETA; --quiet: none). "
+    "Every block is md5-verified before it is cached. Blocks already cached are skipped, so an "
+    "interrupted stage (Ctrl-C, exit 130) resumes when run again. A later mount with the same "
+    "--disk-cache-dir reads the blocks without contacting Keep. --pin keeps them from eviction "
+    "until `fedmount unpin`. --disk-cache-size bounds the cache while staging (default: the bound "
+    "a mount of that directory uses). --json prints the fedmount-stage/1 document on stdout. "
+    "Exit 0 when every block is cached, 2 otherwise.",
+)
+UNPIN = Subcommand(
+    "unpin",
+    "ID... [--disk-cache-dir DIR]",
+    "Release the pins of `fedmount stage --pin`; blocks another pinned collection needs stay "
+    "pinned. The blocks stay cached until evicted normally. Exit 0 when every ID was released, "
+    "2 otherwise.",
+)
+SUBCOMMANDS = (LOCATE, STAGE, UNPIN)
+
+
+def _parser(command: Subcommand) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"fedmount {command.name}", description=command.description)
+    p.add_argument("ids", nargs="+", metavar="ID", help="Collection UUID or portable data hash.")
+    return p
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-cache-dir", metavar="DIR",
+                   help="The block cache directory, as given to the mount (default: the mount's default).")
+    p.add_argument("--debug", action="store_true", help="Log debugging detail.")
+
+
+def _add_route(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--route", choices=("home", "direct"), default="home",
+                   help="Read the way a mount with this --route reads (default home).")
+    p.add_argument("--concurrency", metavar="N", type=int, default=None,
+                   help=f"Requests in flight at once (default: {DEFAULT_LOCATE_CONCURRENCY} for locate, "
+                   f"{DEFAULT_STAGE_CONCURRENCY} for stage).")
+
+
+def build_locate_parser() -> argparse.ArgumentParser:
+    p = _parser(LOCATE)
+    p.add_argument("--json", action="store_true", help="Print the fedmount-locate/1 JSON document.")
+    p.add_argument("--cluster", metavar="X",
+                   help="Only ask cluster X; the exit status answers whether X holds every block.")
+    _add_route(p)
+    _add_common(p)
+    return p
+
+
+def build_stage_parser() -> argparse.ArgumentParser:
+    p = _parser(STAGE)
+    p.add_argument("--pin", action="store_true", help="Keep the blocks from eviction until `fedmount unpin`.")
+    p.add_argument("--json", action="store_true", help="Print the fedmount-stage/1 JSON document on stdout.")
+    p.add_argument("--quiet", action="store_true", help="No progress display.")
+    p.add_argument("--disk-cache-size", metavar="BYTES", type=parse_size, default=0,
+                   help="Evict least recently used unpinned blocks beyond this size while staging "
+                   "(default: the bound a mount of this cache directory uses).")
+    _add_route(p)
+    _add_common(p)
+    return p
+
+
+def build_unpin_parser() -> argparse.ArgumentParser:
+    p = _parser(UNPIN)
+    _add_common(p)
+    return p
