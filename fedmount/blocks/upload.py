@@ -16,7 +16,8 @@ One block (`KeepWriter.put`)
     wanted) and, while some wanted class is not yet confirmed ``copies`` times,
     ``X-Keep-Storage-Classes`` naming those classes (sorted, ``", "``). The writable
     services of the home cluster are tried in rendezvous order (the read path's
-    `probe_order`); a 200 adds its ``X-Keep-Replicas-Stored`` (1 if absent) and its
+    `probe_order`), as many at once as copies are still missing (the SDK's writer threads
+    do the same for disk services); a 200 adds its ``X-Keep-Replicas-Stored`` (1 if absent) and its
     ``X-Keep-Storage-Classes-Confirmed`` (``class=n, ...``) and that service is done for
     this block. A service whose answer carries no confirmation turns class tracking off,
     as in the SDK: copies alone decide. 4xx other than 408/409/423/429 (a bad signature,
@@ -170,24 +171,32 @@ class KeepWriter:
         tally = _Tally(self.copies, self.classes)
         pending = self._writable(block_hash)
         outcomes: dict[str, str] = {}
-        signed = ""
+        signed: list[str] = []
         if not pending:
             raise KeepWriteError(key, f"block {key}: cluster {cluster} lists no writable keep service")
+
+        async def attempt(service: KeepService) -> None:
+            answer, final, locator = await self._attempt(service, key, view, tally)
+            outcomes[service.root_url] = answer
+            if locator:
+                signed.append(locator)
+            if final:
+                pending.remove(service)
+
         for round_no in range(self._retries + 1):
             if round_no:
                 await trio.sleep(backoff_delay(round_no - 1, self._backoff, self._max_backoff))
-            for service in list(pending):
-                if tally.done():
-                    break
-                answer, final, locator = await self._attempt(service, key, view, tally)
-                outcomes[service.root_url] = answer
-                signed = locator or signed
-                if final:
-                    pending.remove(service)
+            queue = list(pending)
+            while queue and not tally.done():
+                missing = max(tally.copies - tally.stored, 1)
+                batch, queue = queue[:missing], queue[missing:]
+                async with trio.open_nursery() as nursery:
+                    for service in batch:
+                        nursery.start_soon(attempt, service)
             if tally.done() or not pending:
                 break
         if tally.done():
-            return signed
+            return signed[-1]
         wanted = f"{self.copies} cop{'y' if self.copies == 1 else 'ies'}"
         if self.classes:
             wanted += f" in class{'es' if len(self.classes) > 1 else ''} {','.join(self.classes)}"
