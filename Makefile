@@ -22,13 +22,15 @@ TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static libfuse-dev pkg-conf
 # The real arv-mount (arvados-fuse, PyPI) in a virtualenv of its own, for conformance tests and benchmarks.
 ARV_MOUNT_VENV ?= .venv-arv-mount
 ARV_MOUNT_VERSION := 3.2.1
+# The real crunchstat-summary (PyPI) in a virtualenv of its own: it reads the crunchstat lines of a mount's log.
+CRUNCHSTAT_SUMMARY_VENV ?= .venv-crunchstat-summary
 
-.PHONY: demo test bench lint install uninstall arv-mount-link system-deps test-system-deps venv arv-mount clean
+.PHONY: demo test bench lint install uninstall arv-mount-link system-deps test-system-deps venv arv-mount crunchstat-summary clean
 
 demo: system-deps venv
 	$(VENV)/bin/python -m integration.demo
 
-test: system-deps test-system-deps venv arv-mount
+test: system-deps test-system-deps venv arv-mount crunchstat-summary
 	$(SUDO) integration/ensure_docker.sh
 	$(VENV)/bin/python -m ruff check fedmount tests integration bench
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration
@@ -111,6 +113,14 @@ $(ARV_MOUNT_VENV)/.installed-$(ARV_MOUNT_VERSION): | test-system-deps
 	$(PYTHON) -m venv $(ARV_MOUNT_VENV)
 	$(ARV_MOUNT_VENV)/bin/pip install -q --upgrade pip wheel
 	$(ARV_MOUNT_VENV)/bin/pip install -q 'arvados-fuse==$(ARV_MOUNT_VERSION)'
+	touch $@
+
+crunchstat-summary: $(CRUNCHSTAT_SUMMARY_VENV)/.installed-$(ARV_MOUNT_VERSION)
+
+$(CRUNCHSTAT_SUMMARY_VENV)/.installed-$(ARV_MOUNT_VERSION):
+	$(PYTHON) -m venv $(CRUNCHSTAT_SUMMARY_VENV)
+	$(CRUNCHSTAT_SUMMARY_VENV)/bin/pip install -q --upgrade pip wheel
+	$(CRUNCHSTAT_SUMMARY_VENV)/bin/pip install -q 'crunchstat-summary==$(ARV_MOUNT_VERSION)'
 	touch $@
 
 clean:

@@ -14,8 +14,8 @@ a container if fedmount got it wrong:
 - a Keep write failure fails the read of ``.arvados#collection`` with one "Keep write error"
   line (the phrase crunch-run turns into a runtime warning), keeps the files, and the next
   read saves them; storage classes reach the keepstores;
-- crunchstat-summary (the real one, 3.2.1: ``CRUNCHSTAT_SUMMARY`` or PATH) reads keep and
-  FUSE figures from the mount's log.
+- crunchstat-summary (the real one, 3.2.1: ``make crunchstat-summary``, ``CRUNCHSTAT_SUMMARY``
+  or PATH) reads keep and FUSE figures from the mount's log.
 
 Needs FUSE and root (crunch-run's mounts use ``--allow-other`` and Docker binds them), and
 Docker; each test says so when it skips.
@@ -212,13 +212,16 @@ def test_storage_classes_reach_the_keepstores(fed, crunch):
 
 
 def _crunchstat_summary() -> str | None:
-    return os.environ.get("CRUNCHSTAT_SUMMARY") or shutil.which("crunchstat-summary")
+    """``CRUNCHSTAT_SUMMARY``, else ``make crunchstat-summary``'s, else one on PATH."""
+    made = REPO / ".venv-crunchstat-summary" / "bin" / "crunchstat-summary"
+    return os.environ.get("CRUNCHSTAT_SUMMARY") or (str(made) if made.exists() else None) or shutil.which(
+        "crunchstat-summary")
 
 
 def test_crunchstat_summary_reads_keep_and_fuse_figures_from_the_log(fed, crunch, tmp_path):
     tool = _crunchstat_summary()
     if tool is None:
-        pytest.skip("crunchstat-summary 3.2.1 not found: pip install it in a venv, set CRUNCHSTAT_SUMMARY")
+        pytest.skip("crunchstat-summary 3.2.1 not found: make crunchstat-summary, or set CRUNCHSTAT_SUMMARY")
     text = fed.collections["text"]
     mounts = [Mount("/in", pdh=text["portable_data_hash"]), Mount("/out", writable=True)]
     run = crunch(mounts, stat_interval=1)
