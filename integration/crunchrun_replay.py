@@ -205,10 +205,13 @@ class CrunchRun:
         return took
 
 
-def run_container(image: str, binds: dict[str, tuple[str, bool]], script: str,
+def run_container(image: str, binds: dict[str, tuple[str, bool]], script: str, user: str | None = None,
                   timeout: float = 120) -> subprocess.CompletedProcess:
-    """Step 5: ``docker run`` of `script` with `binds` ({container path: (host path, read-only)})."""
+    """Step 5: ``docker run`` of `script` with `binds` ({container path: (host path, read-only)}),
+    as `user` (``uid:gid``) if given, else the image's user."""
     cmd = ["docker", "run", "--rm", "--label", "fedmount-crunchrun-replay"]
+    if user:
+        cmd += ["--user", user]
     for target, (src, read_only) in binds.items():
         cmd += ["--mount", f"type=bind,source={src},target={target}" + (",readonly" if read_only else "")]
     cmd += [image, "sh", "-c", script]

@@ -8,7 +8,8 @@ a container if fedmount got it wrong:
 - the output a container writes into ``tmp0`` is saved signed and Keep-backed: the record
   read from ``.arvados#collection`` is accepted by the controller (which checks every
   signature, as Rails does) and the real SDK reads every file back byte for byte, for
-  inputs by PDH with a disk cache and by UUID with a RAM cache; the mount is ready, and
+  inputs by PDH with a disk cache (the container as root) and by UUID with a RAM cache (the
+  container as an unprivileged user, as many images run); the mount is ready, and
   gone within crunch-run's 9 s, with nothing left mounted, running or on disk;
 - collections stay read-only under ``--read-write``: EROFS under ``by_id/`` and ``by_uuid/``;
 - a Keep write failure fails the read of ``.arvados#collection`` with one "Keep write error"
@@ -131,9 +132,10 @@ def test_container_output_in_tmp0_is_saved_signed_and_the_sdk_reads_it_back(
     assert "fedmount" in run.version and "--mount-tmp" in run.argv
     assert ("--mount-by-pdh" in run.argv) == variant.startswith("pdh")
     drop = "empty.txt" if variant.startswith("pdh") else "shared.txt"
+    user = None if variant.startswith("pdh") else "1000:1000"
     done = run_container(docker_image, {"/keep/in": (run.sources["/keep/in"], True),
                                         "/out": (run.sources["/out"], False)},
-                         CONTAINER_SCRIPT.format(drop=drop))
+                         CONTAINER_SCRIPT.format(drop=drop), user=user)
     assert done.returncode == 0, done.stderr
     written = tree_of(Path(run.sources["/out"]))
     inputs = tree_of(Path(run.sources["/keep/in"]))

@@ -66,7 +66,8 @@ async def test_files_hold_their_bytes_in_unnamed_local_files(store, tmp_path):
     f, h = store.root.create("out.txt", 0o100644)
     assert await h.write(0, b"hello ") == 6 and await h.write(6, b"world") == 5
     assert await h.read(0, 100) == b"hello world" and f.attr().size == 11
-    assert f.attr().mode & 0o777 == 0o644 and store.quota.used == 11
+    assert f.attr().mode & 0o777 == 0o666 and store.quota.used == 11  # anyone may write, as in arv-mount
+    assert store.root.attr().mode & 0o777 == 0o777
     assert os.listdir(tmp_path) == []  # the bytes are on local disk, under no name
     assert store.table.get(f.ino) is f  # numbered in the mount's table
     assert await store.root.lookup("out.txt") is f
@@ -219,9 +220,9 @@ async def test_the_fuse_adapter_routes_writes_to_the_scratch_directory_and_nowhe
     fields = SimpleNamespace(update_uid=False, update_gid=False, update_size=True, update_mode=True,
                              update_mtime=False)  # pyfuse3's SetattrFields cannot be made outside it
     attr = pyfuse3.EntryAttributes()
-    attr.st_size, attr.st_mode = 3, 0o100600
+    attr.st_size, attr.st_mode = 3, 0o100750
     changed = await ops.setattr(entry.st_ino, attr, fields, None, None)
-    assert changed.st_size == 3 and changed.st_mode == 0o100600
+    assert changed.st_size == 3 and changed.st_mode == 0o100776  # the execute bits stick
     reading = await ops.open(entry.st_ino, os.O_RDONLY, None)
     assert await ops.read(reading.fh, 0, 100) == b"wri"
     await ops.release(reading.fh)

@@ -17,10 +17,11 @@ Files and directories
     and reads are ``pwrite`` and ``pread`` on it, at the speed of the local disk's page
     cache. Names are those a collection can hold (not ``.``, ``..`` nor
     ``.arvados#collection`` at the root); files, directories, renames (replacing a file or
-    an empty directory, ``RENAME_NOREPLACE``), truncation, ``chmod`` and ``utime`` work;
-    symlinks, hard links and special files do not (EPERM), as a collection cannot hold
-    them. A file unlinked while open stays readable and writable through its handles and
-    frees its space at the last close.
+    an empty directory, ``RENAME_NOREPLACE``), truncation, ``chmod`` (of the execute bits:
+    anyone may write, see `ScratchAttr`) and ``utime`` work; symlinks, hard links and
+    special files do not (EPERM), as a collection cannot hold them. A file unlinked while
+    open stays readable and writable through its handles and frees its space at the last
+    close.
 
 Space
     Every store of a mount shares one `Quota`: the sum of the file sizes may not pass its
@@ -78,11 +79,17 @@ Allocate = Callable[[int, RangeOwner[Node]], int]
 
 @dataclass(frozen=True, slots=True)
 class ScratchAttr(Attr):
+    """Attributes of a scratch node: as arv-mount shows a writable collection's, every
+    directory 0777 and every file 0666, plus the execute bits a ``chmod`` gave it. Every node
+    belongs to the mount's owner, and containers write as whatever user they run as."""
+
     perm: int = 0o644
 
     @property
     def mode(self) -> int:
-        return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.perm
+        if self.is_dir:
+            return stat.S_IFDIR | 0o777
+        return stat.S_IFREG | 0o666 | (self.perm & 0o111)
 
 
 class Quota:
