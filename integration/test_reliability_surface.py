@@ -229,8 +229,9 @@ def peak_rss(pid: int) -> int:
 
 def load_and_measure(fed: Federation, tmp_path: Path, uuid: str, tag: str) -> tuple[int, float, float]:
     """Mount afresh, look the collection up while probing the mount: (peak RSS growth over
-    the idle daemon, seconds the lookup took, longest probe)."""
-    m = Mount(fed, tmp_path / tag)
+    the idle daemon, seconds the lookup took, longest probe). The lookup may wait as long
+    as the load takes (`--api-wait`): on a loaded machine it can take more than the default."""
+    m = Mount(fed, tmp_path / tag, "--api-wait", "120")
     try:
         idle = peak_rss(m.proc.pid)
         with Prober(m) as prober:
