@@ -170,3 +170,15 @@ async def test_a_block_that_cannot_be_stored_fails_the_upload_with_its_own_error
     tree = SourceDir([SourceFile(f"f{i}", 10, lambda off, size: b"x" * size) for i in range(3)])
     with pytest.raises(KeepWriteError, match="wanted 2 copies, stored 1"):
         await Uploader(KeepWriter(route(), keep, copies=2, backoff=0), block_size=10).upload(tree)
+
+
+async def test_a_keepproxy_is_asked_for_every_copy_in_one_request():
+    services = tuple(KeepService(f"zzzzz-bi6l4-{i:015d}", f"http://keep{i}/", "proxy") for i in range(2))
+    keep = FakeKeep({"http://keep0/": ("default",), "http://keep1/": ("default",)})
+
+    def proxy(url, headers, body, timeout):  # a keepproxy stores what it is asked for
+        resp = keep(url, headers, body, timeout)
+        return PutResponse(200, {"x-keep-replicas-stored": headers["X-Keep-Desired-Replicas"]}, resp.body)
+
+    await KeepWriter(KeepRoute("zzzzz", "t", services), proxy, copies=2).put(b"via proxy")
+    assert len(keep.puts) == 1 and keep.puts[0][1]["X-Keep-Desired-Replicas"] == "2"

@@ -16,18 +16,18 @@ One block (`KeepWriter.put`)
     wanted) and, while some wanted class is not yet confirmed ``copies`` times,
     ``X-Keep-Storage-Classes`` naming those classes (sorted, ``", "``). The writable
     services of the home cluster are tried in rendezvous order (the read path's
-    `probe_order`), as many at once as copies are still missing (the SDK's writer threads
-    do the same for disk services); a 200 adds its ``X-Keep-Replicas-Stored`` (1 if absent) and its
-    ``X-Keep-Storage-Classes-Confirmed`` (``class=n, ...``) and that service is done for
-    this block. A service whose answer carries no confirmation turns class tracking off,
-    as in the SDK: copies alone decide. 4xx other than 408/409/423/429 (a bad signature,
-    413, 507 "insufficient storage" for a class the volume lacks) is final for that
-    service; 5xx, those four and network failures are retried in the next round, after
-    a jittered backoff, up to ``retries + 1`` rounds. Done when ``copies`` replicas are
-    stored and every wanted class is confirmed ``copies`` times; otherwise
-    `KeepWriteError`, one line naming the block (``hash+size``, never a signature or a
-    token), what was wanted, what was stored and what each service answered. The answer's
-    body is the signed locator the manifest carries.
+    `probe_order`), as many at once as copies are still missing when they are all
+    keepstores (the SDK's writer threads do the same), one at a time otherwise; a 200 adds
+    its ``X-Keep-Replicas-Stored`` (1 if absent) and its ``X-Keep-Storage-Classes-Confirmed``
+    (``class=n, ...``) and that service is done for this block. A service whose answer
+    carries no confirmation turns class tracking off, as in the SDK: copies alone decide.
+    4xx other than 408/409/423/429 (a bad signature, 413, 507 "insufficient storage" for a
+    class the volume lacks) is final for that service; 5xx, those four and network failures
+    are retried in the next round, after a jittered backoff, up to ``retries + 1`` rounds.
+    Done when ``copies`` replicas are stored and every wanted class is confirmed ``copies``
+    times; otherwise `KeepWriteError`, one line naming the block (``hash+size``, never a
+    signature or a token), what was wanted, what was stored and what each service
+    answered. The answer's body is the signed locator the manifest carries.
 
 Many blocks (`upload`)
     At most ``parallel`` blocks are in flight at once (each is read into memory, hashed in
@@ -157,6 +157,12 @@ class KeepWriter:
         self._max_backoff = max_backoff
         self._timeout = timeout
 
+    @property
+    def _all_disk(self) -> bool:
+        """Whether each service stores one copy (keepstores), so copies may go out at once; a
+        keepproxy stores as many as it is asked for, one request at a time (as the SDK does)."""
+        return all(s.service_type == "disk" for s in self.route.services)
+
     def _writable(self, block_hash: str) -> list[KeepService]:
         return [s for s in probe_order(block_hash, self.route.services) if not s.read_only]
 
@@ -188,7 +194,7 @@ class KeepWriter:
                 await trio.sleep(backoff_delay(round_no - 1, self._backoff, self._max_backoff))
             queue = list(pending)
             while queue and not tally.done():
-                missing = max(tally.copies - tally.stored, 1)
+                missing = max(tally.copies - tally.stored, 1) if self._all_disk else 1
                 batch, queue = queue[:missing], queue[missing:]
                 async with trio.open_nursery() as nursery:
                     for service in batch:
