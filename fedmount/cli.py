@@ -19,6 +19,7 @@ in step.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -42,8 +43,9 @@ def run_subcommand(name: str, argv: Sequence[str]) -> int:
 
 DESCRIPTION = """\
 Mount Arvados collections of every cluster of a federation, read-only, at MOUNTPOINT.
-The mount root holds README and by_id/: look up any collection UUID or portable data
-hash under by_id/ and its files appear. Settings come from ARVADOS_API_HOST,
+The mount root holds README, by_id/, by_tag/, home/, shared/ and clusters/: look up any
+collection or project UUID or portable data hash under by_id/, or walk your projects by
+name under home/, shared/ and clusters/<cluster id>/. Settings come from ARVADOS_API_HOST,
 ARVADOS_API_TOKEN, ARVADOS_API_HOST_INSECURE and ~/.config/arvados/settings.conf."""
 
 EPILOG = f"""\
@@ -59,6 +61,26 @@ def _dir_name(text: str) -> str:
     return text
 
 
+def _filters(text: str) -> list[list[object]]:
+    """--filters: JSON, a file holding it, or - for standard input; a list of 3-element lists."""
+    source = text
+    try:
+        if text == "-":
+            source = sys.stdin.read()
+        elif not text.lstrip().startswith("[") and os.path.isfile(text):
+            with open(text, encoding="utf-8") as f:
+                source = f.read()
+        filters = json.loads(source)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a JSON list of filters, nor a file holding one: {e}") from None
+    def one(f: object) -> bool:
+        return isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) and isinstance(f[1], str)
+
+    if not isinstance(filters, list) or not all(map(one, filters)):
+        raise argparse.ArgumentTypeError("filters must be a list of [attribute, operator, operand] lists")
+    return filters
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedmount", description=DESCRIPTION, epilog=EPILOG,
@@ -68,9 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Directory to mount on (or to unmount, with --unmount).")
     p.add_argument("--version", action="version", version=f"fedmount {__version__}")
 
-    g = p.add_argument_group("layout (default: README and by_id/ at the root)")
+    g = p.add_argument_group("layout (default: --all)")
     g.add_argument("--collection", metavar="ID",
                    help="Mount the one collection with this UUID or portable data hash at the root.")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--all", dest="mode", action="store_const", const="all",
+                      help="README, by_id/, by_tag/, home/ and shared/ as arv-mount has them, and clusters/ "
+                      "with <cluster id>/home/ and <cluster id>/shared/ for every cluster of the federation.")
+    mode.add_argument("--home", dest="mode", action="store_const", const="home",
+                      help="Mount your home project (on the home cluster) at the root.")
+    mode.add_argument("--shared", dest="mode", action="store_const", const="shared",
+                      help="Mount the projects shared with you (on the home cluster) at the root.")
+    mode.add_argument("--by-tag", dest="mode", action="store_const", const="by_tag",
+                      help="Mount the collections of the home cluster by tag at the root.")
+    mode.add_argument("--project", metavar="UUID",
+                      help="Mount the project or filter group with this UUID, of any cluster, at the root.")
+    g.add_argument("--mount-home", metavar="DIR", action="append", default=[], type=_dir_name,
+                   help="Make DIR at the root your home project. Repeatable; replaces the default layout.")
+    g.add_argument("--mount-shared", metavar="DIR", action="append", default=[], type=_dir_name,
+                   help="Make DIR at the root the projects shared with you. Repeatable; replaces the default "
+                   "layout.")
+    g.add_argument("--mount-by-tag", metavar="DIR", action="append", default=[], type=_dir_name,
+                   help="Make DIR at the root the collections by tag. Repeatable; replaces the default "
+                   "layout.")
+    g.add_argument("--filters", metavar="JSON", type=_filters, default=[],
+                   help="Filters (a JSON list of [attribute, operator, operand] lists, a file holding one, "
+                   "or - for standard input) applied to every project, shared and tag listing, as "
+                   "arv-mount applies them; table.attribute applies to that table only.")
     g.add_argument("--mount-by-id", metavar="DIR", action="append", default=[], type=_dir_name,
                    help="Make DIR at the root a by_id directory (collections by UUID or PDH). Repeatable; "
                    "replaces the default layout.")
@@ -188,12 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.collection and (args.mount_by_id or args.mount_by_pdh):
-        parser.error("--collection cannot be combined with --mount-by-id/--mount-by-pdh")
-    names = args.mount_by_id + args.mount_by_pdh + args.mount_tmp
-    if len(set(names)) != len(names):
-        parser.error("each --mount-by-id/--mount-by-pdh/--mount-tmp directory name may be given once")
+    if args.project:
+        args.mode = "project"
+    names = args.mount_by_id + args.mount_by_pdh + args.mount_home + args.mount_shared + args.mount_by_tag
     check_write_options(parser, args)
+    names += args.mount_tmp
+    if args.collection and (names or args.mode):
+        parser.error("--collection cannot be combined with another layout option")
+    if args.mode and names:
+        parser.error(f"cannot combine the {args.mode} mode with --mount-* options")
+    if len(set(names)) != len(names):
+        parser.error("each --mount-* directory name may be given once")
     if args.exec_args is not None and not args.exec_args:
         parser.error("--exec needs a command")
     return args

@@ -39,6 +39,7 @@ import trio
 
 from fedmount import mountinfo
 from fedmount.api.federation import Federation
+from fedmount.api.listing import ProjectSource
 from fedmount.arvados.errors import ApiError
 from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.arvados.tokens import V2_NEEDED
@@ -133,15 +134,16 @@ class Daemon:
             keep = KeepClient(transport, stats=stats, timeouts=timeouts)
             reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
             self._reader = reader
+            projects = ProjectSource(federation, opts.layout.filters) if opts.layout.lists_projects else None
             tree = Tree(
                 federation, reader, stats=stats, layout=opts.layout, refresh_time=opts.refresh_time,
-                api_wait=opts.api_wait,
+                api_wait=opts.api_wait, projects=projects,
                 cached_bytes=cache.cached_bytes, cache_usage=cache.usage,
             )
             try:
                 await tree.start()
             except FsError as e:
-                raise StartupError(f"cannot mount --collection {opts.layout.collection}: {e}") from None
+                raise StartupError(f"cannot mount {opts.layout.root_option()}: {e}") from None
             try:
                 put = Urllib3Put(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
                 attach_scratch(tree, federation, opts.scratch, transport=put, stats=stats)

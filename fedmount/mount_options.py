@@ -55,7 +55,7 @@ class MountOptions:
     def from_args(cls, args: argparse.Namespace) -> MountOptions:
         opts = cls(
             mountpoint=os.path.abspath(args.mountpoint),
-            layout=Layout(args.collection, list(args.mount_by_id), list(args.mount_by_pdh)),
+            layout=_layout(args),
             foreground=args.foreground, exec_args=args.exec_args, replace=args.replace,
             nonempty=args.nonempty,
             unmount_timeout=args.unmount_timeout, allow_other=args.allow_other, subtype=args.subtype,
@@ -76,3 +76,12 @@ class MountOptions:
         elif opts.detached:
             opts.log_path = detached_log_path(opts.mountpoint)
         return opts
+
+
+def _layout(args: argparse.Namespace) -> Layout:
+    """The root the layout options ask for; with none of them, everything (--all)."""
+    custom = args.mount_by_id + args.mount_by_pdh + args.mount_home + args.mount_shared + args.mount_by_tag
+    mode = None if args.mode == "all" else args.mode
+    return Layout(args.collection, list(args.mount_by_id), list(args.mount_by_pdh), list(args.mount_home),
+                  list(args.mount_shared), list(args.mount_by_tag), mode=mode, project=args.project,
+                  everything=not (args.collection or custom or mode), filters=list(args.filters))

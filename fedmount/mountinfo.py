@@ -55,9 +55,9 @@ def unescape(field: str) -> str:
 def parse(text: str) -> list[MountEntry]:
     """Every mount in a mountinfo text, in its order (a later mount on a path hides the earlier)."""
     entries = []
-    for line in text.splitlines():
-        fields = line.split()
-        if not fields:
+    for line in text.split("\n"):  # not splitlines(): a path may hold U+2028 and the like, unescaped
+        fields = line.split(" ")
+        if len(fields) < 10:
             continue
         major, minor = (int(n) for n in fields[2].split(":"))
         fstype = fields[fields.index("-", 6) + 1]

@@ -37,6 +37,8 @@ def add_write_options(parser: argparse.ArgumentParser, *, dir_name: Callable[[st
 
 
 def check_write_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One-line errors (exit 2) for write flags that cannot go together with the rest."""
-    if args.mount_tmp and args.collection:
-        parser.error("--mount-tmp cannot be combined with --collection")
+    """One-line errors (exit 2) for write flags that cannot go together with the rest: a
+    scratch directory is an entry of a root of directories, which --collection and the
+    single-directory modes (--project, --home, ...) do not make."""
+    if args.mount_tmp and (args.collection or args.mode):
+        parser.error("--mount-tmp cannot be combined with --collection or a mode such as --project")

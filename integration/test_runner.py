@@ -107,6 +107,8 @@ def fedmount_run(fed, record: dict, out: Path, tmpdir: Path, *args: str, wait: b
         str(tmpdir),
         "--crunchstat-interval",
         "1",
+        "--reuse-dir",  # each test its own record of successful runs: no test reuses another's
+        str(out.parent / f"{out.name}-runs"),
         *args,
     ]
     proc = subprocess.Popen(
@@ -457,3 +459,52 @@ def test_sigint_while_staging_interrupts_the_run_with_nothing_left(
     r = result(out)
     assert r["state"] == "Cancelled" and r["stage"] is None
     assert "fedmount-run: --stage: interrupted" in (out / "fedmount.log").read_text()
+
+
+def test_a_repeated_step_is_reused_without_starting_a_container(
+    fed, image_collection, tmpdir_clean, tmp_path
+):
+    entry = fed.add_collection("zzzzz", f"reuse-{time.time_ns()}", {"data.txt": "first\n"})
+    mounts = {"/out": {"kind": "tmp"}, "/in": {"kind": "collection", "uuid": entry["uuid"]}}
+    rec = record(fed, image_collection, "cat /in/data.txt > /out/copy.txt; echo ran", mounts=mounts)
+
+    def run(name: str, *args: str):  # type: ignore[no-untyped-def]
+        proc = fedmount_run(fed, rec, tmp_path / name, tmpdir_clean, "--runtime", "docker",
+                            "--reuse-dir", str(tmp_path / "runs"), *args)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr_text
+        return proc, result(tmp_path / name)
+
+    _, r1 = run("first")
+    assert r1["reuse"]["key"] and r1["reuse"]["reused_from"] is None
+    mark = fed.mark()
+    again, r2 = run("again")
+    assert r2["reuse"]["reused_from"]["results_dir"] == str(tmp_path / "first") and r2["state"] == "Complete"
+    assert (tmp_path / "again" / "output" / "copy.txt").read_text() == "first\n"
+    assert (tmp_path / "again" / "stdout.txt").read_text() == "ran\n"
+    assert "run_seconds" not in r2["timings"] and "mount_seconds" not in r2["timings"]  # nothing started
+    assert [r for r in fed.requests(since=mark) if r["service"].startswith("keep")] == []
+    assert "reused the results" in again.stderr_text
+
+    _, forced = run("forced", "--no-reuse")
+    assert forced["reuse"]["reused_from"] is None and "mount_seconds" in forced["timings"]
+
+    # The UUID now names other content (a new PDH): a new key, so the step runs again.
+    other = fed.add_collection("zzzzz", f"reuse-other-{time.time_ns()}", {"data.txt": "second\n"})
+    signed = fed.request("zzzzz", f"/arvados/v1/collections/{other['uuid']}", token=fed.token()).json()
+    body = json.dumps({"collection": {"manifest_text": signed["manifest_text"]}}).encode()
+    update = fed.request("zzzzz", f"/arvados/v1/collections/{entry['uuid']}", method="PUT", token=fed.token(),
+                         headers={"Content-Type": "application/json"}, body=body)  # fmt: skip
+    assert update.status == 200, update.body
+    _, moved = run("moved")
+    assert moved["reuse"]["reused_from"] is None and moved["reuse"]["key"] != r1["reuse"]["key"]
+    assert (tmp_path / "moved" / "output" / "copy.txt").read_text() == "second\n"
+
+
+def test_a_failed_step_is_never_reused(fed, image_collection, tmpdir_clean, tmp_path):
+    rec = record(fed, image_collection, f"echo {time.time_ns()}; exit 3")
+    for name in ("one", "two"):
+        proc = fedmount_run(fed, rec, tmp_path / name, tmpdir_clean, "--runtime", "docker",
+                            "--reuse-dir", str(tmp_path / "runs"))  # fmt: skip
+        assert proc.returncode == 3, proc.stderr_text
+        assert result(tmp_path / name)["reuse"]["reused_from"] is None
+        assert "run_seconds" in result(tmp_path / name)["timings"]

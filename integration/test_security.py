@@ -136,7 +136,7 @@ def test_fedmount_run_results_and_its_fedmount_command_line_hold_no_token(fed, t
     out, tdir = tmp_path / "results", tmp_path / "t"
     tdir.mkdir()
     argv = [sys.executable, "-m", "fedmount.runner.cli", str(tmp_path / "rec.json"), "--output-dir", str(out),
-            "--tmpdir", str(tdir), "--runtime", "local"]  # fmt: skip
+            "--tmpdir", str(tdir), "--runtime", "local", "--no-reuse"]  # fmt: skip
     proc = subprocess.Popen(argv, env=fed.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     cmdlines: list[str] = []
     runner = psutil.Process(proc.pid)

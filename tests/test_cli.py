@@ -292,3 +292,8 @@ def test_a_mount_is_known_by_its_id_and_the_topmost_hides_the_others():
 
 def test_only_octal_escapes_are_decoded():
     assert mountinfo.unescape(r"/a\040b\011c\134d\\9") == "/a b\tc\\d\\\\9"
+
+
+def test_a_mount_point_with_a_line_separator_in_its_name_is_one_entry():
+    [entry] = mountinfo.parse("90 22 0:57 / /tmp/a\u2028b rw - fuse.fedmount fedmount ro\n")
+    assert entry.path == "/tmp/a\u2028b" and entry.is_fuse

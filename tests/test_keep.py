@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Mapping
 
 import pytest
+import trio
 
 from fedmount.arvados.ids import Locator, parse_locator
 from fedmount.blocks.keep import (
@@ -19,7 +20,8 @@ from fedmount.blocks.keep import (
     KeepService,
     probe_order,
 )
-from fedmount.blocks.transport import Md5Pipe, RateFloor, Response, Sink, Timeouts, TransportError
+from fedmount.blocks.md5 import MultiHasher, available_kernels
+from fedmount.blocks.transport import RateFloor, Response, Sink, Timeouts, TransportError
 from fedmount.stats import Stats
 
 TOKEN = "v2/zzzzz-gj3su-000000000000000/secretsecretsecret"
@@ -41,6 +43,7 @@ class FakeKeep:
         self.behaviours = behaviours
         self.calls: list[tuple[str, str, dict[str, str]]] = []
         self.lock = threading.Lock()
+        self.chunk = 3  # bytes per chunk handed to the sink
 
     def __call__(
         self, method: str, url: str, headers: Mapping[str, str], size: int, timeouts: Timeouts, sink: Sink,
@@ -55,8 +58,8 @@ class FakeKeep:
         resp = behaviour(method, self.blocks[url[len(root) : len(root) + 32]])
         if resp.body is not None:
             view = memoryview(resp.body)
-            for i in range(0, len(view), 3):  # deliver in small chunks like a socket would
-                sink(view[i : i + 3])
+            for i in range(0, len(view), self.chunk):  # deliver in small chunks like a socket would
+                sink(view[i : i + self.chunk])
         return resp
 
     def roots(self) -> list[str]:
@@ -332,13 +335,25 @@ async def test_no_services_is_a_clear_error() -> None:
         await keep.get(block(b"abc"), route(()))
 
 
-def test_md5_pipe_hashes_large_blocks_on_a_thread() -> None:
-    data = bytes(range(256)) * (40 << 10)  # 10 MiB: above the inline limit
-    pipe = Md5Pipe(len(data))
-    view = memoryview(data)
-    for i in range(0, len(data), 1 << 20):
-        pipe(view[i : i + (1 << 20)])
-    assert pipe.hexdigest() == hashlib.md5(data).hexdigest()
+@pytest.mark.parametrize("kernel", available_kernels())
+async def test_blocks_fetched_at_once_are_verified_together_by_every_kernel(kernel: str) -> None:
+    blocks = [bytes([i]) * (3 << 20) + bytes(range(256)) * (i + 1) for i in range(4)]  # 3 MiB and a tail
+    fake = FakeKeep(blocks, {services(1)[0].root_url: ok, "http://bad/": corrupt})
+    fake.chunk = 1 << 20  # socket-sized chunks
+    got: dict[int, bytes] = {}
+    with MultiHasher(kernel=kernel) as hasher:
+        keep = KeepClient(fake, hasher=hasher, backoff=0, retries=0)
+
+        async def get(i: int) -> None:
+            got[i] = bytes(await keep.get(block(blocks[i]), route(services(1))))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(get, i)
+        bad = KeepRoute("zzzzz", TOKEN, (KeepService("zzzzz-bi6l4-000000000000bad", "http://bad/"),))
+        with pytest.raises(BlockError, match="bad md5"):
+            await keep.get(block(blocks[0]), bad)
+    assert [got[i] for i in range(4)] == blocks
 
 
 def test_route_repr_hides_token() -> None:

@@ -13,8 +13,10 @@ Algorithm of `KeepClient.get`:
    ``demote_seconds`` move to the end of the list: a dead keepstore costs one connect
    timeout per host, not one per block.
 2. One round tries each still-eligible service in that order. Per attempt the outcome is
-   - 200 and md5(body) == hash: done. The bytes were hashed while they arrived
-     (transport.py) and no byte leaves this module before the digest matched;
+   - 200 and md5(body) == hash: done. The bytes were hashed while they arrived, by the
+     process's `MultiHasher` (md5.py), which hashes the chunks of every block arriving at
+     once in the SIMD lanes of one core, so blocks fetched in parallel are verified in
+     parallel; no byte leaves this module before the digest matched;
    - 200 with other bytes (or a wrong length): the service is dropped for this block,
      one warning line names it, and ``keep_bad_md5`` counts it; never returned;
    - 403/404/410: "not here", dropped for this block;
@@ -40,8 +42,10 @@ throughput book (throughput.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,8 +58,9 @@ from fedmount.arvados.retry import backoff_delay, new_request_id
 from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.stats import Stats
 
+from .md5 import MultiHasher, resolve_kernel
 from .throughput import TransferMeter
-from .transport import BlockTransport, Md5Pipe, Response, Timeouts, TransportError, Urllib3Transport
+from .transport import BlockTransport, Response, Timeouts, TransportError, Urllib3Transport
 
 log = logging.getLogger("fedmount.keep")
 
@@ -93,6 +98,7 @@ class KeepClient:
         backoff: float = 0.25,
         max_backoff: float = 4.0,
         demote_seconds: float = 30.0,
+        hasher: MultiHasher | None = None,
     ):
         self._transport = transport if transport is not None else Urllib3Transport()
         self._stats = stats if stats is not None else Stats()
@@ -102,6 +108,7 @@ class KeepClient:
         self._max_backoff = max_backoff
         self._demote_seconds = demote_seconds
         self._demoted: dict[str, float] = {}  # service uuid -> monotonic time the demotion ends
+        self._hasher = hasher if hasher is not None else shared_hasher()
         self.meter = TransferMeter()  # bytes received and seconds spent per cluster, per request
 
     def _order(self, locator: Locator, route: KeepRoute) -> list[KeepService]:
@@ -222,10 +229,29 @@ class KeepClient:
     def _fetch(
         self, method: str, url: str, headers: dict[str, str], size: int, into: memoryview | None
     ) -> tuple[Response, str]:
-        """Worker thread: one request, md5 computed while the body arrives."""
-        pipe = Md5Pipe(size if method == "GET" else 0)
+        """Worker thread: one request, the body's md5 hashed (in the hasher's lanes, together with
+        the other blocks arriving) while it arrives; the digest is "" without a 200 body."""
+        if method != "GET":
+            return self._transport(method, url, headers, size, self._timeouts, _ignore, into=None), ""
+        stream = self._hasher.stream()
         try:
-            resp = self._transport(method, url, headers, size, self._timeouts, pipe, into=into)
-        finally:
-            digest = pipe.hexdigest()
-        return resp, digest
+            resp = self._transport(method, url, headers, size, self._timeouts, stream, into=into)
+        except BaseException:
+            stream.close()  # before `into` is received into again (the next replica)
+            raise
+        if resp.status != 200 or resp.body is None:
+            stream.close()
+            return resp, ""
+        return resp, stream.hexdigest()
+
+
+def _ignore(chunk: memoryview) -> None:
+    """The sink of a request without a body to hash."""
+
+
+@functools.cache
+def shared_hasher() -> MultiHasher:
+    """The process's multi-buffer md5 (md5.py): every KeepClient's GETs share its lanes (with
+    hashlib, without the native kernels: a thread per core)."""
+    kernel = resolve_kernel()
+    return MultiHasher(kernel=kernel, threads=1 if kernel != "hashlib" else max(1, os.cpu_count() or 1))

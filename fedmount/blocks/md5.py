@@ -59,17 +59,17 @@ not change that; it makes verification cheap enough that receiving, hashing and 
 overlap: while the reader is served block N, blocks N+1..N+k are received and hashed in
 the lanes, and each one's digest is ready a few milliseconds after its last byte.
 
-Wiring it into the read path. One `MultiHasher` per process (the KeepClient's), shared by
-all in-flight GETs: in `KeepClient._fetch`, ``sink = hasher.stream()`` in place of
-``Md5Pipe(size)``, ``sink.hexdigest()`` after a complete body and ``sink.close()`` after a
-failed one. Lanes fill only with as many blocks receiving at once as there are lanes, so
-the read-ahead should keep 8-16 blocks in flight (on one core, 4 streams hash at ~2x
-hashlib, 8 at ~3.5x, 16 at ~7x on the AVX-512 machines here; 1-2 streams run scalar, as
-fast as hashlib). Keep ``threads=1``: a second call only adds throughput with more streams
-than one core's lanes, and otherwise halves the lanes each call fills. Small blocks need no
-special case: digest() hashes a small block's one chunk at once itself. Without the extension
-(no compiler at install time, another CPU architecture) everything here runs on hashlib,
-logged once at debug.
+In the read path. One `MultiHasher` per process (`keep.shared_hasher`), shared by all
+in-flight GETs: `KeepClient._fetch` makes a stream per GET (the transport's sink), takes
+its digest after a complete body and closes it after a failed one. Lanes fill only with as
+many blocks receiving at once as there are lanes: the read-ahead window (readahead.py)
+keeps several blocks in flight, and one or two streams run scalar, as fast as hashlib. It
+uses ``threads=1``: a second call only adds throughput with more streams than one core's
+lanes, and otherwise halves the lanes each call fills. Small blocks need no special case:
+digest() hashes a small block's one chunk at once itself. Without the extension (no
+compiler at install time, another CPU architecture) everything here runs on hashlib,
+logged once at debug; the shared hasher then runs one thread per core, each hashing one
+stream, as a thread per block did before.
 """
 
 from __future__ import annotations

@@ -5,35 +5,19 @@ owns the bytes. A `BlockTransport` is a blocking callable that runs in a trio wo
 thread: it sends one GET or HEAD, and for a 200 GET reads exactly ``size`` bytes into one
 preallocated buffer (``into``, when the caller gives one: the block cache hands out a
 mapping of the block's future cache file, so the body lands in the page cache with no
-further copy; else a new ``bytearray``), handing every received chunk, in order, to a ``sink``. The
-sink is an `Md5Pipe`, which feeds the chunks to a second thread that computes the md5
-while the next chunk is being received (hashlib releases the GIL for large buffers), so
-hashing overlaps the network instead of following it. Unit tests implement the protocol
-with a plain function over a dict of blocks; no socket is involved.
+further copy; else a new ``bytearray``), handing every received chunk, in order, to a
+``sink``. The KeepClient's sink is a `HashStream` of its `MultiHasher` (md5.py), which
+queues the chunk and hashes it in SIMD lanes together with the chunks of the other blocks
+arriving meanwhile, so hashing overlaps the network instead of following it. Unit tests
+implement the protocol with a plain function over a dict of blocks; no socket is involved.
 
-Why urllib3 and not httpx (measured on this 2-core VM, one 64 MiB body from a loopback
-``sendfile`` server, median of 5):
-
-=========================================  ==========
-raw blocking socket, ``recv_into``          1.21 GB/s
-urllib3 ``readinto`` into one bytearray     1.12-1.19 GB/s
-httpx under trio (lead's measurement)       0.25 GB/s
-md5 alone (OpenSSL)                         0.62 GB/s
-urllib3 + md5 afterwards                    0.42 GB/s
-urllib3 + md5 pipelined (1/4/16 MiB)        0.43 GB/s
-=========================================  ==========
-
-urllib3 is within 5-10% of the raw socket, httpx is 4x slower, so blocks go through a
-pooled `urllib3.PoolManager` in a worker thread. Verification is the real limit: md5 is
-a single sequential stream (0.62 GB/s on one core) and on a 2-core host whose other core
-is busy copying the loopback data (server ``sendfile`` + client ``recv``), pipelining
-barely helps. With the server on another host the pipeline overlaps fully and the
-fetch runs at min(network, md5) instead of their harmonic sum.
+Blocks go through a pooled `urllib3.PoolManager` in a worker thread: urllib3's
+``read1`` into one preallocated buffer runs close to a raw socket's ``recv_into``, while an
+async HTTP client under trio is several times slower for 64 MiB bodies.
 
 The body is read with ``read1`` (at most one ``recv`` per call, into urllib3's buffer and
-copied once into ours, as ``readinto`` does too; as fast on loopback: 1.44-1.50 GB/s against
-1.40-1.53 GB/s, 70-120 calls per 64 MiB block), so the transport sees every byte as it
-arrives. That is what lets it abandon a keepstore that *trickles*: a socket timeout only
+copied once into ours, as ``readinto`` does too, and as fast), so the transport sees every
+byte as it arrives. That is what lets it abandon a keepstore that *trickles*: a socket timeout only
 fires when no byte at all comes, and a 64 MiB block at 512 B/s would take 36 hours.
 `RateFloor` is curl's low-speed limit, which the Arvados SDK sets (32 KiB/s over 256 s):
 once a body has been arriving for ``rate_window`` seconds, the bytes received in the last
@@ -51,9 +35,6 @@ see above), ``length`` (Content-Length differs from the locator's size) or ``net
 
 from __future__ import annotations
 
-import hashlib
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -64,8 +45,7 @@ import urllib3
 
 from fedmount import defaults
 
-CHUNK = 2 << 20  # most bytes per read1: big enough for hashlib to drop the GIL, small enough to overlap
-INLINE_HASH_LIMIT = 4 << 20  # blocks up to this size are hashed in the receiving thread
+CHUNK = 2 << 20  # most bytes per read1: big enough to hash in one call, small enough to overlap
 
 
 @dataclass(frozen=True)
@@ -140,38 +120,6 @@ class BlockTransport(Protocol):
         """Blocking. For a 200 GET return exactly `size` bytes (received into `into`, a writable
         buffer of `size` bytes, when given) and pass each chunk to `sink` in order."""
         ...
-
-
-class Md5Pipe:
-    """A sink that computes the md5 of the chunks it is given, on another thread for big blocks."""
-
-    def __init__(self, size: int):
-        self._md5 = hashlib.md5()
-        self._queue: queue.SimpleQueue[memoryview | None] | None = None
-        self._thread: threading.Thread | None = None
-        if size > INLINE_HASH_LIMIT:
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, name="md5", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (chunk := self._queue.get()) is not None:
-            self._md5.update(chunk)
-
-    def __call__(self, chunk: memoryview) -> None:
-        if self._queue is None:
-            self._md5.update(chunk)
-        else:
-            self._queue.put(chunk)
-
-    def hexdigest(self) -> str:
-        """Wait for the hashing thread (if any) and return the digest of everything fed so far."""
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = None
-        return self._md5.hexdigest()
 
 
 class Urllib3Transport:

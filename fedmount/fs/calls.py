@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 import trio
@@ -139,6 +139,28 @@ class Calls:
             if not running:  # no call of this cluster holds or awaits a slot
                 del self._running[cluster], self._slots[cluster]
             call._done.set()
+
+
+class JoinedCalls(Generic[T]):
+    """Background calls by key: whoever asks for a key while its call runs joins that call
+    (concurrent lookups of one name make one API call)."""
+
+    def __init__(self, calls: Calls):
+        self.calls = calls
+        self._running: dict[Hashable, Call[T]] = {}
+
+    def start(self, key: Hashable, cluster: str, what: str, work: Callable[[], Awaitable[T]]) -> Call[T]:
+        call = self._running.get(key)
+        if call is None:
+
+            async def run() -> T:
+                try:
+                    return await work()
+                finally:
+                    self._running.pop(key, None)
+
+            call = self._running[key] = self.calls.start(cluster, what, run)
+        return call
 
 
 async def answer_by_deadline(call: Call[T], calls: Calls, group: str, subject: str, stats: Stats,

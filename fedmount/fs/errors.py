@@ -17,6 +17,7 @@ EIO with one log line.
 from __future__ import annotations
 
 import errno
+import logging
 
 from fedmount.arvados.errors import (
     AccessDenied,
@@ -26,6 +27,9 @@ from fedmount.arvados.errors import (
     NotFound,
     UnknownCluster,
 )
+from fedmount.stats import Stats
+
+log = logging.getLogger("fedmount.fs")
 
 
 class FsError(Exception):
@@ -44,6 +48,19 @@ def api_errno(error: ApiError) -> int:
     if isinstance(error, AccessDenied):
         return errno.EACCES
     return errno.EIO
+
+
+def api_failure(error: ApiError, subject: str, stats: Stats, *, quiet: bool = False) -> FsError:
+    """`error` of a request about `subject` (a collection, a project) as `FsError`: counted in
+    ``api_errors`` unless the thing is missing, and logged in one line naming `subject` and
+    the cluster (at info level if missing) unless `quiet`."""
+    code = api_errno(error)
+    message = f"{subject} (cluster {error.cluster or '?'}): {error.message}"
+    if code != errno.ENOENT:
+        stats.add("api_errors", cluster=error.cluster)
+    if not quiet:
+        log.log(logging.INFO if code == errno.ENOENT else logging.ERROR, "%s", message)
+    return FsError(code, message)
 
 
 def block_failure(error: BlockError, where: str) -> FsError:

@@ -36,6 +36,8 @@ from .errors import FsError
 from .inodes import ROOT_INODE, NegativeCache
 from .loader import CollectionLoader, api_group
 from .nodes import FOREVER, Attr, DirNode, GeneratedFile, Node, StaticDir
+from .projects import GROUP_UUID_RE, ProjectTree
+from .tags import TagsDir
 
 log = logging.getLogger("fedmount.fs")
 
@@ -45,18 +47,35 @@ STATS_FILE_NAME = "stats.json"
 
 @dataclass
 class Layout:
-    """What the root holds: one collection, custom by-id/by-pdh directories, or the default."""
+    """What the root holds: one collection (``--collection``), one directory (``--home``,
+    ``--shared``, ``--by-tag``, ``--project``), directories named by ``--mount-*``, the
+    whole tree (``everything``: ``--all``, fedmount's default), or README and by_id."""
 
     collection: str | None = None
     by_id: list[str] = field(default_factory=list)
     by_pdh: list[str] = field(default_factory=list)
+    home: list[str] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)
+    by_tag: list[str] = field(default_factory=list)
+    mode: str | None = None  # "home", "shared", "by_tag" or "project": that directory is the root
+    project: str | None = None  # with mode "project"
+    everything: bool = False
+    filters: list[list[object]] = field(default_factory=list)  # --filters: of project, shared, tag listings
+
+    @property
+    def lists_projects(self) -> bool:
+        return bool(self.everything or self.mode or self.home or self.shared or self.by_tag)
+
+    def root_option(self) -> str:
+        """The option whose root must load before mounting, as the user wrote it."""
+        return f"--collection {self.collection}" if self.collection else f"--project {self.project}"
 
 
 ROOT_README = """\
 This is a fedmount: read-only access to Arvados collections of every cluster of a federation.
 
   by_id/<collection UUID or portable data hash>/   one collection, from any cluster
-
+{projects}
 by_id/ starts out empty: look a collection up by name (ls, cd, cat) and it appears.
 Collections addressed by portable data hash never change and are cached by the kernel;
 collections addressed by UUID are re-checked every few seconds.
@@ -65,6 +84,17 @@ Each collection directory has a hidden .arvados#collection file (its API record 
 Extended attributes (getfattr -d FILE) under user.arvados.* give the collection's uuid,
 portable data hash and cluster, a file's block locators and how much of it is cached.
 Daemon statistics: .fedmount/stats.json at the root of the mount.
+"""
+
+PROJECTS_README = """\
+  by_id/<project or filter group UUID>/            one project, from any cluster
+  by_tag/<tag>/<collection UUID>/                  collections by tag (home cluster)
+  home/                                            your home project (home cluster)
+  shared/                                          projects shared with you (home cluster)
+  clusters/<cluster id>/home/, .../shared/         the same on every cluster of the federation
+
+Projects list their subprojects and collections by name and have a hidden .arvados#project
+file (the project's record as JSON); listings are re-checked every few seconds.
 """
 
 BY_ID_README = """\
@@ -105,28 +135,61 @@ def stats_dir(context: MountContext) -> StaticDir:
     return node
 
 
-def default_root(context: MountContext, loader: CollectionLoader, layout: Layout,
-                 hidden: dict[str, Node]) -> StaticDir:
-    """The root of a mount without ``--collection``: by-id directories, or README and by_id."""
-    entries: dict[str, Node] = {}
-    if layout.by_id or layout.by_pdh:
+def default_root(context: MountContext, loader: CollectionLoader, layout: Layout, hidden: dict[str, Node],
+                 projects: ProjectTree | None) -> DirNode:
+    """The root of a mount without ``--collection`` or ``--project`` (see `Layout`)."""
+    if layout.mode in ("home", "shared", "by_tag"):
+        assert projects is not None
+        home = projects.source.home_cluster
+        if layout.mode == "home":
+            return projects.home(ROOT_INODE, home, hidden)
+        if layout.mode == "shared":
+            return projects.shared(ROOT_INODE, home, hidden)
+        return tags_dir(projects, ROOT_INODE, hidden)
+    table, entries = context.table, {}
+    if layout.everything:
+        assert projects is not None
+        entries["README"] = readme_file(context, ROOT_INODE, ROOT_README.format(projects=PROJECTS_README))
+        entries["by_id"] = CollectionIdDir.made(context, loader, "by_id", False, projects)
+        entries["by_tag"] = tags_dir(projects, table.number(("dir", "by_tag")))
+        entries["clusters"] = projects.clusters_dir(table.number(("dir", "clusters")))
+        entries["home"] = projects.home(table.number(("dir", "home")), projects.source.home_cluster)
+        entries["shared"] = projects.shared(table.number(("dir", "shared")), projects.source.home_cluster)
+    elif layout.by_id or layout.by_pdh or layout.lists_projects:
         for names, pdh_only in ((layout.by_id, False), (layout.by_pdh, True)):
             for name in names:
-                entries[name] = CollectionIdDir.made(context, loader, name, pdh_only)
+                entries[name] = CollectionIdDir.made(context, loader, name, pdh_only, projects)
+        for name in layout.by_tag:
+            assert projects is not None
+            entries[name] = tags_dir(projects, table.number(("dir", name)))
+        for name in layout.home:
+            assert projects is not None
+            entries[name] = projects.home(table.number(("dir", name)), projects.source.home_cluster)
+        for name in layout.shared:
+            assert projects is not None
+            entries[name] = projects.shared(table.number(("dir", name)), projects.source.home_cluster)
     else:
-        entries["README"] = readme_file(context, ROOT_INODE, ROOT_README)
+        entries["README"] = readme_file(context, ROOT_INODE, ROOT_README.format(projects=""))
         entries["by_id"] = CollectionIdDir.made(context, loader, "by_id", False)
     return StaticDir(ROOT_INODE, entries, mtime=context.started, negative_ttl=context.policy.negative_ttl,
                      hidden=hidden)
+
+
+def tags_dir(projects: ProjectTree, ino: int, hidden: dict[str, Node] | None = None) -> TagsDir:
+    node = TagsDir(projects, ino, projects.source.home_cluster, hidden)
+    projects.context.table.bind(ino, node)
+    return node
 
 
 class CollectionIdDir(DirNode):
     """``by_id/`` (or ``by_pdh/``): collections of any cluster, appearing when looked up by
     UUID or PDH (by PDH only if `pdh_only`)."""
 
-    def __init__(self, context: MountContext, loader: CollectionLoader, ino: int, name: str, pdh_only: bool):
+    def __init__(self, context: MountContext, loader: CollectionLoader, ino: int, name: str, pdh_only: bool,
+                 projects: ProjectTree | None = None):
         self.context = context
         self.loader = loader
+        self.projects = projects  # serves project and filter group uuids too, if given
         self.ino = ino
         self.name = name
         self.pdh_only = pdh_only
@@ -138,9 +201,9 @@ class CollectionIdDir(DirNode):
 
     @classmethod
     def made(cls, context: MountContext, loader: CollectionLoader, name: str,
-             pdh_only: bool) -> CollectionIdDir:
+             pdh_only: bool, projects: ProjectTree | None = None) -> CollectionIdDir:
         """A new one named `name` at the root, bound in the inode table."""
-        node = cls(context, loader, context.table.number(("dir", name)), name, pdh_only)
+        node = cls(context, loader, context.table.number(("dir", name)), name, pdh_only, projects)
         context.table.bind(node.ino, node)
         return node
 
@@ -154,6 +217,8 @@ class CollectionIdDir(DirNode):
             if not context.ready:
                 raise FsError(errno.ENOENT)  # not cached: crunch-run polls for it
             return self.readme
+        if self.projects is not None and not self.pdh_only and GROUP_UUID_RE.match(name):
+            return await self.projects.by_id(self.ino, name)
         try:
             cid = parse_collection_id(name)
         except IdError:
@@ -207,4 +272,6 @@ class CollectionIdDir(DirNode):
     async def entries(self) -> list[tuple[str, Node]]:
         out: list[tuple[str, Node]] = [("README", self.readme)] if self.context.ready else []
         out.extend((name, coll.root) for name, coll in self._collections.items())
+        if self.projects is not None:
+            out.extend(self.projects.looked_up_by_id(self.ino))
         return out

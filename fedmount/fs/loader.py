@@ -42,7 +42,7 @@ from fedmount.memory import release
 from fedmount.stats import Stats
 
 from .context import CollectionRecordLike, CollectionSummaryLike, FederationLike
-from .errors import FsError, api_errno
+from .errors import FsError, api_failure
 
 log = logging.getLogger("fedmount.fs")
 T = TypeVar("T")
@@ -164,10 +164,4 @@ class CollectionLoader:
         try:
             return await answer
         except ApiError as e:
-            code = api_errno(e)
-            message = f"collection {cid} (cluster {e.cluster or '?'}): {e.message}"
-            if code != errno.ENOENT:
-                self.stats.add("api_errors", cluster=e.cluster)
-            if not quiet:
-                log.log(logging.INFO if code == errno.ENOENT else logging.ERROR, "%s", message)
-            raise FsError(code, message) from None
+            raise api_failure(e, f"collection {cid}", self.stats, quiet=quiet) from None

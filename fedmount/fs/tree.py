@@ -43,6 +43,7 @@ from .inodes import ROOT_INODE
 from .layout import STATS_DIR_NAME, Layout, default_root, stats_dir
 from .loader import CollectionLoader
 from .nodes import Attr, DirNode, Entries, FileNode, Handle, Node, StaticDir
+from .projects import ProjectSourceLike, ProjectTree
 
 __all__ = ["Layout", "Tree"]
 
@@ -68,6 +69,7 @@ class Tree:
         negative_ttl: float | None = None,
         cached_bytes: Callable[[str], int] = lambda key: 0,
         cache_usage: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        projects: ProjectSourceLike | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
@@ -80,12 +82,17 @@ class Tree:
         self.calls = calls
         self.loader = CollectionLoader(federation, stats)
         self._hidden: dict[str, Node] = {STATS_DIR_NAME: stats_dir(self.context)}
-        # With --collection the root is that collection once `start` has loaded it.
-        if self.layout.collection is not None:
+        self.projects: ProjectTree | None = None
+        if self.layout.lists_projects:
+            if projects is None:
+                raise ValueError("a layout with projects needs a project source")
+            self.projects = ProjectTree(self.context, self.loader, projects)
+        # With --collection or --project the root is that once `start` has loaded it.
+        if self.layout.collection is not None or self.layout.mode == "project":
             self.root: DirNode = StaticDir(ROOT_INODE, {}, mtime=self.context.started,
                                            negative_ttl=policy.negative_ttl)
         else:
-            self.root = default_root(self.context, self.loader, self.layout, self._hidden)
+            self.root = default_root(self.context, self.loader, self.layout, self._hidden, self.projects)
         self.context.table.bind(ROOT_INODE, self.root)
 
     @property
@@ -107,9 +114,15 @@ class Tree:
         self.context.on_change = sink
 
     async def start(self) -> None:
-        """Load what must exist before mounting: the ``--collection`` collection.
+        """Load what must exist before mounting: the ``--collection`` collection or the
+        ``--project`` project.
 
         Raises `FsError` with a one-line message if it cannot be loaded."""
+        if self.layout.mode == "project":
+            assert self.projects is not None and self.layout.project is not None
+            record = await self.projects.record(self.layout.project)
+            self.root = self.projects.project(ROOT_INODE, record, record["uuid"][:5], hidden=self._hidden)
+            return
         if self.layout.collection is None:
             return
         try:

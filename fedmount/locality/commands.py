@@ -31,6 +31,7 @@ from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.blocks.cache import CacheConfig, TieredCache
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.logs import setup_logging
+from fedmount.runner.spec import SpecError, read_record
 
 from .arguments import (
     DEFAULT_LOCATE_CONCURRENCY,
@@ -39,9 +40,11 @@ from .arguments import (
     build_stage_parser,
     build_unpin_parser,
 )
+from .cluster_stage import ClusterKeep, CopyRecord, save_staged, stage_to_cluster
 from .federation_view import FederationView, keep_client_for
 from .locate import locate_collections
 from .locate_report import failed_locate_json
+from .placement import place
 from .stage import stage_with, unpin_collections
 from .view import LookupFailure
 
@@ -97,6 +100,8 @@ def _run_subcommand(
 
 async def _locate(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
     book = ThroughputBook.in_cache_dir(cache.directory)
+    if args.record is not None:
+        return await _place(args, settings, cache, book)
     try:
         async with FederationView.open(settings, mode=args.route, retries=1) as view:
             report = await locate_collections(
@@ -116,7 +121,48 @@ async def _locate(args: argparse.Namespace, settings: Settings, cache: TieredCac
     return report.exit_status()
 
 
+async def _place(
+    args: argparse.Namespace, settings: Settings, cache: TieredCache, book: ThroughputBook
+) -> int:
+    try:
+        spec = read_record(args.record)
+    except SpecError as exc:
+        print(f"fedmount locate: {exc}", file=sys.stderr)
+        return 2
+    async with FederationView.open(settings, mode=args.route, retries=1) as view:
+        report = await place(spec, view, keep_client_for(settings, retries=1), cache, book,
+                             concurrency=args.concurrency or DEFAULT_LOCATE_CONCURRENCY)  # fmt: skip
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        sys.stdout.write(report.render())
+    return report.exit_status()
+
+
+async def _stage_to_cluster(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
+    keep, record, local = ClusterKeep(settings), CopyRecord(cache.directory), {}
+    try:
+        async with FederationView.open(settings, mode="home") as view:
+            report = await stage_to_cluster(
+                args.ids, view, args.to_cluster, keep, record,
+                concurrency=args.concurrency or DEFAULT_STAGE_CONCURRENCY,
+                progress_stream=None if args.quiet else sys.stderr, local=local,
+            )  # fmt: skip
+            if args.save_as and report.complete:
+                await save_staged(view, settings, report, local, args.save_as)
+    finally:
+        record.close()
+        await keep.aclose()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        sys.stderr.write(report.render())
+    return report.exit_status()
+
+
 async def _stage(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
+    if args.to_cluster is not None:
+        return await _stage_to_cluster(args, settings, cache)
     async with FederationView.open(settings, mode=args.route) as view:
         report = await stage_with(
             args.ids, view, keep_client_for(settings), cache, pin=args.pin,

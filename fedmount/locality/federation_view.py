@@ -89,6 +89,13 @@ class FederationView:
             raise _failure(f"cannot get collection {cid}", exc) from None
         return record
 
+    async def exported_config(self, cluster: str) -> dict:
+        """That cluster's exported configuration (``GET /arvados/v1/config``), asked of it directly."""
+        try:
+            return await self.federation.controller(cluster).call("config")
+        except ApiError as exc:
+            raise _failure(f"cannot read the configuration of cluster {cluster}", exc) from None
+
     async def copy_at(self, cluster: str, pdh: str) -> ClusterCopy | None:
         try:
             client = self.federation.controller(cluster)

@@ -74,7 +74,7 @@ class StageCache(Protocol):
     def pins_of(self, name: str) -> tuple[str, list[str]] | None: ...
 
 
-async def _resolve_all(
+async def resolve_blocks(
     ids: Sequence[str], view: LocalityView, concurrency: int
 ) -> tuple[list[StagedCollection], dict[str, tuple[Locator, KeepRoute]]]:
     """Every collection's blocks; `plan` maps each distinct key to (locator, route) to fetch it by."""
@@ -126,7 +126,7 @@ async def stage_with(
             "staging needs one: fix --cache-dir or the cache size",
         )
     book = book if book is not None else ThroughputBook.in_cache_dir(cache.directory)
-    staged, plan = await _resolve_all(ids, view, concurrency)
+    staged, plan = await resolve_blocks(ids, view, concurrency)
     report = StageReport(staged, pin)
     if pin:
         for s in staged:

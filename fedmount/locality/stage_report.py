@@ -12,6 +12,11 @@ JSON schema (``--json``)::
         "uuid": ..., "portable_data_hash": ..., "blocks": 12, "bytes": 123456,
         "already_cached": {"blocks": 3, "bytes": 4096}, "fetched": {...}, "evicted": {...},
         "failed": ["one line per unreadable block"], "pinned": false, "complete": true}]}
+
+With ``--to-cluster X`` the document also has ``"cluster": "X"`` after ``schema``, and its
+counts are of X's Keep: ``already_cached`` blocks were there before, ``fetched`` ones X copied
+now (``evicted`` stays zero); with ``--save-as NAME``, ``"saved": {"name", "uuid",
+"portable_data_hash"}`` at the end names the collection made on X.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class StageSummary:
     failed: list[str] = field(default_factory=list)  # one line per unreadable block
     pinned: bool = False
     complete: bool = False
+    target: str | None = None  # the cluster whose Keep was staged into; None: this host's cache
 
     def count(self, outcome: Outcome) -> Tally:
         return self.outcomes.get(outcome, Tally())
@@ -88,9 +94,12 @@ class StageSummary:
         if self.error is not None:
             return [f"{self.id}: error: {self.error}"]
         state = "staged" if self.complete else "NOT fully staged"
+        where, fetched, cached = "", "fetched", "already cached"
+        if self.target is not None:
+            where, fetched, cached = f" in {self.target}'s Keep", "copied", "already there"
         text = (
-            f"{self.id}: {state}: {self.total.blocks} blocks, {human_bytes(self.total.bytes)} "
-            f"(fetched {human_bytes(self.count(Outcome.FETCHED).bytes)}, already cached "
+            f"{self.id}: {state}{where}: {self.total.blocks} blocks, {human_bytes(self.total.bytes)} "
+            f"({fetched} {human_bytes(self.count(Outcome.FETCHED).bytes)}, {cached} "
             f"{human_bytes(self.count(Outcome.CACHED).bytes)})"
         )
         if self.pinned:
@@ -115,6 +124,8 @@ class StageReport:
     outcome: dict[str, Outcome] = field(default_factory=dict)  # distinct block key -> its outcome
     failures: dict[str, str] = field(default_factory=dict)  # key -> one-line error
     error: str | None = None  # stopped everything (no disk cache, ...)
+    target: str | None = None  # staged into this cluster's Keep (--to-cluster); None: the host cache
+    saved: dict | None = None  # --save-as: {"name", "uuid", "portable_data_hash"} of the new collection
 
     @property
     def complete(self) -> bool:
@@ -140,6 +151,7 @@ class StageReport:
             failed=[self.failures[k] for k in c.keys if k in self.failures],
             pinned=self.pinned,
             complete=self._complete(c),
+            target=self.target,
         )  # fmt: skip
 
     def summaries(self) -> list[StageSummary]:
@@ -156,15 +168,21 @@ class StageReport:
         return Tally.of(sizes[k] for k, o in self.outcome.items() if o is outcome)
 
     def to_json(self) -> dict:
+        where = {} if self.target is None else {"cluster": self.target}
         return {
             "schema": SCHEMA,
+            **where,
             "complete": self.complete,
             "error": self.error,
             "collections": [s.to_json() for s in self.summaries()],
+            **({} if self.saved is None else {"saved": self.saved}),
         }
 
     def render(self) -> str:
         lines = [f"error: {self.error}"] if self.error else []
         for s in self.summaries():
             lines.extend(s.render())
+        if self.saved is not None:
+            lines.append(f"saved as {self.saved['name']!r} on {self.target}: {self.saved['uuid']} "
+                         f"({self.saved['portable_data_hash']})")  # fmt: skip
         return "\n".join(lines) + "\n"

@@ -3,7 +3,9 @@
 The run, in the order crunch-run does it (reference/arvados-protocol.md §7):
 
 1. Parse and validate the record (`spec.py`); a bad record is refused before anything
-   starts (exit status 2, one line naming the field).
+   starts (exit status 2, one line naming the field). ``--check`` stops here and answers
+   whether it could run on this host (`check.py`). Unless ``--no-reuse``, a step an
+   earlier run already computed gets that run's outputs and nothing starts (`reuse.py`).
 2. Make a private temporary directory; with ``--stage``, pull every collection the run
    reads into the disk cache the mount will use (`staging.py`; a collection that cannot
    be staged is the record's fault: exit status 2, nothing mounted yet). Start `fedmount`
@@ -26,6 +28,7 @@ only the wrapper, which stops them in order.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -40,6 +43,8 @@ from types import FrameType
 from typing import IO, Any, NoReturn
 
 from fedmount.cliutil import seconds
+from fedmount.runner import reuse
+from fedmount.runner.check import check_record
 from fedmount.runner.crunchstat import Sampler
 from fedmount.runner.mounts import (
     FedMount,
@@ -51,9 +56,8 @@ from fedmount.runner.mounts import (
 )
 from fedmount.runner.results import mount_figures, read_mount_stats, write_result
 from fedmount.runner.runtimes import Launch, RunError, Runtime, container_environment
-from fedmount.runner.runtimes.docker import DockerRuntime
-from fedmount.runner.runtimes.local import LocalRuntime
-from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, load_record
+from fedmount.runner.runtimes.choice import choose_runtime
+from fedmount.runner.spec import CollectionMount, ContainerSpec, FileMount, SpecError, read_record
 from fedmount.runner.staging import stage_for_run
 
 EXIT_FAILED = 1
@@ -94,7 +98,10 @@ results (in --output-dir):
   crunchstat.txt, result.json (state Complete or Cancelled, exit_code, error,
   timings, bytes read per cluster, cache hits, CPU and memory figures; with
   --stage, "stage": collections, blocks, bytes, bytes_staged,
-  bytes_already_cached, seconds). No token is written to any of them.
+  bytes_already_cached, seconds; "reuse": the step's key, reused_from (the
+  results_dir, container_uuid and finished_at of the earlier run whose outputs
+  were handed back, or null) and a note when the step has no key). No token is
+  written to any of them.
 
 exit status:
   the container's exit status when it ran; 1 when the run failed for another
@@ -104,6 +111,10 @@ exit status:
   by signal N (SIGINT, SIGTERM). Every path stops the container, unmounts and
   removes temporary directories.
 """
+
+
+class _Reused(Exception):
+    """An earlier run's outputs were handed back: nothing is started."""
 
 
 class Interrupted(Exception):
@@ -168,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tmpdir", metavar="DIR", help="where the private temporary directory goes (default $TMPDIR or /tmp)"
     )
+    p.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="run the container even when an earlier run of the same step (same image content, command, "
+        "cwd, environment, inputs by their current PDH, mounts and output path) succeeded; by default its "
+        "outputs are handed back without starting anything, and result.json names that run",
+    )
+    p.add_argument(
+        "--reuse-dir",
+        metavar="DIR",
+        help="the record of successful runs that --no-reuse ignores (default $XDG_CACHE_HOME/fedmount/runs "
+        "or ~/.cache/fedmount/runs; bounded, least recently used entries go first)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="start nothing: answer YES or NO, with every reason, whether the record could run on this "
+        "host now (runtime usable, image available, runtime_constraints within this host's memory, CPUs, "
+        "scratch space and GPUs, every input readable with this token) and estimate the transfer of "
+        "what is not in the --cache-dir cache; exit status 0 YES, 1 NO, 2 a refused record",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="with --check: print the fedmount-check/1 JSON document"
+    )
     return p
 
 
@@ -179,18 +214,6 @@ def default_fedmount() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "fedmount"]
-
-
-def choose_runtime(name: str | None) -> Runtime:
-    if name == "docker" or (name is None and DockerRuntime.available()):
-        if name == "docker" and not DockerRuntime.available():
-            raise RunError(
-                "--runtime docker: the Docker daemon does not answer; start dockerd or use --runtime local"
-            )
-        return DockerRuntime()
-    if not LocalRuntime.available():
-        raise RunError("no runtime: the Docker daemon does not answer and bwrap is not installed")
-    return LocalRuntime()
 
 
 def _now() -> str:
@@ -217,6 +240,7 @@ class Run:
             "timings": {},
             "fedmount": mount_figures({}),
             "stage": None,
+            "reuse": {"key": None, "reused_from": None, "note": None},
             "resources": None,
             "output_dir": os.path.join(results_dir, "output") if spec.output_path else None,
             "stdout": os.path.join(results_dir, "stdout.txt"),
@@ -244,6 +268,14 @@ class Run:
         try:
             runtime = choose_runtime(self.args.runtime)
             self.result["runtime"] = runtime.name
+            earlier = None
+            if self.args.no_reuse:
+                self.result["reuse"]["note"] = "--no-reuse"
+            else:
+                earlier = reuse.try_reuse(self.spec, runtime, self.args.reuse_dir, self.results, self.result)
+            if earlier is not None:
+                print(f"fedmount-run: reused the results of the same step in {earlier}", file=sys.stderr)
+                raise _Reused()
             work = tempfile.mkdtemp(prefix="fedmount-run-", dir=self.args.tmpdir)
             mnt = os.path.join(work, "mnt")
             os.mkdir(mnt)
@@ -304,6 +336,8 @@ class Run:
             status = runtime.exit_code(proc)
             self.result["timings"]["run_seconds"] = round(time.monotonic() - t, 3)
             self.result.update(state="Complete", exit_code=status)
+        except _Reused:
+            status = 0
         except SpecError as exc:
             status, self.result["error"] = EXIT_REFUSED, str(exc)
         except RunError as exc:
@@ -327,6 +361,10 @@ class Run:
                 signal.signal(s, handler)
         if self.result["error"]:
             print(f"fedmount-run: {self.result['error']}", file=sys.stderr)
+        elif status == 0 and self.result["state"] == "Complete":
+            problem = reuse.remember(self.args.reuse_dir, self.results, self.result)
+            if problem:
+                print(f"fedmount-run: {problem}", file=sys.stderr)
         return status
 
     def _cleanup(
@@ -407,18 +445,24 @@ def _new_results(record: str, spec: ContainerSpec) -> str:
     raise SpecError("--output-dir", f"{base}: every name is taken; give --output-dir")
 
 
+def _check(spec: ContainerSpec, args: argparse.Namespace) -> int:
+    report = check_record(spec, runtime=args.runtime, cache_dir=args.cache_dir, tmpdir=args.tmpdir,
+                          env=dict(os.environ))  # fmt: skip
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        sys.stdout.write(report.render())
+    return report.exit_status()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.record == "-":
-            text, source = sys.stdin.read(), "record"
-        else:
-            source = args.record
-            try:
-                text = Path(args.record).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise SpecError(args.record, f"cannot read the record: {exc.strerror}") from None
-        spec = load_record(text, source)
+        spec = read_record(args.record)
+        if args.json and not args.check:
+            raise SpecError("--json", "is only for --check")
+        if args.check:
+            return _check(spec, args)
         if args.output_dir:
             results = _prepare_results(args.output_dir)
         else:

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import posixpath
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedmount.arvados.ids import CollectionId, IdError, looks_like_collection_id, parse_collection_id
@@ -120,6 +122,17 @@ class ContainerSpec:
             (m for t, m in self.mounts.items() if t not in STREAM_TARGETS),
             key=lambda m: (m.target.count("/"), m.target),
         )
+
+
+def read_record(path: str) -> ContainerSpec:
+    """The record in the file at `path` (``-``: standard input), parsed and validated."""
+    if path == "-":
+        return load_record(sys.stdin.read(), "record")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(path, f"cannot read the record: {exc.strerror}") from None
+    return load_record(text, path)
 
 
 def load_record(text: str, source: str = "record") -> ContainerSpec:

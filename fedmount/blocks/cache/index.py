@@ -230,8 +230,9 @@ class Index:
     # pins ----------------------------------------------------------------------------
 
     def pin(self, keys: Iterable[str], owner: str = NO_OWNER, names: Sequence[str] = ()) -> None:
-        """Pin `keys` for `owner`, known also by `names`."""
-        self._add_pins([(k, owner) for k in keys], [(n, owner) for n in names if n != owner])
+        """Pin `keys` for `owner`, known also by `names` (the empty owner has no names)."""
+        aliases = [(n, owner) for n in names if n != owner] if owner != NO_OWNER else []
+        self._add_pins([(k, owner) for k in keys], aliases)
 
     def _add_pins(self, rows: list[tuple[str, str]], names: list[tuple[str, str]]) -> None:
         """Insert (key, owner) pins and (name, owner) names in one transaction."""

@@ -83,8 +83,13 @@ class DockerRuntime:
         except OSError as exc:
             raise RunError(f"cannot run {self.docker}: {exc.strerror}; install docker.io") from None
 
+    def image_id(self, ref: str) -> str | None:
+        """The id (content digest) of a local image, or None when the daemon has none by that name."""
+        found = self._docker("image", "inspect", "--format", "{{.Id}}", ref)
+        return found.stdout.strip() or None if found.returncode == 0 else None
+
     def has_image(self, ref: str) -> bool:
-        return self._docker("image", "inspect", "--format", "{{.Id}}", ref).returncode == 0
+        return self.image_id(ref) is not None
 
     def prepare_image(self, spec: ContainerSpec, mountpoint: str, workdir: str) -> str:
         """Make the image available to the daemon; returns the reference to run."""

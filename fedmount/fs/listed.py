@@ -1,0 +1,188 @@
+"""Directories whose entries come from API listings, and collections found in them.
+
+A `ListedDir` (a project, ``shared/``, a tag) asks its listing of the API in the
+background (`fedmount.fs.calls`) the first time it is read and again when touched after
+``refresh_time``; an operation waits for a listing until its deadline, and past it is
+answered from the listing the directory has (or ETIMEDOUT if it has none yet, and the
+call goes on for the next operation). A listing that fails keeps the previous one, logs
+one line naming the directory and the cluster, and is asked again after ``refresh_time``;
+with no previous listing the failure is the operation's answer (EIO for a cluster that is
+down: only the directories of that cluster are affected), and the next operation asks again.
+
+Entries are nodes kept by object uuid for the life of the directory, numbered by (this
+directory, uuid): a re-listing that renames an object keeps its number under the new name,
+and a collection already loaded stays loaded.
+
+A `ListedCollectionDir` is a collection named in a listing: its attributes come from the
+list record (no manifest is fetched to list a project) and it loads its collection, as
+``by_id/`` does, when someone looks inside; from then on it is that collection's root.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from collections.abc import Awaitable
+from typing import Any
+
+from fedmount.api.federation import parse_timestamp
+from fedmount.arvados.errors import ApiError
+from fedmount.arvados.ids import parse_collection_id
+
+from .calls import Call, answer_by_deadline
+from .collection import Collection
+from .context import MountContext
+from .errors import FsError, api_failure
+from .loader import CollectionLoader, api_group
+from .nodes import Attr, DirNode, Entries, Node
+
+log = logging.getLogger("fedmount.fs")
+
+
+def record_mtime(record: dict[str, Any], default: float) -> float:
+    return parse_timestamp(record.get("modified_at")) or default
+
+
+async def asked(subject: str, answer: Awaitable[Any], context: MountContext) -> Any:
+    """The API's `answer` about `subject`; its `ApiError` as FsError, logged in one line."""
+    try:
+        return await answer
+    except ApiError as e:
+        raise api_failure(e, subject, context.stats) from None
+
+
+class ListedDir(DirNode):
+    """A directory listed by the API (see the module docstring). Subclasses say what
+    `_list` asks and how its items become named nodes; `hidden` entries answer a lookup
+    without being listed."""
+
+    def __init__(
+        self,
+        context: MountContext,
+        ino: int,
+        subject: str,
+        cluster: str,
+        mtime: float,
+        hidden: dict[str, Node] | None = None,
+    ):
+        self.context = context
+        self.ino = ino
+        self.subject = subject  # names the directory in messages: "project zzzzz-j7d0g-..."
+        self.cluster = cluster  # whose API lists it
+        self.mtime = mtime
+        self.hidden = dict(hidden or {})
+        self._names: dict[str, Node] | None = None  # as of the last listing
+        self._listed_at = -math.inf
+        self._call: Call[dict[str, Node]] | None = None
+
+    async def _list(self) -> dict[str, Node]:
+        raise NotImplementedError
+
+    def attr(self) -> Attr:
+        timeout = self.context.policy.refresh_time
+        return Attr(self.ino, True, 0, self.mtime, timeout, timeout)
+
+    async def listing(self) -> dict[str, Node]:
+        """The entries, listed again first if due (waiting for that until its deadline)."""
+        context = self.context
+        due = self._names is None or context.clock() - self._listed_at >= context.policy.refresh_time
+        if self._call is None and due:  # never listed (or failed to): asked again each time
+            self._call = context.calls.start(self.cluster, f"listing {self.subject}", self._relist)
+        call = self._call
+        if call is None:
+            assert self._names is not None
+            return self._names
+        if self._names is None:
+            return await answer_by_deadline(
+                call, context.calls, self.cluster, self.subject, context.stats, "list"
+            )
+        if await call.wait():
+            return call.result()
+        return self._names
+
+    async def _relist(self) -> dict[str, Node]:
+        try:
+            names = await self._list()
+        except FsError:
+            if self._names is None:
+                raise
+            return self._names  # keep serving the last listing (the failure was logged)
+        finally:
+            self._listed_at = self.context.clock()
+            self._call = None
+        self._names = names
+        return names
+
+    async def lookup(self, name: str) -> Node:
+        node = self.hidden.get(name)
+        if node is None:
+            node = (await self.listing()).get(name)
+        if node is None:
+            raise FsError(errno.ENOENT, cache_for=self.context.policy.refresh_time)
+        return node
+
+    async def entries(self) -> Entries:
+        return list((await self.listing()).items())
+
+
+class ListedCollectionDir(DirNode):
+    """A collection named in a listing (see the module docstring)."""
+
+    def __init__(self, context: MountContext, loader: CollectionLoader, ino: int, record: dict[str, Any]):
+        self.context = context
+        self.loader = loader
+        self.ino = ino
+        self.record = record
+        self.cid = parse_collection_id(str(record["uuid"]))
+        self.collection: Collection | None = None
+        self._call: Call[Collection] | None = None
+
+    def relisted(self, record: dict[str, Any]) -> None:
+        """Its directory listed it again, with this record (its attributes until it is loaded)."""
+        self.record = record
+
+    def attr(self) -> Attr:
+        if self.collection is not None:
+            return self.collection.root.attr()
+        timeout = self.context.policy.refresh_time
+        return Attr(self.ino, True, 0, record_mtime(self.record, self.context.started), timeout, timeout)
+
+    async def fresh(self) -> None:
+        if self.collection is not None:
+            await self.collection.fresh()
+
+    async def _loaded(self) -> Collection:
+        if self.collection is not None:
+            await self.collection.fresh()
+            return self.collection
+        group = api_group(self.cid)
+        if self._call is None:
+            self._call = self.context.calls.start(group, f"loading collection {self.cid}", self._load)
+        return await answer_by_deadline(
+            self._call, self.context.calls, group, f"collection {self.cid}", self.context.stats, "lookup"
+        )
+
+    async def _load(self) -> Collection:
+        try:
+            record, manifest = await self.loader.load(self.cid)
+        finally:
+            self._call = None
+        self.collection = Collection(
+            self.context, self.loader, self.cid, (self.ino, "collection"), self.ino, record, manifest
+        )
+        return self.collection
+
+    async def lookup(self, name: str) -> Node:
+        return await (await self._loaded()).root.lookup(name)
+
+    async def entries(self) -> Entries:
+        return await (await self._loaded()).root.entries()
+
+    def xattr_names(self) -> list[str]:
+        return self.collection.root.xattr_names() if self.collection is not None else []
+
+    def xattr(self, name: str) -> bytes:
+        if self.collection is None:
+            raise FsError(errno.ENODATA)
+        return self.collection.root.xattr(name)

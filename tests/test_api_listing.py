@@ -1,0 +1,135 @@
+"""`ProjectSource` without a network: which cluster each call goes to, keyset paging,
+configurations, filters. The controller clients are fakes that answer from lists."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from fedmount.api.listing import ClusterConfig, ProjectSource, for_table
+from fedmount.arvados.errors import ClusterUnreachable
+
+ME = "zzzzz-tpzed-000000000000001"
+
+
+def uuid(cluster: str, infix: str, i: int) -> str:
+    return f"{cluster}-{infix}-{i:015d}"
+
+
+@dataclass
+class FakeClient:
+    """Answers ``groups/<x>/contents``, ``groups/shared``, ``links`` and ``config`` from lists,
+    applying the paging filter and limit as the API does."""
+
+    cluster: str
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    collections: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    async def call(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        params = params or {}
+        self.calls.append((path, params))
+        if path == "config":
+            if self.config is None:
+                raise ClusterUnreachable(self.cluster, "no config")
+            return self.config
+        filters = params.get("filters", [])
+        rows = self.groups if ["uuid", "is_a", "arvados#group"] in filters else self.collections
+        after = next((f[2] for f in filters if f[:2] == ["uuid", ">"]), "")
+        rows = sorted((r for r in rows if r["uuid"] > after), key=lambda r: r["uuid"])
+        limit = min(params.get("limit", 100), 1000)
+        return {"items": rows[:limit], "limit": limit, "included": []}
+
+
+@dataclass
+class FakeFederation:
+    clients: dict[str, FakeClient]
+    home_cluster: str = "zzzzz"
+    user: dict[str, Any] = field(default_factory=lambda: {"uuid": ME})
+
+    @property
+    def remote_clusters(self) -> list[str]:
+        return sorted(c for c in self.clients if c != self.home_cluster)
+
+    def controller(self, cluster: str) -> FakeClient:
+        return self.clients[cluster]
+
+
+@pytest.fixture
+def federation() -> FakeFederation:
+    home = FakeClient("zzzzz", config={"Collections": {"ForwardSlashNameSubstitution": "%2f"},
+                                       "API": {"MaxItemsPerResponse": 1000}})  # fmt: skip
+    remote = FakeClient("zbbbb", config={"Collections": {"ForwardSlashNameSubstitution": ""},
+                                         "API": {"MaxItemsPerResponse": 500}})  # fmt: skip
+    return FakeFederation({"zzzzz": home, "zbbbb": remote})
+
+
+async def test_contents_pages_by_uuid_with_the_clusters_page_size_and_stops_at_a_short_page(federation):
+    remote = federation.clients["zbbbb"]
+    remote.groups = [{"uuid": uuid("zbbbb", "j7d0g", i), "name": f"p{i}"} for i in range(3)]
+    remote.collections = [
+        {
+            "uuid": uuid("zbbbb", "4zz18", i),
+            "name": f"c{i}",
+            "current_version_uuid": uuid("zbbbb", "4zz18", i),
+        }
+        for i in range(1200)
+    ] + [
+        {
+            "uuid": uuid("zbbbb", "4zz18", 5000),
+            "name": "old",
+            "current_version_uuid": uuid("zbbbb", "4zz18", 1),
+        }
+    ]
+    source = ProjectSource(federation)
+    items = await source.contents(ME, "zbbbb")
+    assert [i["name"] for i in items[:3]] == ["p0", "p1", "p2"] and len(items) == 3 + 1200  # no old version
+    listings = [p for path, p in remote.calls if path.endswith("/contents")]
+    assert len(listings) == 1 + 3  # one page of groups; 500 + 500 + 201 collections
+    assert {p["limit"] for p in listings} == {500} and {p["count"] for p in listings} == {"none"}
+    assert listings[2]["filters"][-1] == ["uuid", ">", uuid("zbbbb", "4zz18", 499)]
+    assert all(p["order"] == ["uuid asc"] for p in listings)
+    assert federation.clients["zzzzz"].calls == []  # asked of that cluster only
+
+
+async def test_a_project_is_asked_of_the_cluster_that_owns_it(federation):
+    source = ProjectSource(federation)
+    project = uuid("zbbbb", "j7d0g", 7)
+    await source.contents(project)
+    await source.find(project, ["x"])
+    assert [path for path, _ in federation.clients["zbbbb"].calls if path != "config"] == [
+        f"groups/{project}/contents"] * 4  # fmt: skip
+    assert federation.clients["zzzzz"].calls == []
+
+
+def test_cluster_configuration_as_arv_mount_reads_it():
+    assert ClusterConfig.of({"Collections": {"ForwardSlashNameSubstitution": "%2f"}}) == ClusterConfig(
+        "%2f", 1000
+    )
+    assert ClusterConfig.of({"Collections": {"ForwardSlashNameSubstitution": "/"}}).slash_substitution is None
+    assert ClusterConfig.of({"Collections": {"ForwardSlashNameSubstitution": ""}}).slash_substitution is None
+    assert ClusterConfig.of(None) == ClusterConfig("_", 1000)  # unreadable: arv-mount's default
+    assert ClusterConfig.of({"API": {"MaxItemsPerResponse": 500}}).page_size == 500
+
+
+async def test_an_unreadable_configuration_is_read_once_and_defaults(federation):
+    federation.clients["zbbbb"].config = None
+    source = ProjectSource(federation)
+    assert await source.config("zbbbb") == await source.config("zbbbb") == ClusterConfig("_", 1000)
+    assert [path for path, _ in federation.clients["zbbbb"].calls] == ["config"]
+
+
+def test_filters_go_to_the_tables_they_name():
+    filters = [["name", "like", "x%"], ["collections.file_count", ">", 1], ["groups.name", "=", "p"]]
+    wanted = [["name", "like", "x%"], ["collections.file_count", ">", 1]]
+    assert for_table(filters, "collections", qualified=True) == wanted
+    assert for_table(filters, "groups", qualified=False) == [["name", "like", "x%"], ["name", "=", "p"]]
+    assert json.dumps(for_table(filters, "links", qualified=False)) == '[["name", "like", "x%"]]'
+
+
+def test_every_cluster_of_the_federation_is_listed_home_first(federation):
+    assert ProjectSource(federation).clusters == ["zzzzz", "zbbbb"]
