@@ -82,6 +82,8 @@ def test_help_mentions_every_arv_mount_read_flag(capsys):
 
 @pytest.mark.parametrize("argv", [
     ["--mount-tmp", "tmp0", "--collection", "x"],
+    ["--mount-tmp", "tmp0", "--project", "zzzzz-j7d0g-000000000000000"],
+    ["--mount-tmp", "tmp0", "--home"],
     ["--mount-tmp", "by_id", "--mount-by-id", "by_id"],
     ["--mount-tmp", "a/b"],
 ])  # fmt: skip

@@ -71,7 +71,7 @@ def attach_scratch(tree: Tree, home: HomeLike, opts: ScratchOptions, *, transpor
         raise FsError(errno.EACCES, f"--mount-tmp-dir {backing}: not a directory this user can write")
     root = tree.root
     if not isinstance(root, StaticDir):
-        raise FsError(errno.EINVAL, "--mount-tmp cannot be combined with --collection")
+        raise FsError(errno.EINVAL, "--mount-tmp needs a root of directories (not --collection or a mode)")
     quota = Quota(opts.size or default_quota(backing))
     uploader = _HomeUploader(home, transport, opts.storage_classes, stats)
     stores = []
