@@ -22,13 +22,15 @@ TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static libfuse-dev pkg-conf
 # The real arv-mount (arvados-fuse, PyPI) in a virtualenv of its own, for conformance tests and benchmarks.
 ARV_MOUNT_VENV ?= .venv-arv-mount
 ARV_MOUNT_VERSION := 3.2.1
+# The real crunchstat-summary (PyPI) in a virtualenv of its own: it reads the crunchstat lines of a mount's log.
+CRUNCHSTAT_SUMMARY_VENV ?= .venv-crunchstat-summary
 
-.PHONY: demo test bench lint install uninstall system-deps test-system-deps venv arv-mount clean
+.PHONY: demo test bench lint install uninstall arv-mount-link system-deps test-system-deps venv arv-mount crunchstat-summary clean
 
 demo: system-deps venv
 	$(VENV)/bin/python -m integration.demo
 
-test: system-deps test-system-deps venv arv-mount
+test: system-deps test-system-deps venv arv-mount crunchstat-summary
 	$(SUDO) integration/ensure_docker.sh
 	$(VENV)/bin/python -m ruff check fedmount tests integration bench
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration
@@ -51,11 +53,23 @@ install: system-deps
 	  ln -sfn $(INSTALL_VENV)/bin/$$c $(PREFIX)/bin/$$c && \
 	  ln -sfn $(INSTALL_VENV)/share/man/man1/$$c.1 $(PREFIX)/share/man/man1/$$c.1 || exit 1; \
 	done
+	ln -sfn $(INSTALL_VENV)/bin/fedmount-arv-mount $(PREFIX)/bin/fedmount-arv-mount
 	@echo "installed $(COMMANDS) in $(PREFIX)/bin and their man pages in $(PREFIX)/share/man/man1"
+	@echo "fedmount-arv-mount is fedmount under arv-mount's command line; make arv-mount-link names it arv-mount"
 
 uninstall:
 	for c in $(COMMANDS); do rm -f $(PREFIX)/bin/$$c $(PREFIX)/share/man/man1/$$c.1; done
+	rm -f $(PREFIX)/bin/fedmount-arv-mount
+	[ "$$(readlink $(PREFIX)/bin/arv-mount 2>/dev/null)" != fedmount-arv-mount ] || rm -f $(PREFIX)/bin/arv-mount
 	rm -rf $(INSTALL_VENV)
+
+# fedmount as crunch-run's arv-mount: PREFIX/bin/arv-mount -> fedmount-arv-mount (after make install),
+# never over an arv-mount that is not this link.
+arv-mount-link:
+	@[ -x $(PREFIX)/bin/fedmount-arv-mount ] || { echo "make arv-mount-link: run make install first (PREFIX=$(PREFIX))" >&2; exit 1; }
+	@if [ -e $(PREFIX)/bin/arv-mount ] && [ "$$(readlink $(PREFIX)/bin/arv-mount)" != fedmount-arv-mount ]; then \
+	  echo "make arv-mount-link: $(PREFIX)/bin/arv-mount exists and is not fedmount's link; not replacing it" >&2; exit 1; fi
+	ln -sfn fedmount-arv-mount $(PREFIX)/bin/arv-mount
 
 # apt-get runs only when a package is missing, so repeated runs cost nothing. On a fresh
 # cloud machine another apt run (cloud-init, unattended-upgrades) often holds the dpkg lock:
@@ -99,6 +113,14 @@ $(ARV_MOUNT_VENV)/.installed-$(ARV_MOUNT_VERSION): | test-system-deps
 	$(PYTHON) -m venv $(ARV_MOUNT_VENV)
 	$(ARV_MOUNT_VENV)/bin/pip install -q --upgrade pip wheel
 	$(ARV_MOUNT_VENV)/bin/pip install -q 'arvados-fuse==$(ARV_MOUNT_VERSION)'
+	touch $@
+
+crunchstat-summary: $(CRUNCHSTAT_SUMMARY_VENV)/.installed-$(ARV_MOUNT_VERSION)
+
+$(CRUNCHSTAT_SUMMARY_VENV)/.installed-$(ARV_MOUNT_VERSION):
+	$(PYTHON) -m venv $(CRUNCHSTAT_SUMMARY_VENV)
+	$(CRUNCHSTAT_SUMMARY_VENV)/bin/pip install -q --upgrade pip wheel
+	$(CRUNCHSTAT_SUMMARY_VENV)/bin/pip install -q 'crunchstat-summary==$(ARV_MOUNT_VERSION)'
 	touch $@
 
 clean:

@@ -47,6 +47,9 @@ setup(
         "console_scripts": [
             "fedmount=fedmount.cli:main",
             "fedmount-run=fedmount.runner.cli:main",
+            # fedmount under arv-mount's command line; never named arv-mount, so that it cannot
+            # shadow a real one: `make arv-mount-link` links it as arv-mount (README).
+            "fedmount-arv-mount=fedmount.arvmount_cli:main",
         ],
     },
     data_files=[("share/man/man1", ["man/fedmount.1", "man/fedmount-run.1"])],

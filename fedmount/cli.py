@@ -2,8 +2,8 @@
 
 ``fedmount [options] MOUNTPOINT`` mounts; ``fedmount --unmount MOUNTPOINT`` unmounts
 without talking to any API. arv-mount's read-path flags are accepted where they mean the
-same thing, so fedmount can stand in for arv-mount under crunch-run-like wrappers; its
-write flags are refused with a one-line reason (exit 2).
+same thing, so fedmount can stand in for arv-mount under crunch-run; its write flags
+(`fedmount.write_flags`) write only into ``--mount-tmp`` scratch directories.
 
 Subcommands (``fedmount NAME ...``: ``locate``, ``stage``, ``unpin``) dispatch on the first
 argument before the mount parser sees anything. Each owns its help and its parser
@@ -29,6 +29,7 @@ from fedmount.cliutil import Subcommand, parse_size, seconds, subcommands_text
 from fedmount.locality import arguments as locality_arguments
 from fedmount.logs import add_detached_log, setup_logging
 from fedmount.unmount import unmount_command
+from fedmount.write_flags import add_write_options, check_write_options
 
 SUBCOMMANDS: dict[str, Subcommand] = {c.name: c for c in locality_arguments.SUBCOMMANDS}
 
@@ -52,11 +53,6 @@ EPILOG = f"""\
 
 Statistics: MOUNTPOINT/.fedmount/stats.json (hidden). Extended attributes: getfattr -d FILE.
 See fedmount(1)."""
-
-REFUSED = {
-    "--read-write": "fedmount is read-only; write results with arv-put",
-    "--mount-tmp": "fedmount has no writable scratch collections; use a local directory and arv-put",
-}
 
 
 def _dir_name(text: str) -> str:
@@ -83,15 +79,6 @@ def _filters(text: str) -> list[list[object]]:
     if not isinstance(filters, list) or not all(map(one, filters)):
         raise argparse.ArgumentTypeError("filters must be a list of [attribute, operator, operand] lists")
     return filters
-
-
-class _Refuse(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
-        parser.exit(2, f"fedmount: {option_string} is not supported: {REFUSED[self.dest_flag]}\n")
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object):
-        self.dest_flag = option_strings[0]
-        super().__init__(option_strings, dest, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,13 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-event-listening", action="store_true",
                    help="fedmount never listens to events: UUID collections are re-checked every "
                    "--refresh-time.")
-    g.add_argument("--storage-classes", metavar="LIST", help="Only matters for writing; ignored.")
-
-    g = p.add_argument_group("refused (fedmount is read-only)")
-    for flag, reason in REFUSED.items():
-        takes_value = flag == "--mount-tmp"
-        g.add_argument(flag, action=_Refuse, nargs=1 if takes_value else 0,
-                       metavar="DIR" if takes_value else None, help=f"Refused: {reason}.")
+    add_write_options(p, dir_name=_dir_name, size=parse_size)
     return p
 
 
@@ -256,6 +237,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.project:
         args.mode = "project"
     names = args.mount_by_id + args.mount_by_pdh + args.mount_home + args.mount_shared + args.mount_by_tag
+    check_write_options(parser, args)
+    names += args.mount_tmp
     if args.collection and (names or args.mode):
         parser.error("--collection cannot be combined with another layout option")
     if args.mode and names:

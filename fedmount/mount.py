@@ -48,8 +48,10 @@ from fedmount.blocks.fetcher import BlockReader
 from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.blocks.transport import Timeouts, Urllib3Transport
+from fedmount.blocks.upload import Urllib3Put
 from fedmount.fs import fuse
 from fedmount.fs.errors import FsError
+from fedmount.fs.scratch_root import attach_scratch
 from fedmount.fs.tree import Tree
 from fedmount.mount_options import MountOptions
 from fedmount.startup import (
@@ -143,6 +145,11 @@ class Daemon:
             except FsError as e:
                 raise StartupError(f"cannot mount {opts.layout.root_option()}: {e}") from None
             try:
+                put = Urllib3Put(ca_file=self.settings.ca_file, insecure=self.settings.insecure)
+                attach_scratch(tree, federation, opts.scratch, transport=put, stats=stats)
+            except FsError as e:
+                raise StartupError(str(e)) from None
+            try:
                 return await self._serve(tree)
             finally:
                 book = ThroughputBook.in_cache_dir(cache.directory)  # no file for a RAM-only cache
@@ -155,7 +162,8 @@ class Daemon:
         opts = self.opts
         ops = fuse.FuseOperations(tree, self.stats)
         try:
-            fuse.mount(ops, opts.mountpoint, subtype=opts.subtype, allow_other=opts.allow_other)
+            fuse.mount(ops, opts.mountpoint, subtype=opts.subtype, allow_other=opts.allow_other,
+                       writable=bool(opts.scratch.names))
         except OSError as e:
             raise StartupError(e.strerror or str(e)) from None
         status = 0

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from fedmount import defaults
+from fedmount.fs.scratch_root import ScratchOptions
 from fedmount.fs.tree import Layout
 from fedmount.logs import detached_log_path
 
@@ -44,6 +45,7 @@ class MountOptions:
     crunchstat_interval: float = 0.0
     stats_port: int | None = None
     log_path: str | None = None  # the log file, named in the "mounted" line; None: stderr only
+    scratch: ScratchOptions = field(default_factory=ScratchOptions)  # --mount-tmp directories
 
     @property
     def detached(self) -> bool:
@@ -66,6 +68,8 @@ class MountOptions:
             keep_min_rate=args.keep_min_rate, keep_rate_window=args.keep_rate_window,
             max_manifest_size=args.max_manifest_size, read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,
+            scratch=ScratchOptions(list(args.mount_tmp), args.mount_tmp_dir, args.mount_tmp_size,
+                                   [c.strip() for c in (args.storage_classes or "").split(",") if c.strip()]),
         )  # fmt: skip
         if args.logfile:
             opts.log_path = os.path.abspath(args.logfile)

@@ -9,9 +9,16 @@ crunchstat
         crunchstat: keepcalls 0 put 12 get -- interval 10.0000 seconds 0 put 2 get
 
     The arv-mount groups (``keepcalls``, ``net:keep0``, ``keepcache``, ``fuseops``,
-    ``blkio:0:0``, ``fuseop:<op>``) come first so that tools that parse arv-mount's output
-    keep working; fedmount adds one ``net:keep:<cluster>`` group per cluster, ``prefetch``
-    and the process figures from psutil (``cpu`` user/sys seconds, ``mem`` rss bytes).
+    ``blkio:0:0``, ``fuseop:<op>``) come first and count what arv-mount's count, so that
+    crunchstat-summary, which reads them from crunch-run's ``arv-mount.txt``, gives the same
+    figures: ``keepcalls get`` is block look-ups (cache hits and misses, as the SDK's
+    ``KeepClient.get`` counts calls) and ``put`` blocks written, ``net:keep0`` bytes sent
+    and received from Keep, ``fuseops``/``blkio:0:0`` FUSE writes and reads and their bytes.
+    fedmount adds one ``net:keep:<cluster>`` group per cluster, ``prefetch`` and the process
+    figures from psutil (``fedmount:cpu`` user/sys seconds, ``fedmount:mem`` rss bytes):
+    named so, not ``cpu`` and ``mem``, because crunchstat-summary reads ``arv-mount.txt``
+    together with the container's ``crunchstat.txt`` and would take them for the
+    container's own.
 
 Prometheus
     ``--stats-port PORT`` serves `Stats.prometheus_text` (plus ``process_*`` gauges) at
@@ -72,12 +79,13 @@ def crunchstat_groups(stats: Stats, process: psutil.Process) -> list[Group]:
     ops = _labelled(stats, "fuse_ops", "op")
     op_seconds = _labelled(stats, "fuse_seconds", "op")
     figures = process_figures(process)
+    hits, misses = stats.get("cache_hits"), stats.get("cache_misses")
     groups: list[Group] = [
-        ("keepcalls", [("put", 0), ("get", stats.get("keep_requests"))]),
-        ("net:keep0", [("tx", 0), ("rx", stats.get("keep_bytes"))]),
-        ("keepcache", [("hit", stats.get("cache_hits")), ("miss", stats.get("cache_misses"))]),
-        ("fuseops", [("write", 0), ("read", ops.get("read", 0))]),
-        ("blkio:0:0", [("write", 0), ("read", stats.get("fuse_read_bytes"))]),
+        ("keepcalls", [("put", stats.get("keep_puts")), ("get", hits + misses)]),
+        ("net:keep0", [("tx", stats.get("keep_put_bytes")), ("rx", stats.get("keep_bytes"))]),
+        ("keepcache", [("hit", hits), ("miss", misses)]),
+        ("fuseops", [("write", ops.get("write", 0)), ("read", ops.get("read", 0))]),
+        ("blkio:0:0", [("write", stats.get("fuse_write_bytes")), ("read", stats.get("fuse_read_bytes"))]),
     ]
     for op in sorted(ops):
         groups.append((f"fuseop:{op}", [("count", ops[op]), ("time", op_seconds.get(op, 0.0))]))
@@ -91,8 +99,9 @@ def crunchstat_groups(stats: Stats, process: psutil.Process) -> list[Group]:
         ]))  # fmt: skip
     groups.append(("prefetch", [("depth", stats.get("prefetch_depth")),
                                 ("started", stats.get("prefetch_started"))]))
-    groups.append(("cpu", [("user", figures["cpu_user_seconds"]), ("sys", figures["cpu_system_seconds"])]))
-    groups.append(("mem", [("rss", figures["rss_bytes"])]))
+    cpu = [("user", figures["cpu_user_seconds"]), ("sys", figures["cpu_system_seconds"])]
+    groups.append(("fedmount:cpu", cpu))
+    groups.append(("fedmount:mem", [("rss", figures["rss_bytes"])]))
     return groups
 
 

@@ -57,6 +57,18 @@ def test_make_install_gives_commands_and_man_pages_and_uninstall_removes_them(tm
     rendered = subprocess.run(["man", "-P", "cat", "fedmount"], env={**env, "MANWIDTH": "80"},
                               capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "fedmount - read-only FUSE mounts of Arvados collections" in " ".join(rendered.stdout.split())
+    assert not (prefix / "bin/arv-mount").exists()  # never installed under that name unless asked
+    link = ["make", "--no-print-directory", "arv-mount-link", f"PREFIX={prefix}"]
+    assert subprocess.run(link, cwd=REPO, capture_output=True, timeout=60).returncode == 0
+    standin = subprocess.run(["arv-mount", "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert standin.stdout.startswith("arv-mount ") and "fedmount" in standin.stdout, standin.stderr
+    (prefix / "bin/arv-mount").unlink()
+    (prefix / "bin/arv-mount").write_text("a real arv-mount\n")
+    refused = subprocess.run(link, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "not replacing it" in refused.stderr
+    assert (prefix / "bin/arv-mount").read_text() == "a real arv-mount\n"
+    (prefix / "bin/arv-mount").unlink()
+    assert subprocess.run(link, cwd=REPO, capture_output=True, timeout=60).returncode == 0
     subprocess.run(["make", "--no-print-directory", "uninstall", f"PREFIX={prefix}"], cwd=REPO,
                    check=True, capture_output=True, timeout=120)  # fmt: skip
     assert sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*") if not p.is_dir()) == []

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedmount import cli, cliutil, mountinfo
+from fedmount import __version__, cli, cliutil, mountinfo
 from fedmount.locality import arguments as locality_arguments
 from fedmount.locality.commands import MAINS
 from fedmount.logs import RedactingFilter, setup_logging
@@ -80,25 +80,43 @@ def test_help_mentions_every_arv_mount_read_flag(capsys):
         assert flag in out, flag
 
 
-@pytest.mark.parametrize("flag", [["--read-write"], ["--mount-tmp", "tmp0"]])
-def test_write_flags_are_refused_with_one_line_and_status_2(capsys, flag):
+@pytest.mark.parametrize("argv", [
+    ["--mount-tmp", "tmp0", "--collection", "x"],
+    ["--mount-tmp", "tmp0", "--project", "zzzzz-j7d0g-000000000000000"],
+    ["--mount-tmp", "tmp0", "--home"],
+    ["--mount-tmp", "by_id", "--mount-by-id", "by_id"],
+    ["--mount-tmp", "a/b"],
+])  # fmt: skip
+def test_write_flags_that_cannot_be_served_are_refused_with_one_line_and_status_2(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        cli.parse_args([*flag, "/mnt"])
+        cli.parse_args([*argv, "/mnt"])
     assert e.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
-    assert flag[0] in line and ("read-only" in line or "scratch" in line)
+    [*_, line] = capsys.readouterr().err.strip().splitlines()
+    assert "--mount-tmp" in line or "directory name" in line
 
 
 def test_crunch_run_arguments_parse():
     args = cli.parse_args([
-        "--foreground", "--storage-classes", "default", "--crunchstat-interval=10", "--allow-other",
-        "--disk-cache", "--disk-cache-dir", "/tmp/c", "--file-cache", "2147483648",
+        "--foreground", "--read-write", "--storage-classes", "default,archive", "--crunchstat-interval=10",
+        "--allow-other", "--disk-cache", "--disk-cache-dir", "/tmp/c", "--file-cache", "2147483648",
+        "--mount-tmp", "tmp0", "--mount-tmp", "tmp1",
         "--mount-by-pdh", "by_id", "--disable-event-listening", "--mount-by-id", "by_uuid", "/tmp/keep1",
     ])  # fmt: skip
     opts = MountOptions.from_args(args)
     assert opts.layout.by_pdh == ["by_id"] and opts.layout.by_id == ["by_uuid"]
     assert opts.file_cache == 2 << 30 and opts.crunchstat_interval == 10 and opts.allow_other
     assert opts.mountpoint == "/tmp/keep1" and opts.foreground
+    assert opts.scratch.names == ["tmp0", "tmp1"] and opts.scratch.storage_classes == ["default", "archive"]
+    empty = MountOptions.from_args(cli.parse_args(["--storage-classes", "", "--mount-tmp", "tmp0", "/m"]))
+    assert empty.scratch.storage_classes == []
+
+
+def test_arv_mount_entry_point_prints_a_version_line_naming_fedmount(capsys):
+    from fedmount import arvmount_cli
+
+    assert arvmount_cli.main(["--version"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "fedmount" in line and __version__ in line
 
 
 def test_exec_takes_the_rest_of_the_line():
@@ -223,14 +241,17 @@ def test_crunchstat_lines_look_like_arv_mount():
     stats.add("fuse_seconds", 0.5, op="read")
     cs = CrunchStat(10, lambda: crunchstat_groups(stats, psutil.Process()))
     first = {line.split(" -- ")[0].split()[1]: line for line in cs.lines()}
-    assert first["keepcalls"] == "crunchstat: keepcalls 0 put 3 get -- interval 10.0000 seconds 0 put 3 get"
+    assert first["keepcalls"] == "crunchstat: keepcalls 0 put 5 get -- interval 10.0000 seconds 0 put 5 get"
     assert first["keepcache"].startswith("crunchstat: keepcache 5 hit 0 miss --")
     assert first["fuseop:read"].startswith("crunchstat: fuseop:read 7 count 0.500000 time --")
     assert first["net:keep:zbbbb"].startswith("crunchstat: net:keep:zbbbb 1000 rx 3 requests 0 errors")
-    assert "mem" in first and "cpu" in first
-    stats.add("keep_requests", 2, cluster="zbbbb")
+    assert "fedmount:mem" in first and "fedmount:cpu" in first and "cpu" not in first and "mem" not in first
+    stats.add("cache_misses", 2)
+    stats.add("keep_puts", 1)
+    stats.add("keep_put_bytes", 7)
     second = {line.split(" -- ")[0].split()[1]: line for line in cs.lines()}
-    assert second["keepcalls"].endswith("seconds 0 put 2 get")
+    assert second["keepcalls"].endswith("seconds 1 put 2 get")
+    assert second["net:keep0"] == "crunchstat: net:keep0 7 tx 1000 rx -- interval 10.0000 seconds 7 tx 0 rx"
 
 
 def test_prometheus_text_has_counters_and_process_gauges():

@@ -79,6 +79,7 @@ log = logging.getLogger("fedmount.federation")
 
 Mode = Literal["home", "direct"]
 DEFAULT_BLOB_SIGNATURE_TTL = 1209600
+DEFAULT_REPLICATION = 2  # the SDK's default when discovery has no defaultCollectionReplication
 _TIMESTAMP_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+-]\d\d:?\d\d)?$")
 
 
@@ -170,6 +171,7 @@ class Federation:
         self.home_cluster = home.cluster
         self._remotes = remotes
         self.blob_signature_ttl = DEFAULT_BLOB_SIGNATURE_TTL
+        self.default_replication = DEFAULT_REPLICATION  # copies of a block written (discovery)
         self.user: dict[str, Any] = {}
 
     @classmethod
@@ -198,6 +200,8 @@ class Federation:
             federation = cls(settings, mode, home, remotes)
             ttl = discovery.get("blobSignatureTtl") or DEFAULT_BLOB_SIGNATURE_TTL
             federation.blob_signature_ttl = int(ttl)
+            replication = discovery.get("defaultCollectionReplication") or DEFAULT_REPLICATION
+            federation.default_replication = int(replication)
             federation.user = user
         except ApiError as e:
             await home.aclose()
@@ -224,6 +228,10 @@ class Federation:
         if cluster == self.home_cluster:
             return self.home
         return self._remotes.get(cluster)
+
+    async def home_route(self) -> KeepRoute:
+        """Where blocks are written: the home cluster's keep services, with the home token."""
+        return KeepRoute(self.home_cluster, self.home.token.text, await self._services(self.home))
 
     async def aclose(self) -> None:
         await self.home.aclose()

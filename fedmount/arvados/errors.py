@@ -15,6 +15,8 @@
                                manifest that does not hash to its PDH, a cluster lying about its id
     BlockError                 a block could not be read (.locator, one-line message)
     └── BlockNotFound          every keep service of the route said it does not have the block
+    KeepWriteError             a block could not be stored with the copies and storage classes
+                               asked for (.key, one-line message starting "Keep write error")
 
 The API clients (`fedmount.api`) raise the first family, the Keep client (`fedmount.blocks`)
 the second. What a failure means to a caller is its type: `fedmount.fs.errors` maps the tree
@@ -109,3 +111,12 @@ class BlockError(Exception):
 
 class BlockNotFound(BlockError):
     """Every service of the route answered that it does not have the block."""
+
+
+class KeepWriteError(Exception):
+    """A block could not be stored as asked; the message is one line, "Keep write error: ..."
+    (the phrase crunch-run turns into a runtime warning), naming the block by ``hash+size``."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"Keep write error: {message}")
+        self.key = key

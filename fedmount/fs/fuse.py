@@ -30,8 +30,9 @@ number left out and the first such name (shortened).
 
 A lookup that fails with ENOENT and a `FsError.cache_for` is answered with a negative
 entry (inode 0) and that entry timeout, so the kernel itself remembers that the name does
-not exist. Every modifying operation answers EROFS (the mount is also made ``ro``, so
-the kernel refuses most of them before they get here).
+not exist. Every modifying operation answers EROFS (without ``--mount-tmp`` the mount is
+also made ``ro``, so the kernel refuses most of them before they get here), except in a
+``--mount-tmp`` directory, where they go to its `fedmount.fs.scratch` model.
 
 The model reports a UUID collection whose content changed as an `Invalidation`
 (`Tree.on_change`); the adapter queues it and `invalidations` (a task of the daemon's
@@ -69,6 +70,7 @@ from fedmount.stats import Stats
 from .context import Invalidation
 from .errors import FsError
 from .nodes import Attr, Entries, Handle
+from .scratch import ScratchDir, ScratchFile, ScratchHandle, ScratchNode, is_scratch, open_scratch
 from .tree import Tree
 
 log = logging.getLogger("fedmount.fuse")
@@ -164,6 +166,7 @@ class FuseOperations(pyfuse3.Operations):
         self._dirs: dict[int, _OpenDir] = {}
         self._reported_dirs: set[int] = set()  # directories whose left-out names were logged
         self._next_fh = 1
+        self._said_read_only = False
         self._changes_in, self._changes_out = trio.open_memory_channel[Invalidation](math.inf)
         tree.on_change = self._changes_in.send_nowait
 
@@ -266,9 +269,13 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard("open")
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if flags & _WRITE_FLAGS:
-            raise FsError(errno.EROFS)
-        handle = await self.tree.open(inode)
+        node = self.tree.node(inode)
+        if is_scratch(node):
+            handle = await open_scratch(node, flags)
+        elif flags & _WRITE_FLAGS:
+            raise self._refused_write()
+        else:
+            handle = await self.tree.open(inode)
         fh = self._fh()
         self._files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
@@ -306,28 +313,110 @@ class FuseOperations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         raise FsError(errno.EINVAL)  # there are no symlinks
 
-    # -- writing: never --------------------------------------------------------------
+    # -- writing: only in --mount-tmp directories ---------------------------------------
+
+    def _scratch(self, inode: int) -> ScratchNode:
+        node = self.tree.node(inode)
+        if not isinstance(node, ScratchNode):
+            raise self._refused_write()
+        return node
+
+    def _refused_write(self) -> FsError:
+        """EROFS for a write anywhere but a scratch directory, said once in the log."""
+        self.stats.add("writes_refused")
+        if not self._said_read_only:
+            self._said_read_only = True
+            log.warning("a write outside the --mount-tmp directories was refused (EROFS): collections are "
+                        "read-only, and writing into an existing collection (under by_uuid/, as crunch-run's "
+                        "Singularity image conversion does) is not supported")
+        return FsError(errno.EROFS)
+
+    def _scratch_dir(self, inode: int) -> ScratchDir:
+        node = self._scratch(inode)
+        if not isinstance(node, ScratchDir):
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    @_guard("create")
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int = 0,
+                     ctx: Any = None) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._scratch_dir(parent_inode)
+        file, handle = parent.create(_decode(name), mode, bool(flags & (os.O_WRONLY | os.O_RDWR)))
+        fh = self._fh()
+        self._files[fh] = handle
+        return pyfuse3.FileInfo(fh=fh), self._entry(file.attr())
+
+    @_guard("mknod")
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int = 0,
+                    ctx: Any = None) -> pyfuse3.EntryAttributes:
+        file, handle = self._scratch_dir(parent_inode).create(_decode(name), mode)
+        handle.close()
+        return self._entry(file.attr())
+
+    @_guard("mkdir")
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(self._scratch_dir(parent_inode).mkdir(_decode(name), mode).attr())
+
+    @_guard("unlink")
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._scratch_dir(parent_inode).unlink(_decode(name))
+
+    @_guard("rmdir")
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._scratch_dir(parent_inode).rmdir(_decode(name))
+
+    @_guard("rename")
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int = 0,
+                     name_new: bytes = b"", flags: int = 0, ctx: Any = None) -> None:
+        source, target = self._scratch_dir(parent_inode_old), self._scratch_dir(parent_inode_new)
+        source.rename(_decode(name_old), target, _decode(name_new), flags)
+
+    @_guard("write")
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._files.get(fh)
+        if not isinstance(handle, ScratchHandle):  # only scratch files are ever open for writing
+            raise FsError(errno.EROFS)
+        written = await handle.write(off, buf)
+        self.stats.add("fuse_write_bytes", written)
+        return written
+
+    @_guard("setattr")
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None = None, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self._scratch(inode)
+        if (fields.update_uid and attr.st_uid != self.uid) or (fields.update_gid and attr.st_gid != self.gid):
+            raise FsError(errno.EPERM)  # every file belongs to the mount's owner
+        if fields.update_size:
+            if not isinstance(node, ScratchFile):
+                raise FsError(errno.EISDIR)
+            node.truncate(attr.st_size)
+        if fields.update_mode:
+            node.perm = attr.st_mode & 0o7777
+        if fields.update_mtime:
+            node.set_times(attr.st_mtime_ns / 1e9)
+        return self._entry(node.attr())
 
     async def _refuse(self, *args: Any) -> Any:
         raise FsError(errno.EROFS)
 
-    setattr = _guard("setattr")(_refuse)
-    mknod = _guard("mknod")(_refuse)
-    mkdir = _guard("mkdir")(_refuse)
-    unlink = _guard("unlink")(_refuse)
-    rmdir = _guard("rmdir")(_refuse)
-    symlink = _guard("symlink")(_refuse)
-    rename = _guard("rename")(_refuse)
-    link = _guard("link")(_refuse)
-    write = _guard("write")(_refuse)
-    create = _guard("create")(_refuse)
+    async def _no_links(self, inode: int, *args: Any) -> Any:
+        self._scratch(inode)
+        raise FsError(errno.EPERM)  # a collection holds no symlinks nor hard links
+
+    symlink = _guard("symlink")(_no_links)
+    link = _guard("link")(_no_links)
     setxattr = _guard("setxattr")(_refuse)
     removexattr = _guard("removexattr")(_refuse)
 
 
-def mount(ops: FuseOperations, mountpoint: str, *, subtype: str, allow_other: bool) -> None:
-    """Mount (read-only). Raises OSError with a one-line reason if the kernel refuses."""
-    options = {"fsname=fedmount", f"subtype={subtype}", "ro", "default_permissions"}
+def mount(ops: FuseOperations, mountpoint: str, *, subtype: str, allow_other: bool,
+          writable: bool = False) -> None:
+    """Mount, read-only unless `writable` (a --mount-tmp directory). Raises OSError with a
+    one-line reason if the kernel refuses."""
+    options = {"fsname=fedmount", f"subtype={subtype}", "default_permissions"}
+    if not writable:
+        options.add("ro")
     if allow_other:
         options.add("allow_other")
     try:
