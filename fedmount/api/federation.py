@@ -24,8 +24,9 @@ Three modes (reference/arvados-protocol.md §2, §6 "What a client should do"):
   concurrently; the first verified answer wins.
 - *auto*: lookups as in home mode; each home route carries `AutoRoutes` (route_choice.py),
   which reads a remote cluster's ``+R`` blocks from that cluster's own keep services with
-  the salted token while they answer, and through the home keepstore otherwise. With a
-  token that cannot be salted (v1 without a uuid) it is home mode.
+  the salted token while they answer, and through the home keepstore otherwise. Loading a
+  record whose blocks name a remote cluster (the first ``+R`` hint) makes that choice for
+  it, if not made yet. With a token that cannot be salted (v1 without a uuid) it is home mode.
 
 The home token never reaches another cluster, by construction: the only code that makes
 a client for a cluster other than home is `_RemoteClients.get`, which builds it with
@@ -84,6 +85,7 @@ log = logging.getLogger("fedmount.federation")
 
 Mode = Literal["home", "direct", "auto"]
 DEFAULT_BLOB_SIGNATURE_TTL = 1209600
+_REMOTE_HINT_RE = re.compile(r"\+R([a-z0-9]{5})-")
 _TIMESTAMP_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+-]\d\d:?\d\d)?$")
 
 
@@ -277,6 +279,10 @@ class Federation:
             raise BadAnswer(client.cluster, f"the record of {cid} claims portable data hash {claimed} "
                                             f"but its manifest hashes to {got}")
         fields = await self._summary_fields(client, cid, record, got)
+        if self._auto is not None and client is self.home:
+            remote = _REMOTE_HINT_RE.search(manifest_text)
+            if remote is not None:  # its route is decided now, not at the first read
+                await self._auto.direct(remote.group(1))
         return CollectionRecord(**fields, manifest_text=manifest_text)
 
     async def _summary_fields(

@@ -12,13 +12,14 @@ to take it. The home token never leaves the home: the direct route carries the s
 States of one cluster, and what `direct` answers:
 
 - *undecided*: the first caller runs the trial, everyone else waits for its end (so one
-  dead cluster costs one trial, not one per block in flight). The trial asks the remote
-  for its ``keep_services/accessible`` with the salted token and probes the first block
-  asked for along that route (a HEAD: status only, one round trip). Both answering makes
-  the cluster *direct*; anything else (unreachable, refused, a token that cannot be
-  salted) makes it *home*. A trial lasts at most ``trial_timeout`` seconds.
-- *direct*: the cached route. A block read along it that fails (`failed`) is read again
-  through the home by the caller, and the cluster becomes *home*.
+  dead cluster costs one trial, not one per block in flight): the remote's
+  ``keep_services/accessible``, asked with the salted token, at most ``trial_timeout``
+  seconds. An answer makes the cluster *direct*; anything else (unreachable, refused, a
+  token that cannot be salted) makes it *home*. `Federation` runs it when it loads a
+  collection with blocks of that cluster, so the first read does not wait for it.
+- *direct*: the route. The block reads along it are the probe: the first that fails
+  (`failed`) is read again through the home by its caller, and the cluster becomes
+  *home*. Reads in flight at that moment fail at most once each, together.
 - *home*: None (through the home keepstore) until ``retry_at``, then *undecided* again.
   The wait doubles after each failure, from ``first_wait`` up to ``max_wait``, unless
   the cluster had been direct for longer than the current wait (then it starts over):
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from fedmount.arvados.errors import ApiError, BlockError, TokenNotSaltable, UnknownCluster
+from fedmount.arvados.errors import ApiError, TokenNotSaltable, UnknownCluster
 from fedmount.arvados.routes import KeepRoute
 
 log = logging.getLogger("fedmount.route")
@@ -80,7 +81,7 @@ class AutoRoutes:
             return "undecided"
         return "direct" if c.route is not None else "home"
 
-    async def direct(self, cluster: str, probe: Callable[[KeepRoute], Awaitable[object]]) -> KeepRoute | None:
+    async def direct(self, cluster: str) -> KeepRoute | None:
         c = self._clusters.setdefault(cluster, _Cluster())
         while c.trial is not None:
             await c.trial.wait()
@@ -89,7 +90,7 @@ class AutoRoutes:
         c.trial = trio.Event()
         try:
             with trio.move_on_after(self._trial_timeout) as scope:
-                route, reason, for_good = await self._trial(cluster, probe)
+                route, reason, for_good = await self._trial(cluster)
             if scope.cancelled_caught:
                 route, reason, for_good = None, f"no answer in {self._trial_timeout:g} s", False
             if route is not None:
@@ -110,21 +111,14 @@ class AutoRoutes:
             c.route = None
             self._to_home(cluster, c, reason)
 
-    async def _trial(
-        self, cluster: str, probe: Callable[[KeepRoute], Awaitable[object]]
-    ) -> tuple[KeepRoute | None, str, bool]:
+    async def _trial(self, cluster: str) -> tuple[KeepRoute | None, str, bool]:
         """(the direct route or None, why not, whether for good)."""
         try:
-            route = await self._source(cluster)
+            return await self._source(cluster), "", False
         except (TokenNotSaltable, UnknownCluster) as e:
             return None, e.message, True
         except ApiError as e:
             return None, f"its keep services: {e.message}", False
-        try:
-            await probe(route)
-        except BlockError as e:
-            return None, str(e), False
-        return route, "", False
 
     def _to_home(self, cluster: str, c: _Cluster, reason: str, *, for_good: bool = False) -> None:
         if for_good:

@@ -11,7 +11,6 @@ block's `direct_locator` along the route it gives, and tells it when that failed
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,10 +30,8 @@ class KeepService:
 class RemoteRoutes(Protocol):
     """Per remote cluster: its own keep route (salted token), or None for "through the home"."""
 
-    async def direct(self, cluster: str, probe: Callable[[KeepRoute], Awaitable[object]]) -> KeepRoute | None:
-        """The route to `cluster`'s keep services, if its blocks are read directly now.
-        `probe(route)` raises if a block cannot be read along `route`; it is awaited when
-        the choice is (re)made."""
+    async def direct(self, cluster: str) -> KeepRoute | None:
+        """The route to `cluster`'s keep services, if its blocks are read directly now."""
         ...
 
     def failed(self, cluster: str, reason: str) -> None:

@@ -34,7 +34,7 @@ Algorithm of `KeepClient.get`:
 Auto route (``route.remotes``, api/route_choice.py): a ``+R<cluster>`` block is first read
 from that cluster's own keep services, if the choice gives their route, as
 `direct_locator` (one round: the home is the retry); if that fails the choice is told and
-the block is read along the home route as it is. The choice's probe is a one-round HEAD.
+the block is read along the home route as it is.
 
 `head` locates a block the same way without a body: True on a 200, False if every
 service said "not here", `BlockError` if none could answer.
@@ -144,7 +144,7 @@ class KeepClient:
         self, locator: Locator, cluster: str, remotes: RemoteRoutes, into: memoryview | None
     ) -> bytearray | memoryview | None:
         """Auto route: the block from `cluster`'s own keep services, or None to read it via the home."""
-        route = await remotes.direct(cluster, lambda r: self._run(locator, r, "HEAD", rounds=1))
+        route = await remotes.direct(cluster)
         if route is None:
             return None
         try:
