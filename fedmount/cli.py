@@ -149,9 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Accepted for arv-mount compatibility; fedmount is always read-only.")
 
     g = p.add_argument_group("federation")
-    g.add_argument("--route", choices=("home", "direct"), default="home",
-                   help="home: read remote blocks through the home cluster's keepstore (as arv-mount "
-                   "does); direct: read them from the owning cluster's Keep with a salted token.")
+    g.add_argument("--route", choices=("auto", "home", "direct"), default="auto",
+                   help="auto (default): ask the home cluster for every collection and read a remote "
+                   "cluster's blocks from its own Keep with a salted token while its keepstores answer, "
+                   "else through the home keepstore (decided per cluster, tried again after a failure "
+                   "at growing intervals); home: read remote blocks through the home cluster's "
+                   "keepstore (as arv-mount does); direct: ask the owning cluster for its collections "
+                   "and read them from its Keep with a salted token.")
     g.add_argument("--refresh-time", metavar="SECONDS", type=seconds, default=15.0,
                    help="How often collections addressed by UUID are re-checked, and how long a "
                    "collection id that does not exist is remembered as missing (default 15).")

@@ -28,7 +28,7 @@ class MountOptions:
     unmount_timeout: float = 2.0
     allow_other: bool = False
     subtype: str = "fedmount"
-    route: str = "home"
+    route: str = "auto"
     refresh_time: float = 15.0
     api_wait: float = defaults.API_WAIT
     cache_kind: str = "disk"

@@ -1,7 +1,7 @@
 """Security properties of a real fedmount mount, each a test.
 
 - The home token goes only to the home cluster: every request any other cluster received
-  during a full read of remote collections (request log, both routes) carried some other
+  during a full read of remote collections (request log, every route) carried some other
   token (the salted one).
 - No token (the home token or any token salted from it) appears in the ``--debug`` log,
   the stats file, the Prometheus text, the command lines of fedmount and its children, or
@@ -52,7 +52,7 @@ def read_all(m: Mount, coll: dict, cid: str) -> None:
     assert md5sums(m / f"by_id/{cid}", sorted(expected)) == expected
 
 
-@pytest.mark.parametrize("route", ["home", "direct"])
+@pytest.mark.parametrize("route", ["home", "direct", "auto"])
 def test_remote_clusters_never_receive_the_home_token(fed, mount, route):
     m = mount("--route", route)
     mark = fed.mark()

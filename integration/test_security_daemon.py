@@ -173,7 +173,7 @@ def test_debug_logfile_is_private_and_never_carries_a_locator_signature(fed, mou
     local = fresh(fed, "zzzzz", {"local.bin": MiB})
     remote = fresh(fed, "zbbbb", {"remote.bin": MiB})  # +R locators through the home keepstore
     logfile = tmp_path / "debug.log"
-    m = mount("--debug", "--logfile", str(logfile))
+    m = mount("--debug", "--logfile", str(logfile), "--route", "home")  # +R locators in GETs
     for coll, name in ((local, "local.bin"), (remote, "remote.bin")):
         assert timed_read(m / f"by_id/{coll['uuid']}/{name}").md5 == coll["files"][name]["md5"]
     m.stop()

@@ -11,7 +11,7 @@ say, the v1 token is used as it is and whatever needs salting says why it cannot
 A UUID of a cluster the home does not know (not in ``remoteHosts``) is refused without a
 request, in either mode, with the same one line.
 
-Two modes (reference/arvados-protocol.md §2, §6 "What a client should do"):
+Three modes (reference/arvados-protocol.md §2, §6 "What a client should do"):
 
 - *home* (the default, what Arvados clients do): every lookup goes to the home
   controller, which proxies a remote UUID to its owner by prefix and fans a PDH out to
@@ -22,6 +22,11 @@ Two modes (reference/arvados-protocol.md §2, §6 "What a client should do"):
   keep services with that salted token. A PDH is asked of the home first, then (if the
   home lacks it, or only has it through its own remote fan-out) of every remote
   concurrently; the first verified answer wins.
+- *auto*: lookups as in home mode; each home route carries `AutoRoutes` (route_choice.py),
+  which reads a remote cluster's ``+R`` blocks from that cluster's own keep services with
+  the salted token while they answer, and through the home keepstore otherwise. Loading a
+  record whose blocks name a remote cluster (the first ``+R`` hint) makes that choice for
+  it, if not made yet. With a token that cannot be salted (v1 without a uuid) it is home mode.
 
 The home token never reaches another cluster, by construction: the only code that makes
 a client for a cluster other than home is `_RemoteClients.get`, which builds it with
@@ -74,12 +79,14 @@ from fedmount.arvados.tokens import V2_NEEDED, TokenError, salt_for
 from fedmount.stats import Stats
 
 from .controller import ControllerClient
+from .route_choice import AutoRoutes
 
 log = logging.getLogger("fedmount.federation")
 
-Mode = Literal["home", "direct"]
+Mode = Literal["home", "direct", "auto"]
 DEFAULT_BLOB_SIGNATURE_TTL = 1209600
 DEFAULT_REPLICATION = 2  # the SDK's default when discovery has no defaultCollectionReplication
+_REMOTE_HINT_RE = re.compile(r"\+R([a-z0-9]{5})-")
 _TIMESTAMP_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+-]\d\d:?\d\d)?$")
 
 
@@ -173,6 +180,8 @@ class Federation:
         self.blob_signature_ttl = DEFAULT_BLOB_SIGNATURE_TTL
         self.default_replication = DEFAULT_REPLICATION  # copies of a block written (discovery)
         self.user: dict[str, Any] = {}
+        saltable = not settings.token.is_v1
+        self._auto = AutoRoutes(self._own_route) if mode == "auto" and saltable else None
 
     @classmethod
     async def connect(
@@ -185,8 +194,8 @@ class Federation:
         **client_args: Any,
     ) -> Federation:
         """Discover the home cluster and check the token; `ApiError` with one line if not."""
-        if mode not in ("home", "direct"):
-            raise ValueError(f"mode must be 'home' or 'direct', not {mode!r}")
+        if mode not in ("home", "direct", "auto"):
+            raise ValueError(f"mode must be 'home', 'direct' or 'auto', not {mode!r}")
         client_args.update(
             transport=transport, ca_file=settings.ca_file, insecure=settings.insecure, stats=stats or Stats()
         )
@@ -256,12 +265,12 @@ class Federation:
         return CollectionSummary(**await self._summary_fields(client, cid, record, pdh))
 
     def _client_for(self, cid: CollectionId) -> ControllerClient | None:
-        """Who is asked for `cid`: the home (home mode, or a home UUID), the owner of a
+        """Who is asked for `cid`: the home (home and auto mode, or a home UUID), the owner of a
         remote UUID (direct mode); None for a PDH in direct mode (see `_pdh_direct`)."""
         owner = cid.cluster
         if owner is not None and owner != self.home_cluster:
             self._remotes.check_known(owner)
-        if self.mode == "home" or owner == self.home_cluster:
+        if self.mode != "direct" or owner == self.home_cluster:
             return self.home
         return None if owner is None else self._remotes.get(owner)
 
@@ -278,6 +287,10 @@ class Federation:
             raise BadAnswer(client.cluster, f"the record of {cid} claims portable data hash {claimed} "
                                             f"but its manifest hashes to {got}")
         fields = await self._summary_fields(client, cid, record, got)
+        if self._auto is not None and client is self.home:
+            remote = _REMOTE_HINT_RE.search(manifest_text)
+            if remote is not None:  # its route is decided now, not at the first read
+                await self._auto.direct(remote.group(1))
         return CollectionRecord(**fields, manifest_text=manifest_text)
 
     async def _summary_fields(
@@ -290,8 +303,14 @@ class Federation:
             "modified_at": parse_timestamp(record.get("modified_at")),
             "cluster": cid.cluster or client.cluster,
             "answer": record,
-            "route": KeepRoute(client.cluster, client.token.text, await self._services(client)),
+            "route": KeepRoute(client.cluster, client.token.text, await self._services(client),
+                               remotes=self._auto if client is self.home else None),
         }
+
+    async def _own_route(self, cluster: str) -> KeepRoute:
+        """`cluster`'s own keep services and the token salted for it (auto mode's direct reads)."""
+        client = self._remotes.get(cluster)
+        return KeepRoute(cluster, client.token.text, tuple(await client.keep_services()))
 
     async def _services(self, client: ControllerClient) -> tuple[KeepService, ...]:
         """The client's keep services; for the home, ARVADOS_KEEP_SERVICES if it is set."""

@@ -31,6 +31,11 @@ Algorithm of `KeepClient.get`:
    Both carry a one-line message with the block's ``hash+size`` (never its signature, never
    a token), the cluster and what each service answered.
 
+Auto route (``route.remotes``, api/route_choice.py): a ``+R<cluster>`` block is first read
+from that cluster's own keep services, if the choice gives their route, as
+`direct_locator` (one round: the home is the retry); if that fails the choice is told and
+the block is read along the home route as it is.
+
 `head` locates a block the same way without a body: True on a 200, False if every
 service said "not here", `BlockError` if none could answer.
 
@@ -55,7 +60,7 @@ import trio
 from fedmount.arvados.errors import BlockError, BlockNotFound
 from fedmount.arvados.ids import Locator
 from fedmount.arvados.retry import backoff_delay, new_request_id
-from fedmount.arvados.routes import KeepRoute, KeepService
+from fedmount.arvados.routes import KeepRoute, KeepService, RemoteRoutes, direct_locator
 from fedmount.stats import Stats
 
 from .md5 import MultiHasher, resolve_kernel
@@ -126,9 +131,27 @@ class KeepClient:
         is b"" without a request."""
         if locator.is_empty:
             return b""
+        remote = locator.remote
+        if route.remotes is not None and remote is not None:
+            direct = await self._get_direct(direct_locator(locator), remote[0], route.remotes, into)
+            if direct is not None:
+                return direct
         body = await self._run(locator, route, "GET", into)
         assert body is not None
         return body
+
+    async def _get_direct(
+        self, locator: Locator, cluster: str, remotes: RemoteRoutes, into: memoryview | None
+    ) -> bytearray | memoryview | None:
+        """Auto route: the block from `cluster`'s own keep services, or None to read it via the home."""
+        route = await remotes.direct(cluster)
+        if route is None:
+            return None
+        try:
+            return await self._run(locator, route, "GET", into, rounds=1)
+        except BlockError as e:
+            remotes.failed(cluster, str(e))
+            return None
 
     async def head(self, locator: Locator, route: KeepRoute) -> bool:
         """True if some service of the route has the block, False if every service said no."""
@@ -139,7 +162,8 @@ class KeepClient:
         return True
 
     async def _run(
-        self, locator: Locator, route: KeepRoute, method: str, into: memoryview | None = None
+        self, locator: Locator, route: KeepRoute, method: str, into: memoryview | None = None, *,
+        rounds: int | None = None,
     ) -> bytearray | memoryview | None:
         if not route.services:
             raise BlockError(locator, f"block {locator.key}: cluster {route.cluster} lists no keep services")
@@ -150,7 +174,7 @@ class KeepClient:
         }
         eligible = self._order(locator, route)
         last: dict[str, _Attempt] = {}
-        for round_no in range(self._retries + 1):
+        for round_no in range(self._retries + 1 if rounds is None else rounds):
             if round_no:
                 await trio.sleep(backoff_delay(round_no - 1, self._backoff, self._max_backoff))
             for service in list(eligible):
