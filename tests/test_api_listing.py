@@ -140,7 +140,7 @@ def test_every_cluster_of_the_federation_is_listed_home_first(federation):
 
 
 @pytest.mark.parametrize("mode", ["home", "direct"])
-async def test_collection_summaries_are_one_uuid_in_request_per_page_of_the_smaller_page(federation, mode):
+async def test_collection_summaries_are_one_uuid_in_request_per_page_of_the_asked_cluster(federation, mode):
     federation.mode = mode
     asked = federation.clients["zzzzz" if mode == "home" else "zbbbb"]
     remote = [{"uuid": uuid("zbbbb", "4zz18", i), "portable_data_hash": f"{i:032x}+0",
@@ -151,7 +151,10 @@ async def test_collection_summaries_are_one_uuid_in_request_per_page_of_the_smal
     assert sorted(found) == sorted(c["uuid"] for c in remote)
     assert found[remote[7]["uuid"]] == (f"{7:032x}+0", 1704164645.5)
     requests = [p for path, p in asked.calls if path == "collections"]
-    assert [len(p["filters"][0][2]) for p in requests] == [500, 500, 201]  # the owner's page of 500
+    # The asked cluster's page: the home's 1000 (it pages the owner itself), or the owner's 500.
+    assert [len(p["filters"][0][2]) for p in requests] == ([1000, 201] if mode == "home" else [500, 500, 201])
+    if mode == "home":
+        assert federation.clients["zbbbb"].calls == []  # home mode never contacts the owner
     # As the controller forwards it: the uuid filter alone, count=none, no order or offset.
     assert all(len(p["filters"]) == 1 and p["count"] == "none" for p in requests)
     assert all("order" not in p and "offset" not in p for p in requests)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from fedmount.arvados.errors import ClusterUnreachable
+from fedmount.arvados.errors import ApiRefused, ClusterUnreachable
 from fedmount.arvados.ids import CollectionId, parse_collection_id
 from fedmount.fs.rechecks import Rechecks
 
@@ -122,12 +122,29 @@ async def test_concurrent_rechecks_wait_for_the_request_under_way(setup):
     assert results == [True] * 3 and len(source.asked) == 1
 
 
-async def test_a_failed_request_sends_each_its_own_way_and_is_asked_again(setup):
-    source, _, rechecks, mounted = setup
+async def test_a_cluster_that_is_down_fails_each_recheck_of_that_request_without_more_requests(setup):
+    source, clock, rechecks, mounted = setup
     source.failing.add("zzzzz")
+    for m in mounted[:3]:
+        with pytest.raises(ClusterUnreachable):
+            await rechecks.unchanged(m.cid, SAME)
+    assert len(source.asked) == 1  # one request for the three, and its failure for each
+    source.failing.clear()
+    clock.t += REFRESH
+    assert await rechecks.unchanged(mounted[0].cid, SAME) and len(source.asked) == 2  # asked again
+
+
+async def test_a_refused_request_sends_each_its_own_way(setup):
+    source, _, rechecks, mounted = setup
+
+    async def refused(cluster: str, uuids: Sequence[str]) -> dict:
+        source.asked.append((cluster, list(uuids)))
+        raise ApiRefused(cluster, "cannot execute federated list query", 400)
+
+    source.collection_summaries = refused  # type: ignore[method-assign]
     assert not await rechecks.unchanged(mounted[0].cid, SAME)
     assert not await rechecks.unchanged(mounted[1].cid, SAME)
-    assert len(source.asked) == 2  # no answer kept from a failure: the next one asks again
+    assert len(source.asked) == 2  # nothing kept of a refusal: each its own way (a get), then asked again
 
 
 async def test_a_stalled_cluster_holds_only_its_own_collections(setup):

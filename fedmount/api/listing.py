@@ -26,8 +26,9 @@ home finds nothing (arv-mount's ENOENT).
   of one cluster changed (uuid, portable data hash, modification time), one request per
   page of them: a ``uuid in`` filter alone with ``count=none`` and no ``order`` or
   ``offset``, the one list the controller forwards across the federation (in home mode the
-  home is asked and forwards it; in direct mode the owner is asked). A page holds at most
-  ``MaxItemsPerResponse`` uuids of the cluster asked and of the owner.
+  home is asked and forwards it, paging the owner itself; in direct mode the owner is
+  asked). A request names at most the asked cluster's ``MaxItemsPerResponse`` uuids (the
+  controller's limit for a federated list); home mode never contacts the owner.
 - `ProjectSource.config`: what the names and pages depend on in a cluster's exported
   configuration (``GET config``, read once per cluster).
 
@@ -246,7 +247,7 @@ class ProjectSource:
         `cluster` that the user can read, by uuid (one missing is gone, trashed or not
         readable): see the module docstring."""
         asked = self.home_cluster if self.federation.mode == "home" else cluster
-        page = min((await self.config(asked)).page_size, (await self.config(cluster)).page_size)
+        page = (await self.config(asked)).page_size  # in home mode, the home pages the owner itself
         client = self._client(asked)
         found: dict[str, tuple[str, float | None]] = {}
         for start in range(0, len(uuids), page):

@@ -149,7 +149,7 @@ class CollectionLoader:
     ) -> tuple[KeptRecord, Manifest | None]:
         federation = self.federation
         if known is not None:
-            if self.rechecks is not None and await self.rechecks.unchanged(cid, known):
+            if self.rechecks is not None and await self._ask(cid, self.rechecks.unchanged(cid, known), quiet):
                 return known, None
             summary = await self._ask(cid, federation.get_summary(cid, FRESHNESS_FIELDS), quiet)
             if summary.portable_data_hash == known.portable_data_hash:

@@ -14,9 +14,12 @@ would alone): found unchanged, that re-check asks nothing more. A collection tha
 or that the answer lacks (deleted, trashed, no longer readable) is re-checked on its own,
 which fetches what changed and reports deletions with the errno they deserve. A re-check
 of a collection in a request under way waits for that request (within the caller's
-``--api-wait``, `fedmount.fs.calls`). If the request fails, each of its collections goes
-its own way. Requests are per owning cluster, so a stalled cluster holds only its own
-collections' re-checks.
+``--api-wait``, `fedmount.fs.calls`). If the request fails for want of an answer (the
+cluster is down, failing or timing out), that failure is the answer of each of its
+collections' re-checks (each keeps serving what it has and tries again later), rather than
+as many more requests to a cluster that is down; if it is refused, each goes its own way.
+Requests are per owning cluster, so a stalled cluster holds only its own collections'
+re-checks.
 
 Collections are held weakly: one the tree let go of is no longer asked about.
 """
@@ -29,7 +32,7 @@ from typing import Protocol
 
 import trio
 
-from fedmount.arvados.errors import ApiError
+from fedmount.arvados.errors import ApiError, ApiRefused, ClusterUnreachable
 from fedmount.arvados.ids import CollectionId
 
 
@@ -60,8 +63,8 @@ class Rechecks:
         self.clock = clock
         self.max_age = refresh_time / 2
         self._tracked: dict[str, weakref.WeakSet[TrackedLike]] = {}  # by owning cluster
-        # uuid -> (when asked, (pdh, modified_at) or None if the answer lacked it)
-        self._answers: dict[str, tuple[float, tuple[str, float | None] | None]] = {}
+        # uuid -> (when asked, (pdh, modified_at), None if the answer lacked it, or the failure)
+        self._answers: dict[str, tuple[float, tuple[str, float | None] | ApiError | None]] = {}
         self._under_way: dict[str, trio.Event] = {}  # uuid -> set when the request asking for it is over
 
     def track(self, coll: TrackedLike) -> None:
@@ -71,7 +74,8 @@ class Rechecks:
             self._tracked.setdefault(cluster, weakref.WeakSet()).add(coll)
 
     async def unchanged(self, cid: CollectionId, known: KnownLike) -> bool:
-        """Whether collection `cid` is still `known` (False: re-check it on its own)."""
+        """Whether collection `cid` is still `known` (False: re-check it on its own);
+        the request's `ApiError` if it failed for want of an answer."""
         uuid, cluster = cid.text, cid.cluster
         if cluster is None or cluster not in self._tracked:
             return False
@@ -83,6 +87,8 @@ class Rechecks:
         asked = self._answers.pop(uuid, None)
         if asked is None or asked[1] is None or self.clock() - asked[0] >= self.max_age:
             return False
+        if isinstance(asked[1], ApiError):
+            raise asked[1]
         return asked[1] == (known.portable_data_hash, known.modified_at)
 
     def _fresh(self, uuid: str) -> bool:
@@ -98,15 +104,20 @@ class Rechecks:
         done = trio.Event()
         for u in uuids:
             self._under_way[u] = done
-        asked_at = self.clock()
         try:
             found = await self.source.collection_summaries(cluster, uuids)
-        except ApiError:
-            found = None  # each goes its own way, and its own re-check says why
+        except ApiError as e:
+            if _transient(e):  # down or failing: the answer of each of these re-checks
+                self._answers.update((u, (self.clock(), e)) for u in uuids)
+            # refused (not for want of an answer): each goes its own way
+        else:
+            answered_at = self.clock()  # a slow answer (retries) is as old as its arrival
+            self._answers.update((u, (answered_at, found.get(u))) for u in uuids)
         finally:
             for u in uuids:
                 self._under_way.pop(u, None)
             done.set()
-        if found is not None:
-            for u in uuids:
-                self._answers[u] = (asked_at, found.get(u))
+
+
+def _transient(e: ApiError) -> bool:
+    return isinstance(e, ClusterUnreachable) or (isinstance(e, ApiRefused) and e.transient)
