@@ -134,10 +134,11 @@ class Daemon:
             keep = KeepClient(transport, stats=stats, timeouts=timeouts)
             reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
             self._reader = reader
-            projects = ProjectSource(federation, opts.layout.filters) if opts.layout.lists_projects else None
+            projects = ProjectSource(federation, opts.layout.filters)  # and the batched re-checks
             tree = Tree(
                 federation, reader, stats=stats, layout=opts.layout, refresh_time=opts.refresh_time,
-                api_wait=opts.api_wait, projects=projects,
+                api_wait=opts.api_wait, projects=projects if opts.layout.lists_projects else None,
+                summaries=projects,
                 cached_bytes=cache.cached_bytes, cache_usage=cache.usage,
             )
             try:

@@ -343,12 +343,18 @@ def test_a_recheck_of_an_unchanged_uuid_collection_transfers_no_manifest_and_an_
     path = m / f"by_id/{coll['uuid']}/a.txt"
 
     def asked(since: int) -> list[tuple[dict, list[str] | None]]:
-        """(log line, select) of every controller request for the collection since `since`."""
+        """(log line, select) of every controller request for the collection since `since`:
+        its get, or a list with a ``uuid in`` filter naming it (the batched re-check)."""
         out = []
         for r in fed.requests(since, service="controller", method="GET"):
             url = urlsplit(r["path"])
-            if url.path.endswith(f"/collections/{coll['uuid']}"):
-                select = parse_qs(url.query).get("select")
+            query = parse_qs(url.query)
+            filters = json.loads(query.get("filters", ["[]"])[0])
+            listed = url.path.endswith("/collections") and any(
+                f[:2] == ["uuid", "in"] and coll["uuid"] in f[2] for f in filters
+            )
+            if url.path.endswith(f"/collections/{coll['uuid']}") or listed:
+                select = query.get("select")
                 out.append((r, json.loads(select[0]) if select else None))
         return out
 
@@ -366,6 +372,8 @@ def test_a_recheck_of_an_unchanged_uuid_collection_transfers_no_manifest_and_an_
         return found if {r["cluster"] for r, _ in found} >= expected else []
 
     rechecks = wait_for_requests(rechecked)
+    # One list of the mounted UUID collections of that cluster (`fs/rechecks.py`), of the freshness fields.
+    assert all(urlsplit(r["path"]).path.endswith("/collections") for r, _ in rechecks)
     assert all(s is not None and "portable_data_hash" in s and "manifest_text" not in s for _, s in rechecks)
     assert all(r["status"] == 200 and r["bytes"] < 2_000 for r, _ in rechecks)
     assert {r["cluster"] for r, _ in rechecks} == expected  # with home, the home forwarded the select

@@ -38,6 +38,9 @@ class FakeClient:
                 raise ClusterUnreachable(self.cluster, "no config")
             return self.config
         filters = params.get("filters", [])
+        if path == "collections":
+            wanted = next(f[2] for f in filters if f[:2] == ["uuid", "in"])
+            return {"items": [c for c in self.collections if c["uuid"] in wanted][: params["limit"]]}
         rows = self.groups if ["uuid", "is_a", "arvados#group"] in filters else self.collections
         after = next((f[2] for f in filters if f[:2] == ["uuid", ">"]), "")
         rows = sorted((r for r in rows if r["uuid"] > after), key=lambda r: r["uuid"])
@@ -49,6 +52,7 @@ class FakeClient:
 class FakeFederation:
     clients: dict[str, FakeClient]
     home_cluster: str = "zzzzz"
+    mode: str = "home"
     user: dict[str, Any] = field(default_factory=lambda: {"uuid": ME})
 
     @property
@@ -133,3 +137,26 @@ def test_filters_go_to_the_tables_they_name():
 
 def test_every_cluster_of_the_federation_is_listed_home_first(federation):
     assert ProjectSource(federation).clusters == ["zzzzz", "zbbbb"]
+
+
+@pytest.mark.parametrize("mode", ["home", "direct"])
+async def test_collection_summaries_are_one_uuid_in_request_per_page_of_the_asked_cluster(federation, mode):
+    federation.mode = mode
+    asked = federation.clients["zzzzz" if mode == "home" else "zbbbb"]
+    remote = [{"uuid": uuid("zbbbb", "4zz18", i), "portable_data_hash": f"{i:032x}+0",
+               "modified_at": "2024-01-02T03:04:05.5Z"} for i in range(1200)]  # fmt: skip
+    asked.collections = remote
+    uuids = [c["uuid"] for c in remote] + [uuid("zbbbb", "4zz18", 9999)]  # one gone
+    found = await ProjectSource(federation).collection_summaries("zbbbb", uuids)
+    assert sorted(found) == sorted(c["uuid"] for c in remote)
+    assert found[remote[7]["uuid"]] == (f"{7:032x}+0", 1704164645.5)
+    requests = [p for path, p in asked.calls if path == "collections"]
+    # The asked cluster's page: the home's 1000 (it pages the owner itself), or the owner's 500.
+    assert [len(p["filters"][0][2]) for p in requests] == ([1000, 201] if mode == "home" else [500, 500, 201])
+    if mode == "home":
+        assert federation.clients["zbbbb"].calls == []  # home mode never contacts the owner
+    # As the controller forwards it: the uuid filter alone, count=none, no order or offset.
+    assert all(len(p["filters"]) == 1 and p["count"] == "none" for p in requests)
+    assert all("order" not in p and "offset" not in p for p in requests)
+    assert all(p["limit"] == len(p["filters"][0][2]) for p in requests)
+    assert all(p["select"] == ["uuid", "portable_data_hash", "modified_at"] for p in requests)

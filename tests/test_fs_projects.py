@@ -171,6 +171,17 @@ async def test_a_collection_lists_from_its_record_and_loads_when_looked_into(wor
     assert (await tree.getattr(ino)).mtime == NOW - 3600  # now the loaded collection's
 
 
+async def test_a_listed_collection_keeps_its_mtime_not_its_list_record(tree_of, source):
+    source.listed[(P1, "zzzzz")][0]["description"] = "d" * 10_000
+    tree = tree_of()
+    node = tree.node(await path_node(tree, "home/analysis/results"))
+    assert not hasattr(node, "__dict__") and not hasattr(node, "record")  # slots: what a million cost
+    assert node.attr().mtime == 1767323045.0 and str(node.cid) == UUID_A
+    source.listed[(P1, "zzzzz")][0]["modified_at"] = "2026-01-02T03:04:06Z"  # relisted: the new time
+    node.relisted(source.listed[(P1, "zzzzz")][0])
+    assert node.attr().mtime == 1767323046.0
+
+
 async def test_a_name_in_a_never_listed_project_is_asked_for_alone_of_its_cluster(world, tree_of, source):
     tree = tree_of()
     path = "clusters/zbbbb/home/work on zbbbb/a{slash}b/remote file.txt"

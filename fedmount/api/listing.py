@@ -22,6 +22,13 @@ home finds nothing (arv-mount's ENOENT).
 - `ProjectSource.shared`: ``groups/shared`` with ``include=owner_uuid``, paged the same way.
 - `ProjectSource.tags` and `tagged`: tag links (``links`` with ``distinct``, ``select``),
   every page (arv-mount stops at one page of 1,000).
+- `ProjectSource.collection_summaries`: what decides whether many mounted UUID collections
+  of one cluster changed (uuid, portable data hash, modification time), one request per
+  page of them: a ``uuid in`` filter alone with ``count=none`` and no ``order`` or
+  ``offset``, the one list the controller forwards across the federation (in home mode the
+  home is asked and forwards it, paging the owner itself; in direct mode the owner is
+  asked). A request names at most the asked cluster's ``MaxItemsPerResponse`` uuids (the
+  controller's limit for a federated list); home mode never contacts the owner.
 - `ProjectSource.config`: what the names and pages depend on in a cluster's exported
   configuration (``GET config``, read once per cluster).
 
@@ -41,10 +48,12 @@ import trio
 from fedmount.arvados.errors import ApiError, BadAnswer
 
 from .controller import ControllerClient
+from .federation import parse_timestamp
 
 GROUP_CLASSES = ["project", "filter"]
 COLLECTION_FIELDS = ["uuid", "name", "owner_uuid", "portable_data_hash", "modified_at", "created_at",
                      "current_version_uuid", "file_count", "file_size_total"]  # fmt: skip
+SUMMARY_FIELDS = ["uuid", "portable_data_hash", "modified_at"]  # what decides a re-check
 DEFAULT_PAGE = 1000  # API.MaxItemsPerResponse by default
 DEFAULT_SUBSTITUTION = "_"  # what arv-mount uses when the configuration cannot be read
 
@@ -53,6 +62,7 @@ class ControllersLike(Protocol):
     """What `ProjectSource` needs of the `Federation`."""
 
     home_cluster: str
+    mode: str  # "home": a remote collection is asked of the home cluster; "direct": of its owner
     user: dict[str, Any]  # users/current at the home cluster
 
     @property
@@ -229,6 +239,28 @@ class ProjectSource:
                 if isinstance(owner, dict) and isinstance(owner.get("uuid"), str):
                     owners[owner["uuid"]] = owner
         return roots, list(owners.values())
+
+    async def collection_summaries(
+        self, cluster: str, uuids: Sequence[str]
+    ) -> dict[str, tuple[str, float | None]]:
+        """(portable data hash, modification time) of each of collections `uuids` of
+        `cluster` that the user can read, by uuid (one missing is gone, trashed or not
+        readable): see the module docstring."""
+        asked = self.home_cluster if self.federation.mode == "home" else cluster
+        page = (await self.config(asked)).page_size  # in home mode, the home pages the owner itself
+        client = self._client(asked)
+        found: dict[str, tuple[str, float | None]] = {}
+        for start in range(0, len(uuids), page):
+            chunk = list(uuids[start : start + page])
+            params = {"filters": [["uuid", "in", chunk]], "count": "none", "limit": len(chunk),
+                      "select": SUMMARY_FIELDS}  # fmt: skip
+            answer = await client.call("collections", params)
+            for item in answer.get("items") or []:
+                if isinstance(item, dict) and isinstance(item.get("uuid"), str):
+                    pdh = item.get("portable_data_hash")
+                    if isinstance(pdh, str) and pdh:
+                        found[item["uuid"]] = (pdh, parse_timestamp(item.get("modified_at")))
+        return found
 
     async def tags(self, cluster: str) -> list[str]:
         """Every tag name on `cluster` (all pages)."""

@@ -101,6 +101,8 @@ class Collection:
                                          mtime=self.mtime, entry_timeout=self.timeout)
         table.bind(record_ino, self.record_file)
         self.hidden = {COLLECTION_RECORD_NAME: self.record_file, **(hidden or {})}
+        if not self.immutable:
+            loader.track(self)
 
     @property
     def table(self) -> InodeTable[Node]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from fedmount.api.federation import parse_timestamp
 from fedmount.arvados.errors import ApiError
-from fedmount.arvados.ids import parse_collection_id
+from fedmount.arvados.ids import CollectionId, parse_collection_id
 
 from .calls import Call, answer_by_deadline
 from .collection import Collection
@@ -127,26 +127,34 @@ class ListedDir(DirNode):
 
 
 class ListedCollectionDir(DirNode):
-    """A collection named in a listing (see the module docstring)."""
+    """A collection named in a listing (see the module docstring). Of its list record it
+    keeps what its attributes need, its modification time: a listing of a million
+    collections keeps a million of these, not a million records."""
+
+    __slots__ = ("context", "loader", "ino", "uuid", "mtime", "collection", "_call")
 
     def __init__(self, context: MountContext, loader: CollectionLoader, ino: int, record: dict[str, Any]):
         self.context = context
         self.loader = loader
         self.ino = ino
-        self.record = record
-        self.cid = parse_collection_id(str(record["uuid"]))
+        self.uuid = parse_collection_id(str(record["uuid"])).text  # the listing's key holds it anyway
+        self.mtime = record_mtime(record, context.started)
         self.collection: Collection | None = None
         self._call: Call[Collection] | None = None
 
+    @property
+    def cid(self) -> CollectionId:
+        return CollectionId(self.uuid)
+
     def relisted(self, record: dict[str, Any]) -> None:
         """Its directory listed it again, with this record (its attributes until it is loaded)."""
-        self.record = record
+        self.mtime = record_mtime(record, self.context.started)
 
     def attr(self) -> Attr:
         if self.collection is not None:
             return self.collection.root.attr()
         timeout = self.context.policy.refresh_time
-        return Attr(self.ino, True, 0, record_mtime(self.record, self.context.started), timeout, timeout)
+        return Attr(self.ino, True, 0, self.mtime, timeout, timeout)
 
     async def fresh(self) -> None:
         if self.collection is not None:

@@ -6,7 +6,9 @@ collection changed (`FRESHNESS_FIELDS`, the API's ``select``: uuid, portable dat
 modification time, about 200 bytes whatever the size of the collection or of its
 description). Unchanged, nothing else is asked for or parsed; if only the time changed (a
 rename, a new description), the record's other kept fields are asked for without the
-manifest; only a new portable data hash fetches and parses the whole record.
+manifest; only a new portable data hash fetches and parses the whole record. With
+`fedmount.fs.rechecks`, the freshness fields of many mounted collections of one cluster
+come in one list request, and a collection found unchanged there asks nothing of its own.
 
 A failure of the API becomes `FsError` with the errno of `fs/errors.py`, logged in one
 line naming the collection and the cluster (a missing collection at info level, the rest
@@ -43,6 +45,7 @@ from fedmount.stats import Stats
 
 from .context import CollectionRecordLike, CollectionSummaryLike, FederationLike
 from .errors import FsError, api_failure
+from .rechecks import Rechecks, TrackedLike
 
 log = logging.getLogger("fedmount.fs")
 T = TypeVar("T")
@@ -108,11 +111,19 @@ def _parse_and_pack(record: CollectionRecordLike) -> tuple[KeptRecord, Manifest]
 
 
 class CollectionLoader:
-    """Loads and re-checks collections through the federation (see the module docstring)."""
+    """Loads and re-checks collections through the federation (see the module docstring).
+    With `rechecks`, a re-check first asks it whether the collection is unchanged
+    (`fedmount.fs.rechecks`: many collections of a cluster in one request)."""
 
-    def __init__(self, federation: FederationLike, stats: Stats):
+    def __init__(self, federation: FederationLike, stats: Stats, rechecks: Rechecks | None = None):
         self.federation = federation
         self.stats = stats
+        self.rechecks = rechecks
+
+    def track(self, coll: TrackedLike) -> None:
+        """A UUID collection was mounted: re-check it with the others of its cluster."""
+        if self.rechecks is not None:
+            self.rechecks.track(coll)
 
     async def load(self, cid: CollectionId, *, quiet: bool = False) -> tuple[KeptRecord, Manifest]:
         """The record and parsed manifest of `cid`, or FsError (logged in one line unless `quiet`)."""
@@ -138,6 +149,8 @@ class CollectionLoader:
     ) -> tuple[KeptRecord, Manifest | None]:
         federation = self.federation
         if known is not None:
+            if self.rechecks is not None and await self._ask(cid, self.rechecks.unchanged(cid, known), quiet):
+                return known, None
             summary = await self._ask(cid, federation.get_summary(cid, FRESHNESS_FIELDS), quiet)
             if summary.portable_data_hash == known.portable_data_hash:
                 if summary.modified_at == known.modified_at:

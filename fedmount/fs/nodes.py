@@ -45,8 +45,11 @@ class Attr:
 
 
 class Node:
-    """Something with an inode number and attributes."""
+    """Something with an inode number and attributes. (Empty ``__slots__`` here and in
+    `DirNode`: a subclass with its own keeps no per-instance dict, which counts for the
+    many nodes of listed directories.)"""
 
+    __slots__ = ()
     ino: int
     is_dir = False
 
@@ -71,6 +74,7 @@ class Entries(Protocol):
 
 
 class DirNode(Node):
+    __slots__ = ()
     is_dir = True
 
     async def lookup(self, name: str) -> Node:

@@ -103,20 +103,20 @@ class ProjectTree:
         """The node of an object listed in directory `parent` (a project's, a user's, a tag's):
         the one it had in an earlier listing, with the new record, if it had one."""
         uuid = str(record.get("uuid") or "")
-        node = self._listed.get((parent, uuid))
+        key = (parent, uuid)  # one tuple for this map and the inode table's
+        node = self._listed.get(key)
         if isinstance(node, ListedCollectionDir | ProjectDir):
             node.relisted(record)
             return node
         if COLLECTION_UUID_RE.match(uuid):
-            node = self._bound(
-                ListedCollectionDir(self.context, self.loader, self._number(parent, uuid), record)
-            )
+            ino = self.context.table.number(key)
+            node = self._bound(ListedCollectionDir(self.context, self.loader, ino, record))
         elif GROUP_UUID_RE.match(uuid) or USER_UUID_RE.match(uuid):
             owner_cluster = cluster if USER_UUID_RE.match(uuid) else cluster_of(uuid)
-            node = self.project(self._number(parent, uuid), record, owner_cluster, ancestors)
+            node = self.project(self.context.table.number(key), record, owner_cluster, ancestors)
         else:
             return None
-        self._listed[(parent, uuid)] = node
+        self._listed[key] = node
         return node
 
     def project(

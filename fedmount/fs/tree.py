@@ -44,6 +44,7 @@ from .layout import STATS_DIR_NAME, Layout, default_root, stats_dir
 from .loader import CollectionLoader
 from .nodes import Attr, DirNode, Entries, FileNode, Handle, Node, StaticDir
 from .projects import ProjectSourceLike, ProjectTree
+from .rechecks import Rechecks, SummariesLike
 
 __all__ = ["Layout", "Tree"]
 
@@ -70,6 +71,7 @@ class Tree:
         cached_bytes: Callable[[str], int] = lambda key: 0,
         cache_usage: Callable[[], tuple[int, int]] = lambda: (0, 0),
         projects: ProjectSourceLike | None = None,
+        summaries: SummariesLike | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
@@ -80,7 +82,8 @@ class Tree:
         calls = Calls(api_wait, quiet=(FsError,))  # its nursery is set by whoever serves the tree
         self.context = MountContext(stats, reader, calls, policy, cached_bytes, clock=clock, wall=wall)
         self.calls = calls
-        self.loader = CollectionLoader(federation, stats)
+        rechecks = None if summaries is None else Rechecks(summaries, clock, refresh_time)
+        self.loader = CollectionLoader(federation, stats, rechecks)
         self._hidden: dict[str, Node] = {STATS_DIR_NAME: stats_dir(self.context)}
         self.projects: ProjectTree | None = None
         if self.layout.lists_projects:
