@@ -34,7 +34,7 @@ test: system-deps test-system-deps venv arv-mount
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration
 	$(MAKE) --no-print-directory bench QUICK=1 CHECK_ONLY=1
 
-bench: system-deps venv
+bench: system-deps venv arv-mount
 	$(VENV)/bin/python -m bench $(if $(FULL),--full) $(if $(CHECK_ONLY),--check-json)
 
 lint: venv

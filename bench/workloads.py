@@ -20,9 +20,11 @@ ceiling are measured the same way:
 exists, and unmounts with ``fusermount3 -u`` when done (then ``-u -z`` if the daemon will
 not let go). `drop_page_cache` empties the kernel page cache for cold runs when root.
 
-The workload functions (``*_workload``) are written against `Subject`: something that can
-open fresh mounts of the filesystem under test, cold (fresh disk cache, page cache dropped)
-or warm (the disk cache of earlier runs), and tell where a collection's file is in them.
+The workload functions are written against `Subject`: something that can open fresh mounts
+of a filesystem (fedmount, the null filesystem, or the real arv-mount as fedmount's peer,
+`bench.arvmount`), cold (fresh disk cache, page cache dropped) or warm (the disk cache of
+earlier runs; `CacheDirs` keeps both kinds of directory), and tell where a collection's
+file is in them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -119,8 +121,13 @@ class Mount:
 
     def rss(self) -> int:
         """Resident memory of the daemon and its children, in bytes."""
-        proc = psutil.Process(self.pid)
-        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        return process_rss(self.pid)
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of process `pid` and its children, in bytes."""
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
 def python_path_env() -> dict[str, str]:
@@ -272,18 +279,52 @@ class BenchCollection:
         return sum(self.files.values())
 
 
+class Mounted(Protocol):
+    """A running mount: where it is and what its daemon holds in memory (a `Mount`, or the
+    peer's own mount, `bench.arvmount`)."""
+
+    mountpoint: str
+
+    def rss(self) -> int: ...
+
+
 class Subject(Protocol):
-    """The filesystem under test. `mount` gives a fresh mount (a context manager yielding a
-    `Mount`): cold = empty disk cache and page cache dropped; warm = the disk cache that
-    earlier warm mounts filled. Collections are at ``MOUNT/by_id/UUID/``."""
+    """A filesystem the benchmark measures. `mount` gives a fresh mount (a context manager
+    yielding a `Mounted`): cold = empty disk cache and page cache dropped; warm = the disk
+    cache that earlier warm mounts filled. Collections are at ``MOUNT/by_id/UUID/``."""
 
     name: str
 
-    def mount(self, *, cold: bool) -> AbstractContextManager[Mount]: ...
+    def mount(self, *, cold: bool) -> AbstractContextManager[Mounted]: ...
+
+
+class CacheDirs:
+    """A subject's disk cache directories under `workdir`: one shared by every warm mount, and
+    a fresh one per cold mount, removed when that mount ends; `drop` empties the page cache."""
+
+    def __init__(self, workdir: str, drop: Callable[[], object] = drop_page_cache) -> None:
+        self.workdir = workdir
+        self.drop = drop
+        self.warm = os.path.join(workdir, "warm-cache")
+        self.cold_mounts = 0
+
+    @contextmanager
+    def for_mount(self, *, cold: bool) -> Iterator[str]:
+        """The directory for one mount; for a cold one, the page cache is dropped first."""
+        if not cold:
+            yield self.warm
+            return
+        self.cold_mounts += 1
+        cache = os.path.join(self.workdir, f"cold-cache-{self.cold_mounts}")
+        self.drop()
+        try:
+            yield cache
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def collection_path(
-    mount: Mount, collection: BenchCollection, path: str = "", *, by_pdh: bool = False
+    mount: Mounted, collection: BenchCollection, path: str = "", *, by_pdh: bool = False
 ) -> str:
     """Where `path` of `collection` is in a mount: ``by_id/UUID/path`` (or ``by_id/PDH/path``)."""
     cid = collection.portable_data_hash if by_pdh else collection.uuid
@@ -308,38 +349,25 @@ class FedmountSubject:
         self.read_ahead_kb = read_ahead_kb
         self.fedmount = list(fedmount)
         self.extra_args = list(extra_args)
-        self.warm_cache = os.path.join(workdir, "warm-cache")
-        self.mounts = 0
+        self.caches = CacheDirs(workdir)
 
     @contextmanager
     def mount(self, *, cold: bool) -> Iterator[Mount]:
-        self.mounts += 1
-        cache = os.path.join(self.workdir, f"cold-cache-{self.mounts}") if cold else self.warm_cache
-        if cold:
-            drop_page_cache()
         mountpoint = os.path.join(self.workdir, "mnt")
-        argv = [
-            *self.fedmount,
-            "--foreground",
-            "--read-ahead-kb",
-            str(self.read_ahead_kb),
-            "--disk-cache-dir",
-            cache,
-            *self.extra_args,
-            mountpoint,
-        ]
-        try:
-            with Mount(
-                argv,
+        with self.caches.for_mount(cold=cold) as cache:
+            argv = [
+                *self.fedmount,
+                "--foreground",
+                "--read-ahead-kb",
+                str(self.read_ahead_kb),
+                "--disk-cache-dir",
+                cache,
+                *self.extra_args,
                 mountpoint,
-                os.path.join(self.workdir, "fedmount.log"),
-                ready="by_id/README",
-                env=self.env,
-            ) as m:
+            ]
+            log = os.path.join(self.workdir, "fedmount.log")
+            with Mount(argv, mountpoint, log, ready="by_id/README", env=self.env) as m:
                 yield m
-        finally:
-            if cold:
-                shutil.rmtree(cache, ignore_errors=True)
 
 
 # --- the workloads: each returns one sample per run --------------------------------------

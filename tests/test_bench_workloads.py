@@ -82,3 +82,31 @@ def test_command_line_defaults_to_quick_mode_against_fedmount():
     assert parse_args(["--fedmount", "python3 -m fedmount"]).fedmount == ["python3", "-m", "fedmount"]
     command = default_fedmount()
     assert command[0].endswith("fedmount") or command == [sys.executable, "-m", "fedmount"]
+
+
+def test_cache_dirs_share_the_warm_one_and_give_each_cold_mount_a_fresh_one(tmp_path):
+    drops: list[str] = []
+    caches = workloads.CacheDirs(str(tmp_path), drop=lambda: drops.append("dropped"))
+    with caches.for_mount(cold=False) as warm:
+        os.makedirs(os.path.join(warm, "keep"))
+    with caches.for_mount(cold=False) as again:
+        assert again == warm and os.path.isdir(os.path.join(warm, "keep"))
+    assert drops == []
+    seen = []
+    for _ in range(2):
+        with caches.for_mount(cold=True) as cold:
+            assert drops and not os.path.exists(cold)  # page cache dropped, directory new
+            os.makedirs(os.path.join(cold, "keep"))
+            seen.append(cold)
+        assert not os.path.exists(cold)
+    assert len(set(seen)) == 2 and warm not in seen and len(drops) == 2
+    assert os.path.isdir(os.path.join(warm, "keep"))
+
+
+def test_arv_mount_is_measured_unless_told_not_to():
+    assert parse_args([]).no_arv_mount is False
+    assert parse_args(["--no-arv-mount"]).no_arv_mount is True
+
+
+def test_process_rss_counts_this_process():
+    assert workloads.process_rss(os.getpid()) > 1 << 20
