@@ -75,6 +75,11 @@ class Config:
     remote_latency_ms: int = 20
     remote_bandwidth: int = 100_000_000
     ttfb_slack_s: float = 0.020
+    # arv-mount lists a big collection slowly (minutes for 100,000 files on 2 cores): a peer
+    # run longer than peer_slow_s is not repeated, and a listing longer than
+    # peer_list_timeout_s makes the peer's figure n/a.
+    peer_slow_s: float = 60.0
+    peer_list_timeout_s: float = 600.0
 
     @classmethod
     def quick(cls) -> Config:
@@ -257,6 +262,7 @@ class Run:
         if self.peer is not None:
             result.peer = PeerResult(self.peer.name, na=peer_na)
         try:
+            peer_again = True
             for _ in range(self.cfg.runs):
                 for n, c in ceils.items():
                     try:
@@ -264,9 +270,10 @@ class Run:
                     except Exception as exc:
                         raise workloads.BenchError(f"ceiling {n}: {one_line(exc)}") from exc
                 figure += measure(subject or self.subject, 1)
-                self._peer_run(result, measure, peer_figure)
+                if peer_again:
+                    peer_again = self._peer_run(result, measure, peer_figure)
             result.figure = Figure(unit, figure)
-            if peer_figure and result.peer is not None and not result.peer.error:
+            if peer_figure and result.peer is not None and not (result.peer.error or result.peer.na):
                 result.peer.figure = Figure(unit, peer_figure)
             if ceils:
                 figures = {n: Figure(c.unit, samples[n]) for n, c in ceils.items()}
@@ -278,15 +285,26 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the others
             result.error = one_line(exc)
 
-    def _peer_run(self, result: Result, measure: SubjectMeasure, samples: list[float]) -> None:
-        """One run of the peer into `samples`, unless it is n/a or failed before; a failure is
-        recorded on `result` and ends the peer's runs of this workload."""
-        if self.peer is None or result.peer is None or result.peer.na or result.peer.error:
-            return
+    def _peer_run(self, result: Result, measure: SubjectMeasure, samples: list[float]) -> bool:
+        """One run of the peer into `samples`, unless it is n/a; whether to run it again. A
+        failure is recorded on `result`, a run over its time limit (`workloads.TooSlow`) makes
+        the peer's figure n/a, and a run longer than `Config.peer_slow_s` is the only one."""
+        if self.peer is None or result.peer is None or result.peer.na:
+            return False
+        start = time.monotonic()
         try:
             samples += measure(self.peer, 1)
+        except workloads.TooSlow as exc:
+            result.peer.na = f"{self.peer.name}: {exc} (time limit)"
+            return False
         except Exception as exc:  # noqa: BLE001 - the peer failing must not stop fedmount's runs
             result.peer.error = one_line(exc)
+            return False
+        return time.monotonic() - start <= self.cfg.peer_slow_s
+
+    def peer_limit(self, subject: workloads.Subject) -> float | None:
+        """The time limit of a listing by `subject`: the peer's, or none for fedmount."""
+        return self.cfg.peer_list_timeout_s if subject is self.peer else None
 
     def against_nullfs(
         self,
@@ -418,7 +436,7 @@ class Run:
             "find -printf of a collection from a mount that just became ready (includes the manifest fetch)",
             Target("at_most", 2.0, "< 2 s"),
             ("fuse_walk", "nullfs, the same find"),
-            lambda subject, n: workloads.metadata_walk(subject, walk, n),
+            lambda subject, n: workloads.metadata_walk(subject, walk, n, self.peer_limit(subject)),
             extra=lambda: {"entries": walk.entries},
         )
         listing = c["listing"]
@@ -463,7 +481,7 @@ class Run:
         growth: dict[str, list[float]] = {}
 
         def measure_rss(subject: workloads.Subject, n: int) -> list[float]:
-            listed, before = workloads.daemon_rss(subject, rss, n)
+            listed, before = workloads.daemon_rss(subject, rss, n, self.peer_limit(subject))
             idle.setdefault(subject.name, []).extend(before)
             growth.setdefault(subject.name, []).extend(a - b for a, b in zip(listed, before, strict=True))
             return listed

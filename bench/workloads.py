@@ -50,6 +50,10 @@ class BenchError(Exception):
     """A step of the benchmark could not run; the message is one line saying which and why."""
 
 
+class TooSlow(BenchError):
+    """A step did not finish within its time limit; the message says how far it got."""
+
+
 # --- mounting ----------------------------------------------------------------------------
 
 
@@ -199,10 +203,15 @@ def random_read(path: str, offsets: Sequence[int], read_size: int) -> float:
         os.close(fd)
 
 
-def find_stat(directory: str, expect_entries: int) -> float:
-    """Seconds for ``find DIR -printf`` to stat every entry; checks it saw `expect_entries`."""
+def find_stat(directory: str, expect_entries: int, timeout: float | None = None) -> float:
+    """Seconds for ``find DIR -printf`` to stat every entry; checks it saw `expect_entries`.
+    Raises `TooSlow` if it takes more than `timeout` seconds."""
     start = time.perf_counter()
-    out = subprocess.run(["find", directory, "-printf", "%s %m\n"], capture_output=True)
+    try:
+        out = subprocess.run(["find", directory, "-printf", "%s %m\n"], capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        seen = (exc.stdout or b"").count(b"\n")
+        raise TooSlow(f"find listed {seen:,} of {expect_entries:,} entries in {timeout:.0f} s") from None
     elapsed = time.perf_counter() - start
     if out.returncode != 0:
         raise BenchError(f"find {directory} failed: {out.stderr.decode(errors='replace').strip()[:200]}")
@@ -415,12 +424,15 @@ def random_reads(
     return samples
 
 
-def metadata_walk(subject: Subject, c: BenchCollection, runs: int) -> list[float]:
-    """Seconds for find + stat of every entry of a collection, from a mount that just became ready."""
+def metadata_walk(
+    subject: Subject, c: BenchCollection, runs: int, timeout: float | None = None
+) -> list[float]:
+    """Seconds for find + stat of every entry of a collection, from a mount that just became
+    ready; `TooSlow` if a walk takes more than `timeout` seconds."""
     samples = []
     for _ in range(runs):
         with subject.mount(cold=False) as m:
-            samples.append(find_stat(collection_path(m, c), c.entries))
+            samples.append(find_stat(collection_path(m, c), c.entries, timeout))
     return samples
 
 
@@ -459,12 +471,15 @@ def time_to_first_byte(subject: Subject, c: BenchCollection, path: str, runs: in
     return samples
 
 
-def daemon_rss(subject: Subject, c: BenchCollection, runs: int) -> tuple[list[float], list[float]]:
-    """(RSS after listing every entry of the collection with find, RSS of the idle mount before), bytes."""
+def daemon_rss(
+    subject: Subject, c: BenchCollection, runs: int, timeout: float | None = None
+) -> tuple[list[float], list[float]]:
+    """(RSS after listing every entry of the collection with find, RSS of the idle mount before),
+    bytes; `TooSlow` if a listing takes more than `timeout` seconds."""
     listed, idle = [], []
     for _ in range(runs):
         with subject.mount(cold=False) as m:
             idle.append(float(m.rss()))
-            find_stat(collection_path(m, c), c.entries)
+            find_stat(collection_path(m, c), c.entries, timeout)
             listed.append(float(m.rss()))
     return listed, idle

@@ -110,3 +110,11 @@ def test_arv_mount_is_measured_unless_told_not_to():
 
 def test_process_rss_counts_this_process():
     assert workloads.process_rss(os.getpid()) > 1 << 20
+
+
+def test_find_stat_over_its_time_limit_says_how_far_it_got(tmp_path):
+    for i in range(200):
+        (tmp_path / f"f{i}").write_bytes(b"")
+    with pytest.raises(workloads.TooSlow, match=r"find listed [\d,]+ of 201 entries in 0 s"):
+        workloads.find_stat(str(tmp_path), 201, timeout=1e-6)  # less than starting find takes
+    assert workloads.find_stat(str(tmp_path), 201, timeout=60) > 0
