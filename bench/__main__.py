@@ -606,6 +606,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="do not measure the real arv-mount beside fedmount (it is measured by default, from "
         "the virtualenv `make arv-mount` installs; never with --target nullfs)",
     )
+    p.add_argument(
+        "--arv-mount-time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="longest arv-mount may take to list a collection before its figure is n/a (default 600)",
+    )
     p.add_argument("--output", default=RESULTS, help=f"JSON results file (default {RESULTS})")
     p.add_argument("--only", metavar="TEXT", help="run only the workloads whose name contains TEXT")
     p.add_argument("--runs", type=int, help="runs per figure (default 3 quick, 5 full)")
@@ -622,7 +628,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = Config.full() if args.full else Config.quick()
-    overrides = {k: v for k, v in (("runs", args.runs), ("read_ahead_kb", args.read_ahead_kb)) if v}
+    given = (
+        ("runs", args.runs),
+        ("read_ahead_kb", args.read_ahead_kb),
+        ("peer_list_timeout_s", args.arv_mount_time_limit),
+    )
+    overrides = {k: v for k, v in given if v}
     cfg = Config(**{**cfg.__dict__, **overrides})
     started = time.time()
     notes = [
