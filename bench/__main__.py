@@ -569,6 +569,19 @@ class Run:
         )
 
 
+def keep_logs(workdir: str) -> str:
+    """Copy every ``*.log`` under `workdir` (which is removed after the run) into a new directory
+    under /tmp, keeping their relative paths; return that directory."""
+    kept = tempfile.mkdtemp(prefix="fedmount-bench-logs-", dir="/tmp")
+    for top, _dirs, files in os.walk(workdir):
+        for name in files:
+            if name.endswith(".log"):
+                dest = os.path.join(kept, os.path.relpath(os.path.join(top, name), workdir))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(os.path.join(top, name), dest)
+    return kept
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -677,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
             with ceilings.PageCacheFile(workdir, cfg.seq_size, cfg.read_size) as page_cache:
                 run.local_workloads(page_cache)
             run.remote_workloads()
+        if any(r.error or (r.peer and r.peer.error) for r in run.results):
+            notes.append(
+                f"a workload failed: the daemons' and the emulator's logs are in {keep_logs(workdir)}"
+            )
         doc = report.document(
             mode=cfg.mode,
             target_fs=args.target,

@@ -4,12 +4,13 @@ files, random offsets, collection entry counts, the quick/full configurations.""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
 
 from bench import workloads
-from bench.__main__ import Config, default_fedmount, parse_args
+from bench.__main__ import Config, default_fedmount, keep_logs, parse_args
 from bench.workloads import BenchCollection, BenchError
 
 
@@ -118,3 +119,18 @@ def test_find_stat_over_its_time_limit_says_how_far_it_got(tmp_path):
     with pytest.raises(workloads.TooSlow, match=r"find listed [\d,]+ of 201 entries in 0 s"):
         workloads.find_stat(str(tmp_path), 201, timeout=1e-6)  # less than starting find takes
     assert workloads.find_stat(str(tmp_path), 201, timeout=60) > 0
+
+
+def test_keep_logs_copies_only_the_logs_with_their_paths(tmp_path):
+    (tmp_path / "fedmount").mkdir()
+    (tmp_path / "fedmount" / "fedmount.log").write_text("lookup failed\n")
+    (tmp_path / "federation").mkdir()
+    (tmp_path / "federation" / "emulator.log").write_text("404\n")
+    (tmp_path / "fedmount" / "block.bin").write_bytes(b"x" * 100)
+    kept = keep_logs(str(tmp_path))
+    try:
+        found = sorted(os.path.relpath(os.path.join(t, f), kept) for t, _, fs in os.walk(kept) for f in fs)
+        assert found == ["federation/emulator.log", "fedmount/fedmount.log"]
+        assert open(os.path.join(kept, "fedmount", "fedmount.log")).read() == "lookup failed\n"
+    finally:
+        shutil.rmtree(kept)
