@@ -36,8 +36,8 @@ test: system-deps test-system-deps venv arv-mount crunchstat-summary
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration
 	$(MAKE) --no-print-directory bench QUICK=1 CHECK_ONLY=1
 
-bench: system-deps venv
-	$(VENV)/bin/python -m bench $(if $(FULL),--full) $(if $(CHECK_ONLY),--check-json)
+bench: system-deps venv arv-mount
+	$(VENV)/bin/python -m bench $(if $(FULL),--full) $(if $(CHECK_ONLY),--check-json --no-arv-mount)
 
 lint: venv
 	$(VENV)/bin/python -m ruff check fedmount tests integration bench

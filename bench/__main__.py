@@ -11,7 +11,11 @@ Steps:
    default) uses smaller sizes and fewer runs than ``--full``; the JSON says which.
 3. Measure the ceilings (`bench.ceilings`), then the workloads (`bench.workloads`) against
    fresh mounts of the filesystem under test (``--target fedmount``, the default, or
-   ``nullfs`` to exercise the machinery without the daemon). The remote workloads and
+   ``nullfs`` to exercise the machinery without the daemon) and, for fedmount, of its peer,
+   the real arv-mount (`bench.arvmount`; ``--no-arv-mount`` leaves it out): each run of a
+   workload is one run of each of its ceilings, one of fedmount and one of arv-mount, so
+   the report gives fedmount/arv-mount beside the ratio to the ceiling, or "n/a" and why
+   where arv-mount cannot do the workload (``--route direct``). The remote workloads and
    their Keep ceilings run with the remote cluster shaped (added latency and a
    per-connection bandwidth cap), everything else unshaped. The remote cold read runs
    twice: with ``--route home`` (through the home keepstore, which proxies and verifies
@@ -21,9 +25,10 @@ Steps:
    subject mounts with ``--route home`` so that each figure has the ceiling of its route.
 4. Write ``bench/results/latest.json`` (`bench.report`) and print the table.
 
-A workload that fails records its error and the others still run. ``--check-json`` reads
-the JSON back and exits 1 if it is malformed or a workload failed to run; it never judges
-a timing, so a missed target does not fail it.
+A workload that fails records its error and the others still run (arv-mount failing
+records its own error and fedmount's figure stays). ``--check-json`` reads the JSON back
+and exits 1 if it is malformed or a workload (fedmount's or arv-mount's run of it) failed to
+run; it never judges a timing, so a missed target does not fail it.
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmount.arvados.tokens import parse_token, salt_for
+from integration.arvmount import arv_mount_unusable
 from integration.harness import Federation
 
-from . import ceilings, report, workloads
-from .report import Figure, Result, Target
+from . import arvmount, ceilings, report, workloads
+from .report import Figure, PeerResult, Result, Target
 from .workloads import BenchCollection
 
 RESULTS = os.path.join(workloads.REPO, "bench", "results", "latest.json")
@@ -71,6 +77,11 @@ class Config:
     remote_latency_ms: int = 20
     remote_bandwidth: int = 100_000_000
     ttfb_slack_s: float = 0.020
+    # arv-mount lists a big collection slowly (minutes for 100,000 files on 2 cores): a peer
+    # run longer than peer_slow_s is not repeated, and a listing longer than
+    # peer_list_timeout_s makes the peer's figure n/a.
+    peer_slow_s: float = 60.0
+    peer_list_timeout_s: float = 600.0
 
     @classmethod
     def quick(cls) -> Config:
@@ -178,6 +189,8 @@ def create_collections(fed: Federation, cfg: Config) -> dict[str, BenchCollectio
 
 
 Measure = Callable[[int], list[float]]
+# A workload's measure: `runs` samples of one subject (fedmount, or its peer arv-mount).
+SubjectMeasure = Callable[[workloads.Subject, int], list[float]]
 
 
 @dataclass(frozen=True)
@@ -188,8 +201,9 @@ class Ceiling:
 
 
 class Run:
-    """One benchmark run. Each workload run is preceded by one run of each of its ceilings, so a
-    change of load on this shared machine hits figure and ceiling alike (A/B interleaving)."""
+    """One benchmark run. Each workload run is preceded by one run of each of its ceilings and
+    followed by one run of the peer (arv-mount), so a change of load on this shared machine
+    hits figure, ceiling and peer alike (interleaving)."""
 
     def __init__(
         self,
@@ -201,11 +215,13 @@ class Run:
         workdir: str,
         only: str | None = None,
         direct: workloads.Subject | None = None,
+        peer: workloads.Subject | None = None,
     ) -> None:
         self.cfg = cfg
         self.only = only
         self.subject = subject
         self.direct = direct  # the subject mounted with --route direct, if it has routes
+        self.peer = peer  # the filesystem fedmount is compared with (arv-mount), if measured
         self.nullfs = nullfs
         self.fed = fed
         self.colls = colls
@@ -227,10 +243,15 @@ class Run:
         description: str,
         target: Target,
         unit: str,
-        measure: Measure,
+        measure: SubjectMeasure,
         ceils: dict[str, Ceiling] | None = None,
         extra: Callable[[], dict[str, Any]] | None = None,
+        *,
+        subject: workloads.Subject | None = None,
+        peer_na: str | None = None,
     ) -> None:
+        """Measure `subject` (default: the filesystem under test) and the peer with `measure`,
+        interleaved with `ceils`; `peer_na` says why the peer cannot do this workload."""
         if self.only and self.only not in name:
             return
         self.progress(f"workload {name}")
@@ -239,15 +260,23 @@ class Run:
         ceils = ceils or {}
         samples: dict[str, list[float]] = {n: [] for n in ceils}
         figure: list[float] = []
+        peer_figure: list[float] = []
+        if self.peer is not None:
+            result.peer = PeerResult(self.peer.name, na=peer_na)
         try:
+            peer_again = True
             for _ in range(self.cfg.runs):
                 for n, c in ceils.items():
                     try:
                         samples[n] += c.measure(1)
                     except Exception as exc:
                         raise workloads.BenchError(f"ceiling {n}: {one_line(exc)}") from exc
-                figure += measure(1)
+                figure += measure(subject or self.subject, 1)
+                if peer_again:
+                    peer_again = self._peer_run(result, measure, peer_figure)
             result.figure = Figure(unit, figure)
+            if peer_figure and result.peer is not None and not (result.peer.error or result.peer.na):
+                result.peer.figure = Figure(unit, peer_figure)
             if ceils:
                 figures = {n: Figure(c.unit, samples[n]) for n, c in ceils.items()}
                 result.ceiling_name, result.ceiling = report.lower_ceiling(figures)
@@ -258,20 +287,41 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the others
             result.error = one_line(exc)
 
+    def _peer_run(self, result: Result, measure: SubjectMeasure, samples: list[float]) -> bool:
+        """One run of the peer into `samples`, unless it is n/a; whether to run it again. A
+        failure is recorded on `result`, a run over its time limit (`workloads.TooSlow`) makes
+        the peer's figure n/a, and a run longer than `Config.peer_slow_s` is the only one."""
+        if self.peer is None or result.peer is None or result.peer.na:
+            return False
+        start = time.monotonic()
+        try:
+            samples += measure(self.peer, 1)
+        except workloads.TooSlow as exc:
+            result.peer.na = f"{self.peer.name}: {exc} (time limit)"
+            return False
+        except Exception as exc:  # noqa: BLE001 - the peer failing must not stop fedmount's runs
+            result.peer.error = one_line(exc)
+            return False
+        return time.monotonic() - start <= self.cfg.peer_slow_s
+
+    def peer_limit(self, subject: workloads.Subject) -> float | None:
+        """The time limit of a listing by `subject`: the peer's, or none for fedmount."""
+        return self.cfg.peer_list_timeout_s if subject is self.peer else None
+
     def against_nullfs(
         self,
         name: str,
         description: str,
         target: Target,
         ceiling: tuple[str, str],
-        measure: Callable[[workloads.Subject, int], list[float]],
+        measure: SubjectMeasure,
         extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """A workload in seconds whose ceiling, named and described by `ceiling`, is the same
         measure of the null filesystem."""
         ceiling_name, how = ceiling
         self.workload(
-            name, description, target, "s", lambda n: measure(self.subject, n),
+            name, description, target, "s", measure,
             {ceiling_name: Ceiling("s", how, lambda n: measure(self.nullfs, n))}, extra,
         )  # fmt: skip
 
@@ -325,7 +375,7 @@ class Run:
             "dd of a file of the home cluster, fresh disk cache, page cache dropped, fresh mount",
             Target("ratio_at_least", 0.7, ">= 0.7 x min(FUSE, Keep)"),
             "B/s",
-            lambda n: workloads.sequential(s, seq, "data.bin", rs, n, cold=True),
+            lambda subject, n: workloads.sequential(subject, seq, "data.bin", rs, n, cold=True),
             {"fuse": fuse, "keep": keep},
             extra=lambda: {"md5": self.side_ceiling("md5", md5).to_json()},
         )
@@ -334,7 +384,7 @@ class Run:
             "dd of a file whose blocks are in the disk cache, fresh mount",
             Target("ratio_at_least", 0.8, ">= 0.8 x FUSE"),
             "B/s",
-            lambda n: workloads.sequential(s, seq, "data.bin", rs, n, cold=False),
+            lambda subject, n: workloads.sequential(subject, seq, "data.bin", rs, n, cold=False),
             {"fuse": fuse},
         )
         page = Ceiling("B/s", f"dd bs={rs} of a page-cached local file of the same size", page_cache.samples)
@@ -356,7 +406,7 @@ class Run:
                 f"dd of a file just read in the same mount, collection addressed by {how}",
                 Target("ratio_at_least", 0.8, ">= 0.8 x page cache"),
                 "B/s",
-                lambda n, p=by_pdh: workloads.second_read(s, seq, "data.bin", rs, n, by_pdh=p),
+                lambda subject, n, p=by_pdh: workloads.second_read(subject, seq, "data.bin", rs, n, by_pdh=p),
                 {"page_cache": page},
                 extra=lambda: {"fuse_keep_cache": self.side_ceiling("fuse_keep_cache", fuse_kept).to_json()},
             )
@@ -369,7 +419,9 @@ class Run:
                 f"{count} preads at random aligned offsets, disk cache warm, fresh mount",
                 Target("report"),
                 "ops/s",
-                lambda n, rsz=read_size, k=count: workloads.random_reads(s, seq, "data.bin", rsz, k, n),
+                lambda subject, n, rsz=read_size, k=count: workloads.random_reads(
+                    subject, seq, "data.bin", rsz, k, n
+                ),
                 {
                     f"fuse_random_{label.replace(' ', '').lower()}": Ceiling(
                         "ops/s",
@@ -386,7 +438,7 @@ class Run:
             "find -printf of a collection from a mount that just became ready (includes the manifest fetch)",
             Target("at_most", 2.0, "< 2 s"),
             ("fuse_walk", "nullfs, the same find"),
-            lambda subject, n: workloads.metadata_walk(subject, walk, n),
+            lambda subject, n: workloads.metadata_walk(subject, walk, n, self.peer_limit(subject)),
             extra=lambda: {"entries": walk.entries},
         )
         listing = c["listing"]
@@ -404,7 +456,7 @@ class Run:
             "xargs -0 cat, blocks in the disk cache, fresh mount",
             Target("report"),
             "files/s",
-            lambda n: workloads.small_files(s, small, n, cold=False),
+            lambda subject, n: workloads.small_files(subject, small, n, cold=False),
             {
                 "fuse_cat": Ceiling(
                     "files/s",
@@ -418,7 +470,7 @@ class Run:
             "xargs -0 cat, fresh disk cache, page cache dropped, fresh mount",
             Target("ratio_at_least", 0.5, "within 2x warm"),
             "files/s",
-            lambda n: workloads.small_files(s, small, n, cold=True),
+            lambda subject, n: workloads.small_files(subject, small, n, cold=True),
             {
                 "cat_warm": Ceiling(
                     "files/s", "the same cat, warm", lambda n: workloads.small_files(s, small, n, cold=False)
@@ -427,14 +479,26 @@ class Run:
         )
         rss = c["rss"]
         manifest_size = float(len(ceilings.Api(self.access).collection(rss.uuid)["manifest_text"].encode()))
-        idle: list[float] = []
-        growth: list[float] = []
+        idle: dict[str, list[float]] = {}
+        growth: dict[str, list[float]] = {}
 
-        def measure_rss(n: int) -> list[float]:
-            listed, before = workloads.daemon_rss(s, rss, n)
-            idle.extend(before)
-            growth.extend(a - b for a, b in zip(listed, before, strict=True))
+        def measure_rss(subject: workloads.Subject, n: int) -> list[float]:
+            listed, before = workloads.daemon_rss(subject, rss, n, self.peer_limit(subject))
+            idle.setdefault(subject.name, []).extend(before)
+            growth.setdefault(subject.name, []).extend(a - b for a, b in zip(listed, before, strict=True))
             return listed
+
+        def rss_extra() -> dict[str, Any]:
+            own, peer = s.name, self.peer.name if self.peer else None
+            medians = {
+                "idle_rss_median": statistics.median(idle[own]),
+                "rss_growth_median": statistics.median(growth[own]),
+                "rss_growth_per_manifest_byte": statistics.median(growth[own]) / manifest_size,
+            }
+            if peer in growth:
+                medians[f"{peer}_idle_rss_median"] = statistics.median(idle[peer])
+                medians[f"{peer}_rss_growth_median"] = statistics.median(growth[peer])
+            return medians
 
         self.workload(
             f"daemon RSS, {len(rss.files):,}-file collection listed",
@@ -449,18 +513,16 @@ class Run:
                     lambda n: [manifest_size] * n,
                 )
             },
-            extra=lambda: {
-                "idle_rss_median": statistics.median(idle),
-                "rss_growth_median": statistics.median(growth),
-                "rss_growth_per_manifest_byte": statistics.median(growth) / manifest_size,
-            },
+            extra=rss_extra,
         )
 
     def remote_workloads(self) -> None:
-        cfg, s = self.cfg, self.subject
+        cfg = self.cfg
         remote = self.colls["seq_remote"]
         with shaped(self.fed, remote.cluster, cfg.remote_latency_ms, cfg.remote_bandwidth):
-            self._remote_cold_read(s, f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}")
+            self._remote_cold_read(
+                self.subject, f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}"
+            )
             if self.direct is not None:
                 self._remote_cold_read(
                     self.direct,
@@ -473,7 +535,7 @@ class Run:
                 f"open + 1-byte read, file stat'ed first, fresh disk cache, {self.shaping}",
                 Target("ceiling_plus", cfg.ttfb_slack_s, "<= one block GET + 20 ms"),
                 "s",
-                lambda n: workloads.time_to_first_byte(s, remote, "data.bin", n),
+                lambda subject, n: workloads.time_to_first_byte(subject, remote, "data.bin", n),
                 {
                     "keep_remote_block": Ceiling(
                         "s",
@@ -497,7 +559,7 @@ class Run:
             description,
             Target("ratio_at_least", 0.8, ">= 0.8 x Keep (shaped)"),
             "B/s",
-            lambda n: workloads.sequential(subject, remote, "data.bin", cfg.read_size, n, cold=True),
+            lambda subj, n: workloads.sequential(subj, remote, "data.bin", cfg.read_size, n, cold=True),
             {
                 "keep_remote_direct" if direct else "keep_remote": Ceiling(
                     "B/s",
@@ -505,7 +567,22 @@ class Run:
                     lambda n: self._keep(remote, direct=direct).samples(n),
                 )
             },
+            subject=subject,
+            peer_na=arvmount.NO_DIRECT_ROUTE if direct else None,
         )
+
+
+def keep_logs(workdir: str) -> str:
+    """Copy every ``*.log`` under `workdir` (which is removed after the run) into a new directory
+    under /tmp, keeping their relative paths; return that directory."""
+    kept = tempfile.mkdtemp(prefix="fedmount-bench-logs-", dir="/tmp")
+    for top, _dirs, files in os.walk(workdir):
+        for name in files:
+            if name.endswith(".log"):
+                dest = os.path.join(kept, os.path.relpath(os.path.join(top, name), workdir))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(os.path.join(top, name), dest)
+    return kept
 
 
 def one_line(exc: BaseException) -> str:
@@ -539,6 +616,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--federation", metavar="STATE_DIR", help="use this running federation instead of starting one"
     )
+    p.add_argument(
+        "--no-arv-mount",
+        action="store_true",
+        help="do not measure the real arv-mount beside fedmount (it is measured by default, from "
+        "the virtualenv `make arv-mount` installs; never with --target nullfs)",
+    )
+    p.add_argument(
+        "--arv-mount-time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="longest arv-mount may take to list a collection before its figure is n/a (default 600)",
+    )
     p.add_argument("--output", default=RESULTS, help=f"JSON results file (default {RESULTS})")
     p.add_argument("--only", metavar="TEXT", help="run only the workloads whose name contains TEXT")
     p.add_argument("--runs", type=int, help="runs per figure (default 3 quick, 5 full)")
@@ -555,7 +644,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = Config.full() if args.full else Config.quick()
-    overrides = {k: v for k, v in (("runs", args.runs), ("read_ahead_kb", args.read_ahead_kb)) if v}
+    given = (
+        ("runs", args.runs),
+        ("read_ahead_kb", args.read_ahead_kb),
+        ("peer_list_timeout_s", args.arv_mount_time_limit),
+    )
+    overrides = {k: v for k, v in given if v}
     cfg = Config(**{**cfg.__dict__, **overrides})
     started = time.time()
     notes = [
@@ -564,6 +658,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.runs} runs per figure"
         + ("" if args.full else " (--full: 1 GiB / 100,000 / 1,000,000 / 10,000 and 5 runs)")
     ]
+    with_peer = args.target == "fedmount" and not args.no_arv_mount
+    if with_peer and (reason := arv_mount_unusable()) is not None:
+        print(f"bench: cannot run arv-mount: {reason} (or pass --no-arv-mount)", file=sys.stderr)
+        return 2
+    if args.target == "fedmount" and not with_peer:
+        notes.append("arv-mount not measured (--no-arv-mount)")
     workdir = tempfile.mkdtemp(prefix="fedmount-bench-", dir="/tmp")
     try:
         if not workloads.drop_page_cache():
@@ -589,10 +689,15 @@ def main(argv: list[str] | None = None) -> int:
                     env, os.path.join(workdir, "fedmount-direct"), cfg.read_ahead_kb, args.fedmount,
                     ["--route", "direct"],
                 )  # fmt: skip
-            run = Run(cfg, subject, nullfs, fed, colls, workdir, args.only, direct)
+            peer = arvmount.ArvMountSubject(fed, os.path.join(workdir, "arv-mount")) if with_peer else None
+            run = Run(cfg, subject, nullfs, fed, colls, workdir, args.only, direct, peer)
             with ceilings.PageCacheFile(workdir, cfg.seq_size, cfg.read_size) as page_cache:
                 run.local_workloads(page_cache)
             run.remote_workloads()
+        if any(r.error or (r.peer and r.peer.error) for r in run.results):
+            notes.append(
+                f"a workload failed: the daemons' and the emulator's logs are in {keep_logs(workdir)}"
+            )
         doc = report.document(
             mode=cfg.mode,
             target_fs=args.target,
@@ -603,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             started_at=started,
             duration_s=time.time() - started,
             notes=notes,
+            peer=arvmount.describe() if with_peer else None,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

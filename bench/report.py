@@ -12,6 +12,12 @@ and a target is judged on medians only:
 - ``ceiling_plus x``    — figure ≤ ceiling + x (time to first byte against one block GET);
 - ``report``            — no target, the figure is only reported.
 
+A result can also carry its peer's figure (`PeerResult`: the real arv-mount measured in
+the same run with the same readers, interleaved with the filesystem under test), and then
+the peer ratio median(figure) / median(peer) in the figure's unit: above 1 is better for
+rates, below 1 for seconds and bytes. Where the peer cannot do a workload the result says
+so and why (``na``), which is not a failure; a peer that failed to run is (``error``).
+
 `document()` builds the JSON document (schema ``fedmount-bench/1``) and `validate()`
 checks one read back from disk; ``--check-json`` uses it, and it never looks at a timing.
 `table()` renders the same document as a plain-text table, so what is printed and what is
@@ -21,6 +27,7 @@ stored cannot disagree.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,7 +35,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA = "fedmount-bench/1"
+SCHEMA = "fedmount-bench/2"
 TARGET_KINDS = ("ratio_at_least", "ratio_at_most", "at_most", "ceiling_plus", "report")
 UNITS = ("B/s", "s", "B", "ops/s", "files/s")
 
@@ -84,6 +91,17 @@ class Target:
 
 
 @dataclass
+class PeerResult:
+    """The peer's figure for a workload, or why there is none: `na` (it cannot do this
+    workload) or `error` (it failed)."""
+
+    name: str
+    figure: Figure | None = None
+    na: str | None = None
+    error: str | None = None
+
+
+@dataclass
 class Result:
     name: str
     description: str
@@ -93,12 +111,15 @@ class Result:
     ceiling_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    peer: PeerResult | None = None
 
     @property
     def ratio(self) -> float | None:
-        if self.figure is None or self.ceiling is None or self.ceiling.median <= 0:
-            return None
-        return self.figure.median / self.ceiling.median
+        return _ratio(self.figure, self.ceiling)
+
+    @property
+    def peer_ratio(self) -> float | None:
+        return _ratio(self.figure, self.peer.figure if self.peer else None)
 
     @property
     def passed(self) -> bool | None:
@@ -119,7 +140,26 @@ class Result:
             "passed": self.passed,
             "extra": self.extra,
             "error": self.error,
+            "peer": self._peer_json(),
         }
+
+    def _peer_json(self) -> dict[str, Any] | None:
+        if self.peer is None:
+            return None
+        p = self.peer
+        return {
+            "name": p.name,
+            "figure": p.figure.to_json() if p.figure else None,
+            "ratio": self.peer_ratio,
+            "na": p.na,
+            "error": p.error,
+        }
+
+
+def _ratio(figure: Figure | None, by: Figure | None) -> float | None:
+    if figure is None or by is None or by.median <= 0:
+        return None
+    return figure.median / by.median
 
 
 def lower_ceiling(ceilings: dict[str, Figure]) -> tuple[str, Figure]:
@@ -176,7 +216,10 @@ def document(
     started_at: float,
     duration_s: float,
     notes: list[str],
+    peer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The results document; `peer` (``name``, ``version``, ``how``) names the filesystem whose
+    figures the results carry beside their own, None if none was measured."""
     return {
         "schema": SCHEMA,
         "mode": mode,
@@ -186,6 +229,7 @@ def document(
         "machine": machine_info,
         "settings": settings,
         "notes": notes,
+        "peer": peer,
         "ceilings": {name: {**fig.to_json(), "details": info} for name, (fig, info) in ceilings.items()},
         "workloads": [r.to_json() for r in results],
     }
@@ -205,6 +249,10 @@ def validate(doc: Any) -> list[str]:
             problems.append(f"machine.{key} is missing")
     for name, ceiling in (doc.get("ceilings") or {}).items():
         problems += _figure_problems(f"ceilings.{name}", ceiling)
+    peer = doc.get("peer")
+    if peer is not None and not (isinstance(peer, dict) and peer.get("name")):
+        problems.append("peer is not an object with a name")
+        peer = None
     workloads = doc.get("workloads")
     if not isinstance(workloads, list) or not workloads:
         return problems + ["workloads is missing or empty"]
@@ -220,7 +268,39 @@ def validate(doc: Any) -> list[str]:
             problems.append(f"{where} has no valid target")
         if w.get("passed") not in (True, False, None):
             problems.append(f"{where} passed is not a boolean or null")
+        problems += _peer_problems(where, w, peer["name"] if peer else None)
     return problems
+
+
+def _peer_problems(where: str, w: dict[str, Any], expected: str | None) -> list[str]:
+    """A workload's peer entry: present exactly when the document names a peer, with exactly
+    one of a figure (in the workload's unit, with the ratio to it), an n/a reason or an error."""
+    p = w.get("peer")
+    if expected is None:
+        return [] if p is None else [f"{where} has a peer entry but the document names no peer"]
+    if not isinstance(p, dict):
+        return [f"{where} has no {expected} entry"]
+    if p.get("name") != expected:
+        return [f"{where} peer is {p.get('name')!r}, expected {expected!r}"]
+    given = [k for k in ("figure", "na", "error") if p.get(k)]
+    if len(given) != 1:
+        return [f"{where} {expected} entry needs exactly one of figure, na, error (has {given or 'none'})"]
+    if p.get("error"):
+        return [f"{where}: {expected} failed: {p['error']}"]
+    if p.get("na"):
+        return [] if isinstance(p["na"], str) else [f"{where} {expected} n/a reason is not text"]
+    problems = _figure_problems(f"{where} {expected} figure", p["figure"])
+    if problems:
+        return problems
+    fig, own = p["figure"], w.get("figure") or {}
+    if fig["unit"] != own.get("unit"):
+        return [f"{where} {expected} figure is in {fig['unit']!r}, the workload's in {own.get('unit')!r}"]
+    want = own["median"] / fig["median"] if fig["median"] > 0 else None
+    if want is None:
+        return [] if p.get("ratio") is None else [f"{where} {expected} ratio given for a zero median"]
+    if not isinstance(p.get("ratio"), int | float) or not math.isclose(p["ratio"], want, rel_tol=1e-9):
+        return [f"{where} {expected} ratio {p.get('ratio')!r} is not median / {expected} median ({want:.6g})"]
+    return []
 
 
 def _figure_problems(where: str, fig: Any) -> list[str]:
@@ -263,9 +343,30 @@ def _verdict(passed: bool | None, error: str | None) -> str:
     return {True: "pass", False: "FAIL", None: "-"}[passed]
 
 
+def _peer_cells(peer: dict[str, Any] | None) -> tuple[str, str]:
+    """The peer's figure and the peer ratio as table cells."""
+    if not peer:
+        return "-", "-"
+    if peer.get("na"):
+        return "n/a", "n/a"
+    if peer.get("error"):
+        return "ERROR", "-"
+    fig = peer.get("figure")
+    ratio = peer.get("ratio")
+    return (
+        format_value(fig["median"], fig["unit"]) if fig else "-",
+        f"{ratio:.2f}" if ratio is not None else "-",
+    )
+
+
 def table(doc: dict[str, Any]) -> str:
-    """The results document as a fixed-width text table, then the machine and notes."""
-    rows = [("workload", "figure (median)", "min .. max", "ceiling (median)", "ratio", "target", "result")]
+    """The results document as a fixed-width text table (with the peer's figure and the peer
+    ratio beside the ceiling's when the document has a peer), then the machine and notes."""
+    peer = (doc.get("peer") or {}).get("name")
+    header = ["workload", "figure (median)", "min .. max", "ceiling (median)", "ratio"]
+    if peer:
+        header += [f"{peer} (median)", f"{doc['target_fs']}/{peer}"]
+    rows = [(*header, "target", "result")]
     for w in doc["workloads"]:
         fig, ceil = w.get("figure"), w.get("ceiling")
         spread = "-"
@@ -278,6 +379,7 @@ def table(doc: dict[str, Any]) -> str:
                 spread,
                 f"{ceil['name']}: {format_value(ceil['median'], ceil['unit'])}" if ceil else "-",
                 f"{w['ratio']:.2f}" if w.get("ratio") is not None else "-",
+                *(_peer_cells(w.get("peer")) if peer else ()),
                 w["target"]["text"],
                 _verdict(w.get("passed"), w.get("error")),
             )
@@ -288,6 +390,18 @@ def table(doc: dict[str, Any]) -> str:
     for w in doc["workloads"]:
         if w.get("error"):
             lines.append(f"error in {w['name']}: {w['error']}")
+        p = w.get("peer") or {}
+        if p.get("na"):
+            lines.append(f"{peer} n/a in {w['name']}: {p['na']}")
+        if p.get("error"):
+            lines.append(f"{peer} error in {w['name']}: {p['error']}")
+    if peer:
+        info = doc["peer"]
+        lines.append(
+            f"{doc['target_fs']}/{peer}: median over median in the figure's unit "
+            "(above 1 is better for rates, below 1 for s and B)"
+        )
+        lines.append(f"{peer} {info.get('version', '')}: {info.get('how', '')}")
     lines.append("")
     for name, c in doc.get("ceilings", {}).items():
         lines.append(

@@ -20,9 +20,11 @@ ceiling are measured the same way:
 exists, and unmounts with ``fusermount3 -u`` when done (then ``-u -z`` if the daemon will
 not let go). `drop_page_cache` empties the kernel page cache for cold runs when root.
 
-The workload functions (``*_workload``) are written against `Subject`: something that can
-open fresh mounts of the filesystem under test, cold (fresh disk cache, page cache dropped)
-or warm (the disk cache of earlier runs), and tell where a collection's file is in them.
+The workload functions are written against `Subject`: something that can open fresh mounts
+of a filesystem (fedmount, the null filesystem, or the real arv-mount as fedmount's peer,
+`bench.arvmount`), cold (fresh disk cache, page cache dropped) or warm (the disk cache of
+earlier runs; `CacheDirs` keeps both kinds of directory), and tell where a collection's
+file is in them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -46,6 +48,10 @@ DD_RE = re.compile(r"^(\d+) bytes .* copied, ([0-9.e+-]+) s,", re.MULTILINE)
 
 class BenchError(Exception):
     """A step of the benchmark could not run; the message is one line saying which and why."""
+
+
+class TooSlow(BenchError):
+    """A step did not finish within its time limit; the message says how far it got."""
 
 
 # --- mounting ----------------------------------------------------------------------------
@@ -119,8 +125,13 @@ class Mount:
 
     def rss(self) -> int:
         """Resident memory of the daemon and its children, in bytes."""
-        proc = psutil.Process(self.pid)
-        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        return process_rss(self.pid)
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of process `pid` and its children, in bytes."""
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
 def python_path_env() -> dict[str, str]:
@@ -192,10 +203,15 @@ def random_read(path: str, offsets: Sequence[int], read_size: int) -> float:
         os.close(fd)
 
 
-def find_stat(directory: str, expect_entries: int) -> float:
-    """Seconds for ``find DIR -printf`` to stat every entry; checks it saw `expect_entries`."""
+def find_stat(directory: str, expect_entries: int, timeout: float | None = None) -> float:
+    """Seconds for ``find DIR -printf`` to stat every entry; checks it saw `expect_entries`.
+    Raises `TooSlow` if it takes more than `timeout` seconds."""
     start = time.perf_counter()
-    out = subprocess.run(["find", directory, "-printf", "%s %m\n"], capture_output=True)
+    try:
+        out = subprocess.run(["find", directory, "-printf", "%s %m\n"], capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        seen = (exc.stdout or b"").count(b"\n")
+        raise TooSlow(f"find listed {seen:,} of {expect_entries:,} entries in {timeout:.0f} s") from None
     elapsed = time.perf_counter() - start
     if out.returncode != 0:
         raise BenchError(f"find {directory} failed: {out.stderr.decode(errors='replace').strip()[:200]}")
@@ -272,18 +288,52 @@ class BenchCollection:
         return sum(self.files.values())
 
 
+class Mounted(Protocol):
+    """A running mount: where it is and what its daemon holds in memory (a `Mount`, or the
+    peer's own mount, `bench.arvmount`)."""
+
+    mountpoint: str
+
+    def rss(self) -> int: ...
+
+
 class Subject(Protocol):
-    """The filesystem under test. `mount` gives a fresh mount (a context manager yielding a
-    `Mount`): cold = empty disk cache and page cache dropped; warm = the disk cache that
-    earlier warm mounts filled. Collections are at ``MOUNT/by_id/UUID/``."""
+    """A filesystem the benchmark measures. `mount` gives a fresh mount (a context manager
+    yielding a `Mounted`): cold = empty disk cache and page cache dropped; warm = the disk
+    cache that earlier warm mounts filled. Collections are at ``MOUNT/by_id/UUID/``."""
 
     name: str
 
-    def mount(self, *, cold: bool) -> AbstractContextManager[Mount]: ...
+    def mount(self, *, cold: bool) -> AbstractContextManager[Mounted]: ...
+
+
+class CacheDirs:
+    """A subject's disk cache directories under `workdir`: one shared by every warm mount, and
+    a fresh one per cold mount, removed when that mount ends; `drop` empties the page cache."""
+
+    def __init__(self, workdir: str, drop: Callable[[], object] = drop_page_cache) -> None:
+        self.workdir = workdir
+        self.drop = drop
+        self.warm = os.path.join(workdir, "warm-cache")
+        self.cold_mounts = 0
+
+    @contextmanager
+    def for_mount(self, *, cold: bool) -> Iterator[str]:
+        """The directory for one mount; for a cold one, the page cache is dropped first."""
+        if not cold:
+            yield self.warm
+            return
+        self.cold_mounts += 1
+        cache = os.path.join(self.workdir, f"cold-cache-{self.cold_mounts}")
+        self.drop()
+        try:
+            yield cache
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def collection_path(
-    mount: Mount, collection: BenchCollection, path: str = "", *, by_pdh: bool = False
+    mount: Mounted, collection: BenchCollection, path: str = "", *, by_pdh: bool = False
 ) -> str:
     """Where `path` of `collection` is in a mount: ``by_id/UUID/path`` (or ``by_id/PDH/path``)."""
     cid = collection.portable_data_hash if by_pdh else collection.uuid
@@ -308,38 +358,25 @@ class FedmountSubject:
         self.read_ahead_kb = read_ahead_kb
         self.fedmount = list(fedmount)
         self.extra_args = list(extra_args)
-        self.warm_cache = os.path.join(workdir, "warm-cache")
-        self.mounts = 0
+        self.caches = CacheDirs(workdir)
 
     @contextmanager
     def mount(self, *, cold: bool) -> Iterator[Mount]:
-        self.mounts += 1
-        cache = os.path.join(self.workdir, f"cold-cache-{self.mounts}") if cold else self.warm_cache
-        if cold:
-            drop_page_cache()
         mountpoint = os.path.join(self.workdir, "mnt")
-        argv = [
-            *self.fedmount,
-            "--foreground",
-            "--read-ahead-kb",
-            str(self.read_ahead_kb),
-            "--disk-cache-dir",
-            cache,
-            *self.extra_args,
-            mountpoint,
-        ]
-        try:
-            with Mount(
-                argv,
+        with self.caches.for_mount(cold=cold) as cache:
+            argv = [
+                *self.fedmount,
+                "--foreground",
+                "--read-ahead-kb",
+                str(self.read_ahead_kb),
+                "--disk-cache-dir",
+                cache,
+                *self.extra_args,
                 mountpoint,
-                os.path.join(self.workdir, "fedmount.log"),
-                ready="by_id/README",
-                env=self.env,
-            ) as m:
+            ]
+            log = os.path.join(self.workdir, "fedmount.log")
+            with Mount(argv, mountpoint, log, ready="by_id/README", env=self.env) as m:
                 yield m
-        finally:
-            if cold:
-                shutil.rmtree(cache, ignore_errors=True)
 
 
 # --- the workloads: each returns one sample per run --------------------------------------
@@ -387,12 +424,15 @@ def random_reads(
     return samples
 
 
-def metadata_walk(subject: Subject, c: BenchCollection, runs: int) -> list[float]:
-    """Seconds for find + stat of every entry of a collection, from a mount that just became ready."""
+def metadata_walk(
+    subject: Subject, c: BenchCollection, runs: int, timeout: float | None = None
+) -> list[float]:
+    """Seconds for find + stat of every entry of a collection, from a mount that just became
+    ready; `TooSlow` if a walk takes more than `timeout` seconds."""
     samples = []
     for _ in range(runs):
         with subject.mount(cold=False) as m:
-            samples.append(find_stat(collection_path(m, c), c.entries))
+            samples.append(find_stat(collection_path(m, c), c.entries, timeout))
     return samples
 
 
@@ -431,12 +471,15 @@ def time_to_first_byte(subject: Subject, c: BenchCollection, path: str, runs: in
     return samples
 
 
-def daemon_rss(subject: Subject, c: BenchCollection, runs: int) -> tuple[list[float], list[float]]:
-    """(RSS after listing every entry of the collection with find, RSS of the idle mount before), bytes."""
+def daemon_rss(
+    subject: Subject, c: BenchCollection, runs: int, timeout: float | None = None
+) -> tuple[list[float], list[float]]:
+    """(RSS after listing every entry of the collection with find, RSS of the idle mount before),
+    bytes; `TooSlow` if a listing takes more than `timeout` seconds."""
     listed, idle = [], []
     for _ in range(runs):
         with subject.mount(cold=False) as m:
             idle.append(float(m.rss()))
-            find_stat(collection_path(m, c), c.entries)
+            find_stat(collection_path(m, c), c.entries, timeout)
             listed.append(float(m.rss()))
     return listed, idle

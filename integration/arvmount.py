@@ -9,7 +9,8 @@ benchmarks compare fedmount with it on the same federation.
   or the virtualenv is missing;
 - `ArvMount`: ``arv-mount --foreground --disable-event-listening`` (websockets off with
   ``ARVADOS_DISABLE_WEBSOCKETS``: the emulator has no event bus) on one cluster with that
-  cluster's user (or `token`), ready once the root's ``README`` (or `ready`) exists; `ArvMount.stop` runs
+  cluster's user (or `token`) and `env` added to its environment (the benchmark's cache
+  directories), ready once the root's ``README`` (or `ready`) exists; `ArvMount.stop` runs
   ``arv-mount --unmount`` as crunch-run does and reaps the process;
 - `tree_of`: every path under a directory with its kind and size, the record a fedmount
   test compares with what arv-mount showed.
@@ -21,6 +22,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,7 @@ class ArvMount:
         cluster: str | None = None,
         token: str | None = None,
         ready: str = "README",
+        env: Mapping[str, str] | None = None,
     ):
         self.path = base / "arv-mnt"
         self.path.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,7 @@ class ArvMount:
         if token:
             self.env["ARVADOS_API_TOKEN"] = token
         self.env["ARVADOS_DISABLE_WEBSOCKETS"] = "1"
+        self.env.update(env or {})
         cmd = [
             str(ARV_MOUNT),
             "--foreground",

@@ -34,6 +34,12 @@ def make_doc(results: list[Result], ceilings=None) -> dict:
     )
 
 
+def cold_read(ceiling: float, peer: report.PeerResult | None = None) -> Result:
+    """A 1 GB/s cold read judged against a FUSE ceiling of `ceiling` B/s."""
+    target = Target("ratio_at_least", 0.7, ">= 0.7 x fuse")
+    return Result("cold", "d", target, Figure("B/s", [1e9]), Figure("B/s", [ceiling]), "fuse", peer=peer)
+
+
 def test_figure_median_min_max_with_even_and_odd_counts():
     assert Figure("s", [3.0, 1.0, 2.0]).median == 2.0
     assert Figure("s", [4.0, 1.0, 2.0, 3.0]).median == 2.5
@@ -160,14 +166,7 @@ def test_format_value(value, unit, text):
 
 def test_table_shows_every_workload_verdict_ceiling_and_machine():
     results = [
-        Result(
-            "cold",
-            "d",
-            Target("ratio_at_least", 0.7, ">= 0.7 x fuse"),
-            Figure("B/s", [1e9]),
-            Figure("B/s", [1e9]),
-            "fuse",
-        ),
+        cold_read(ceiling=1e9),
         Result("find", "d", Target("at_most", 2.0, "< 2 s"), Figure("s", [3.0])),
         Result("rss", "d", Target("ratio_at_most", 4.0), error="daemon died"),
     ]
@@ -183,3 +182,89 @@ def test_table_shows_every_workload_verdict_ceiling_and_machine():
     assert "ceiling fuse: 2.00 GB/s" in text
     assert "Test CPU, 2 cores" in text
     assert "note: quick mode" in text
+
+
+PEER = {"name": "arv-mount", "version": "3.2.1", "how": "defaults"}
+
+
+def peer_doc(results: list[Result]) -> dict:
+    doc = make_doc(results)
+    doc["peer"] = PEER
+    return json.loads(json.dumps(doc))
+
+
+def with_peer(name: str, unit: str, own: list[float], peer: report.PeerResult) -> Result:
+    return Result(name, "d", Target("report"), Figure(unit, own), peer=peer)
+
+
+def test_peer_ratio_is_median_over_the_peers_median_in_the_figures_unit():
+    r = with_peer(
+        "cold", "B/s", [3e8, 6e8, 9e8], report.PeerResult("arv-mount", Figure("B/s", [1e8, 2e8, 9e9]))
+    )
+    assert r.peer_ratio == pytest.approx(3.0)
+    p = r.to_json()["peer"]
+    assert (p["name"], p["ratio"], p["na"], p["error"]) == ("arv-mount", pytest.approx(3.0), None, None)
+    assert p["figure"]["median"] == 2e8
+    find = with_peer("find", "s", [1.0], report.PeerResult("arv-mount", Figure("s", [4.0])))
+    assert find.peer_ratio == pytest.approx(0.25)  # seconds: below 1 is fedmount faster
+
+
+def test_peer_na_and_error_have_no_ratio_and_no_peer_means_null():
+    na = with_peer("direct", "B/s", [1.0], report.PeerResult("arv-mount", na="no direct route"))
+    assert na.peer_ratio is None and na.to_json()["peer"]["na"] == "no direct route"
+    assert Result("w", "d", Target("report"), Figure("s", [1.0])).to_json()["peer"] is None
+
+
+def test_document_with_a_peer_validates_figures_and_na():
+    results = [
+        with_peer("cold", "B/s", [3e8], report.PeerResult("arv-mount", Figure("B/s", [1e8]))),
+        with_peer("direct", "B/s", [3e8], report.PeerResult("arv-mount", na="no direct route")),
+    ]
+    doc = peer_doc(results)
+    assert doc["peer"]["name"] == "arv-mount"
+    assert report.validate(doc) == []
+
+
+def test_validate_refuses_a_failed_missing_or_inconsistent_peer_entry():
+    failed = peer_doc([with_peer("w", "s", [1.0], report.PeerResult("arv-mount", error="exited with 1"))])
+    assert any("arv-mount failed: exited with 1" in p for p in report.validate(failed))
+    missing = peer_doc([Result("w", "d", Target("report"), Figure("s", [1.0]))])
+    assert any("has no arv-mount entry" in p for p in report.validate(missing))
+    unit = peer_doc([with_peer("w", "s", [1.0], report.PeerResult("arv-mount", Figure("B", [2.0])))])
+    assert any("is in 'B', the workload's in 's'" in p for p in report.validate(unit))
+    ratio = peer_doc([with_peer("w", "s", [1.0], report.PeerResult("arv-mount", Figure("s", [2.0])))])
+    ratio["workloads"][0]["peer"]["ratio"] = 2.0
+    assert any("is not median / arv-mount median" in p for p in report.validate(ratio))
+    both = peer_doc([with_peer("w", "s", [1.0], report.PeerResult("arv-mount", Figure("s", [2.0]), na="x"))])
+    assert any("exactly one of figure, na, error" in p for p in report.validate(both))
+    unnamed = peer_doc([with_peer("w", "s", [1.0], report.PeerResult("arv-mount", Figure("s", [2.0])))])
+    unnamed["workloads"][0]["peer"]["name"] = "other"
+    assert any("peer is 'other'" in p for p in report.validate(unnamed))
+    stray = make_doc([with_peer("w", "s", [1.0], report.PeerResult("arv-mount", Figure("s", [2.0])))])
+    assert any("the document names no peer" in p for p in report.validate(stray))
+
+
+def test_table_gives_the_peer_and_the_peer_ratio_beside_the_ceiling_ratio():
+    results = [
+        cold_read(ceiling=2e9, peer=report.PeerResult("arv-mount", Figure("B/s", [250e6]))),
+        with_peer("direct", "B/s", [3e8], report.PeerResult("arv-mount", na="no direct route")),
+        with_peer("ttfb", "s", [0.5], report.PeerResult("arv-mount", error="exited with 1")),
+    ]
+    lines = report.table(peer_doc(results)).splitlines()
+    header = lines[0].split()
+    assert header.index("ratio") < header.index("arv-mount") < header.index("fedmount/arv-mount")
+    assert header.index("fedmount/arv-mount") < header.index("target")
+    cold = next(line for line in lines if line.startswith("cold")).split()
+    assert cold[cold.index("0.50") + 1 : cold.index("0.50") + 4] == ["250", "MB/s", "4.00"]
+    direct = next(line for line in lines if line.startswith("direct")).split()
+    assert direct.count("n/a") == 2
+    assert "arv-mount n/a in direct: no direct route" in lines
+    ttfb = next(line for line in lines if line.startswith("ttfb ")).split()
+    assert ttfb[-4:] == ["ERROR", "-", "reported", "-"]  # the peer failed, fedmount's figure stands
+    assert "arv-mount error in ttfb: exited with 1" in lines
+    assert any(line.startswith("arv-mount 3.2.1: defaults") for line in lines)
+
+
+def test_table_without_a_peer_has_no_peer_columns():
+    text = report.table(make_doc([Result("w", "d", Target("report"), Figure("s", [1.0]))]))
+    assert "arv-mount" not in text and "fedmount/" not in text

@@ -4,12 +4,13 @@ files, random offsets, collection entry counts, the quick/full configurations.""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
 
 from bench import workloads
-from bench.__main__ import Config, default_fedmount, parse_args
+from bench.__main__ import Config, default_fedmount, keep_logs, parse_args
 from bench.workloads import BenchCollection, BenchError
 
 
@@ -82,3 +83,54 @@ def test_command_line_defaults_to_quick_mode_against_fedmount():
     assert parse_args(["--fedmount", "python3 -m fedmount"]).fedmount == ["python3", "-m", "fedmount"]
     command = default_fedmount()
     assert command[0].endswith("fedmount") or command == [sys.executable, "-m", "fedmount"]
+
+
+def test_cache_dirs_share_the_warm_one_and_give_each_cold_mount_a_fresh_one(tmp_path):
+    drops: list[str] = []
+    caches = workloads.CacheDirs(str(tmp_path), drop=lambda: drops.append("dropped"))
+    with caches.for_mount(cold=False) as warm:
+        os.makedirs(os.path.join(warm, "keep"))
+    with caches.for_mount(cold=False) as again:
+        assert again == warm and os.path.isdir(os.path.join(warm, "keep"))
+    assert drops == []
+    seen = []
+    for _ in range(2):
+        with caches.for_mount(cold=True) as cold:
+            assert drops and not os.path.exists(cold)  # page cache dropped, directory new
+            os.makedirs(os.path.join(cold, "keep"))
+            seen.append(cold)
+        assert not os.path.exists(cold)
+    assert len(set(seen)) == 2 and warm not in seen and len(drops) == 2
+    assert os.path.isdir(os.path.join(warm, "keep"))
+
+
+def test_arv_mount_is_measured_unless_told_not_to():
+    assert parse_args([]).no_arv_mount is False
+    assert parse_args(["--no-arv-mount"]).no_arv_mount is True
+
+
+def test_process_rss_counts_this_process():
+    assert workloads.process_rss(os.getpid()) > 1 << 20
+
+
+def test_find_stat_over_its_time_limit_says_how_far_it_got(tmp_path):
+    for i in range(200):
+        (tmp_path / f"f{i}").write_bytes(b"")
+    with pytest.raises(workloads.TooSlow, match=r"find listed [\d,]+ of 201 entries in 0 s"):
+        workloads.find_stat(str(tmp_path), 201, timeout=1e-6)  # less than starting find takes
+    assert workloads.find_stat(str(tmp_path), 201, timeout=60) > 0
+
+
+def test_keep_logs_copies_only_the_logs_with_their_paths(tmp_path):
+    (tmp_path / "fedmount").mkdir()
+    (tmp_path / "fedmount" / "fedmount.log").write_text("lookup failed\n")
+    (tmp_path / "federation").mkdir()
+    (tmp_path / "federation" / "emulator.log").write_text("404\n")
+    (tmp_path / "fedmount" / "block.bin").write_bytes(b"x" * 100)
+    kept = keep_logs(str(tmp_path))
+    try:
+        found = sorted(os.path.relpath(os.path.join(t, f), kept) for t, _, fs in os.walk(kept) for f in fs)
+        assert found == ["federation/emulator.log", "fedmount/fedmount.log"]
+        assert open(os.path.join(kept, "fedmount", "fedmount.log")).read() == "lookup failed\n"
+    finally:
+        shutil.rmtree(kept)
