@@ -25,10 +25,10 @@ home finds nothing (arv-mount's ENOENT).
 - `ProjectSource.collection_summaries`: what decides whether many mounted UUID collections
   of one cluster changed (uuid, portable data hash, modification time), one request per
   page of them: a ``uuid in`` filter alone with ``count=none`` and no ``order`` or
-  ``offset``, the one list the controller forwards across the federation (in home mode the
-  home is asked and forwards it, paging the owner itself; in direct mode the owner is
+  ``offset``, the one list the controller forwards across the federation (in home and auto
+  modes the home is asked and forwards it, paging the owner itself; in direct mode the owner is
   asked). A request names at most the asked cluster's ``MaxItemsPerResponse`` uuids (the
-  controller's limit for a federated list); home mode never contacts the owner.
+  controller's limit for a federated list); home and auto modes never contact the owner.
 - `ProjectSource.config`: what the names and pages depend on in a cluster's exported
   configuration (``GET config``, read once per cluster).
 
@@ -62,7 +62,7 @@ class ControllersLike(Protocol):
     """What `ProjectSource` needs of the `Federation`."""
 
     home_cluster: str
-    mode: str  # "home": a remote collection is asked of the home cluster; "direct": of its owner
+    mode: str  # "home", "auto": a remote collection is asked of the home cluster; "direct": of its owner
     user: dict[str, Any]  # users/current at the home cluster
 
     @property
@@ -246,8 +246,9 @@ class ProjectSource:
         """(portable data hash, modification time) of each of collections `uuids` of
         `cluster` that the user can read, by uuid (one missing is gone, trashed or not
         readable): see the module docstring."""
-        asked = self.home_cluster if self.federation.mode == "home" else cluster
-        page = (await self.config(asked)).page_size  # in home mode, the home pages the owner itself
+        # Home and auto modes read records through the home, which pages the owner itself.
+        asked = cluster if self.federation.mode == "direct" else self.home_cluster
+        page = (await self.config(asked)).page_size
         client = self._client(asked)
         found: dict[str, tuple[str, float | None]] = {}
         for start in range(0, len(uuids), page):
