@@ -38,7 +38,9 @@ The model reports a UUID collection whose content changed as an `Invalidation`
 (`Tree.on_change`); the adapter queues it and `invalidations` (a task of the daemon's
 nursery) hands it to the kernel from a worker thread: ``invalidate_inode`` drops the
 attributes of directories, ``invalidate_entry`` the entries of names now of another inode
-(an inode's pages never go stale: a file whose content changed gets a new number). Never
+(an inode's pages never go stale: a file whose content changed gets a new number).
+``fuse_invalidations`` counts what the kernel dropped, ``fuse_invalidations_unneeded`` what
+it no longer held (ENOENT: never looked up, or already forgotten or replaced). Never
 from the trio thread itself: the kernel waits for requests pending on those inodes, and
 only the trio thread can answer them.
 
@@ -184,6 +186,8 @@ class FuseOperations(pyfuse3.Operations):
             except OSError as e:  # ENOENT: the kernel holds nothing of it (never looked up, forgotten)
                 if e.errno != errno.ENOENT:
                     log.warning("cannot invalidate %s %s: %s", kind, args[0], e.strerror)
+                else:
+                    self.stats.add("fuse_invalidations_unneeded", kind=kind)
                 continue
             self.stats.add("fuse_invalidations", kind=kind)
 
