@@ -31,8 +31,8 @@ same cap) until 8 times were measured. ``0`` or ``off`` disables hedging: only t
 failover is left.
 
 The budget, so that hedging can never double the load of a struggling federation: a hedge
-starts only while the hedges of the last 30 s are fewer than 10 % of the requests of the
-last 30 s (hedges included) plus 5. Beyond that there is no hedge, and a stalled attempt is
+starts only if, with it, the hedges of the last 30 s are at most 10 % of the requests of
+the last 30 s (hedges included) plus 5. Beyond that there is no hedge, and a stalled attempt is
 left to the stall timeout.
 
 Only replicas of one route race. An auto-route ``+R`` block whose route has one service is
@@ -143,7 +143,7 @@ class Hedging:
         for times in (self._requests, self._hedges):
             while times and times[0] <= now - WINDOW:
                 times.popleft()
-        if len(self._hedges) >= SHARE * len(self._requests) + EXTRA:
+        if len(self._hedges) + 1 > SHARE * len(self._requests) + EXTRA:
             return False
         self._hedges.append(now)
         return True

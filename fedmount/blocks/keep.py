@@ -183,10 +183,7 @@ class KeepClient:
         }
         eligible = self._order(locator, route)
         last: dict[str, _Attempt] = {}
-
-        async def attempt(service: KeepService, lane: Lane[KeepService]) -> tuple[Body | None, _Attempt | None]:
-            return await self._attempt(locator, route, service, method, headers, lane)
-
+        attempt = functools.partial(self._attempt, locator, route, method, headers)
         for round_no in range(self._retries + 1 if rounds is None else rounds):
             if round_no:
                 await trio.sleep(backoff_delay(round_no - 1, self._backoff, self._max_backoff))
@@ -213,9 +210,9 @@ class KeepClient:
         self,
         locator: Locator,
         route: KeepRoute,
-        service: KeepService,
         method: str,
         headers: dict[str, str],
+        service: KeepService,
         lane: Lane[KeepService],
     ) -> tuple[Body | None, _Attempt | None]:
         """One request to one service (receiving into `lane.into`, stopped by `lane.abort`):
@@ -225,7 +222,9 @@ class KeepClient:
         started = time.monotonic()
         stats.add("keep_requests", cluster=cluster)
         try:
-            resp, digest = await trio.to_thread.run_sync(self._fetch, method, url, headers, locator.size, lane)
+            resp, digest = await trio.to_thread.run_sync(
+                self._fetch, method, url, headers, locator.size, lane
+            )
         except TransportError as exc:
             if lane.abort.aborted:  # it lost a race; demoted only if it had sent nothing
                 if lane.stalled:

@@ -76,7 +76,7 @@ class Response:
 
 
 class TransportError(Exception):
-    """A request that got no usable HTTP answer; `kind` is connect, stall, slow, length, network or aborted."""
+    """A request without a usable HTTP answer; `kind`: connect, stall, slow, length, network, aborted."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
