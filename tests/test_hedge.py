@@ -289,3 +289,15 @@ async def test_cancelled_get_aborts_its_requests() -> None:
         await keep.get(LOC, ROUTE)
     assert time.monotonic() - started < 2  # not the 5 s the stalled threads would take
     assert replicas.aborted == {FIRST.root_url, SECOND.root_url}
+
+
+async def test_get_given_up_by_its_reader_demotes_no_service() -> None:
+    replicas = Replicas({FIRST: stall(), SECOND: answer()})
+    keep, _ = client(replicas, hedge_after=0)
+    with trio.move_on_after(0.2):
+        await keep.get(LOC, ROUTE)
+    assert replicas.aborted == {FIRST.root_url}
+    replicas.behaviours[FIRST.root_url] = answer()
+    replicas.calls.clear()
+    assert (await timed_get(keep))[0] == DATA
+    assert replicas.calls == [FIRST.root_url]  # not lost to a replica: still asked first

@@ -74,7 +74,7 @@ SHARE, EXTRA = 0.10, 5
 
 
 @dataclass(eq=False)
-class Lane(Generic[S]):
+class Contender(Generic[S]):
     """One attempt of a race: its service, where it receives, how to stop it, its first byte."""
 
     service: S
@@ -84,6 +84,7 @@ class Lane(Generic[S]):
     abort: Abort = field(default_factory=Abort)
     first_byte_at: float | None = None  # set by the worker thread
     considered: bool = False  # its hedge deadline has passed
+    lost: bool = False  # another contender won while it ran
 
     def received(self) -> None:
         """Worker thread: a chunk of the body arrived."""
@@ -92,8 +93,8 @@ class Lane(Generic[S]):
 
     @property
     def stalled(self) -> bool:
-        """Aborted before its first byte: it lost to a hedge while sending nothing."""
-        return self.abort.aborted and self.first_byte_at is None
+        """It lost the race without having sent a byte."""
+        return self.lost and self.first_byte_at is None
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Outcome(Generic[T, F]):
     failures: list[F]
 
 
-Attempt = Callable[[S, Lane[S]], Awaitable[tuple[T | None, F | None]]]  # (body, None) or (None, failure)
+Attempt = Callable[[S, Contender[S]], Awaitable[tuple[T | None, F | None]]]  # (body, None) or (None, failure)
 
 
 class Hedging:
@@ -154,21 +155,21 @@ class Hedging:
     ) -> Outcome[T, F]:
         """One round over `services` (see the module docstring); `hedge` False: one at a time."""
         delay = self.delay(cluster) if hedge else None
-        todo, running, failures = list(services), list[Lane[S]](), list[F]()
-        winner: tuple[Lane[S], T | None] | None = None
-        send, receive = trio.open_memory_channel[tuple[Lane[S], tuple[T | None, F | None]]](math.inf)
+        todo, running, failures = list(services), list[Contender[S]](), list[F]()
+        winner: tuple[Contender[S], T | None] | None = None
+        send, receive = trio.open_memory_channel[tuple[Contender[S], tuple[T | None, F | None]]](math.inf)
 
-        async def run(lane: Lane[S]) -> None:
-            send.send_nowait((lane, await attempt(lane.service, lane)))
+        async def run(contender: Contender[S]) -> None:
+            send.send_nowait((contender, await attempt(contender.service, contender)))
 
         async with trio.open_nursery() as nursery:
 
             def start(as_hedge: bool) -> None:
-                owns = into is not None and all(lane.into is None for lane in running)
-                lane = Lane(todo.pop(0), into if owns else None, as_hedge)
-                running.append(lane)
+                owns = into is not None and all(contender.into is None for contender in running)
+                contender = Contender(todo.pop(0), into if owns else None, as_hedge)
+                running.append(contender)
                 self.requested()
-                nursery.start_soon(run, lane)
+                nursery.start_soon(run, contender)
 
             try:
                 while winner is None and (todo or running):
@@ -180,7 +181,7 @@ class Hedging:
                     if watched is not None and not watched.considered:
                         wait = watched.started + delay - time.monotonic()  # type: ignore[operator]
                     with trio.move_on_after(max(0.0, wait)) as timer:
-                        lane, (body, failure) = await receive.receive()
+                        contender, (body, failure) = await receive.receive()
                     if timer.cancelled_caught:
                         assert watched is not None
                         watched.considered = True
@@ -188,23 +189,25 @@ class Hedging:
                             self._stats.add("keep_hedges", cluster=cluster)
                             start(True)
                         continue
-                    running.remove(lane)
-                    if lane.first_byte_at is not None:
-                        self.first_byte(cluster, lane.first_byte_at - lane.started)
+                    running.remove(contender)
+                    if contender.first_byte_at is not None:
+                        self.first_byte(cluster, contender.first_byte_at - contender.started)
                     if failure is None:
-                        winner = (lane, body)
+                        winner = (contender, body)
+                        for loser in running:
+                            loser.lost = True
                     else:
                         failures.append(failure)
-            finally:
-                for lane in running:
-                    lane.abort.abort()
+            finally:  # decided, or cancelled from outside: stop the rest
+                for contender in running:
+                    contender.abort.abort()
         # Every worker thread has returned: nothing writes into `into` any more.
         if winner is None:
             return Outcome(False, None, failures)
-        lane, body = winner
-        if lane.hedge:
+        contender, body = winner
+        if contender.hedge:
             self._stats.add("keep_hedge_wins", cluster=cluster)
-        if into is not None and lane.into is None and body is not None:
+        if into is not None and contender.into is None and body is not None:
             into[:] = body  # type: ignore[index]
             body = into  # type: ignore[assignment]
         return Outcome(True, body, failures)

@@ -68,7 +68,7 @@ from fedmount.arvados.retry import backoff_delay, new_request_id
 from fedmount.arvados.routes import KeepRoute, KeepService, RemoteRoutes, direct_locator
 from fedmount.stats import Stats
 
-from .hedge import Hedging, Lane
+from .hedge import Contender, Hedging
 from .md5 import MultiHasher, resolve_kernel
 from .throughput import TransferMeter
 from .transport import BlockTransport, Response, Timeouts, TransportError, Urllib3Transport
@@ -213,21 +213,21 @@ class KeepClient:
         method: str,
         headers: dict[str, str],
         service: KeepService,
-        lane: Lane[KeepService],
+        contender: Contender[KeepService],
     ) -> tuple[Body | None, _Attempt | None]:
-        """One request to one service (receiving into `lane.into`, stopped by `lane.abort`):
+        """One request to one service, received into `contender.into`, stopped by its `abort`:
         (body, None) on success, else (None, what went wrong)."""
         url = service.root_url.rstrip("/") + "/" + str(locator)
-        stats, cluster, into = self._stats, route.cluster, lane.into
+        stats, cluster, into = self._stats, route.cluster, contender.into
         started = time.monotonic()
         stats.add("keep_requests", cluster=cluster)
         try:
             resp, digest = await trio.to_thread.run_sync(
-                self._fetch, method, url, headers, locator.size, lane
+                self._fetch, method, url, headers, locator.size, contender
             )
         except TransportError as exc:
-            if lane.abort.aborted:  # it lost a race; demoted only if it had sent nothing
-                if lane.stalled:
+            if contender.abort.aborted:  # lost a race, or cancelled; demoted if it lost sending nothing
+                if contender.stalled:
                     self._demoted[service.uuid] = time.monotonic() + self._demote_seconds
                 return None, _Attempt(service, "aborted", done=False)
             stats.add("keep_errors", cluster=cluster)
@@ -266,21 +266,23 @@ class KeepClient:
         )
 
     def _fetch(
-        self, method: str, url: str, headers: dict[str, str], size: int, lane: Lane[KeepService]
+        self, method: str, url: str, headers: dict[str, str], size: int, contender: Contender[KeepService],
     ) -> tuple[Response, str]:
         """Worker thread: one request, the body's md5 hashed (in the hasher's lanes, together with
         the other blocks arriving) while it arrives; the digest is "" without a 200 body."""
-        with lane.abort.installed():
+        with contender.abort.installed():
             if method != "GET":
                 return self._transport(method, url, headers, size, self._timeouts, _ignore, into=None), ""
             stream = self._hasher.stream()
 
             def sink(chunk: memoryview) -> None:
-                lane.received()
+                contender.received()
                 stream(chunk)
 
             try:
-                resp = self._transport(method, url, headers, size, self._timeouts, sink, into=lane.into)
+                resp = self._transport(
+                    method, url, headers, size, self._timeouts, sink, into=contender.into
+                )
             except BaseException:
                 stream.close()  # before `into` is received into again (the next replica)
                 raise
