@@ -165,7 +165,7 @@ class Hedging:
         async with trio.open_nursery() as nursery:
 
             def start(as_hedge: bool) -> None:
-                owns = into is not None and all(contender.into is None for contender in running)
+                owns = into is not None and all(other.into is None for other in running)
                 contender = Contender(todo.pop(0), into if owns else None, as_hedge)
                 running.append(contender)
                 self.requested()
