@@ -80,5 +80,5 @@ def test_stalled_keepstore_is_hedged_to_the_replica_long_before_the_stall_timeou
     gets = keep_gets(fed, mark, "zzzzz")
     assert {r["path"][1:33] for r in gets if r["service"] == second and r["status"] == 200} == set(hashes)
     record("stalled keepstore, hedging on (default)", outcome=f"hedged to the replica ({int(hedges)} "
-           f"hedges, {int(wins)} won), the stalled GETs aborted; --keep-stall-timeout {STALL} s",
+           f"hedged GETs, {int(wins)} won), the stalled GETs aborted; --keep-stall-timeout {STALL} s",
            wrong_bytes=0, read_seconds=round(got.seconds, 2))  # fmt: skip
