@@ -81,6 +81,14 @@ def _filters(text: str) -> list[list[object]]:
     return filters
 
 
+def hedge_after(text: str) -> float | None:
+    """--keep-hedge-after: None for auto, 0 for off, else seconds."""
+    word = text.strip().lower()
+    if word == "auto":
+        return None
+    return 0.0 if word == "off" else seconds(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedmount", description=DESCRIPTION, epilog=EPILOG,
@@ -200,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=seconds, default=15.0,
                    help="Abandon a keep service that sends no byte for this long and read the "
                    "block from the next replica (default 15).")
+    g.add_argument("--keep-hedge-after", metavar="SECONDS|auto", type=hedge_after, default=None,
+                   help="Send a second request for a block to the next replica when the first has "
+                   "sent no byte for SECONDS; the first verified answer wins. auto (the default): "
+                   "1.5 times the cluster's recent p95 time to first byte, 0.5 to 5 s; 0 or off: never. "
+                   "At most 10%% of the requests of the last 30 s (plus 5) are such hedges.")
     g.add_argument("--keep-min-rate", metavar="BYTES", type=parse_size, default=defaults.KEEP_MIN_RATE,
                    help="Abandon a keep service that sends a block slower than BYTES per second on "
                    "average over --keep-rate-window, and read the block from the next replica "

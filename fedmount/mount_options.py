@@ -38,6 +38,7 @@ class MountOptions:
     ram_cache_size: int = 0
     prefetch_blocks: int = defaults.PREFETCH_BLOCKS
     keep_stall_timeout: float = 15.0
+    keep_hedge_after: float | None = None  # None: auto; 0: never
     keep_min_rate: float = defaults.KEEP_MIN_RATE
     keep_rate_window: float = defaults.KEEP_RATE_WINDOW
     max_manifest_size: int = defaults.MAX_MANIFEST_SIZE
@@ -65,6 +66,7 @@ class MountOptions:
             file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
             prefetch_blocks=args.prefetch_blocks, keep_stall_timeout=args.keep_stall_timeout,
+            keep_hedge_after=args.keep_hedge_after,
             keep_min_rate=args.keep_min_rate, keep_rate_window=args.keep_rate_window,
             max_manifest_size=args.max_manifest_size, read_ahead_kb=args.read_ahead_kb,
             crunchstat_interval=args.crunchstat_interval, stats_port=args.stats_port,

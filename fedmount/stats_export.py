@@ -14,8 +14,9 @@ crunchstat
     figures: ``keepcalls get`` is block look-ups (cache hits and misses, as the SDK's
     ``KeepClient.get`` counts calls) and ``put`` blocks written, ``net:keep0`` bytes sent
     and received from Keep, ``fuseops``/``blkio:0:0`` FUSE writes and reads and their bytes.
-    fedmount adds one ``net:keep:<cluster>`` group per cluster, ``prefetch`` and the process
-    figures from psutil (``fedmount:cpu`` user/sys seconds, ``fedmount:mem`` rss bytes):
+    fedmount adds one ``net:keep:<cluster>`` group per cluster (bytes received, requests,
+    errors, hedged GETs), ``prefetch`` and the process figures from psutil
+    (``fedmount:cpu`` user/sys seconds, ``fedmount:mem`` rss bytes):
     named so, not ``cpu`` and ``mem``, because crunchstat-summary reads ``arv-mount.txt``
     together with the container's ``crunchstat.txt`` and would take them for the
     container's own.
@@ -92,10 +93,11 @@ def crunchstat_groups(stats: Stats, process: psutil.Process) -> list[Group]:
     keep_bytes = _labelled(stats, "keep_bytes", "cluster")
     keep_requests = _labelled(stats, "keep_requests", "cluster")
     keep_errors = _labelled(stats, "keep_errors", "cluster")
+    keep_hedges = _labelled(stats, "keep_hedges", "cluster")
     for cluster in sorted(set(keep_bytes) | set(keep_requests)):
         groups.append((f"net:keep:{cluster}", [
             ("rx", keep_bytes.get(cluster, 0)), ("requests", keep_requests.get(cluster, 0)),
-            ("errors", keep_errors.get(cluster, 0)),
+            ("errors", keep_errors.get(cluster, 0)), ("hedges", keep_hedges.get(cluster, 0)),
         ]))  # fmt: skip
     groups.append(("prefetch", [("depth", stats.get("prefetch_depth")),
                                 ("started", stats.get("prefetch_started"))]))

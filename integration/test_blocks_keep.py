@@ -109,7 +109,7 @@ async def test_stalled_keepstore_is_abandoned_for_replica(fed: Federation) -> No
     locator, data = one_block_collection(fed, "blocks-stall")
     first, _ = probe_order(locator.hash, route.services)
     fed.set_fault(fed.home, service_name(fed, first), stall=True)
-    keep = KeepClient(timeouts=Timeouts(connect=2, stall=1), backoff=0)
+    keep = KeepClient(timeouts=Timeouts(connect=2, stall=1), backoff=0, hedge_after=0)  # unhedged
     started = time.monotonic()
     assert await keep.get(locator, route) == data
     assert time.monotonic() - started < 10

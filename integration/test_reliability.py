@@ -215,7 +215,7 @@ def test_corrupt_block_is_refetched_from_the_replica_never_served(fed, mount, re
 
 def test_stalled_keepstore_is_abandoned_for_the_replica(fed, mount, record):
     coll = fresh(fed, "zzzzz", {"data.bin": MiB})
-    m = mount("--keep-stall-timeout", "3")
+    m = mount("--keep-stall-timeout", "3", "--keep-hedge-after", "0")  # the stall failover, unhedged
     path = m / f"by_id/{coll['uuid']}/data.bin"
     first, second = first_choice(fed, "zzzzz", block_hashes(path)[0])
     fed.set_fault("zzzzz", first, stall=True)  # status line and headers, then nothing

@@ -7,6 +7,13 @@ here) never lets a socket timeout fire; ``--keep-min-rate`` over ``--keep-rate-w
 tests use a 2 s window so that the bound is seconds, not minutes. Asserted: the read
 completes from the replica within a bound, with the file's exact md5 (0 wrong bytes), and a
 keepstore that is slow but above the floor is not abandoned.
+
+A stalled keepstore need not cost the stall timeout at all: a GET that has received no body
+byte within the hedge delay (``--keep-hedge-after``, auto: 1 s until the cluster has eight
+times to first byte, then 1.5 × their p95, 0.5 to 5 s) is hedged to the next replica, and
+the stalled request is aborted (hedge.py). Asserted with a 30 s stall timeout: a cold read
+of a multi-block file ends in well under half of it, byte for byte, and the mount's stats
+count the hedges.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ pytestmark = requires_fuse
 
 WINDOW = "2"  # --keep-rate-window of these tests, seconds
 TRICKLE = 512  # bytes per second: a 64 MiB block would take 36 hours
+STALL = "30"  # --keep-stall-timeout of the hedging test, seconds
 
 
 def test_trickling_keepstore_is_abandoned_for_the_replica_within_the_rate_window(fed, mount, record):
@@ -52,3 +60,25 @@ def test_keepstore_slower_than_usual_but_above_the_minimum_rate_is_not_abandoned
     assert got.ok and got.md5 == coll["files"]["data.bin"]["md5"], got.error
     assert [r["service"] for r in keep_gets(fed, mark, "zzzzz")] == [first]
     assert "abandoned" not in m.log.read_text()
+
+
+def test_stalled_keepstore_is_hedged_to_the_replica_long_before_the_stall_timeout(fed, mount, record):
+    coll = fresh(fed, "zzzzz", {"data.bin": 8 * MiB})  # eight 1 MiB blocks, each on keep0 and keep1
+    m = mount("--keep-stall-timeout", STALL)
+    path = m / f"by_id/{coll['uuid']}/data.bin"
+    hashes = block_hashes(path)
+    first, second = first_choice(fed, "zzzzz", hashes[0])
+    fed.set_fault("zzzzz", first, stall=True)  # status line and headers, then nothing
+    mark = fed.mark()
+    got = timed_read(path, 90)
+    assert got.ok and got.md5 == coll["files"]["data.bin"]["md5"], got.error
+    # Unhedged, each block asked first of the stalled keepstore would wait the 30 s stall.
+    assert got.seconds < float(STALL) / 2, f"the read took {got.seconds:.1f}s (stall timeout {STALL}s)"
+    stats = m.stats()
+    hedges, wins = stats["keep_hedges"]["cluster=zzzzz"], stats["keep_hedge_wins"]["cluster=zzzzz"]
+    assert hedges > 0 and wins > 0
+    gets = keep_gets(fed, mark, "zzzzz")
+    assert {r["path"][1:33] for r in gets if r["service"] == second and r["status"] == 200} == set(hashes)
+    record("stalled keepstore, hedging on (default)", outcome=f"hedged to the replica ({int(hedges)} "
+           f"hedged GETs, {int(wins)} won), the stalled GETs aborted; --keep-stall-timeout {STALL} s",
+           wrong_bytes=0, read_seconds=round(got.seconds, 2))  # fmt: skip

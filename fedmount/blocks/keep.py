@@ -25,6 +25,10 @@ Algorithm of `KeepClient.get`:
      ``timeouts.rate_window`` seconds, transport.py): transient, the service stays eligible
      for the next round. A stalled or slow service is named in one warning line;
    - any other status (400 bad signature, 401 expired token, ...): dropped for this block.
+   A GET that has received no body byte within the hedge delay gets a second request to
+   the next service of the round, the first verified answer wins and the other is aborted
+   (hedge.py, ``--keep-hedge-after``); a loser that had sent nothing is demoted as a
+   stalled service is.
 3. Rounds repeat, after a jittered exponential backoff, while some service is still
    eligible, at most ``retries + 1`` rounds.
 4. If every service said "not here" the result is `BlockNotFound`; otherwise `BlockError`.
@@ -40,7 +44,8 @@ the block is read along the home route as it is.
 service said "not here", `BlockError` if none could answer.
 
 Stats (labels ``cluster``): ``keep_requests``, ``keep_bytes``, ``keep_errors``,
-``keep_seconds``, ``keep_bad_md5`` (labels cluster and service). `KeepClient.meter` keeps
+``keep_seconds``, ``keep_bad_md5`` (labels cluster and service), and hedge.py's
+``keep_hedges`` and ``keep_hedge_wins``. `KeepClient.meter` keeps
 the bytes received and the seconds spent per cluster, summed over requests, for the
 throughput book (throughput.py).
 """
@@ -63,6 +68,7 @@ from fedmount.arvados.retry import backoff_delay, new_request_id
 from fedmount.arvados.routes import KeepRoute, KeepService, RemoteRoutes, direct_locator
 from fedmount.stats import Stats
 
+from .hedge import Contender, Hedging
 from .md5 import MultiHasher, resolve_kernel
 from .throughput import TransferMeter
 from .transport import BlockTransport, Response, Timeouts, TransportError, Urllib3Transport
@@ -71,6 +77,7 @@ log = logging.getLogger("fedmount.keep")
 
 NOT_HERE = frozenset({403, 404, 410})
 TRANSIENT_4XX = frozenset({408, 409, 423, 429})
+Body = bytearray | memoryview
 
 
 def _transient(status: int) -> bool:
@@ -104,10 +111,12 @@ class KeepClient:
         max_backoff: float = 4.0,
         demote_seconds: float = 30.0,
         hasher: MultiHasher | None = None,
+        hedge_after: float | None = None,
     ):
         self._transport = transport if transport is not None else Urllib3Transport()
         self._stats = stats if stats is not None else Stats()
         self._timeouts = timeouts if timeouts is not None else Timeouts()
+        self.hedging = Hedging(hedge_after, self._timeouts.stall, self._stats)  # None: auto, 0: off
         self._retries = retries
         self._backoff = backoff
         self._max_backoff = max_backoff
@@ -142,7 +151,7 @@ class KeepClient:
 
     async def _get_direct(
         self, locator: Locator, cluster: str, remotes: RemoteRoutes, into: memoryview | None
-    ) -> bytearray | memoryview | None:
+    ) -> Body | None:
         """Auto route: the block from `cluster`'s own keep services, or None to read it via the home."""
         route = await remotes.direct(cluster)
         if route is None:
@@ -164,7 +173,7 @@ class KeepClient:
     async def _run(
         self, locator: Locator, route: KeepRoute, method: str, into: memoryview | None = None, *,
         rounds: int | None = None,
-    ) -> bytearray | memoryview | None:
+    ) -> Body | None:
         if not route.services:
             raise BlockError(locator, f"block {locator.key}: cluster {route.cluster} lists no keep services")
         headers = {
@@ -174,16 +183,17 @@ class KeepClient:
         }
         eligible = self._order(locator, route)
         last: dict[str, _Attempt] = {}
+        attempt = functools.partial(self._attempt, locator, route, method, headers)
         for round_no in range(self._retries + 1 if rounds is None else rounds):
             if round_no:
                 await trio.sleep(backoff_delay(round_no - 1, self._backoff, self._max_backoff))
-            for service in list(eligible):
-                body, attempt = await self._attempt(locator, route, service, method, headers, into)
-                if attempt is None:
-                    return body
-                last[service.uuid] = attempt
-                if attempt.done:
-                    eligible.remove(service)
+            outcome = await self.hedging.race(route.cluster, eligible, into, attempt, hedge=method == "GET")
+            if outcome.won:
+                return outcome.body
+            for failed in outcome.failures:
+                last[failed.service.uuid] = failed
+                if failed.done:
+                    eligible.remove(failed.service)
             if not eligible:
                 break
         tried = "; ".join(f"{a.service.root_url} {a.outcome}" for a in last.values())
@@ -200,21 +210,26 @@ class KeepClient:
         self,
         locator: Locator,
         route: KeepRoute,
-        service: KeepService,
         method: str,
         headers: dict[str, str],
-        into: memoryview | None,
-    ) -> tuple[bytearray | memoryview | None, _Attempt | None]:
-        """One request to one service: (body, None) on success, else (None, what went wrong)."""
+        service: KeepService,
+        contender: Contender[KeepService],
+    ) -> tuple[Body | None, _Attempt | None]:
+        """One request to one service, received into `contender.into`, stopped by its `abort`:
+        (body, None) on success, else (None, what went wrong)."""
         url = service.root_url.rstrip("/") + "/" + str(locator)
-        stats, cluster = self._stats, route.cluster
+        stats, cluster, into = self._stats, route.cluster, contender.into
         started = time.monotonic()
         stats.add("keep_requests", cluster=cluster)
         try:
             resp, digest = await trio.to_thread.run_sync(
-                self._fetch, method, url, headers, locator.size, into
+                self._fetch, method, url, headers, locator.size, contender
             )
         except TransportError as exc:
+            if contender.abort.aborted:  # lost a race, or cancelled; demoted if it lost sending nothing
+                if contender.stalled:
+                    self._demoted[service.uuid] = time.monotonic() + self._demote_seconds
+                return None, _Attempt(service, "aborted", done=False)
             stats.add("keep_errors", cluster=cluster)
             self._demoted[service.uuid] = time.monotonic() + self._demote_seconds
             if exc.kind in ("stall", "slow"):
@@ -251,18 +266,26 @@ class KeepClient:
         )
 
     def _fetch(
-        self, method: str, url: str, headers: dict[str, str], size: int, into: memoryview | None
+        self, method: str, url: str, headers: dict[str, str], size: int, contender: Contender[KeepService],
     ) -> tuple[Response, str]:
         """Worker thread: one request, the body's md5 hashed (in the hasher's lanes, together with
         the other blocks arriving) while it arrives; the digest is "" without a 200 body."""
-        if method != "GET":
-            return self._transport(method, url, headers, size, self._timeouts, _ignore, into=None), ""
-        stream = self._hasher.stream()
-        try:
-            resp = self._transport(method, url, headers, size, self._timeouts, stream, into=into)
-        except BaseException:
-            stream.close()  # before `into` is received into again (the next replica)
-            raise
+        with contender.abort.installed():
+            if method != "GET":
+                return self._transport(method, url, headers, size, self._timeouts, _ignore, into=None), ""
+            stream = self._hasher.stream()
+
+            def sink(chunk: memoryview) -> None:
+                contender.received()
+                stream(chunk)
+
+            try:
+                resp = self._transport(
+                    method, url, headers, size, self._timeouts, sink, into=contender.into
+                )
+            except BaseException:
+                stream.close()  # before `into` is received into again (the next replica)
+                raise
         if resp.status != 200 or resp.body is None:
             stream.close()
             return resp, ""

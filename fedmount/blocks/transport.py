@@ -31,13 +31,26 @@ Errors without an HTTP status raise `TransportError` with a ``kind``: ``connect`
 the socket read timeout is exactly that), ``slow`` (below ``min_rate`` over ``rate_window``,
 see above), ``length`` (Content-Length differs from the locator's size) or ``network``
 (reset, short body, TLS failure).
+
+Abort. A request may lose a race (hedge.py): `Abort.abort`, from any thread, ends it
+promptly. The worker thread installs its request's `Abort` (``with abort.installed():``);
+the urllib3 connection registers its socket with it just before waiting for the response
+(`_Abortable`, for fresh and pooled connections alike) and unregisters it before the
+connection goes back to the pool, so `abort` shuts exactly that socket down and the read
+blocked on it (headers or body) returns at once; the request then fails (its kind does
+not matter: the caller knows it aborted it). A request aborted before it reached that
+point fails as soon as it does. Only the connect itself is not interrupted (at most
+``connect`` seconds). A fake transport of the tests waits on `Abort.current()` instead.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,11 +76,94 @@ class Response:
 
 
 class TransportError(Exception):
-    """A request that got no usable HTTP answer; `kind` is connect, stall, slow, length or network."""
+    """A request without a usable HTTP answer; `kind`: connect, stall, slow, length, network, aborted."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+class Abort:
+    """Ends one blocking request from another thread (see the module docstring)."""
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._event = threading.Event()
+
+    @property
+    def aborted(self) -> bool:
+        return self._event.is_set()
+
+    @classmethod
+    def current(cls) -> Abort | None:
+        """The `Abort` the calling thread's request installed, if any."""
+        return getattr(cls._local, "abort", None)
+
+    @contextmanager
+    def installed(self) -> Iterator[Abort]:
+        """Makes this the calling thread's `current` for the request run inside."""
+        Abort._local.abort = self
+        try:
+            yield self
+        finally:
+            Abort._local.abort = None
+            self.watch(None)
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """The socket `abort` shuts down from now on (None: none); raises once aborted."""
+        with self._lock:
+            self._sock = sock
+            if sock is not None and self.aborted:
+                raise TransportError("aborted", "aborted: another request won")
+
+    def abort(self) -> None:
+        with self._lock:
+            self._event.set()
+            if self._sock is not None:
+                try:  # the plain socket's shutdown, also under TLS: the blocked read sees EOF
+                    socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def wait(self, timeout: float | None) -> bool:
+        """Blocks until aborted (True) or `timeout` seconds passed (False): for fake transports."""
+        return self._event.wait(timeout)
+
+
+def _watch(sock: object) -> None:
+    """Registers the calling thread's request socket with its `Abort`, if it installed one."""
+    abort = Abort.current()
+    if abort is not None:
+        abort.watch(sock if isinstance(sock, socket.socket) else None)
+
+
+class _Abortable:
+    """A urllib3 connection whose socket the thread's `Abort` can shut while waiting for the answer."""
+
+    sock: object
+
+    def getresponse(self, *args: object, **kwargs: object) -> object:
+        _watch(self.sock)
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_Abortable, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Abortable, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
 
 
 class RateFloor:
@@ -133,6 +229,7 @@ class Urllib3Transport:
             cert_reqs="CERT_NONE" if insecure else "CERT_REQUIRED",
             ca_certs=ca_file,
         )
+        self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def __call__(
         self,
@@ -191,6 +288,7 @@ class Urllib3Transport:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransportError("network", _reason(exc)) from exc
         finally:
+            _watch(None)  # before the connection may serve another request
             if not ok:
                 resp.close()
             resp.release_conn()
