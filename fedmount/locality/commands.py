@@ -142,6 +142,7 @@ async def _place(
 async def _stage_to_cluster(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
     keep, record, local = ClusterKeep(settings), CopyRecord(cache.directory), {}
     try:
+        # auto and home are the same here (this host reads no block): home's +R locators, no trials
         async with FederationView.open(settings, mode="home") as view:
             report = await stage_to_cluster(
                 args.ids, view, args.to_cluster, keep, record,
