@@ -126,7 +126,9 @@ async def _confirm(
     return RemoteWay(cluster, HOME, reason, await _head(loc, route, keep, limiter))
 
 
-async def _head(loc: Locator, route: KeepRoute, keep: BlockProbe, limiter: trio.CapacityLimiter) -> str | None:
+async def _head(
+    loc: Locator, route: KeepRoute, keep: BlockProbe, limiter: trio.CapacityLimiter
+) -> str | None:
     """None if a service of `route` has the block, else what went wrong (one line)."""
     async with limiter:
         try:

@@ -12,9 +12,10 @@ mounted) and therefore before the container starts:
 3. `fedmount.locality.stage.stage_collections` along the route of the run's fedmount
    (`MOUNT_ROUTE`: `mounts.fedmount_args` gives no ``--route``, so the mount's default,
    auto: a remote cluster's blocks straight from its Keep while it answers, else through
-   the home keepstore), so the blocks are read the way the mount reads them; its progress lines (one plain line every few seconds: bytes,
-   rate, ETA) and its final report appended to the run's ``fedmount.log``. Every block is
-   md5-verified before it is cached; blocks already cached are not fetched again.
+   the home keepstore), so the blocks are read the way the mount reads them; its progress
+   lines (one plain line every few seconds: bytes, rate, ETA) and its final report appended
+   to the run's ``fedmount.log``. Every block is md5-verified before it is cached; blocks
+   already cached are not fetched again.
 4. SIGINT/SIGTERM: trio receives them while staging, cancels the stage, and the caller's
    `interrupted` callback turns the signal into the runner's usual interruption.
 5. Outcome: a collection that could not be staged completely (bad or unknown ID, an
