@@ -62,9 +62,11 @@ def serving_cluster(
     """(cluster the bytes come from, cluster whose keepstore proxies them or None); `ways`:
     auto mode's way per remote cluster."""
     remote = loc.remote
+    way = (ways or {}).get(remote[0]) if remote is not None else None
+    if remote is not None and way is not None and way.way == DIRECT:
+        return remote[0], None
     if remote is not None and loc.signature is None and remote[0] != route.cluster:
-        way = (ways or {}).get(remote[0])
-        return remote[0], None if way is not None and way.way == DIRECT else route.cluster
+        return remote[0], route.cluster
     return route.cluster, None
 
 

@@ -74,13 +74,13 @@ def remote_blocks(blocks: Iterable[Locator], route: KeepRoute) -> dict[str, Loca
 
 async def decide(plan: Iterable[tuple[Locator, KeepRoute]]) -> None:
     """Settle the route choice for every remote cluster of `plan`'s blocks, concurrently."""
-    asked: dict[tuple[int, str], AutoRoutes] = {}
+    asked: set[tuple[AutoRoutes, str]] = set()
     for loc, route in plan:
         choice, remote = route_choice(route), loc.remote
         if choice is not None and remote is not None:
-            asked.setdefault((id(choice), remote[0]), choice)
+            asked.add((choice, remote[0]))
     async with trio.open_nursery() as nursery:
-        for (_, cluster), choice in asked.items():
+        for choice, cluster in asked:
             nursery.start_soon(choice.direct, cluster)
 
 
