@@ -252,6 +252,32 @@ def test_auto_reads_through_the_home_when_the_remote_keepstores_fail_this_host(f
     assert_home_token_stayed_home(fed, mark)
 
 
+def test_auto_reads_through_the_home_when_the_remote_lists_no_usable_keep_services(fed, tmp_path):
+    """The trial fails (zbbbb's keep_services/accessible names its services with a malformed
+    uuid, which fedmount refuses and the home keepstore's proxy does not mind): locate says
+    home with that reason, and stage reads every block through the home with the home token."""
+    entry = place(fed, f"locat-{uuid.uuid4().hex[:8]}", ("zbbbb",))
+    cache = tmp_path / "cache"
+    fed.set_fault("zbbbb", "controller", keep_service_uuid="not-a-uuid")
+    run = cli(fed, cache, "locate", "--json", entry["uuid"])
+    assert run.returncode == 2 and "Traceback" not in run.stderr  # zbbbb's holdings cannot be asked
+    col = json.loads(run.stdout)["collections"][0]
+    way = col["route"]["remotes"]["zbbbb"]
+    assert way["way"] == "home" and "its keep services" in way["reason"] and way["error"] is None
+    assert col["served_by"]["zbbbb"]["via"] == "zzzzz" and col["estimate"]["cluster"] == "zzzzz"
+    human = cli(fed, cache, "locate", entry["uuid"])
+    assert "zbbbb's blocks: read through zzzzz (its keep services" in human.stdout
+    assert "auto route" not in human.stderr  # the report says it; no log line repeats it
+
+    mark = fed.mark()
+    staged = cli(fed, cache, "stage", entry["uuid"])
+    assert staged.returncode == 0, staged.stderr
+    gets = client_block_gets(fed, mark)
+    assert {r["cluster"] for r in gets} == {"zzzzz"} and {r["token"] for r in gets} == {fed.token()}
+    assert [r for r in keep_requests(fed, mark, cluster="zbbbb") if not r.get("from_service")] == []
+    assert_home_token_stayed_home(fed, mark)
+
+
 def cached_keys(cache_dir: Path) -> set[str]:
     return {p.name for p in (cache_dir / "blocks").glob("*/*") if "." not in p.name}
 
