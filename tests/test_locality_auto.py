@@ -34,6 +34,7 @@ from fedmount.arvados.errors import ClusterUnreachable
 from fedmount.arvados.ids import CollectionId
 from fedmount.arvados.manifest import portable_data_hash
 from fedmount.arvados.routes import KeepRoute
+from fedmount.blocks.keep import KeepClient
 from fedmount.blocks.throughput import ThroughputBook
 from fedmount.locality.arguments import build_locate_parser, build_stage_parser
 from fedmount.locality.stage import stage_with
@@ -215,9 +216,7 @@ class Slow:
         return self.keep(*args, **kwargs)
 
 
-def slow_client(keep: FakeKeepstores):  # type: ignore[no-untyped-def]
-    from fedmount.blocks.keep import KeepClient
-
+def slow_client(keep: FakeKeepstores) -> KeepClient:
     return KeepClient(Slow(keep), retries=0, backoff=0)  # type: ignore[arg-type]
 
 
