@@ -290,3 +290,15 @@ def test_fedmount_run_stages_and_checks_along_its_mounts_route() -> None:
     args = fedmount_args(["fedmount"], spec, "/mnt", docker=False, cache_dir="/c", crunchstat_interval=10)
     assert "--route" not in args  # the run's fedmount takes the mount's default route
     assert MOUNT_ROUTE == cli.build_parser().parse_args(args[1:]).route
+
+
+async def test_locate_auto_without_a_saltable_token_says_every_remote_is_read_through_the_home(
+    keep: FakeKeepstores, tmp_path: Path
+) -> None:
+    unsalted = FakeFederation(keep, mode="auto")  # auto mode, but its routes carry no choice (a v1 token)
+    unsalted.add(UUID_B, [make_block("v1", 100)], on=(B,))
+    keep.blocks[HOME].update(keep.blocks[B])
+    col = (await locate(unsalted, keep, cache_at(tmp_path), [UUID_B])).to_json()["collections"][0]
+    way = col["route"]["remotes"][B]
+    assert way["way"] == "home" and "cannot be salted" in way["reason"] and way["error"] is None
+    assert heads(keep, HOME) == 1
