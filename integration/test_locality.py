@@ -5,7 +5,9 @@ control; identical files give the identical PDH), and one block is deleted from 
 cluster's keepstores for partial placement. Staging is checked through the request log:
 a staged collection is read through the library's BlockReader, and through a real
 ``fedmount --exec`` mount, with no request to any keepstore, and a stage interrupted with
-SIGINT resumes without fetching any block it had already cached.
+SIGINT resumes without fetching any block it had already cached. With ``--route auto`` (the
+default, as for the mount) locate says per remote cluster whether its blocks are read from
+its own keepstores or through the home, and stage reads them that way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fedmount.api.federation import Federation
 from fedmount.arvados.ids import parse_collection_id
 from fedmount.arvados.manifest import parse_manifest
 from fedmount.arvados.settings import Settings
+from fedmount.arvados.tokens import parse_token, salt_for
 from fedmount.blocks.cache import TieredCache
 from fedmount.blocks.fetcher import BlockReader
 from fedmount.locality.federation_view import keep_client_for
@@ -89,7 +92,7 @@ def test_locate_counts_blocks_on_one_two_and_three_clusters_and_partial(fed, tmp
 
     mark = fed.mark()
     ids = [one["uuid"], two["uuid"], three["portable_data_hash"], partial["uuid"]]
-    run = cli(fed, tmp_path / "cache", "locate", "--json", *ids)
+    run = cli(fed, tmp_path / "cache", "locate", "--json", "--route", "home", *ids)
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
     assert doc["schema"] == "fedmount-locate/1" and doc["complete"] and doc["home_cluster"] == "zzzzz"
@@ -117,7 +120,7 @@ def test_locate_counts_blocks_on_one_two_and_three_clusters_and_partial(fed, tmp
     assert keep_requests(fed, mark, method="GET") == []  # locate never reads data
     assert_home_token_stayed_home(fed, mark)
 
-    human = cli(fed, tmp_path / "cache", "locate", partial["uuid"])
+    human = cli(fed, tmp_path / "cache", "locate", "--route", "home", partial["uuid"])
     assert human.returncode == 0, human.stderr
     assert "zcccc    3/4" in human.stdout and "read route (home mode): zzzzz 4 blocks" in human.stdout
 
@@ -153,7 +156,7 @@ async def test_staged_collection_is_read_with_no_keep_request(fed, tmp_path):
     cache_dir = str(tmp_path / "cache")
     mark = fed.mark()
     report = await stage_collections([entry["uuid"]], settings, TieredCache(cache_dir, 1 << 30, 64 * MiB),
-                                     progress_stream=None)  # fmt: skip
+                                     mode="home", progress_stream=None)  # fmt: skip
     assert report.complete, report.render()
     gets = keep_requests(fed, mark, method="GET", cluster="zzzzz")  # via the home keepstore
     keys = set(block_keys(fed, entry))
@@ -175,6 +178,104 @@ async def test_staged_collection_is_read_with_no_keep_request(fed, tmp_path):
         await federation.aclose()
     assert hashlib.md5(data).hexdigest() == entry["files"][path]["md5"]
     assert keep_requests(fed, mark) == []
+
+
+def client_block_gets(fed, since: int) -> list[dict]:
+    """Block GETs this host sent (not a keepstore proxying for it) that were answered 200."""
+    gets = keep_requests(fed, since, method="GET")
+    return [r for r in gets if r["status"] == 200 and not r.get("from_service")]
+
+
+def block_key(path: str) -> str:
+    return "+".join(path.lstrip("/").split("+")[:2])
+
+
+def test_auto_locate_says_direct_and_stage_reads_the_remote_keepstores_with_the_salted_token(fed, tmp_path):
+    entry = place(fed, f"loca-{uuid.uuid4().hex[:8]}", ("zbbbb",))
+    size, cache = 3 * MiB + 1000, tmp_path / "cache"
+    run = cli(fed, cache, "locate", "--json", entry["uuid"])  # --route auto: the default
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    col = doc["collections"][0]
+    assert doc["mode"] == "auto" and col["route"]["mode"] == "auto"
+    way = col["route"]["remotes"]["zbbbb"]
+    assert (way["way"], way["error"]) == ("direct", None) and "salted" in way["reason"]
+    assert col["served_by"] == {"zbbbb": {"blocks": 4, "bytes": size, "via": None}}
+    assert col["estimate"]["cluster"] == "zbbbb" and col["estimate"]["bytes"] == size
+    human = cli(fed, cache, "locate", entry["uuid"])
+    assert human.returncode == 0 and "zbbbb's blocks: read directly" in human.stdout
+
+    mark = fed.mark()
+    staged = cli(fed, cache, "stage", entry["uuid"])
+    assert staged.returncode == 0, staged.stderr
+    gets = client_block_gets(fed, mark)
+    salted = salt_for(parse_token(fed.token()), "zbbbb").text
+    assert {r["cluster"] for r in gets} == {"zbbbb"} and {r["token"] for r in gets} == {salted}
+    assert sorted(block_key(r["path"]) for r in gets) == sorted(block_keys(fed, entry))  # each block once
+    assert keep_requests(fed, mark, cluster="zzzzz") == []  # the home keepstore was not asked
+    assert_home_token_stayed_home(fed, mark)
+    book = json.loads((cache / "locality-throughput.json").read_text())["clusters"]
+    assert "zzzzz" not in book  # what stage measured is zbbbb's own keepstores
+
+
+def test_auto_reads_through_the_home_when_the_remote_keepstores_fail_this_host(fed, tmp_path):
+    """The emulator's faults hit every client of a keepstore, the home keepstore's proxy reads
+    too; so zbbbb's keepstores fail this host's first requests only (``count``), as
+    integration/test_auto_route.py does for mounts: locate's HEAD at each of them (two rounds),
+    then stage's first direct GET (one round). Both then go through the home, which reaches
+    them again."""
+    entry = place(fed, f"locah-{uuid.uuid4().hex[:8]}", ("zbbbb",))
+    size, cache = 3 * MiB + 1000, tmp_path / "cache"
+    for svc in ("keep0", "keep1"):
+        fed.set_fault("zbbbb", svc, status=503, count=2)
+    # --cluster zzzzz: no HEAD at zbbbb for what it holds, only the way's
+    run = cli(fed, cache, "locate", "--json", "--cluster", "zzzzz", entry["uuid"])
+    assert run.returncode == 1, run.stderr  # answered: zzzzz has no copy
+    assert fed.faults() == {}
+    col = json.loads(run.stdout)["collections"][0]
+    way = col["route"]["remotes"]["zbbbb"]
+    assert way["way"] == "home" and "HTTP 503" in way["reason"] and way["error"] is None
+    assert col["served_by"] == {"zbbbb": {"blocks": 4, "bytes": size, "via": "zzzzz"}}
+    assert col["estimate"]["cluster"] == "zzzzz"
+
+    for svc in ("keep0", "keep1"):
+        fed.set_fault("zbbbb", svc, status=503, count=1)
+    mark = fed.mark()
+    staged = cli(fed, cache, "stage", "--concurrency", "1", entry["uuid"])
+    assert staged.returncode == 0, staged.stderr
+    assert fed.faults() == {}
+    gets = client_block_gets(fed, mark)
+    assert {r["cluster"] for r in gets} == {"zzzzz"} and {r["token"] for r in gets} == {fed.token()}
+    assert sorted(block_key(r["path"]) for r in gets) == sorted(block_keys(fed, entry))
+    direct = [r for r in keep_requests(fed, mark, cluster="zbbbb") if not r.get("from_service")]
+    assert direct and all(r["status"] == 503 for r in direct) and len(direct) == 2
+    assert_home_token_stayed_home(fed, mark)
+
+
+def test_auto_reads_through_the_home_when_the_remote_lists_no_usable_keep_services(fed, tmp_path):
+    """The trial fails (zbbbb's keep_services/accessible names its services with a malformed
+    uuid, which fedmount refuses and the home keepstore's proxy does not mind): locate says
+    home with that reason, and stage reads every block through the home with the home token."""
+    entry = place(fed, f"locat-{uuid.uuid4().hex[:8]}", ("zbbbb",))
+    cache = tmp_path / "cache"
+    fed.set_fault("zbbbb", "controller", keep_service_uuid="not-a-uuid")
+    run = cli(fed, cache, "locate", "--json", entry["uuid"])
+    assert run.returncode == 2 and "Traceback" not in run.stderr  # zbbbb's holdings cannot be asked
+    col = json.loads(run.stdout)["collections"][0]
+    way = col["route"]["remotes"]["zbbbb"]
+    assert way["way"] == "home" and "its keep services" in way["reason"] and way["error"] is None
+    assert col["served_by"]["zbbbb"]["via"] == "zzzzz" and col["estimate"]["cluster"] == "zzzzz"
+    human = cli(fed, cache, "locate", entry["uuid"])
+    assert "zbbbb's blocks: read through zzzzz (its keep services" in human.stdout
+    assert "auto route" not in human.stderr  # the report says it; no log line repeats it
+
+    mark = fed.mark()
+    staged = cli(fed, cache, "stage", entry["uuid"])
+    assert staged.returncode == 0, staged.stderr
+    gets = client_block_gets(fed, mark)
+    assert {r["cluster"] for r in gets} == {"zzzzz"} and {r["token"] for r in gets} == {fed.token()}
+    assert [r for r in keep_requests(fed, mark, cluster="zbbbb") if not r.get("from_service")] == []
+    assert_home_token_stayed_home(fed, mark)
 
 
 def cached_keys(cache_dir: Path) -> set[str]:

@@ -447,8 +447,8 @@ def test_sigint_while_staging_interrupts_the_run_with_nothing_left(
     fed, image_collection, tmpdir_clean, tmp_path
 ):
     out = tmp_path / "results"
-    for svc in ("keep0", "keep1"):  # home route: every block comes through the home keepstores
-        fed.set_fault("zzzzz", svc, bandwidth=1 << 20)  # the image tarball takes seconds
+    for svc in ("keep0", "keep1"):  # the run's route, auto: the image's blocks come from zbbbb itself
+        fed.set_fault("zbbbb", svc, bandwidth=1 << 20)  # the image tarball takes seconds
     proc = fedmount_run(fed, record(fed, image_collection, "true"), out, tmpdir_clean, "--runtime", "local",
                         "--stage", wait=False)  # fmt: skip
     wait_for(lambda: "fedmount-run: --stage: staging" in _text(out / "fedmount.log"))

@@ -26,6 +26,9 @@ States of one cluster, and what `direct` answers:
   a flapping cluster costs one failed read per wait, fewer and fewer, never every block
   twice. A cluster whose token cannot be salted, or that the home does not know, stays
   *home* for good.
+
+`state` and `reason` (the last failure, one line) tell logs, tests and ``fedmount locate``
+where a cluster's blocks go now and why.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class _Cluster:
     direct_since: float = 0.0
     retry_at: float = 0.0  # while home: when to try direct again (inf: never)
     wait: float = 0.0  # the current wait after a failure
+    reason: str = ""  # why it was last read through the home
     trial: trio.Event | None = field(default=None, repr=False)  # set when the running trial ends
 
 
@@ -80,6 +84,11 @@ class AutoRoutes:
         if c is None or (c.route is None and c.retry_at <= self._clock()):
             return "undecided"
         return "direct" if c.route is not None else "home"
+
+    def reason(self, cluster: str) -> str:
+        """Why `cluster`'s blocks went to the home last (one line, no token; "" if they never did)."""
+        c = self._clusters.get(cluster)
+        return c.reason if c is not None else ""
 
     async def direct(self, cluster: str) -> KeepRoute | None:
         c = self._clusters.setdefault(cluster, _Cluster())
@@ -121,6 +130,7 @@ class AutoRoutes:
             return None, f"its keep services: {e.message}", False
 
     def _to_home(self, cluster: str, c: _Cluster, reason: str, *, for_good: bool = False) -> None:
+        c.reason = reason
         if for_good:
             c.retry_at = math.inf
             log.warning("auto route: reading cluster %s's blocks through the home cluster: %s",

@@ -10,6 +10,8 @@
   ahead of a run, resumable, optionally pinned; `stage_collections` is the entry point
   for ``fedmount-run --stage``; `stage_report` the typed result. `cluster_stage`
   (``stage --to-cluster X``): the same into cluster X's own Keep, keepstore to keepstore.
+- `ways`: with ``--route auto`` (the mount's default), which way the mount reads each remote
+  cluster's blocks (directly, or through the home) and why, for `locate` and `stage`.
 - `view`: the small interface to the federation all of them use; `federation_view`
   implements it over `Federation` and its per-cluster controller clients.
 - `arguments`: the commands' help and parsers (light, for ``fedmount --help``);

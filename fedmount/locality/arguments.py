@@ -17,7 +17,7 @@ DEFAULT_STAGE_CONCURRENCY = 4
 
 LOCATE = Subcommand(
     "locate",
-    "ID...|--for RECORD [--json] [--cluster X] [--route home|direct] [--concurrency N] "
+    "ID...|--for RECORD [--json] [--cluster X] [--route auto|home|direct] [--concurrency N] "
     "[--disk-cache-dir DIR]",
     "For each collection (UUID or portable data hash of any cluster): how many of its blocks and "
     "bytes each cluster's Keep holds (HEAD requests with the token that cluster accepts), how much "
@@ -26,7 +26,11 @@ LOCATE = Subcommand(
     f"it in the cache directory; {BYTES_PER_SECOND >> 20} MiB/s until one has been measured; "
     "estimates say \"observed\" "
     "or \"default\"). --json prints the fedmount-locate/1 document. --cluster X asks only X. "
-    "--route answers for a mount with that --route. --concurrency N: HEAD requests at once "
+    "--route (default auto, the mount's default) answers for a mount with that --route: with auto, "
+    "per remote cluster whose blocks a collection names, whether the mount reads them directly from "
+    "that cluster's Keep or through the home cluster's keepstore, and why (decided as the mount "
+    "decides, confirmed with a HEAD of one block along that way); the estimates follow that way. "
+    "--concurrency N: HEAD requests at once "
     f"(default {DEFAULT_LOCATE_CONCURRENCY}). Exit: 0 complete answer (with --cluster: X holds every "
     "block); 1 X lacks a block; 2 something could not be answered (bad or unknown ID, unreachable "
     "cluster or keepstore). --for RECORD (a container record, as fedmount-run takes it) asks where "
@@ -38,7 +42,7 @@ LOCATE = Subcommand(
 )
 STAGE = Subcommand(
     "stage",
-    "ID... [--pin] [--json] [--quiet] [--disk-cache-size BYTES] [--route home|direct] "
+    "ID... [--pin] [--json] [--quiet] [--disk-cache-size BYTES] [--route auto|home|direct] "
     "[--concurrency N] [--disk-cache-dir DIR] [--to-cluster X [--save-as NAME]]",
     "Pull collections into this host's block cache before a run, in parallel (--concurrency N "
     f"blocks at once, default {DEFAULT_STAGE_CONCURRENCY}), with progress on stderr (bytes, rate, "
@@ -47,13 +51,18 @@ STAGE = Subcommand(
     "interrupted stage (Ctrl-C, exit 130) resumes when run again. A later mount with the same "
     "--disk-cache-dir reads the blocks without contacting Keep. --pin keeps them from eviction "
     "until `fedmount unpin`. --disk-cache-size bounds the cache while staging (default: the bound "
-    "a mount of that directory uses). --json prints the fedmount-stage/1 document on stdout. "
+    "a mount of that directory uses). --route (default auto) reads the blocks the way a mount with "
+    "that --route reads them: with auto, a remote cluster's blocks from its own Keep while it answers, "
+    "else through the home keepstore. --json prints the fedmount-stage/1 document on stdout. "
     "Exit 0 when every block is cached, 2 otherwise. --to-cluster X stages into cluster X's Keep "
     "instead of this host's cache, for every host of X to read: X's keepstore copies each block it "
     "lacks from the cluster that holds it (asked with X-Keep-Signature: local, as the Arvados SDK "
     "refreshes a signature), so no byte passes through this host; blocks already there are not "
     "copied again. X must be the home cluster (another cluster's keepstore could only present a "
-    "token salted for itself). --save-as NAME (one ID) then makes collection NAME on X with X's own "
+    "token salted for itself). The route does not matter there (auto and home are the same: this "
+    "host reads no block), except that --route direct is refused: X's keepstore copies from the "
+    "+R locators the home cluster gives, and direct mode asks the owning cluster instead. "
+    "--save-as NAME (one ID) then makes collection NAME on X with X's own "
     "locators, the same PDH, which every host of X reads from X's Keep alone. --json: the "
     "fedmount-stage/1 document with \"cluster\": X (and \"saved\").",
 )
@@ -80,8 +89,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_route(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--route", choices=("home", "direct"), default="home",
-                   help="Read the way a mount with this --route reads (default home).")
+    p.add_argument("--route", choices=("auto", "home", "direct"), default="auto",
+                   help="Read the way a mount with this --route reads (default auto, the mount's default).")
     p.add_argument("--concurrency", metavar="N", type=int, default=None,
                    help=f"Requests in flight at once (default: {DEFAULT_LOCATE_CONCURRENCY} for locate, "
                    f"{DEFAULT_STAGE_CONCURRENCY} for stage).")
@@ -115,6 +124,10 @@ class _StageParser(argparse.ArgumentParser):
         parsed = super().parse_args(args, namespace)
         if parsed.save_as is not None and (parsed.to_cluster is None or len(parsed.ids) != 1):
             self.error("--save-as needs --to-cluster and exactly one ID")
+        if parsed.to_cluster is not None and parsed.route == "direct":
+            self.error("--route direct cannot apply to --to-cluster: the cluster's keepstore copies a "
+                       "block from the +R locator the home cluster gives (route auto or home), and "
+                       "direct mode asks the owning cluster instead")
         return parsed
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from fedmount.api import route_choice
 from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.blocks.cache import CacheConfig, TieredCache
 from fedmount.blocks.throughput import ThroughputBook
@@ -100,6 +102,8 @@ def _run_subcommand(
 
 async def _locate(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
     book = ThroughputBook.in_cache_dir(cache.directory)
+    if not args.debug:  # the report says each remote cluster's way and why: no log line repeats it
+        route_choice.log.setLevel(logging.ERROR)
     if args.record is not None:
         return await _place(args, settings, cache, book)
     try:
@@ -142,6 +146,7 @@ async def _place(
 async def _stage_to_cluster(args: argparse.Namespace, settings: Settings, cache: TieredCache) -> int:
     keep, record, local = ClusterKeep(settings), CopyRecord(cache.directory), {}
     try:
+        # auto and home are the same here (this host reads no block): home's +R locators, no trials
         async with FederationView.open(settings, mode="home") as view:
             report = await stage_to_cluster(
                 args.ids, view, args.to_cluster, keep, record,

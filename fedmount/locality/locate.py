@@ -16,12 +16,17 @@ collections in parallel:
    its own copy holds none of the blocks (no HEAD is sent). A HEAD that fails (not "not
    found": unreachable, 5xx, bad signature) leaves its block *unknown* and the answer
    incomplete.
-4. Serving: a cached block is served by the cache. Otherwise by the route's cluster, or,
-   in home mode for a ``+R`` locator without ``+A``, by the signing cluster through the
-   home keepstore (``via``).
-5. Estimates: uncached bytes / `ThroughputBook` rate of the cluster whose keep services
-   are contacted (per cluster: the uncached bytes it holds; for the route: all uncached
-   bytes), each labelled ``observed`` or ``default``.
+4. Route, in auto mode (`ways.confirm_ways`): per remote cluster whose ``+R`` blocks the
+   collection names, the way the mount would read them (directly from its keep services, or
+   through the home keepstore) and why, confirmed by a HEAD of one of its blocks along it.
+5. Serving: a cached block is served by the cache. Otherwise by the route's cluster, or
+   for a ``+R`` locator without ``+A`` by the signing cluster: through the home keepstore
+   (``via``) in home mode and in auto mode for a cluster read through the home, from its
+   own keep services in auto mode for a cluster read directly.
+6. Estimates: uncached bytes / `ThroughputBook` rate of the cluster whose keep services
+   are contacted (per cluster: the uncached bytes it holds; for the route: the uncached
+   bytes of each cluster contacted along it, and their sum), each labelled ``observed``
+   or ``default``.
 
 The answer is a `LocateReport` (`locate_report`: the typed summaries, the JSON schema
 and the text).
@@ -42,21 +47,24 @@ from fedmount.blocks.throughput import ThroughputBook
 
 from .locate_report import CollectionReport, Holding, LocateReport
 from .view import LocalityView, LookupFailure
+from .ways import DIRECT, BlockProbe, RemoteWay, confirm_ways
 
 COLLECTIONS_AT_ONCE = 8  # collections resolved and asked about at once (API calls stay bounded too)
-
-
-class BlockProbe(Protocol):
-    async def head(self, locator: Locator, route: KeepRoute) -> bool: ...
 
 
 class CacheProbe(Protocol):
     def cached_bytes(self, key: str) -> int: ...
 
 
-def serving_cluster(loc: Locator, route: KeepRoute) -> tuple[str, str | None]:
-    """(cluster the bytes come from, cluster whose keepstore proxies them or None)."""
+def serving_cluster(
+    loc: Locator, route: KeepRoute, ways: dict[str, RemoteWay] | None = None
+) -> tuple[str, str | None]:
+    """(cluster the bytes come from, cluster whose keepstore proxies them or None); `ways`:
+    auto mode's way per remote cluster."""
     remote = loc.remote
+    way = (ways or {}).get(remote[0]) if remote is not None else None
+    if remote is not None and way is not None and way.way == DIRECT:
+        return remote[0], None
     if remote is not None and loc.signature is None and remote[0] != route.cluster:
         return remote[0], route.cluster
     return route.cluster, None
@@ -116,11 +124,17 @@ async def _locate_one(
     for loc in blocks:
         c.sizes[loc.key] = loc.size
         c.cached[loc.key] = loc.size if loc.is_empty else cache.cached_bytes(loc.key)
-        c.serving[loc.key] = serving_cluster(loc, record.route)
     c.holdings = {name: Holding(name) for name in clusters}
+
+    async def ways() -> None:
+        c.ways = await confirm_ways(blocks, record.route, view.mode, keep, limiter)
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(ways)
         for h in c.holdings.values():
             nursery.start_soon(_probe_cluster, h, c, view, keep, limiter)
+    for loc in blocks:
+        c.serving[loc.key] = serving_cluster(loc, record.route, c.ways)
 
 
 async def _probe_cluster(

@@ -8,7 +8,7 @@ per state); `LocateReport.summaries` turns each collection into a `LocatedCollec
 JSON schema (``--json``; ``schema`` changes when a field changes meaning or goes away;
 new fields may be added)::
 
-    {"schema": "fedmount-locate/1", "home_cluster": "zzzzz", "mode": "home"|"direct",
+    {"schema": "fedmount-locate/1", "home_cluster": "zzzzz", "mode": "auto"|"home"|"direct",
      "cluster": "zbbbb"|null,          # --cluster, if given
      "answer": "yes"|"no"|"unknown"|null,   # --cluster only: does it hold every block?
      "complete": true,                 # every question below was answered
@@ -19,11 +19,15 @@ new fields may be added)::
         "complete": true,
         "blocks": 12, "bytes": 123456,
         "cached": {"blocks": 3, "bytes": 4096},   # bytes include partly cached blocks
-        "route": {"cluster": "zzzzz", "mode": "home"},
+        "route": {"cluster": "zzzzz", "mode": "home",
+                  # auto mode only: the way of each remote cluster whose +R blocks it names
+                  "remotes": {"zbbbb": {"way": "direct"|"home", "reason": "one line",
+                                        "error": null | "one line"}}},  # the HEAD along it failed
         "served_by": {"cache": {"blocks": 3, "bytes": 4096},
                       "zbbbb": {"blocks": 9, "bytes": 999, "via": "zzzzz"|null}},
-        "estimate": {"bytes": 119360, "seconds": 1.2, "cluster": "zzzzz",
+        "estimate": {"bytes": 119360, "seconds": 1.2, "cluster": "zzzzz"|null,
                      "bytes_per_second": 1e8, "throughput": "observed"|"default"},
+        "estimate_by_cluster": {"zzzzz": {...as estimate}},  # per cluster contacted
         "clusters": {"zbbbb": {
             "has_collection": true|false|null,     # null: could not ask
             "holds_all": true|false|null,          # null: unknown
@@ -36,6 +40,12 @@ new fields may be added)::
         "block_list": [{"block": "hash+size", "size": 123, "cached_bytes": 0,
                         "served_by": "zbbbb", "via": "zzzzz"|null, "held_by": ["zbbbb"]}]
      }]}
+
+The route's estimate is the time to pull every uncached block along the way the mount reads
+it, from the keep services of each cluster contacted (``estimate_by_cluster``: the
+cluster's own for a block read directly, the proxying home's for one read ``via`` it), one
+after the other: its ``cluster`` is null when there are several, its rate their combined
+rate, ``observed`` when each one is.
 
 When the home cluster itself cannot be used, the document is `failed_locate_json`'s:
 ``{"schema", "complete": false, "error", "collections": []}``.
@@ -51,6 +61,7 @@ from fedmount.blocks.throughput import ThroughputBook
 
 from .progress import human_bytes, human_duration
 from .tally import Tally
+from .ways import DIRECT, RemoteWay
 
 SCHEMA = "fedmount-locate/1"
 CACHE = "cache"  # the name `served_by` gives this host's cache
@@ -90,10 +101,12 @@ class CollectionReport:
     cached: dict[str, int] = field(default_factory=dict)  # block key -> bytes in this host's cache
     serving: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # key -> (cluster, via)
     holdings: dict[str, Holding] = field(default_factory=dict)
+    ways: dict[str, RemoteWay] = field(default_factory=dict)  # auto mode: per remote cluster
 
     @property
     def complete(self) -> bool:
-        return self.error is None and all(h.error is None and not h.unknown for h in self.holdings.values())
+        return (self.error is None and all(h.error is None and not h.unknown for h in self.holdings.values())
+                and all(w.error is None for w in self.ways.values()))  # fmt: skip
 
     def is_cached(self, key: str) -> bool:
         return self.cached.get(key, 0) >= self.sizes[key]
@@ -115,7 +128,7 @@ class Estimate:
 
     bytes: int
     seconds: float
-    cluster: str
+    cluster: str | None  # None: the sum of several clusters' estimates
     bytes_per_second: int
     throughput: str  # "observed" or "default"
 
@@ -123,6 +136,16 @@ class Estimate:
     def of(cls, book: ThroughputBook, cluster: str, nbytes: int) -> Estimate:
         tp = book.get(cluster)
         return cls(nbytes, round(tp.seconds_for(nbytes), 3), cluster, round(tp.bytes_per_second), tp.source)
+
+    @classmethod
+    def total(cls, parts: list[Estimate]) -> Estimate:
+        """Pulling every part one after the other (at least one part)."""
+        if len(parts) == 1:
+            return parts[0]
+        nbytes, seconds = sum(p.bytes for p in parts), sum(p.seconds for p in parts)
+        observed = all(p.throughput == "observed" for p in parts)
+        return cls(nbytes, round(seconds, 3), None, round(nbytes / seconds) if seconds else 0,
+                   "observed" if observed else "default")  # fmt: skip
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -201,9 +224,11 @@ class LocatedCollection:
     cached: Tally = Tally()
     served_by: dict[str, ServedBy] = field(default_factory=dict)  # CACHE or cluster, first use first
     estimate: Estimate | None = None  # pulling every uncached block through the read route
+    estimates: dict[str, Estimate] = field(default_factory=dict)  # its parts, per cluster contacted
     clusters: dict[str, ClusterSummary] = field(default_factory=dict)
     blocks: list[BlockSummary] = field(default_factory=list)
-    proxied: bool = False  # some block is read through another cluster's keepstore
+    remote: bool = False  # some block is served by another cluster than the route's
+    ways: dict[str, RemoteWay] = field(default_factory=dict)  # auto mode: per remote cluster
 
     def to_json(self, mode: str) -> dict:
         out: dict = {"id": self.id, "error": self.error, "complete": self.complete}
@@ -211,6 +236,9 @@ class LocatedCollection:
         if r is None:
             return out
         assert self.estimate is not None
+        route = {"cluster": r.route.cluster, "mode": mode}
+        if mode == "auto":
+            route["remotes"] = {name: w.to_json() for name, w in self.ways.items()}
         return out | {
             "uuid": r.uuid,
             "portable_data_hash": r.portable_data_hash,
@@ -218,9 +246,10 @@ class LocatedCollection:
             "blocks": self.total.blocks,
             "bytes": self.total.bytes,
             "cached": self.cached.to_json(),
-            "route": {"cluster": r.route.cluster, "mode": mode},
+            "route": route,
             "served_by": {name: s.to_json(name == CACHE) for name, s in self.served_by.items()},
             "estimate": self.estimate.to_json(),
+            "estimate_by_cluster": {name: e.to_json() for name, e in self.estimates.items()},
             "clusters": {name: h.to_json() for name, h in self.clusters.items()},
             "block_list": [b.to_json() for b in self.blocks],
         }
@@ -230,10 +259,13 @@ def summarize(c: CollectionReport, book: ThroughputBook) -> LocatedCollection:
     if c.record is None:
         return LocatedCollection(c.id, c.error, c.complete)
     served: dict[str, list[str]] = {}
+    contacted: dict[str, list[str]] = {}  # cluster whose keep services are asked -> uncached keys
     blocks = []
     for key, size in c.sizes.items():
         name, via = (CACHE, None) if c.is_cached(key) else c.serving[key]
         served.setdefault(name, []).append(key)
+        if name != CACHE and size:
+            contacted.setdefault(via or name, []).append(key)
         held_by = [h.cluster for h in c.holdings.values() if key in h.held]
         blocks.append(BlockSummary(key, size, c.cached_bytes(key), name, via, held_by))
     clusters = {
@@ -243,6 +275,7 @@ def summarize(c: CollectionReport, book: ThroughputBook) -> LocatedCollection:
         )
         for name, h in c.holdings.items()
     }  # fmt: skip
+    estimates = {name: Estimate.of(book, name, c.uncached_bytes(keys)) for name, keys in contacted.items()}
     return LocatedCollection(
         c.id, c.error, c.complete, c.record,
         total=Tally.of(c.sizes.values()),
@@ -251,10 +284,12 @@ def summarize(c: CollectionReport, book: ThroughputBook) -> LocatedCollection:
             name: ServedBy(c.tally(keys), None if name == CACHE else c.serving[keys[0]][1])
             for name, keys in served.items()
         },
-        estimate=Estimate.of(book, c.record.route.cluster, c.uncached_bytes()),
+        estimate=Estimate.total(list(estimates.values()) or [Estimate.of(book, c.record.route.cluster, 0)]),
+        estimates=estimates,
         clusters=clusters,
         blocks=blocks,
-        proxied=any(via is not None for _, via in c.serving.values()),
+        remote=any(name != c.record.route.cluster for name, _ in c.serving.values()),
+        ways=c.ways,
     )  # fmt: skip
 
 
@@ -366,10 +401,17 @@ class LocateReport:
             via = f" via {by.via}" if by.via else ""
             served.append(f"{name}{via} {by.tally.blocks} blocks ({human_bytes(by.tally.bytes)})")
         lines.append(f"  read route ({self.mode} mode): " + ", ".join(served or ["nothing to read"]))
-        lines.append(f"  est. to pull what is not cached: {s.estimate.render()}")
+        for name, w in s.ways.items():
+            way = "directly" if w.way == DIRECT else f"through {r.route.cluster}"
+            error = f"; error: {w.error}" if w.error else ""
+            lines.append(f"  {name}'s blocks: read {way} ({w.reason}){error}")
+        parts = ""
+        if len(s.estimates) > 1:
+            parts = " (" + ", ".join(f"{name} {e.render()}" for name, e in s.estimates.items()) + ")"
+        lines.append(f"  est. to pull what is not cached: {s.estimate.render()}{parts}")
         home = s.clusters.get(self.home_cluster)
         home_has_all = home is not None and home.holds_all is True
-        if self.mode == "home" and s.proxied and home_has_all and s.id != r.portable_data_hash:
+        if self.mode != "direct" and s.remote and home_has_all and s.id != r.portable_data_hash:
             lines.append(
                 f"  note: {self.home_cluster} has its own copy; read it by PDH {r.portable_data_hash} "
                 "to read it from there"
@@ -379,5 +421,5 @@ class LocateReport:
 
 def _estimates_shown(s: LocatedCollection) -> list[Estimate]:
     """The estimates the text of `s` relies on (those with bytes to pull)."""
-    shown = [h.estimate for h in s.clusters.values()] + ([s.estimate] if s.estimate else [])
+    shown = [h.estimate for h in s.clusters.values()] + list(s.estimates.values())
     return [e for e in shown if e.bytes]

@@ -15,10 +15,16 @@ Algorithm of `stage_with`:
    survives SIGINT, and a re-run fetches only what is missing.
 4. Fetch the rest with `KeepClient.get` (md5-verified before it returns) under a
    `trio.CapacityLimiter` of ``concurrency`` (each fetch holds up to 64 MiB), then `put`.
-   A block that cannot be read is reported against its collection(s); the others go on.
+   In auto mode (the mount's default) the route carries the mount's `AutoRoutes`, so
+   `KeepClient.get` reads a remote cluster's ``+R`` blocks from its own keep services while
+   they answer, through the home otherwise, exactly as the mount will; `ways.decide`
+   settles that choice for every remote cluster first. A block that cannot be read is
+   reported against its collection(s); the others go on.
 5. A `Progress` line on stderr shows bytes, rate and ETA. A `TransferMeter` measures the
-   aggregate rate per cluster (the cluster whose keep services answered) and stores it in
-   the `ThroughputBook`, which `locate` uses for its estimates, even after an interrupt.
+   aggregate rate per cluster (the cluster whose keep services deliver the block,
+   `ways.reading_cluster`; a block whose direct read failed and came through the home
+   counts its time to the remote and its bytes nowhere) and stores it in the
+   `ThroughputBook`, which `locate` uses for its estimates, even after an interrupt.
 6. Afterwards the blocks are checked again on disk (a fresh disk-only view of the cache
    directory: this process's memory tier would hide evictions): any that a too-small
    cache already evicted are reported (raise the cache size or use ``--pin``).
@@ -40,6 +46,7 @@ from typing import Protocol, TextIO
 
 import trio
 
+from fedmount.api.federation import Mode
 from fedmount.arvados.errors import BlockError
 from fedmount.arvados.ids import CollectionId, IdError, Locator, parse_collection_id
 from fedmount.arvados.manifest import ManifestError, parse_manifest
@@ -55,6 +62,7 @@ from .federation_view import FederationView, keep_client_for
 from .progress import Progress
 from .stage_report import Outcome, StagedCollection, StageReport
 from .view import LocalityView, LookupFailure
+from .ways import decide, reading_cluster
 
 log = logging.getLogger("fedmount.locality")
 
@@ -148,7 +156,8 @@ async def stage_with(
 
     async def fetch(loc: Locator, route: KeepRoute) -> None:
         async with limiter:
-            meter.start(route.cluster)
+            source = reading_cluster(loc, route)
+            meter.start(source)
             data: bytes | bytearray = b""
             try:
                 data = await keep.get(loc, route)
@@ -159,12 +168,13 @@ async def stage_with(
                     progress.fail()
                 return
             finally:
-                meter.finish(route.cluster, len(data))
+                meter.finish(source, len(data) if reading_cluster(loc, route) == source else 0)
             await cache.put(loc.key, data)
         report.outcome[loc.key] = Outcome.FETCHED
         if progress is not None:
             progress.advance(loc.size)
 
+    await decide(todo)
     if progress is not None:
         progress.fetch_started()
     try:
@@ -189,7 +199,7 @@ async def stage_collections(
     cache: StageCache,
     *,
     pin: bool = False,
-    mode: str = "home",
+    mode: Mode = "auto",
     keep: KeepClient | None = None,
     stats: Stats | None = None,
     concurrency: int = DEFAULT_STAGE_CONCURRENCY,
@@ -197,8 +207,8 @@ async def stage_collections(
 ) -> StageReport:
     """Pull `ids` (UUIDs or PDHs of any cluster) into `cache`: `fedmount stage`, `fedmount-run --stage`.
 
-    Connects to the federation with `settings` in `mode` ("home" or "direct": read the way
-    the mount will), fetches through `keep` (a new KeepClient if None) and returns a
+    Connects to the federation with `settings` in `mode` ("auto", the mount's default, "home"
+    or "direct": read the way the mount will), fetches through `keep` (a new KeepClient if None) and returns a
     `StageReport` (``.complete``, ``.summaries()``, ``.render()``, ``.to_json()``). Bad IDs, unknown
     collections and unreadable blocks are in the report, not raised; `LookupFailure` is
     raised only when the home cluster itself cannot be used."""

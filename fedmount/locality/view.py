@@ -6,7 +6,8 @@ two questions:
 
 - `resolve(cid)`: the collection as fedmount would read it (the API's `CollectionRecord`:
   manifest and `KeepRoute`), through the same `Federation` a mount uses, in the same mode
-  (home-proxied or direct).
+  (home-proxied, direct, or auto: home-proxied records whose route carries the mount's
+  per-cluster choice, `ways`).
 - `copy_at(cluster, pdh)`: the collection as *that* cluster's controller has it, asked
   directly (the home token for the home cluster, the token salted for it elsewhere), with
   block signatures that cluster issued for that token, plus the route to its own keep
@@ -45,7 +46,7 @@ class ClusterCopy:
 
 class LocalityView(Protocol):
     home_cluster: str
-    mode: str  # "home" or "direct": how `resolve` routes reads
+    mode: str  # "auto", "home" or "direct": how `resolve` routes reads
 
     async def clusters(self) -> list[str]:
         """Every cluster of the federation, home first."""

@@ -13,7 +13,9 @@ Nothing is started or mounted. Every check runs, so that a NO comes with every r
 - ``input``: every collection the record reads (mounts, stdin, the image) resolves with
   this token, and every block is readable: in this host's cache (``--cache-dir``, if
   given; a run without one starts from an empty private cache) or held by the cluster
-  that would serve it (`locate`'s HEADs). Per input: bytes per cluster, bytes cached, and
+  that would serve it (`locate`'s HEADs, along the route of the run's fedmount,
+  `staging.MOUNT_ROUTE`: auto, so a remote cluster's blocks count as read from its own Keep
+  or through the home as the mount will read them). Per input: bytes per cluster, bytes cached, and
   the estimated transfer time at the throughput fedmount observed (`locate`'s estimates).
 
 JSON (``--json``), shaped like an execution broker's answer to an offer (the IVOA
@@ -56,7 +58,7 @@ from fedmount.runner.runtimes import RunError, Runtime
 from fedmount.runner.runtimes.choice import choose_runtime
 from fedmount.runner.runtimes.docker import DockerRuntime
 from fedmount.runner.spec import ContainerSpec
-from fedmount.runner.staging import staged_fields
+from fedmount.runner.staging import MOUNT_ROUTE, staged_fields
 
 SCHEMA = "fedmount-check/1"
 
@@ -171,7 +173,7 @@ def _locate(
     book = ThroughputBook.in_cache_dir(cache_dir)
 
     async def run() -> dict[str, CollectionReport]:
-        async with FederationView.open(settings, retries=1) as view:
+        async with FederationView.open(settings, mode=MOUNT_ROUTE, retries=1) as view:
             keep = keep_client_for(settings, retries=1)
             located = await locate_collections(list(fields), view, keep, probe, book)
         if located.error is not None:

@@ -172,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage",
         action="store_true",
         help="before the container starts, pull every block of every collection the run reads "
-        "(collection mounts and the image) into that disk cache, md5-verified, with progress lines "
-        "in fedmount.log, so that the container's reads need no Keep request; a collection that "
+        "(collection mounts and the image) into that disk cache, md5-verified, read along the route "
+        "the run's fedmount takes (its default, auto: a remote cluster's blocks from its own Keep "
+        "while it answers, else through the home keepstore), with progress lines in fedmount.log, "
+        "so that the container's reads need no Keep request; a collection that "
         "cannot be staged completely refuses the run (exit status 2)",
     )
     p.add_argument(

@@ -9,10 +9,13 @@ mounted) and therefore before the container starts:
    ``staged=True`` always uses a disk cache there), bounded as that fedmount bounds it:
    ``keep_cache_disk``, else the default for the directory (`CacheConfig.for_directory`). A stage and the
    mount that follows therefore agree on what may be evicted.
-3. `fedmount.locality.stage.stage_collections` in home mode (the mount's route, read the
-   way the mount reads), its progress lines (one plain line every few seconds: bytes,
-   rate, ETA) and its final report appended to the run's ``fedmount.log``. Every block is
-   md5-verified before it is cached; blocks already cached are not fetched again.
+3. `fedmount.locality.stage.stage_collections` along the route of the run's fedmount
+   (`MOUNT_ROUTE`: `mounts.fedmount_args` gives no ``--route``, so the mount's default,
+   auto: a remote cluster's blocks straight from its Keep while it answers, else through
+   the home keepstore), so the blocks are read the way the mount reads them; its progress
+   lines (one plain line every few seconds: bytes, rate, ETA) and its final report appended
+   to the run's ``fedmount.log``. Every block is md5-verified before it is cached; blocks
+   already cached are not fetched again.
 4. SIGINT/SIGTERM: trio receives them while staging, cancels the stage, and the caller's
    `interrupted` callback turns the signal into the runner's usual interruption.
 5. Outcome: a collection that could not be staged completely (bad or unknown ID, an
@@ -32,6 +35,7 @@ from typing import Any, NoReturn, TextIO
 
 import trio
 
+from fedmount.api.federation import Mode
 from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.blocks.cache import CacheConfig, TieredCache
 from fedmount.locality.stage import stage_collections
@@ -41,6 +45,7 @@ from fedmount.runner.runtimes import RunError
 from fedmount.runner.spec import ContainerSpec, SpecError
 
 STAGE_RAM_CACHE = 64 << 20  # the stage's own memory tier; the blocks it keeps are on disk
+MOUNT_ROUTE: Mode = "auto"  # the run's fedmount's route: `fedmount_args` gives none, the default is auto
 
 
 def staged_fields(spec: ContainerSpec) -> dict[str, str]:
@@ -112,7 +117,7 @@ async def _stage(
                     nursery.cancel_scope.cancel()
 
         await nursery.start(watch)
-        report = await stage_collections(ids, settings, cache, progress_stream=log)
+        report = await stage_collections(ids, settings, cache, mode=MOUNT_ROUTE, progress_stream=log)
         nursery.cancel_scope.cancel()
     return report
 
