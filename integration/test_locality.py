@@ -291,12 +291,18 @@ def test_interrupted_stage_resumes_without_refetching(fed, tmp_path):
         fed.set_fault("zzzzz", svc, bandwidth=2 * MiB)  # half a second per block
     first = cli(fed, cache, "stage", "--concurrency", "1", entry["uuid"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    started = fed.mark()
     deadline = time.monotonic() + 60
     while len(cached_keys(cache)) < 2 and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
+    # Stall the keepstores before interrupting, so that a slow poll of this loop (a loaded CI
+    # machine) cannot let the stage finish first: the interrupt always finds it mid-fetch.
+    for svc in ("keep0", "keep1"):
+        fed.set_fault("zzzzz", svc, stall=True)
+    whole = len([r for r in keep_requests(fed, started, method="GET") if r["bytes"] == MiB])
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=60)
-    assert first.returncode == 130, err
+    assert first.returncode == 130, f"{whole} whole GETs before the interrupt; {err}"
     assert "run the same command again" in err and "Traceback" not in err
     have = cached_keys(cache)
     assert 2 <= len(have) < len(keys)

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "fedmount"
 # Helpers that import nothing of fedmount, so that every layer may use them.
 STANDALONE = {"fedmount.stats", "fedmount.memory", "fedmount.cliutil", "fedmount.mountinfo",
-              "fedmount.defaults"}
+              "fedmount.defaults", "fedmount.records"}
 
 # What each part may import from fedmount besides itself and the standalone helpers.
 ALLOWED = {

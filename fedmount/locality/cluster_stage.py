@@ -60,6 +60,7 @@ from fedmount.arvados.routes import KeepRoute
 from fedmount.arvados.settings import Settings
 from fedmount.arvados.tokens import redact
 from fedmount.blocks.keep import probe_order
+from fedmount.records import private_record
 
 from .progress import Progress
 from .stage import resolve_blocks
@@ -76,7 +77,7 @@ class CopyRecord:
 
     def __init__(self, directory: str | None):
         self._store: diskcache.Cache | dict[str, str] = (
-            diskcache.Cache(os.path.join(directory, RECORD_DIR), size_limit=RECORD_BYTES) if directory else {}
+            private_record(os.path.join(directory, RECORD_DIR), size_limit=RECORD_BYTES) if directory else {}
         )
 
     def get(self, cluster: str, key: str) -> Locator | None:
