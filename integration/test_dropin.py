@@ -3,7 +3,7 @@
 Real fedmount processes on real FUSE mounts of the emulated federation:
 
 - a v1 token (the bare secret the SDK and arv-mount take) mounts, reads home and remote
-  collections on both routes, and never reaches a remote cluster nor a log (the emulator
+  collections on every route (home, direct, auto), and never reaches a remote cluster nor a log (the emulator
   takes v1 tokens as a real cluster does: the controller yes, keepstore not with ``+R``);
 - a non-empty mount point is refused (its files stay visible) unless ``--nonempty``;
 - a detached daemon keeps logging, to a 0600 file the "mounted" line names;
@@ -58,7 +58,7 @@ def test_emulator_takes_v1_tokens_as_a_real_cluster_does(fed):
         assert fed.request(None, "/" + locator, service="keep0", token=token).status == status, token[:2]
 
 
-@pytest.mark.parametrize("route", ["home", "direct"])
+@pytest.mark.parametrize("route", ["home", "direct", "auto"])
 def test_v1_token_reads_home_and_remote_collections_and_stays_home(fed, mount, route):
     m = mount("--debug", "--route", route, env=v1_env(fed))
     mark = fed.mark()
