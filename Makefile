@@ -17,8 +17,9 @@ COMMANDS := fedmount fedmount-run
 # fuse3 gives fusermount3; libfuse3-dev and pkg-config build pyfuse3; attr gives getfattr.
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config attr gcc python3-dev python3-venv curl ca-certificates
 # Containers for fedmount-run and its tests: Docker, bubblewrap, a static busybox for test images;
-# libfuse-dev (libfuse 2) and pkg-config build arvados-llfuse for the real arv-mount of the conformance tests.
-TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static libfuse-dev pkg-config
+# libfuse-dev (libfuse 2) and pkg-config build arvados-llfuse for the real arv-mount of the conformance tests;
+# man-db gives `man`, which integration/test_install.py needs to find the installed man pages.
+TEST_SYSTEM_PACKAGES := docker.io bubblewrap busybox-static libfuse-dev pkg-config man-db
 # The real arv-mount (arvados-fuse, PyPI) in a virtualenv of its own, for conformance tests and benchmarks.
 ARV_MOUNT_VENV ?= .venv-arv-mount
 ARV_MOUNT_VERSION := 3.2.1

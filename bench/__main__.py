@@ -444,7 +444,8 @@ class Run:
         listing = c["listing"]
         self.against_nullfs(
             f"ls -l, {len(listing.files):,}-file directory",
-            "second ls -l of one directory in a fresh mount (a stat and two xattrs asked per entry)",
+            "second ls -l of one directory in a fresh mount (a stat per entry; ls stops asking xattrs "
+            "after the first two, which outside user.* are not supported)",
             Target("ratio_at_most", 2.0, "<= 2 x FUSE"),
             ("fuse_ls", "nullfs, the same ls -l"),
             lambda subject, n: workloads.long_listing(subject, listing, n),

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--subtype", metavar="NAME", default="fedmount",
                    help="Filesystem subtype shown in /proc/mounts as fuse.NAME (default fedmount).")
     g.add_argument("--read-only", action="store_true",
-                   help="Accepted for arv-mount compatibility; fedmount is always read-only.")
+                   help="Accepted for arv-mount compatibility; collections are always read-only "
+                   "(only --mount-tmp directories take writes).")
 
     g = p.add_argument_group("federation")
     g.add_argument("--route", choices=("auto", "home", "direct"), default="auto",
@@ -182,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("cache and read-ahead")
     cache_kind = g.add_mutually_exclusive_group()
     cache_kind.add_argument("--disk-cache", dest="cache_kind", action="store_const", const="disk",
-                            default="disk", help="Keep blocks in a host-wide disk cache, over a RAM cache "
-                            "(default).")
+                            default="disk", help="Keep blocks in a disk cache, over a RAM cache "
+                            "(default): one per user, shared by that user's mounts on the host.")
     cache_kind.add_argument("--ram-cache", dest="cache_kind", action="store_const", const="ram",
                             help="Keep blocks in RAM only. A block being read stays in the cache "
                             "until its readers are past it; readers beyond the cache's size wait "

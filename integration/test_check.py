@@ -1,5 +1,6 @@
 """``fedmount-run --check RECORD`` on this host against the emulated federation: YES, and NO
-for each reason, with the fedmount-check/1 document checked field by field.
+for each reason (a runtime, the image, memory, CPUs, scratch space, a GPU, a missing block,
+an input the token may not read), with the fedmount-check/1 document checked field by field.
 
 Docker is needed for the YES (the busybox test image, `integration/images.py`); the test
 says so when it skips.
@@ -105,6 +106,36 @@ def test_check_says_no_for_each_reason_it_finds(fed, tmp_path, docker):
     _, doc = check(fed, tmp_path, record(gone["portable_data_hash"]))
     assert set(failed(doc)) == {"input"} and "1 of 4 blocks cannot be read" in failed(doc)["input"]
     assert doc["inputs"][0]["readable"] is False
+
+
+def test_check_says_no_when_the_scratch_space_asked_exceeds_the_hosts(fed, tmp_path, docker):
+    entry = place(fed, f"chs-{uuid.uuid4().hex[:8]}", ("zbbbb",))
+    rec = record(entry["portable_data_hash"])
+    rec["mounts"]["/out"] = {"kind": "tmp", "capacity": 1 << 50}  # 1 PiB of tmp
+    status, doc = check(fed, tmp_path, rec, "--tmpdir", str(tmp_path))
+    assert status == 1 and doc["result"] == "NO"
+    assert set(failed(doc)) == {"scratch"}, failed(doc)
+    assert failed(doc)["scratch"].startswith("needs 1048576.0 GiB of scratch space, has "), failed(doc)
+    rec["mounts"]["/out"]["capacity"] = 1 << 20  # what this host has: yes again
+    assert check(fed, tmp_path, rec, "--tmpdir", str(tmp_path))[1]["result"] == "YES"
+
+
+def test_check_says_no_naming_an_input_another_user_keeps_private(fed, tmp_path, docker):
+    secret = fed.hidden[f"{fed.home}:other/private/secret"]  # the second user's, shared with nobody
+    assert secret["why"] == "private"
+    mine = place(fed, f"chp-{uuid.uuid4().hex[:8]}", ("zbbbb",))
+    rec = record(mine["portable_data_hash"])
+    rec["mounts"]["/secret"] = {"kind": "collection", "uuid": secret["uuid"]}
+    status, doc = check(fed, tmp_path, rec)
+    assert status == 1 and doc["result"] == "NO"
+    [refused] = [r for r in doc["reasons"] if not r["ok"]]
+    assert refused["check"] == "input" and refused["field"] == 'mounts["/secret"].uuid', refused
+    assert secret["uuid"] in refused["detail"] and "not readable with this token" in refused["detail"]
+    by_field = {i["field"]: i for i in doc["inputs"]}
+    assert by_field['mounts["/in"].portable_data_hash']["readable"]  # the other input still answered
+    assert by_field['mounts["/secret"].uuid']["readable"] is False
+    owner = check(fed, tmp_path, rec, env={**fed.env(), "ARVADOS_API_TOKEN": fed.other_token()})[1]
+    assert owner["result"] == "YES", failed(owner)  # its owner may read it
 
 
 def test_check_without_any_runtime_says_no_and_why(fed, tmp_path):

@@ -3,13 +3,14 @@
 Real fedmount processes on real FUSE mounts of the emulated federation:
 
 - a v1 token (the bare secret the SDK and arv-mount take) mounts, reads home and remote
-  collections on both routes, and never reaches a remote cluster nor a log (the emulator
+  collections on every route (home, direct, auto), and never reaches a remote cluster nor a log (the emulator
   takes v1 tokens as a real cluster does: the controller yes, keepstore not with ``+R``);
 - a non-empty mount point is refused (its files stay visible) unless ``--nonempty``;
 - a detached daemon keeps logging, to a 0600 file the "mounted" line names;
 - the smaller ones: an unknown cluster is named as such, a plain-HTTP API host gives a
   real reason, ``--unmount`` of what is not mounted fails, ``--collection`` of an unknown
-  id says so once, ``df -i`` is not full, the demo tour tells what ``ls by_id`` shows,
+  id says so once, ``df -i`` is not full, a block no keepstore has is
+  logged as crunch-run's "Block not found error", the demo tour tells what ``ls by_id`` shows,
   ``fedmount-run`` without ``--output-dir`` writes its results next to the record;
 - ``make`` waits for the dpkg lock held by another apt run instead of failing.
 """
@@ -25,10 +26,12 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from fedmount.arvados.manifest import parse_manifest
 from fedmount.arvados.tokens import parse_token, salt_for
 from integration.demo import tour
 from integration.mounting import REPO, fedmount_cmd, is_mounted, md5sums, requires_fuse, run, wait_for
@@ -58,7 +61,7 @@ def test_emulator_takes_v1_tokens_as_a_real_cluster_does(fed):
         assert fed.request(None, "/" + locator, service="keep0", token=token).status == status, token[:2]
 
 
-@pytest.mark.parametrize("route", ["home", "direct"])
+@pytest.mark.parametrize("route", ["home", "direct", "auto"])
 def test_v1_token_reads_home_and_remote_collections_and_stays_home(fed, mount, route):
     m = mount("--debug", "--route", route, env=v1_env(fed))
     mark = fed.mark()
@@ -163,6 +166,33 @@ def test_collection_that_does_not_exist_is_reported_once(fed, tmp_path, detached
     assert done.returncode == 1 and not is_mounted(mnt)
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"fedmount: cannot mount --collection {missing}: ") and "not found" in line
+
+
+def test_block_missing_on_every_keepstore_logs_crunch_runs_block_not_found_error(fed, mount):
+    """crunch-run scans the mount's stderr for "Block not found error" (arv-mount's phrase for
+    a block no keepstore has) and turns it into a warning: a block that every keepstore
+    answers 404 for is EIO and that phrase, one line per failed read; a block that is only unreadable
+    (every keepstore failing) is not called "not found"."""
+    names = [f"dropin-{kind}-{uuid.uuid4().hex[:8]}" for kind in ("lost", "broken")]
+    lost, broken = (fed.add_collection(fed.home, name, {"x.bin": (4096, name)}) for name in names)
+    record = fed.request(None, f"/arvados/v1/collections/{lost['uuid']}", token=fed.token()).json()
+    (key,) = [b.key for b in parse_manifest(record["manifest_text"]).blocks()]
+    assert all([fed.delete_block(fed.home, svc, key) for svc in ("keep0", "keep1")])  # both had it
+    m = mount()
+    done = run("cat", str(m / f"by_id/{lost['uuid']}/x.bin"), check=False, timeout=60)
+    assert done.returncode == 1 and "Input/output error" in done.stderr and done.stdout == ""
+    lines = [ln for ln in m.log.read_text().splitlines() if key in ln]  # one per failed read (kernel retries)
+    assert lines and all(f"Block not found error: collection {lost['uuid']}" in ln and "x.bin" in ln
+                         for ln in lines), lines  # fmt: skip
+    for svc in ("keep0", "keep1"):
+        fed.set_fault(fed.home, svc, status=500)
+    try:
+        done = run("cat", str(m / f"by_id/{broken['uuid']}/x.bin"), check=False, timeout=60)
+    finally:
+        fed.clear_faults(fed.home)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = [ln for ln in m.log.read_text().splitlines() if broken["uuid"] in ln and "Block" in ln]
+    assert lines and all("Block read error" in ln for ln in lines), lines
 
 
 def test_df_inodes_shows_a_mount_with_free_inodes(fed, mount):

@@ -133,7 +133,8 @@ def test_remote_that_lies_about_its_cluster_id_is_refused_and_cannot_inject_metr
     assert done.returncode != 0 and done.stdout == ""
     assert_well_formed(scrape(port))
     log = m.log.read_text()
-    assert [ln for ln in log.splitlines() if "invalid cluster id" in ln and "zbbbb" in ln]
+    (line,) = [ln for ln in log.splitlines() if "invalid cluster id" in ln]  # one line, naming the cluster
+    assert "(cluster zbbbb)" in line
     assert "Traceback" not in log and "\nfedmount_injected" not in log
 
 
@@ -148,7 +149,8 @@ def test_keep_service_uuid_lie_is_refused_and_cannot_inject_metrics(fed, mount):
     assert done.returncode != 0 and done.stdout == ""
     assert_well_formed(scrape(port))
     log = m.log.read_text()
-    assert [ln for ln in log.splitlines() if "accessible lists a service with an invalid UUID" in ln]
+    (line,) = [ln for ln in log.splitlines() if "invalid UUID" in ln]  # one line, naming the collection
+    assert "keep_services/accessible lists a service with an invalid UUID" in line and coll["uuid"] in line
     assert "Traceback" not in log and "\nfedmount_injected" not in log
 
 

@@ -27,6 +27,7 @@ class FakeClient:
     cluster: str
     groups: list[dict[str, Any]] = field(default_factory=list)
     collections: list[dict[str, Any]] = field(default_factory=list)
+    links: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] | None = None
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -38,6 +39,8 @@ class FakeClient:
                 raise ClusterUnreachable(self.cluster, "no config")
             return self.config
         filters = params.get("filters", [])
+        if path == "links":
+            return self._links(params)
         if path == "collections":
             wanted = next(f[2] for f in filters if f[:2] == ["uuid", "in"])
             return {"items": [c for c in self.collections if c["uuid"] in wanted][: params["limit"]]}
@@ -46,6 +49,25 @@ class FakeClient:
         rows = sorted((r for r in rows if r["uuid"] > after), key=lambda r: r["uuid"])
         limit = min(params.get("limit", 100), 1000)
         return {"items": rows[:limit], "limit": limit, "included": []}
+
+    def _links(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``links`` as the API answers the two listings of tags: distinct names paged by
+        offset, or links paged by uuid; the filters the listings use, and a limit of 1000."""
+        rows = list(self.links)
+        for name, op, value in params["filters"]:
+            if op == "is_a":
+                rows = [r for r in rows if "-4zz18-" in r[name]]  # arvados#collection
+            elif op == ">":
+                rows = [r for r in rows if r[name] > value]
+            else:
+                rows = [r for r in rows if (r[name] == value) == (op == "=")]
+        limit = min(params["limit"], 1000)
+        if params.get("distinct"):
+            names = sorted({r["name"] for r in rows})[params.get("offset", 0) :][:limit]
+            return {"items": [{"name": n} for n in names], "limit": limit}
+        rows.sort(key=lambda r: r["uuid"])
+        items = [{"uuid": r["uuid"], "head_uuid": r["head_uuid"]} for r in rows[:limit]]
+        return {"items": items, "limit": limit}
 
 
 @dataclass
@@ -160,3 +182,28 @@ async def test_collection_summaries_are_one_uuid_in_request_per_page_of_the_aske
     assert all("order" not in p and "offset" not in p for p in requests)
     assert all(p["limit"] == len(p["filters"][0][2]) for p in requests)
     assert all(p["select"] == ["uuid", "portable_data_hash", "modified_at"] for p in requests)
+
+
+def tag_link(i: int, name: str, head: str) -> dict[str, Any]:
+    return {"uuid": uuid("zbbbb", "o0j2j", i), "link_class": "tag", "name": name, "head_uuid": head}
+
+
+async def test_by_tag_lists_every_tag_and_every_tagged_collection_over_many_small_pages(federation):
+    remote = federation.clients["zbbbb"]
+    remote.config = {"API": {"MaxItemsPerResponse": 3}}
+    names = [f"tag{t:02d}" for t in range(8)]  # 8 names over 3 pages (offsets 0, 3, 6)
+    remote.links = [tag_link(i, names[i % 8], uuid("zbbbb", "4zz18", 900 + i)) for i in range(16)]
+    demo = [uuid("zbbbb", "4zz18", i) for i in range(7)]
+    remote.links += [tag_link(100 + i, "demo", head) for i, head in enumerate(demo)]
+    remote.links.append(tag_link(200, "demo", demo[0]))  # a second tag link on the same collection
+    remote.links.append(tag_link(201, "demo", uuid("zbbbb", "j7d0g", 1)))  # a project: not under by_tag
+    source = ProjectSource(federation)
+    assert await source.tags("zbbbb") == sorted([*names, "demo"])  # 9 names: a last, empty page
+    pages = [p for path, p in remote.calls if path == "links" and p.get("distinct")]
+    assert [p["offset"] for p in pages] == [0, 3, 6, 9] and {p["limit"] for p in pages} == {3}
+    remote.calls.clear()
+    assert await source.tagged("zbbbb", "demo") == demo  # each once, collections only
+    pages = [p for path, p in remote.calls if path == "links"]
+    assert len(pages) == 3  # 8 links on collections: 3 + 3 + 2
+    assert pages[1]["filters"][-1] == ["uuid", ">", uuid("zbbbb", "o0j2j", 102)]
+    assert federation.clients["zzzzz"].calls == []  # asked of that cluster only

@@ -1,1 +1,1 @@
-"""Bytes: fetching verified Keep blocks, the host-wide block cache, and prefetch."""
+"""Bytes: fetching verified Keep blocks, the block cache (one per user on a host), and read-ahead."""

@@ -12,9 +12,10 @@ reuse, when an input cannot be resolved with the caller's token (a run whose inp
 caller cannot all read is never reused) or the image is a root directory (the local
 runtime), which has no content identity.
 
-`RunRecord` is a `diskcache.Cache` (``--reuse-dir``, default
+`RunRecord` is a `diskcache.Cache` private to the user (records.py; ``--reuse-dir``, default
 ``$XDG_CACHE_HOME/fedmount/runs``): key -> the results directory of a run that ended
-``Complete`` with exit code 0 (failed and cancelled runs are never recorded), bounded in
+``Complete`` with exit code 0 and no error (`succeeded`: failed, cancelled and interrupted
+runs are never recorded, nor used if one was), bounded in
 size and evicting the least recently used entry first, as the block cache evicts. An
 entry is used only while its results directory still holds that run's result.json, with
 the same key and a success, and its ``output/``; `hand_back` then copies ``output/``,
@@ -31,12 +32,12 @@ import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
-import diskcache
 import trio
 
 from fedmount.arvados.ids import CollectionId
 from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.locality.federation_view import FederationView
+from fedmount.records import private_record
 from fedmount.locality.view import LookupFailure
 from fedmount.runner.runtimes import Runtime
 from fedmount.runner.runtimes.docker import DockerRuntime
@@ -50,15 +51,16 @@ def default_reuse_dir(env: Mapping[str, str] = os.environ) -> str:
     return os.path.join(base, "fedmount", "runs")
 
 
-def resolve_pdhs(ids: list[CollectionId], env: Mapping[str, str]) -> dict[str, str] | str:
-    """Collection ID text -> its PDH now, with the caller's token; or why not (one line)."""
+def resolve_pdhs(ids: list[CollectionId], env: Mapping[str, str], **connect: Any) -> dict[str, str] | str:
+    """Collection ID text -> its PDH now, with the caller's token; or why not (one line).
+    `connect`: `Federation.connect` options (tests pass a fake transport)."""
     try:
         settings = Settings.from_environment(env)
     except SettingsError as exc:
         return str(exc)
 
     async def run() -> dict[str, str]:
-        async with FederationView.open(settings, retries=1) as view:
+        async with FederationView.open(settings, retries=1, **connect) as view:
             return {cid.text: (await view.resolve(cid)).portable_data_hash for cid in ids}
 
     try:
@@ -78,12 +80,14 @@ def _mount(m: object, pdhs: Mapping[str, str]) -> dict[str, Any]:
     return {"kind": "file", "path": m.path}
 
 
-def run_key(spec: ContainerSpec, runtime: Runtime, env: Mapping[str, str]) -> tuple[str | None, str]:
-    """(the run's key, "") or (None, why it has none)."""
+def run_key(
+    spec: ContainerSpec, runtime: Runtime, env: Mapping[str, str], **connect: Any
+) -> tuple[str | None, str]:
+    """(the run's key, "") or (None, why it has none); `connect` as for `resolve_pdhs`."""
     ids = [m.collection for m in spec.collection_mounts()]
     if spec.image_collection is not None:
         ids.append(spec.image_collection)
-    pdhs = resolve_pdhs(ids, env) if ids else {}
+    pdhs = resolve_pdhs(ids, env, **connect) if ids else {}
     if isinstance(pdhs, str):
         return None, f"an input could not be resolved: {pdhs}"
     if spec.image_collection is not None:
@@ -104,10 +108,8 @@ def run_key(spec: ContainerSpec, runtime: Runtime, env: Mapping[str, str]) -> tu
 
 
 class RunRecord:
-    def __init__(self, directory: str):
-        self._cache = diskcache.Cache(
-            directory, size_limit=RECORD_BYTES, eviction_policy="least-recently-used"
-        )
+    def __init__(self, directory: str, size_limit: int = RECORD_BYTES):
+        self._cache = private_record(directory, size_limit=size_limit, eviction_policy="least-recently-used")
 
     def close(self) -> None:
         self._cache.close()
@@ -131,12 +133,17 @@ class RunRecord:
         return results, earlier
 
 
+def succeeded(result: Mapping[str, Any]) -> bool:
+    """A run that ended Complete with exit code 0 and no error: not failed, cancelled or
+    interrupted (a signal after the container exited still leaves an error)."""
+    return result.get("state") == "Complete" and result.get("exit_code") == 0 and not result.get("error")
+
+
 def _reusable(earlier: dict, key: str, results: str) -> bool:
     """A successful run of this key whose outputs are still there."""
-    succeeded = earlier.get("state") == "Complete" and earlier.get("exit_code") == 0
     same = (earlier.get("reuse") or {}).get("key") == key
     outputs = not earlier.get("output_dir") or os.path.isdir(os.path.join(results, "output"))
-    return succeeded and same and outputs
+    return succeeded(earlier) and same and outputs
 
 
 def try_reuse(
@@ -164,7 +171,7 @@ def try_reuse(
 def remember(reuse_dir: str | None, results_dir: str, result: dict[str, Any]) -> str | None:
     """Record a successful run (not itself a reuse) under its key; None, or why it could not be."""
     reuse = result["reuse"]
-    if reuse["key"] is None or reuse["reused_from"] is not None or result["exit_code"] != 0:
+    if reuse["key"] is None or reuse["reused_from"] is not None or not succeeded(result):
         return None
     try:
         record = RunRecord(reuse_dir or default_reuse_dir())

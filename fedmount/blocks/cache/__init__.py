@@ -1,4 +1,7 @@
-"""The host-wide block cache: a memory tier of verified 1 MiB chunks over a disk tier of block files.
+"""The block cache: a memory tier of verified 1 MiB chunks over a disk tier of block files.
+
+The memory tier is the daemon's; the disk tier is one directory per user, shared by that
+user's mounts and commands on the host.
 
 Content addressing. Entries are keyed by `Locator.key` (``hash+size``): the same block
 reached through any collection, cluster, signature or ``+R`` hint is one entry, and every
