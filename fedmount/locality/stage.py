@@ -131,7 +131,8 @@ async def stage_with(
             [StagedCollection(i) for i in ids],
             pin,
             error="the block cache has no disk tier (disk limit 0 or unwritable directory); "
-            "staging needs one: give a writable --disk-cache-dir (fedmount-run: --cache-dir) and a disk size above 0",
+            "staging needs one: give a writable --disk-cache-dir (fedmount-run: --cache-dir) "
+            "and a disk size above 0",
         )
     book = book if book is not None else ThroughputBook.in_cache_dir(cache.directory)
     staged, plan = await resolve_blocks(ids, view, concurrency)

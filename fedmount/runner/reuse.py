@@ -37,8 +37,8 @@ import trio
 from fedmount.arvados.ids import CollectionId
 from fedmount.arvados.settings import Settings, SettingsError
 from fedmount.locality.federation_view import FederationView
-from fedmount.records import private_record
 from fedmount.locality.view import LookupFailure
+from fedmount.records import private_record
 from fedmount.runner.runtimes import Runtime
 from fedmount.runner.runtimes.docker import DockerRuntime
 from fedmount.runner.spec import CollectionMount, ContainerSpec, ContentMount, FileMount, TmpMount
