@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fedmount stage uses the same default).")
     g.add_argument("--ram-cache-size", metavar="BYTES", type=parse_size, default=0,
                    help="Size of the RAM cache (default 256M, or --file-cache with --ram-cache).")
-    g.add_argument("--prefetch-blocks", metavar="N", type=int, default=defaults.PREFETCH_BLOCKS,
+    g.add_argument("--read-ahead-blocks", metavar="N", type=int, default=defaults.READ_AHEAD_BLOCKS,
                    help="How many blocks to read ahead of a sequential reader "
-                   f"(default {defaults.PREFETCH_BLOCKS}).")
+                   f"(default {defaults.READ_AHEAD_BLOCKS}).")
     g.add_argument("--keep-stall-timeout", metavar="SECONDS", type=seconds, default=15.0,
                    help="Abandon a keep service that sends no byte for this long and read the "
                    "block from the next replica (default 15).")

@@ -2,7 +2,7 @@
 
 ``fedmount --help`` prints these numbers; importing the layers that use them would load
 trio, sqlite3, xxhash, httpx and urllib3 for a help text. The layers keep their own names
-for them (``DEFAULT_PREFETCH_BLOCKS`` in `fedmount.blocks.readahead`, ...); a unit test
+for them (``DEFAULT_READ_AHEAD_BLOCKS`` in `fedmount.blocks.readahead`, ...); a unit test
 (tests/test_cli.py) checks that each one is the value given here.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 MiB = 1 << 20
 
-PREFETCH_BLOCKS = 8  # blocks a sequential reader's read-ahead window grows to
+READ_AHEAD_BLOCKS = 8  # blocks a sequential reader's read-ahead window grows to
 KEEP_MIN_RATE = 32 * 1024  # bytes/s a Keep transfer must average over KEEP_RATE_WINDOW (the SDK's)
 KEEP_RATE_WINDOW = 256.0  # seconds over which KEEP_MIN_RATE is judged (the SDK's)
 MAX_MANIFEST_SIZE = 256 * MiB  # the biggest API answer (a collection record) read

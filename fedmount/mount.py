@@ -132,7 +132,7 @@ class Daemon:
             timeouts = Timeouts(stall=opts.keep_stall_timeout, min_rate=opts.keep_min_rate,
                                 rate_window=opts.keep_rate_window)
             keep = KeepClient(transport, stats=stats, timeouts=timeouts, hedge_after=opts.keep_hedge_after)
-            reader = BlockReader(keep, cache, stats=stats, prefetch_blocks=opts.prefetch_blocks)
+            reader = BlockReader(keep, cache, stats=stats, read_ahead_blocks=opts.read_ahead_blocks)
             self._reader = reader
             projects = ProjectSource(federation, opts.layout.filters)  # and the batched re-checks
             tree = Tree(

@@ -36,7 +36,7 @@ class MountOptions:
     file_cache: int = 0
     disk_cache_size: int = 0
     ram_cache_size: int = 0
-    prefetch_blocks: int = defaults.PREFETCH_BLOCKS
+    read_ahead_blocks: int = defaults.READ_AHEAD_BLOCKS
     keep_stall_timeout: float = 15.0
     keep_hedge_after: float | None = None  # None: auto; 0: never
     keep_min_rate: float = defaults.KEEP_MIN_RATE
@@ -65,7 +65,7 @@ class MountOptions:
             disk_cache_dir=args.disk_cache_dir and os.path.abspath(args.disk_cache_dir),
             file_cache=args.file_cache,
             disk_cache_size=args.disk_cache_size, ram_cache_size=args.ram_cache_size,
-            prefetch_blocks=args.prefetch_blocks, keep_stall_timeout=args.keep_stall_timeout,
+            read_ahead_blocks=args.read_ahead_blocks, keep_stall_timeout=args.keep_stall_timeout,
             keep_hedge_after=args.keep_hedge_after,
             keep_min_rate=args.keep_min_rate, keep_rate_window=args.keep_rate_window,
             max_manifest_size=args.max_manifest_size, read_ahead_kb=args.read_ahead_kb,

@@ -2,7 +2,7 @@
 
 One `Stats` object lives per daemon. Layers add to named counters with optional labels
 (``stats.add("keep_bytes", n, cluster="zbbbb")``) or set gauges
-(``stats.set("prefetch_depth", 4)``). The FUSE layer publishes `snapshot()` as a JSON file
+(``stats.set("read_ahead_depth", 4)``). The FUSE layer publishes `snapshot()` as a JSON file
 inside the mount; `fedmount.stats_export` serves `prometheus_text()` over HTTP and prints
 ``--crunchstat-interval``'s lines (`CrunchStat.lines`). Everything runs on the trio thread
 or under a lock, so worker threads may update it too.

@@ -15,7 +15,7 @@ crunchstat
     ``KeepClient.get`` counts calls) and ``put`` blocks written, ``net:keep0`` bytes sent
     and received from Keep, ``fuseops``/``blkio:0:0`` FUSE writes and reads and their bytes.
     fedmount adds one ``net:keep:<cluster>`` group per cluster (bytes received, requests,
-    errors, hedged GETs), ``prefetch`` and the process figures from psutil
+    errors, hedged GETs), ``read_ahead`` and the process figures from psutil
     (``fedmount:cpu`` user/sys seconds, ``fedmount:mem`` rss bytes):
     named so, not ``cpu`` and ``mem``, because crunchstat-summary reads ``arv-mount.txt``
     together with the container's ``crunchstat.txt`` and would take them for the
@@ -99,8 +99,8 @@ def crunchstat_groups(stats: Stats, process: psutil.Process) -> list[Group]:
             ("rx", keep_bytes.get(cluster, 0)), ("requests", keep_requests.get(cluster, 0)),
             ("errors", keep_errors.get(cluster, 0)), ("hedges", keep_hedges.get(cluster, 0)),
         ]))  # fmt: skip
-    groups.append(("prefetch", [("depth", stats.get("prefetch_depth")),
-                                ("started", stats.get("prefetch_started"))]))
+    groups.append(("read_ahead", [("depth", stats.get("read_ahead_depth")),
+                                ("started", stats.get("read_ahead_started"))]))
     cpu = [("user", figures["cpu_user_seconds"]), ("sys", figures["cpu_system_seconds"])]
     groups.append(("fedmount:cpu", cpu))
     groups.append(("fedmount:mem", [("rss", figures["rss_bytes"])]))

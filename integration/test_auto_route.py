@@ -54,7 +54,7 @@ def test_auto_route_falls_back_to_the_home_when_the_remote_keepstores_are_unreac
     same, so trying them cost that once. (No read-ahead: one block in flight at a time. A
     ``down`` fault cannot be counted reliably, it resets at accept; unreachable keepstores
     are tests/test_route_choice.py's.)"""
-    m = mount("--route", "auto", "--prefetch-blocks", "0")
+    m = mount("--route", "auto", "--read-ahead-blocks", "0")
     coll = fed.collections["big"]  # zbbbb, five 64 MiB blocks
     for service in keepstores(fed, "zbbbb"):
         fed.set_fault("zbbbb", service, count=1, **fault)
@@ -74,7 +74,7 @@ def test_auto_route_falls_back_to_the_home_when_the_remote_keepstores_are_unreac
 
 
 def test_auto_route_reads_a_block_again_through_the_home_when_a_direct_get_fails(fed, mount):
-    m = mount("--route", "auto", "--prefetch-blocks", "0")  # one block in flight: it meets both faults
+    m = mount("--route", "auto", "--read-ahead-blocks", "0")  # one block in flight: it meets both faults
     shared = fed.collections["shared"]  # zbbbb too
     read_all(m, shared, shared["uuid"])  # the choice is made: direct
     assert "reading cluster zbbbb's blocks from its own keep services" in m.log.read_text()

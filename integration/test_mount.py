@@ -273,7 +273,7 @@ def test_wrong_token_stops_before_mounting_with_one_line(fed, tmp_path):
 
 def test_expired_signatures_are_refreshed_and_an_open_file_keeps_reading(fed, mount):
     fed.set_blob_ttl(6)
-    m = mount("--prefetch-blocks", "1")
+    m = mount("--read-ahead-blocks", "1")
     big = fed.collections["big"]
     path = m / f"by_id/{big['portable_data_hash']}/big.bin"
     digest = hashlib.md5()

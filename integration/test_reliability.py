@@ -235,7 +235,7 @@ def test_signatures_expiring_while_a_file_is_open_or_the_mount_idle_are_refreshe
     fed = federation_factory(clusters=("zzzzz", "zbbbb"), seed="none", blob_ttl=ttl)
     open_coll = fresh(fed, "zbbbb", {"open.bin": 4 * MiB})
     idle_coll = fresh(fed, "zzzzz", {"idle.bin": 2 * MiB})
-    m = mount("--prefetch-blocks", "1", federation=fed)
+    m = mount("--read-ahead-blocks", "1", federation=fed)
     idle_path = m / f"by_id/{idle_coll['portable_data_hash']}/idle.bin"
     idle_path.stat()  # manifest loaded and signed now
     digest = hashlib.md5()

@@ -201,7 +201,7 @@ def test_sigkill_mid_fetch_leaves_no_temporary_file_and_dead_ones_are_removed_at
     m = mount()
     reader = subprocess.Popen(["cat", str(m / f"by_id/{coll['uuid']}/slow.bin")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for(lambda: m.stats().get("prefetch_inflight_bytes", 0) > 0, 20, "the fetch started")
+    wait_for(lambda: m.stats().get("read_ahead_inflight_bytes", 0) > 0, 20, "the fetch started")
     time.sleep(1)
     m.proc.send_signal(signal.SIGKILL)
     m.proc.wait()

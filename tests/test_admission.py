@@ -118,18 +118,18 @@ async def test_a_block_read_for_too_long_is_let_go_when_others_wait() -> None:
         assert clock.now - 100 > MAX_HOLD
 
 
-async def test_a_prefetch_never_jumps_the_queue() -> None:
+async def test_a_read_ahead_never_jumps_the_queue() -> None:
     admission, _, _, _ = make(blocks=2)
     await admission.fetch("a", BLOCK)
     admission.fetched("a", reader_at=0)
-    assert admission.try_fetch("p", BLOCK)  # room for one more: a prefetch may take it
+    assert admission.try_fetch("p", BLOCK)  # room for one more: a read-ahead fetch may take it
     admission.fetched("p", reader_at=None)  # arrived; not held
     await admission.fetch("b", BLOCK)
     admission.fetched("b", reader_at=0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(admission.fetch, "c", BLOCK)
         await trio.testing.wait_all_tasks_blocked()
-        assert not admission.try_fetch("q", MiB)  # someone waits: no prefetch, however small
+        assert not admission.try_fetch("q", MiB)  # someone waits: no read-ahead fetch, however small
         read_through(admission, "a")
     assert admission.committed("c")
 

@@ -75,7 +75,7 @@ def test_help_mentions_every_arv_mount_read_flag(capsys):
                  "--mount-by-id", "--mount-by-pdh", "--collection", "--disk-cache", "--disk-cache-dir",
                  "--file-cache", "--ram-cache", "--crunchstat-interval", "--read-only", "--subtype",
                  "--disable-event-listening", "--storage-classes", "--debug", "--logfile", "--route",
-                 "--prefetch-blocks", "--ram-cache-size", "--disk-cache-size", "--read-ahead-kb",
+                 "--read-ahead-blocks", "--ram-cache-size", "--disk-cache-size", "--read-ahead-kb",
                  "--refresh-time", "--stats-port"):
         assert flag in out, flag
 

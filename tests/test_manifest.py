@@ -57,7 +57,7 @@ def test_single_file_and_lookup():
     assert m.find("output.txt") == f and m.find("output.txt/x") is None
 
 
-def test_file_spanning_blocks_and_prefetch_view():
+def test_file_spanning_blocks_and_read_ahead_view():
     m = parse_manifest(f". {A}+10 {B}+10 {C}+10 5:20:f 25:5:g\n")
     f = m.find("f")
     assert segs(f) == [(f"{A}+10", 5, 5, 0), (f"{B}+10", 0, 10, 5), (f"{C}+10", 0, 5, 15)]

@@ -12,7 +12,7 @@ Room. The budget is the cache's `capacity` (its disk bound with a disk tier, els
 memory bound). Bytes are committed by blocks being fetched (from admission until they
 arrive) and by held blocks. A fetch for a reader is admitted when its block fits in what
 is not committed, or when nothing is committed (a block larger than the cache is still
-read, one at a time); otherwise it queues, first come first served. A prefetch, or a hold
+read, one at a time); otherwise it queues, first come first served. A read-ahead fetch, or a hold
 on a block found in the cache, is taken only when it fits and nobody is queued: neither
 ever jumps the queue. A block already committed (being fetched or held) costs nothing
 more, whoever asks for it.
@@ -122,7 +122,7 @@ class Admission:
     # fetches -----------------------------------------------------------------------
 
     def try_fetch(self, key: str, size: int) -> bool:
-        """Admit a fetch that must not wait (a prefetch): only if it fits and nobody is queued."""
+        """Admit a fetch that must not wait (a read-ahead fetch): only if it fits and nobody is queued."""
         if self.committed(key):
             return True
         if self._queue or not self._fits(size):

@@ -4,36 +4,36 @@
 fetch, or joins the one in flight. A fetch opens a cache transaction
 (``txn = await cache.begin(key, size)``), has Keep receive the block into ``txn.buffer``
 (keep.py verifies its md5 before returning), hands the bytes to every reader waiting on
-it, then commits the transaction; a failed fetch aborts it. `prefetch` starts the same
+it, then commits the transaction; a failed fetch aborts it. `read_ahead` starts the same
 fetch for a block nobody waits for yet: the read-ahead window's (readahead.py).
 
 ## Limits
 
 - One fetch per block on the whole host process: an in-flight table keyed by
-  ``hash+size`` makes every concurrent reader of a block (demand or prefetch, any file,
+  ``hash+size`` makes every concurrent reader of a block (demand or read-ahead, any file,
   any collection) wait for the same GET; the block is cached once and handed to all.
-- Prefetches are bounded by ``per_service`` concurrent GETs (default 4) to the block's
+- Read-ahead fetches are bounded by ``per_service`` concurrent GETs (default 4) to the block's
   first-choice keep service (rendezvous order) and ``per_cluster`` (default 8) per
   cluster, so read-ahead cannot monopolise a keepstore, and by a memory budget
-  ``prefetch_memory`` (default 512 MiB, eight 64 MiB blocks): a prefetch starts only if
+  ``read_ahead_memory`` (default 512 MiB, eight 64 MiB blocks): a read-ahead fetch starts only if
   the bytes of all in-flight fetches stay below it (a block is then owned by the
   cache's bounded memory tier). Over the budget, or when the cache has no room for the
-  block (admission.py), prefetch is skipped, not queued; the next block change asks
+  block (admission.py), the read-ahead fetch is skipped, not queued; the next block change asks
   again. A demand fetch is never limited by these, but waits its turn for room in the
   cache when readers outnumber it (admission.py), and the block it fetched for a
   sequential reader stays in the cache until that reader is past it. The limits are sized
   so that one sequential reader's full window fits: its GETs spread over a cluster's
   keepstores by rendezvous order, and with two keepstores a window of 4 puts 2-4 on one.
-- A prefetch first checks whether the block is already cached and then costs nothing.
-- Prefetch failures are counted and dropped; a demand read that was waiting on a failed
-  prefetch starts its own fetch, so its error (or its bytes) are its own.
+- A read-ahead fetch first checks whether the block is already cached and then costs nothing.
+- Read-ahead failures are counted and dropped; a demand read that was waiting on a failed
+  read-ahead fetch starts its own fetch, so its error (or its bytes) are its own.
 
 ## Stats
 
-``prefetch_inflight_bytes`` (gauge), ``prefetch_started``, ``prefetch_used`` and
-``prefetch_wasted`` (blocks fetched ahead that a reader later touched, or that aged out
-of the tracking table of ``TRACKED`` entries untouched), ``prefetch_errors``,
-``prefetch_over_budget``; the cache counts hits and misses (count and bytes).
+``read_ahead_inflight_bytes`` (gauge), ``read_ahead_started``, ``read_ahead_used`` and
+``read_ahead_wasted`` (blocks fetched ahead that a reader later touched, or that aged out
+of the tracking table of ``TRACKED`` entries untouched), ``read_ahead_errors``,
+``read_ahead_over_budget``; the cache counts hits and misses (count and bytes).
 """
 
 from __future__ import annotations
@@ -52,23 +52,23 @@ from fedmount.stats import Stats
 from .admission import Admission
 from .cache import BlockCache, Transaction
 from .keep import KeepClient, probe_order
-from .readahead import DEFAULT_PREFETCH_BLOCKS, INITIAL_WINDOW, VERIFY_AHEAD_CHUNKS, FileReader
+from .readahead import DEFAULT_READ_AHEAD_BLOCKS, INITIAL_WINDOW, VERIFY_AHEAD_CHUNKS, FileReader
 
 if TYPE_CHECKING:
     from fedmount.arvados.manifest import File
 
-log = logging.getLogger("fedmount.prefetch")
+log = logging.getLogger("fedmount.readahead")
 
 MiB = 1 << 20
-TRACKED = 256  # prefetched blocks remembered for the used/wasted accounting
+TRACKED = 256  # blocks fetched ahead, remembered for the used/wasted accounting
 
 
 class _Fetch:
     """One in-flight block fetch; any number of readers wait on it."""
 
-    def __init__(self, locator: Locator, *, prefetch: bool, reader_at: int | None = None):
+    def __init__(self, locator: Locator, *, ahead: bool, reader_at: int | None = None):
         self.locator = locator
-        self.prefetch = prefetch  # a read-ahead: its failure is not a reader's answer
+        self.ahead = ahead  # a read-ahead: its failure is not a reader's answer
         self.reader_at = reader_at  # where the sequential reader it is for reads first (admission.py)
         self.done = trio.Event()
         self.data: bytes | bytearray | memoryview | None = None  # None after success: in the cache
@@ -82,7 +82,7 @@ class _Fetch:
 
 
 class BlockReader:
-    """Cache + Keep + in-flight dedupe + bounded prefetch; one per daemon, shared by all files."""
+    """Cache + Keep + in-flight dedupe + bounded read-ahead; one per daemon, shared by all files."""
 
     def __init__(
         self,
@@ -90,18 +90,18 @@ class BlockReader:
         cache: BlockCache,
         *,
         stats: Stats | None = None,
-        prefetch_blocks: int = DEFAULT_PREFETCH_BLOCKS,
+        read_ahead_blocks: int = DEFAULT_READ_AHEAD_BLOCKS,
         initial_window: int = INITIAL_WINDOW,
-        prefetch_memory: int = 512 * MiB,
+        read_ahead_memory: int = 512 * MiB,
         per_service: int = 4,
         per_cluster: int = 8,
     ):
         self._keep = keep
         self._cache = cache
         self.stats = stats if stats is not None else Stats()
-        self.prefetch_blocks = prefetch_blocks
+        self.read_ahead_blocks = read_ahead_blocks
         self.initial_window = initial_window
-        self._prefetch_memory = prefetch_memory
+        self._read_ahead_memory = read_ahead_memory
         self._inflight: dict[str, _Fetch] = {}
         self._inflight_bytes = 0
         self._service_limits: defaultdict[str, trio.CapacityLimiter] = defaultdict(
@@ -110,7 +110,7 @@ class BlockReader:
         self._cluster_limits: defaultdict[str, trio.CapacityLimiter] = defaultdict(
             lambda: trio.CapacityLimiter(per_cluster)
         )
-        self._prefetched: OrderedDict[str, int] = OrderedDict()  # fetched ahead, not yet used
+        self._fetched_ahead: OrderedDict[str, int] = OrderedDict()  # fetched ahead, not yet used
         self._admission = Admission(cache, self.stats)
 
     def allow_requests(self, count: int) -> None:
@@ -146,12 +146,12 @@ class BlockReader:
                         self._admission.fetched(key, None)
                         break
                 fetch = self._inflight.get(key) or self._start(
-                    locator, route, prefetch=False, reader_at=offset if sequential else None
+                    locator, route, ahead=False, reader_at=offset if sequential else None
                 )
             try:
                 block = await fetch.wait()
             except BlockError:
-                if not fetch.prefetch:
+                if not fetch.ahead:
                     raise
                 # The read joined a read-ahead that failed: that answer was the read-ahead's,
                 # so the reader makes its own attempt (and gets its own error).
@@ -159,7 +159,8 @@ class BlockReader:
             if block is not None:
                 data = memoryview(block)[offset : offset + length].toreadonly()
                 break
-            # else a prefetch found it cached (or a fetch ended before this reader woke): read it from there
+            # else a read-ahead fetch found it cached (or a fetch ended before this reader woke):
+            # read it from there
         if sequential:
             self._admission.read(key, locator.size, offset, offset + len(data))
         return data
@@ -169,37 +170,37 @@ class BlockReader:
         if locator.key not in self._inflight:  # a block being fetched is verified by its md5
             self._cache.verify_ahead(locator.key, offset, length)
 
-    def prefetch(self, locator: Locator, route: KeepRoute) -> None:
+    def read_ahead(self, locator: Locator, route: KeepRoute) -> None:
         """Fetch a block in the background if it is not in flight and the budget allows."""
         if locator.key in self._inflight or locator.size == 0:
             return
-        if self._inflight_bytes + locator.size > self._prefetch_memory or not self._admission.try_fetch(
+        if self._inflight_bytes + locator.size > self._read_ahead_memory or not self._admission.try_fetch(
             locator.key, locator.size
         ):
-            self.stats.add("prefetch_over_budget")
+            self.stats.add("read_ahead_over_budget")
             return
-        self._start(locator, route, prefetch=True)
+        self._start(locator, route, ahead=True)
 
     def _start(
-        self, locator: Locator, route: KeepRoute, *, prefetch: bool, reader_at: int | None = None
+        self, locator: Locator, route: KeepRoute, *, ahead: bool, reader_at: int | None = None
     ) -> _Fetch:
         """Fetch a block in the background; its room in the cache is admitted already."""
-        fetch = _Fetch(locator, prefetch=prefetch, reader_at=reader_at)
-        log.debug("fetching %s (%s)", locator.key, "ahead" if prefetch else f"for a reader at {reader_at}")
+        fetch = _Fetch(locator, ahead=ahead, reader_at=reader_at)
+        log.debug("fetching %s (%s)", locator.key, "ahead" if ahead else f"for a reader at {reader_at}")
         self._inflight[locator.key] = fetch
         self._inflight_bytes += locator.size
-        self.stats.set("prefetch_inflight_bytes", self._inflight_bytes)
-        trio.lowlevel.spawn_system_task(self._run, fetch, route, prefetch, name=f"fetch {locator.key}")
+        self.stats.set("read_ahead_inflight_bytes", self._inflight_bytes)
+        trio.lowlevel.spawn_system_task(self._run, fetch, route, ahead, name=f"fetch {locator.key}")
         return fetch
 
-    async def _run(self, fetch: _Fetch, route: KeepRoute, prefetch: bool) -> None:
+    async def _run(self, fetch: _Fetch, route: KeepRoute, ahead: bool) -> None:
         """Fetch, hand the bytes to the waiters, then commit them to the cache. Never raises."""
         locator = fetch.locator
         key = locator.key
         txn: Transaction | None = None
         try:
-            if prefetch:
-                self.stats.add("prefetch_started")
+            if ahead:
+                self.stats.add("read_ahead_started")
                 first = probe_order(locator.hash, route.services)[0].uuid if route.services else ""
                 async with self._service_limits[first], self._cluster_limits[route.cluster]:
                     cached = await trio.to_thread.run_sync(self._cache.cached_bytes, key)
@@ -210,15 +211,15 @@ class BlockReader:
             fetch.data = txn.buffer if txn is not None else None
             fetch.done.set()
             if txn is not None:
-                if prefetch:
+                if ahead:
                     self._track(key, locator.size)
                 self._admission.fetched(key, fetch.reader_at)  # held before the commit can evict anything
                 await txn.commit()
         except BlockError as exc:
             fetch.error = exc
-            if prefetch:
-                self.stats.add("prefetch_errors")
-                log.debug("prefetch of %s failed: %s", key, exc)
+            if ahead:
+                self.stats.add("read_ahead_errors")
+                log.debug("read-ahead of %s failed: %s", key, exc)
         except Exception as exc:  # a bug must fail the readers, not the daemon
             log.exception("fetching block %s failed unexpectedly", key)
             fetch.error = BlockError(locator, f"block {key}: internal error {type(exc).__name__}: {exc}")
@@ -233,7 +234,7 @@ class BlockReader:
             if self._inflight.get(key) is fetch:  # a KeyError here would end the daemon (trio system task)
                 del self._inflight[key]
             self._inflight_bytes -= locator.size
-            self.stats.set("prefetch_inflight_bytes", self._inflight_bytes)
+            self.stats.set("read_ahead_inflight_bytes", self._inflight_bytes)
 
     async def _get(self, locator: Locator, route: KeepRoute) -> Transaction:
         """The block from Keep, md5-verified, received into a new cache transaction's buffer; the
@@ -247,13 +248,13 @@ class BlockReader:
         return txn
 
     def _track(self, key: str, size: int) -> None:
-        self._prefetched[key] = size
-        while len(self._prefetched) > TRACKED:
-            self._prefetched.popitem(last=False)
-            self.stats.add("prefetch_wasted")
+        self._fetched_ahead[key] = size
+        while len(self._fetched_ahead) > TRACKED:
+            self._fetched_ahead.popitem(last=False)
+            self.stats.add("read_ahead_wasted")
 
     def _mark_used(self, key: str) -> None:
-        if self._prefetched.pop(key, None) is not None:
-            self.stats.add("prefetch_used")
+        if self._fetched_ahead.pop(key, None) is not None:
+            self.stats.add("read_ahead_used")
 
 

@@ -28,7 +28,7 @@ not arrive in perfect order), is sequential; anything else is a seek and resets 
 window to 0. A file's first read at offset 0 counts as sequential.
 
 The window is counted in blocks. A sequential reader that moves into a new block sets it
-to ``max(initial_window, 2 * window)``, at most ``prefetch_blocks``: with the defaults a
+to ``max(initial_window, 2 * window)``, at most ``read_ahead_blocks``: with the defaults a
 fresh reader keeps 4 blocks fetched ahead at once and 8 from its second block on. The
 start is wide on purpose. Keep serves one block per connection, and a remote cluster is
 typically bound per connection (latency, a per-flow bandwidth cap, one keepstore disk):
@@ -46,7 +46,7 @@ reaches its end) is not a peek: the blocks after it in the stream are the next f
 its directory.
 
 Growth per block rather than per request keeps the per-read cost at a bisect and a dict
-lookup (arv-mount had to evaluate its prefetch only every 128th read because it was
+lookup (arv-mount had to evaluate its read-ahead only every 128th read because it was
 per-request, #21639), and a 64 MiB block is long enough for the next one to arrive while
 it is read. The blocks ahead are found by one forward scan of the file's segments that is
 kept across reads and looks at most ``SCAN_AHEAD`` segments per block change (`_Lookahead`),
@@ -60,7 +60,7 @@ Arvados packs many small files into one 64 MiB block and writes files of a direc
 after the other, so reading one file of a directory warms the next files too, and the
 block holding the next file is often already in memory when it is opened. The manifest
 gives the exact block list up front: no guessing about object sizes, no Range requests
-past the end. Each block of the window is handed to `BlockReader.prefetch`, which fetches
+past the end. Each block of the window is handed to `BlockReader.read_ahead`, which fetches
 it unless it is in flight, cached, or over the fetcher's limits.
 
 Blocks already on the disk cache need no fetch, but their chunks must be checked before
@@ -70,7 +70,7 @@ many MiB of the end of its block has the cache verify the start of the file's ne
 so a remount reading warm data does not stall at each block boundary while the next block
 file is opened, mapped and checked.
 
-Stats: ``prefetch_depth`` (gauge: the window of the most recently advanced reader).
+Stats: ``read_ahead_depth`` (gauge: the window of the most recently advanced reader).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 SEEK_BACK_TOLERANCE = 1 * MiB
 SEEK_AHEAD_TOLERANCE = 16 * MiB
-DEFAULT_PREFETCH_BLOCKS = defaults.PREFETCH_BLOCKS  # blocks a sequential reader's window grows to
+DEFAULT_READ_AHEAD_BLOCKS = defaults.READ_AHEAD_BLOCKS  # blocks a sequential reader's window grows to
 INITIAL_WINDOW = 4  # blocks a fresh sequential reader keeps fetched ahead
 PEEK = 64 << 10  # a handle's first read smaller than this (not reaching EOF) reads nothing ahead
 VERIFY_AHEAD_CHUNKS = 16  # cache chunks (1 MiB) a sequential reader has verified ahead of it
@@ -108,14 +108,14 @@ YIELD_AFTER = 0.005  # seconds a read of many pieces holds the trio thread befor
 class BlockSource(Protocol):
     """What a `FileReader` reads blocks from: the fetcher's `BlockReader`."""
 
-    prefetch_blocks: int
+    read_ahead_blocks: int
     initial_window: int
     stats: Stats
 
     async def read(
         self, locator: Locator, route: KeepRoute, offset: int, length: int, *, sequential: bool = False
     ) -> bytes | bytearray | memoryview: ...
-    def prefetch(self, locator: Locator, route: KeepRoute) -> None: ...
+    def read_ahead(self, locator: Locator, route: KeepRoute) -> None: ...
     def verify_ahead(self, locator: Locator, offset: int, length: int) -> None: ...
 
 
@@ -227,7 +227,7 @@ class FileReader:
         self._next = 0  # where the previous read ended
         self._window = 0  # blocks to keep fetched ahead of the current one
         self._block: str | None = None  # key of the block being read sequentially
-        self._lookahead = _Lookahead(file, reader.prefetch_blocks)
+        self._lookahead = _Lookahead(file, reader.read_ahead_blocks)
         self._fresh = True  # no read yet: the first one may be a peek
         self._closed = False
 
@@ -289,16 +289,16 @@ class FileReader:
         )
 
     def _advance(self, run: _Run) -> None:
-        """A sequential reader is at `run`: grow the window on a new block, prefetch."""
+        """A sequential reader is at `run`: grow the window on a new block, read ahead."""
         key = run.segment.locator.key
         if key == self._block:
             return
         self._block = key
-        self._window = min(self._reader.prefetch_blocks, max(self._reader.initial_window, self._window * 2))
-        self._reader.stats.set("prefetch_depth", self._window)
+        self._window = min(self._reader.read_ahead_blocks, max(self._reader.initial_window, self._window * 2))
+        self._reader.stats.set("read_ahead_depth", self._window)
         if not self._closed:
             for locator in self._lookahead.blocks(run.at, key, self._window):
-                self._reader.prefetch(locator, self._route)
+                self._reader.read_ahead(locator, self._route)
 
     def close(self) -> None:
         self._closed = True

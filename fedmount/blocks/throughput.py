@@ -14,7 +14,7 @@ Where the numbers come from:
 - `fedmount stage` measures every cluster it fetches from with a `TransferMeter`: the
   bytes received divided by the wall-clock time during which at least one fetch from
   that cluster was in flight. Parallel fetches therefore count as one aggregate rate (the
-  rate a prefetching reader sees), not as the sum or the mean of per-request rates.
+  rate a reader reading ahead sees), not as the sum or the mean of per-request rates.
 - A mount, when it unmounts, folds in its KeepClient's meter (`KeepClient.meter`: the
   bytes received and the seconds its requests took per cluster, added up request by
   request, so a per-request rate: lower than a parallel stage's aggregate rate, which is

@@ -98,7 +98,7 @@ async def settle(stats: Stats) -> None:
     """Wait until no fetch is in flight."""
     await trio.sleep(0)
     with trio.fail_after(10):
-        while stats.get("prefetch_inflight_bytes"):
+        while stats.get("read_ahead_inflight_bytes"):
             await trio.sleep(0.005)
 
 
@@ -125,7 +125,7 @@ async def test_sequential_reader_opens_wide_doubles_and_seek_resets_it(tmp_path:
     blocks = [pattern(MiB, i) for i in range(12)]
     whole = b"".join(blocks)
     reader, store, stats, files = make(
-        tmp_path, blocks, f"0:{len(whole)}:big", prefetch_blocks=8, initial_window=2
+        tmp_path, blocks, f"0:{len(whole)}:big", read_ahead_blocks=8, initial_window=2
     )
     handle = reader.open(files["big"], ROUTE)
     windows = []
@@ -134,11 +134,11 @@ async def test_sequential_reader_opens_wide_doubles_and_seek_resets_it(tmp_path:
         got += await handle.read(offset, 128 * KiB)
         windows.append(handle.window)
     assert bytes(got) == whole[: 5 * MiB]
-    # the initial window from the first read, doubling per new block, capped at prefetch_blocks
+    # the initial window from the first read, doubling per new block, capped at read_ahead_blocks
     assert windows[0] == 2 and windows[8] == 4 and windows[16] == 8 and max(windows) == 8
     await settle(stats)
-    assert stats.get("prefetch_started") > 0
-    assert stats.get("prefetch_used") >= 4
+    assert stats.get("read_ahead_started") > 0
+    assert stats.get("read_ahead_used") >= 4
     assert len(store.gets) == len(set(store.gets))  # never the same block twice
     assert await handle.read(MiB + 5, 10) == whole[MiB + 5 : MiB + 15]  # a seek back
     assert handle.window == 0
@@ -173,17 +173,17 @@ async def test_small_first_read_is_a_peek_and_the_next_read_opens_the_window(tmp
     assert handle.window == 4 and len(store.gets) == 5
 
 
-async def test_random_reader_does_not_prefetch(tmp_path: Path) -> None:
+async def test_random_reader_does_not_read_ahead(tmp_path: Path) -> None:
     blocks = [pattern(MiB, i) for i in range(40)]
     reader, store, stats, files = make(tmp_path, blocks, f"0:{40 * MiB}:f")
     handle = reader.open(files["f"], ROUTE)
     for offset in (35 * MiB + 7, 2 * MiB + 3, 30 * MiB, 20 * KiB + 1):
         await handle.read(offset, 100)
     await settle(stats)
-    assert stats.get("prefetch_started") == 0
+    assert stats.get("read_ahead_started") == 0
 
 
-async def test_prefetch_crosses_file_boundaries_in_the_stream(tmp_path: Path) -> None:
+async def test_read_ahead_crosses_file_boundaries_in_the_stream(tmp_path: Path) -> None:
     blocks = [pattern(300 * KiB, i) for i in range(3)]
     files_text = f"0:{300 * KiB}:a.txt {300 * KiB}:{300 * KiB}:b.txt {600 * KiB}:{300 * KiB}:c.txt"
     reader, store, stats, files = make(tmp_path, blocks, files_text)
@@ -193,7 +193,7 @@ async def test_prefetch_crosses_file_boundaries_in_the_stream(tmp_path: Path) ->
     assert await reader.open(files["b.txt"], ROUTE).read(0, 300 * KiB) == blocks[1]
     assert await reader.open(files["c.txt"], ROUTE).read(0, 4 * KiB) == blocks[2][: 4 * KiB]
     assert len(store.gets) == 3
-    assert stats.get("prefetch_used") == 2
+    assert stats.get("read_ahead_used") == 2
 
 
 async def test_small_file_read_whole_is_not_a_peek(tmp_path: Path) -> None:
@@ -265,7 +265,7 @@ class RecoveringKeepstore(Keepstore):
         return response
 
 
-async def test_read_joining_a_failed_prefetch_fetches_again(tmp_path: Path) -> None:
+async def test_read_joining_a_failed_read_ahead_fetches_again(tmp_path: Path) -> None:
     first, second = pattern(1 * MiB, 7), pattern(1 * MiB, 8)
     reader, _, stats, files = make(tmp_path, [first, second], f"0:{2 * MiB}:f")
     store = RecoveringKeepstore([first, second], missing=frozenset({hashlib.md5(second).hexdigest()}))
@@ -278,29 +278,29 @@ async def test_read_joining_a_failed_prefetch_fetches_again(tmp_path: Path) -> N
         result.append(bytes(await handle.read(1 * MiB, 64 * KiB)))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(handle.read, 0, 64 * KiB)  # sequential: prefetches the second block
+        nursery.start_soon(handle.read, 0, 64 * KiB)  # sequential: reads the second block ahead
         await trio.sleep(0.05)
-        nursery.start_soon(read_second)  # joins the prefetch, which is about to fail
+        nursery.start_soon(read_second)  # joins the read-ahead fetch, which is about to fail
         await trio.sleep(0.05)
         store.gate.set()
     assert result == [second[: 64 * KiB]]
-    assert stats.get("prefetch_errors") == 1
+    assert stats.get("read_ahead_errors") == 1
 
 
-async def test_prefetch_respects_memory_budget(tmp_path: Path) -> None:
+async def test_read_ahead_respects_memory_budget(tmp_path: Path) -> None:
     blocks = [pattern(MiB, i) for i in range(8)]
-    reader, store, stats, files = make(tmp_path, blocks, f"0:{8 * MiB}:f", prefetch_memory=MiB)
+    reader, store, stats, files = make(tmp_path, blocks, f"0:{8 * MiB}:f", read_ahead_memory=MiB)
     handle = reader.open(files["f"], ROUTE)
     await handle.read(0, 128 * KiB)  # the demand fetch finished; one block of budget left
     await settle(stats)
-    assert stats.get("prefetch_started") == 1
+    assert stats.get("read_ahead_started") == 1
 
 
-async def test_prefetch_concurrency_per_service_is_bounded(tmp_path: Path) -> None:
+async def test_read_ahead_concurrency_per_service_is_bounded(tmp_path: Path) -> None:
     blocks = [pattern(256 * KiB, i) for i in range(24)]
     size = 24 * 256 * KiB
     reader, store, stats, files = make(
-        tmp_path, blocks, f"0:{size}:f", prefetch_blocks=16, per_service=1, per_cluster=2
+        tmp_path, blocks, f"0:{size}:f", read_ahead_blocks=16, per_service=1, per_cluster=2
     )
     store.gate.clear()
     handle = reader.open(files["f"], ROUTE)
@@ -311,7 +311,7 @@ async def test_prefetch_concurrency_per_service_is_bounded(tmp_path: Path) -> No
     for offset in range(0, size, 128 * KiB):
         await handle.read(offset, 128 * KiB)
     await settle(stats)
-    # two services, one prefetch each, plus demand reads which are never limited
+    # two services, one read-ahead fetch each, plus demand reads which are never limited
     assert store.peak <= 3
 
 
@@ -393,7 +393,7 @@ async def test_a_file_of_many_one_byte_segments_reads_in_linear_time_and_yields(
     assert len(store.gets) == len(blocks)  # each block fetched once
     # Quiet: 0.2-1.5 s in all, the trio thread held at most ~20 ms at a time; the bounds
     # allow for a loaded 2-core machine.
-    print(shape, elapsed, ticker.longest, stats.get("prefetch_depth"))
+    print(shape, elapsed, ticker.longest, stats.get("read_ahead_depth"))
     assert elapsed < 10 and ticker.longest < 1.0, (elapsed, ticker.longest)
 
 
