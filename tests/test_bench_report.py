@@ -157,6 +157,8 @@ def test_write_is_atomic_and_readable(tmp_path):
         (0.0123, "s", "12 ms"),
         (12.5, "s", "12.5 s"),
         (3 << 20, "B", "3.0 MiB"),
+        (595.4, "B", "595 B"),  # a figure per entry
+        (1_048_575, "B", "1,048,575 B"),
         (12345.6, "files/s", "12,346 files/s"),
     ],
 )
