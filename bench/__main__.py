@@ -102,7 +102,7 @@ class Config:
             rss_entries=100_000,
             random_4k_count=2_000,
             random_1m_count=200,
-            tree_projects=250,
+            tree_projects=100,
             tree_per_project=4,
         )
 
@@ -627,7 +627,8 @@ class Run:
         )
         self.workload(
             names["rss"],
-            f"growth of the daemon's RSS over a fresh mount's, per entry, after ls -l of home/{many.name}",
+            f"growth of the daemon's RSS per entry by ls -l of home/{many.name}, in a fresh mount whose"
+            " home/ was just listed",
             Target("at_most", MANIFEST_BUDGET, f"<= {MANIFEST_BUDGET:.0f} B (manifest budget per file)"),
             "B",
             lambda subject, n: workloads.listed_rss_per_entry(
