@@ -7,8 +7,10 @@ Steps:
 2. Create the benchmark collections through its add-collection control (generated content):
    a big file on the home cluster and one on a remote cluster, a collection of small
    files, a collection with many entries for the metadata walk, one directory of 10,000
-   files for ``ls -l`` and a bigger collection for the memory figure. Quick mode (the
-   default) uses smaller sizes and fewer runs than ``--full``; the JSON says which.
+   files for ``ls -l`` and a bigger collection for the memory figure; then, through the
+   API (`bench.projects`), two projects in the user's home: one of 10,000 empty collections
+   and a tree of projects of a few collections each. Quick mode (the default) uses smaller
+   sizes and fewer runs than ``--full``; the JSON says which.
 3. Measure the ceilings (`bench.ceilings`), then the workloads (`bench.workloads`) against
    fresh mounts of the filesystem under test (``--target fedmount``, the default, or
    ``nullfs`` to exercise the machinery without the daemon) and, for fedmount, of its peer,
@@ -23,6 +25,12 @@ Steps:
    ``--route direct`` (ceiling: raw GETs from the remote's keepstores, salted token), which
    is what the default, ``--route auto``, does for a remote whose keepstores answer. The
    subject mounts with ``--route home`` so that each figure has the ceiling of its route.
+   The project workloads (``ls -l`` of the big project, cold and warm, and ``find`` over the
+   tree) have for ceiling a bare HTTPS client paging the same listings; the daemon's RSS
+   per listed entry is judged against the memory a manifest's file costs (80 B). Last,
+   ``fedmount stage --to-cluster`` of the remote collection (ceiling: raw GETs from the
+   remote's keepstores) and a fresh mount reading what it saved (ceiling: raw GETs from the
+   home keepstores), with the remote shaped; arv-mount has no such command (n/a).
 4. Write ``bench/results/latest.json`` (`bench.report`) and print the table.
 
 A workload that fails records its error and the others still run (arv-mount failing

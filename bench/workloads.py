@@ -14,7 +14,11 @@ ceiling are measured the same way:
   ``system.posix_acl_access`` extended attributes coreutils asks of each unless the
   filesystem says it does not support them;
 - the small-file read is ``xargs -0 cat`` over a known list of paths;
-- time to first byte is open + a 1-byte read of a file whose metadata is already known.
+- time to first byte is open + a 1-byte read of a file whose metadata is already known;
+- a project listing is ``ls -l`` of a project directory (the first in a fresh mount, or the
+  second), a tree walk ``find -maxdepth 2`` of a project of projects (`TREE_FIND`), and the
+  RSS per listed entry the daemon's growth over one ``ls -l`` of a project;
+- staging is ``fedmount stage --to-cluster X --save-as NAME`` (`Stager`), timed whole.
 
 `Mount` runs a FUSE daemon as a foreground subprocess, waits until a path inside the mount
 exists, and unmounts with ``fusermount3 -u`` when done (then ``-u -z`` if the daemon will
