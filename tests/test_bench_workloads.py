@@ -73,7 +73,8 @@ def test_quick_mode_is_smaller_than_full_mode():
     assert quick.mode == "quick" and full.mode == "full"
     assert full.seq_size == 1 << 30 and full.walk_entries == 100_000 and full.rss_entries == 1_000_000
     assert full.small_files == 10_000
-    for name in ("runs", "seq_size", "small_files", "walk_entries", "rss_entries"):
+    assert full.tree_projects == 1_000 and full.project_collections == 10_000  # issue 17's sizes
+    for name in ("runs", "seq_size", "small_files", "walk_entries", "rss_entries", "tree_projects"):
         assert getattr(quick, name) < getattr(full, name)
 
 
@@ -172,7 +173,9 @@ print(json.dumps({"saved": {"name": name, "uuid": "zzzzz-4zz18-" + str(len(name)
 
 def test_stager_times_each_run_with_a_fresh_cache_and_keeps_what_the_last_run_saved(tmp_path):
     stager = workloads.Stager([sys.executable, "-c", FAKE_STAGE], dict(os.environ), str(tmp_path), "zzzzz", 4)
-    remote = BenchCollection("bench-seq-remote", "zbbbb-4zz18-000000000000001", "zbbbb", {"data.bin": 1 << 20})
+    remote = BenchCollection(
+        "bench-seq-remote", "zbbbb-4zz18-000000000000001", "zbbbb", {"data.bin": 1 << 20}
+    )
     rates = stager.samples(remote, 2)
     assert len(rates) == 2 and all(r > 0 for r in rates)
     assert stager.saved is not None and stager.saved.name == "bench-seq-remote staged 2"
