@@ -53,10 +53,12 @@ class ApiClient:
             raise BenchError(f"{method} {path.split('?')[0]} answered {resp.status}: {resp.data[:200]!r}")
         return json.loads(resp.data)
 
-    def project(self, owner: str, name: str) -> str:
-        """Make a project; its uuid."""
+    def project(self, owner: str, name: str) -> tuple[str, str]:
+        """Make a project; its (uuid, name): `name`, or another if `owner` already has it (a
+        federation used by an earlier run, ``--federation``)."""
         body = {"group": {"name": name, "group_class": "project", "owner_uuid": owner}}
-        return str(self.call("POST", "groups", body)["uuid"])
+        made = self.call("POST", "groups?ensure_unique_name=true", body)
+        return str(made["uuid"]), str(made["name"])
 
     def empty_collection(self, owner: str, name: str) -> str:
         body = {"collection": {"name": name, "owner_uuid": owner, "manifest_text": ""}}
@@ -80,7 +82,7 @@ class ProjectTree:
 
 def make_project(api: ApiClient, owner: str, name: str, collections: int) -> ProjectTree:
     """A project of `collections` empty collections."""
-    uuid = api.project(owner, name)
+    uuid, name = api.project(owner, name)
     for i in range(collections):
         api.empty_collection(uuid, f"c{i:06d}")
     return ProjectTree(name, uuid, 0, collections)
@@ -88,9 +90,9 @@ def make_project(api: ApiClient, owner: str, name: str, collections: int) -> Pro
 
 def make_tree(api: ApiClient, owner: str, name: str, projects: int, per_project: int) -> ProjectTree:
     """A project holding `projects` subprojects of `per_project` empty collections each."""
-    uuid = api.project(owner, name)
+    uuid, name = api.project(owner, name)
     for p in range(projects):
-        sub = api.project(uuid, f"p{p:05d}")
+        sub, _ = api.project(uuid, f"p{p:05d}")
         for i in range(per_project):
             api.empty_collection(sub, f"c{i:03d}")
     return ProjectTree(name, uuid, projects, projects * per_project)
