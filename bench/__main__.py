@@ -631,7 +631,7 @@ class Run:
                     lambda n: paged(n, lambda: pager.tree(tree.uuid), tree.entries),
                 )
             },
-            extra=lambda: {"entries": tree.entries, "requests": 2 * (1 + tree.projects)},
+            extra=lambda: {"entries": tree.entries, "ceiling_requests": 2 * (1 + tree.projects)},
         )
         self.workload(
             names["rss"],
