@@ -7,8 +7,10 @@ Steps:
 2. Create the benchmark collections through its add-collection control (generated content):
    a big file on the home cluster and one on a remote cluster, a collection of small
    files, a collection with many entries for the metadata walk, one directory of 10,000
-   files for ``ls -l`` and a bigger collection for the memory figure. Quick mode (the
-   default) uses smaller sizes and fewer runs than ``--full``; the JSON says which.
+   files for ``ls -l`` and a bigger collection for the memory figure; then, through the
+   API (`bench.projects`), two projects in the user's home: one of 10,000 empty collections
+   and a tree of projects of a few collections each. Quick mode (the default) uses smaller
+   sizes and fewer runs than ``--full``; the JSON says which.
 3. Measure the ceilings (`bench.ceilings`), then the workloads (`bench.workloads`) against
    fresh mounts of the filesystem under test (``--target fedmount``, the default, or
    ``nullfs`` to exercise the machinery without the daemon) and, for fedmount, of its peer,
@@ -23,6 +25,12 @@ Steps:
    ``--route direct`` (ceiling: raw GETs from the remote's keepstores, salted token), which
    is what the default, ``--route auto``, does for a remote whose keepstores answer. The
    subject mounts with ``--route home`` so that each figure has the ceiling of its route.
+   The project workloads (``ls -l`` of the big project, cold and warm, and ``find`` over the
+   tree) have for ceiling a bare HTTPS client paging the same listings; the daemon's RSS
+   per listed entry is judged against the memory a manifest's file costs (80 B). Last,
+   ``fedmount stage --to-cluster`` of the remote collection (ceiling: raw GETs from the
+   remote's keepstores) and a fresh mount reading what it saved (ceiling: raw GETs from the
+   home keepstores), with the remote shaped; arv-mount has no such command (n/a).
 4. Write ``bench/results/latest.json`` (`bench.report`) and print the table.
 
 A workload that fails records its error and the others still run (arv-mount failing
@@ -51,12 +59,16 @@ from fedmount.arvados.tokens import parse_token, salt_for
 from integration.arvmount import arv_mount_unusable
 from integration.harness import Federation
 
-from . import arvmount, ceilings, report, workloads
+from . import arvmount, ceilings, projects, report, workloads
 from .report import Figure, PeerResult, Result, Target
 from .workloads import BenchCollection
 
 RESULTS = os.path.join(workloads.REPO, "bench", "results", "latest.json")
 MiB = 1 << 20
+# The memory a listed file costs today: the full run's daemon RSS with the 1,000,000-file
+# collection listed, 76.3 MiB, per file (README, Performance). Issue 17's target for a listed
+# project entry.
+MANIFEST_BUDGET = 80.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,10 @@ class Config:
     rss_entries: int
     random_4k_count: int
     random_1m_count: int
+    tree_projects: int
+    tree_per_project: int
     listing_files: int = 10_000
+    project_collections: int = 10_000
     read_size: int = MiB
     read_ahead_kb: int = 4096
     keep_threads: int = 4
@@ -95,6 +110,8 @@ class Config:
             rss_entries=100_000,
             random_4k_count=2_000,
             random_1m_count=200,
+            tree_projects=100,
+            tree_per_project=4,
         )
 
     @classmethod
@@ -109,6 +126,8 @@ class Config:
             rss_entries=1_000_000,
             random_4k_count=10_000,
             random_1m_count=1_000,
+            tree_projects=1_000,
+            tree_per_project=4,
         )
 
 
@@ -237,6 +256,10 @@ class Run:
     def progress(self, text: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
+    def wanted(self, name: str) -> bool:
+        """Whether the workload `name` runs (``--only``)."""
+        return not self.only or self.only in name
+
     def workload(
         self,
         name: str,
@@ -252,7 +275,7 @@ class Run:
     ) -> None:
         """Measure `subject` (default: the filesystem under test) and the peer with `measure`,
         interleaved with `ceils`; `peer_na` says why the peer cannot do this workload."""
-        if self.only and self.only not in name:
+        if not self.wanted(name):
             return
         self.progress(f"workload {name}")
         result = Result(name, description, target)
@@ -517,6 +540,175 @@ class Run:
             extra=rss_extra,
         )
 
+    def project_workloads(self) -> None:
+        """``ls -l`` of a project of many collections (cold and warm), ``find`` over a tree of
+        projects, and the daemon's RSS per listed entry; the projects are made here, in the
+        user's home, only if one of these workloads runs."""
+        cfg = self.cfg
+        many_label = f"project of {cfg.project_collections:,} collections"
+        tree_label = f"tree of {cfg.tree_projects:,} projects x {cfg.tree_per_project} collections"
+        names = {
+            "cold": f"ls -l, {many_label}, cold",
+            "warm": f"ls -l, {many_label}, warm",
+            "tree": f"find, {tree_label}",
+            "rss": f"daemon RSS per listed entry, {many_label}",
+        }
+        if isinstance(self.subject, ceilings.NullfsSubject) or not any(map(self.wanted, names.values())):
+            return  # the null filesystem serves no projects
+        started = time.monotonic()
+        api = projects.ApiClient(self.access)
+        home = self.fed.user_uuid()
+        many = projects.make_project(api, home, "bench-many", cfg.project_collections)
+        tree = projects.make_tree(api, home, "bench-tree", cfg.tree_projects, cfg.tree_per_project)
+        self.progress(f"made the benchmark projects in {time.monotonic() - started:.1f} s")
+        pager = projects.ContentsPager(api)
+        requests: dict[str, list[dict[str, int]]] = {}
+
+        def paged(n: int, count: Callable[[], int], expect: int) -> list[float]:
+            samples = []
+            for _ in range(n):
+                start = time.perf_counter()
+                if (seen := count()) != expect:
+                    raise workloads.BenchError(f"paging listed {seen:,} entries, expected {expect:,}")
+                samples.append(time.perf_counter() - start)
+            return samples
+
+        paging = Ceiling(
+            "s",
+            f"bare HTTPS client paging the project's contents as fedmount asks them (projects,"
+            f" then collections; keyset, {projects.PAGE:,} a page, one connection)",
+            lambda n: paged(n, lambda: pager.contents(many.uuid)[1], many.collections),
+        )
+        where = f"home/{many.name}"
+
+        def cold(subject: workloads.Subject, n: int) -> list[float]:
+            """The cold listing, counting the API requests each run made (nothing else runs then)."""
+            samples = []
+            for _ in range(n):
+                since = self.fed.mark()
+                samples += workloads.project_listing(
+                    subject, where, many.collections, 1, warm=False, timeout=self.peer_limit(subject)
+                )
+                made = self.fed.requests(since=since, cluster=self.fed.home, service="controller")
+                requests.setdefault(subject.name, []).append({
+                    "contents_requests": sum("/contents" in r["path"] for r in made),
+                    "collection_gets": sum("/collections/" in r["path"] for r in made),
+                })  # fmt: skip
+            return samples
+
+        self.workload(
+            names["cold"],
+            f"ls -l of home/{many.name} (empty collections) in a fresh mount: its first listing",
+            Target("report"),
+            "s",
+            cold,
+            {"contents_paging": paging},
+            extra=lambda: {f"{name}_requests_last_run": runs[-1] for name, runs in requests.items()},
+        )
+        self.workload(
+            names["warm"],
+            f"second ls -l of home/{many.name} in a fresh mount (the first one listed it)",
+            Target("report"),
+            "s",
+            lambda subject, n: workloads.project_listing(
+                subject, where, many.collections, n, warm=True, timeout=self.peer_limit(subject)
+            ),
+            {"contents_paging": paging},
+        )
+        self.workload(
+            names["tree"],
+            f"find -maxdepth 2 -printf of home/{tree.name} (its projects and their collections, not"
+            " into the collections) from a fresh mount",
+            Target("report"),
+            "s",
+            lambda subject, n: workloads.tree_walk(
+                subject, f"home/{tree.name}", tree.entries, n, self.peer_limit(subject)
+            ),
+            {
+                "tree_paging": Ceiling(
+                    "s",
+                    "bare HTTPS client paging the contents of the tree's project and of each project"
+                    " under it, as fedmount asks them, one request after the other",
+                    lambda n: paged(n, lambda: pager.tree(tree.uuid), tree.entries),
+                )
+            },
+            extra=lambda: {"entries": tree.entries, "ceiling_requests": 2 * (1 + tree.projects)},
+        )
+        self.workload(
+            names["rss"],
+            f"growth of the daemon's RSS per entry by ls -l of home/{many.name}, in a fresh mount whose"
+            " home/ was just listed",
+            Target("at_most", MANIFEST_BUDGET, f"<= {MANIFEST_BUDGET:.0f} B (manifest budget per file)"),
+            "B",
+            lambda subject, n: workloads.listed_rss_per_entry(
+                subject, where, many.collections, n, self.peer_limit(subject)
+            ),
+        )
+
+    def stage_workloads(self) -> None:
+        """``fedmount stage --to-cluster HOME`` of the remote collection against raw GETs from the
+        remote's keepstores, then a fresh mount (the second host) reading the saved collection
+        against raw GETs of it from the home keepstores; the remote cluster is shaped."""
+        fedmount = self.direct
+        if not isinstance(fedmount, workloads.FedmountSubject):
+            return  # no fedmount under test (--target nullfs)
+        cfg, remote = self.cfg, self.colls["seq_remote"]
+        stager = workloads.Stager(
+            fedmount.fedmount, fedmount.env, self.workdir, self.fed.home, cfg.keep_threads
+        )
+        size = f"{cfg.seq_size // MiB} MiB"
+        with shaped(self.fed, remote.cluster, cfg.remote_latency_ms, cfg.remote_bandwidth):
+            self.workload(
+                f"stage --to-cluster {self.fed.home}, {size} remote",
+                f"fedmount stage --to-cluster {self.fed.home} --save-as of a collection of"
+                f" {remote.cluster} (the home keepstores copy its blocks), fresh cache directory,"
+                f" {self.shaping}",
+                Target("report"),
+                "B/s",
+                lambda subject, n: stager.samples(remote, n),
+                {
+                    "keep_remote_direct": Ceiling(
+                        "B/s",
+                        f"{cfg.keep_threads} parallel raw GETs from {remote.cluster}'s keepstores"
+                        f" (salted token), {self.shaping}",
+                        lambda n: self._keep(remote, direct=True).samples(n),
+                    )
+                },
+                peer_na=arvmount.NO_STAGE,
+            )
+            crossing: list[int] = []
+
+            def staged() -> BenchCollection:
+                if stager.saved is None:
+                    raise workloads.BenchError("nothing was staged (the stage workload failed)")
+                return stager.saved
+
+            def second_host(subject: workloads.Subject, n: int) -> list[float]:
+                since = self.fed.mark()
+                samples = workloads.sequential(subject, staged(), "data.bin", cfg.read_size, n, cold=True)
+                made = self.fed.requests(since=since, cluster=remote.cluster)
+                crossing.append(sum(r["service"].startswith("keep") for r in made))
+                return samples
+
+            self.workload(
+                f"second host reads the staged {size}, cold",
+                "dd of the collection stage saved, from a fresh mount with a fresh disk cache (another"
+                " host of the cluster), page cache dropped",
+                Target("report"),
+                "B/s",
+                second_host,
+                {
+                    "keep_staged": Ceiling(
+                        "B/s",
+                        f"{cfg.keep_threads} parallel raw GETs of the staged collection's blocks from"
+                        " the home keepstores",
+                        lambda n: self._keep(staged()).samples(n),
+                    )
+                },
+                extra=lambda: {f"{remote.cluster}_keep_requests_per_run": crossing},
+                peer_na=arvmount.NO_STAGE,
+            )
+
     def remote_workloads(self) -> None:
         cfg = self.cfg
         remote = self.colls["seq_remote"]
@@ -694,7 +886,9 @@ def main(argv: list[str] | None = None) -> int:
             run = Run(cfg, subject, nullfs, fed, colls, workdir, args.only, direct, peer)
             with ceilings.PageCacheFile(workdir, cfg.seq_size, cfg.read_size) as page_cache:
                 run.local_workloads(page_cache)
+            run.project_workloads()
             run.remote_workloads()
+            run.stage_workloads()
         if any(r.error or (r.peer and r.peer.error) for r in run.results):
             notes.append(
                 f"a workload failed: the daemons' and the emulator's logs are in {keep_logs(workdir)}"

@@ -3,8 +3,9 @@
 Every workload that arv-mount can do runs against it in the same run as against fedmount,
 interleaved with it, with the same readers, so the report can give fedmount/arv-mount.
 It is mounted with `integration.arvmount.ArvMount` (the same start-up and unmount as the
-conformance tests) with ``--mount-by-id by_id``, which gives the layout fedmount has
-(``MOUNT/by_id/UUID/PATH``, ``by_id/PDH/PATH``), and otherwise its defaults: disk cache,
+conformance tests) with ``--mount-by-id by_id --mount-home home``, which gives the layout
+fedmount has (``MOUNT/by_id/UUID/PATH``, ``by_id/PDH/PATH``, the user's projects under
+``home/``), and otherwise its defaults: disk cache,
 its default cache size (which holds every benchmark collection on this machine's disk),
 128 KiB FUSE reads and the kernel's default read-ahead, as users run it.
 
@@ -14,8 +15,8 @@ Caches: arv-mount keeps Keep blocks in ``--disk-cache-dir`` (default
 process. A cold mount gets a fresh directory for both (`CacheDirs`, which drops the page
 cache first), a warm mount the directory the earlier warm mounts filled.
 
-`UNSUPPORTED` says which workloads arv-mount cannot do and why; the report shows "n/a"
-with that reason instead of a figure.
+`NO_DIRECT_ROUTE` and `NO_STAGE` say which workloads arv-mount cannot do and why; the
+report shows "n/a" with that reason instead of a figure.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ NO_DIRECT_ROUTE = (
     "arv-mount has no direct route: it reads a remote cluster's blocks only through the home"
     " keepstore (+R locators)"
 )
+NO_STAGE = "arv-mount has nothing like stage --to-cluster: it never places blocks in a cluster's Keep"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class ArvMountSubject:
                 Path(self.workdir),
                 "--mount-by-id",
                 "by_id",
+                "--mount-home",
+                "home",
                 "--disk-cache-dir",
                 keep,
                 ready="by_id/README",
@@ -87,7 +91,8 @@ def describe() -> dict[str, str]:
     return {
         "name": NAME,
         "version": version(),
-        "how": "arv-mount --foreground --disable-event-listening --mount-by-id by_id, a fresh"
+        "how": "arv-mount --foreground --disable-event-listening --mount-by-id by_id --mount-home home,"
+        " a fresh"
         " --disk-cache-dir and XDG_CACHE_HOME per cold mount, its defaults otherwise (disk cache,"
         " 128 KiB FUSE reads, the kernel's read-ahead)",
     }

@@ -331,7 +331,7 @@ def format_value(value: float, unit: str) -> str:
     if unit == "B/s":
         return f"{value / 1e9:.2f} GB/s" if value >= 1e9 else f"{value / 1e6:.0f} MB/s"
     if unit == "B":
-        return f"{value / (1 << 20):.1f} MiB"
+        return f"{value / (1 << 20):.1f} MiB" if value >= 1 << 20 else f"{value:,.0f} B"
     if unit == "s":
         return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
     return f"{value:,.0f} {unit}"

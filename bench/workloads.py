@@ -14,7 +14,11 @@ ceiling are measured the same way:
   ``system.posix_acl_access`` extended attributes coreutils asks of each unless the
   filesystem says it does not support them;
 - the small-file read is ``xargs -0 cat`` over a known list of paths;
-- time to first byte is open + a 1-byte read of a file whose metadata is already known.
+- time to first byte is open + a 1-byte read of a file whose metadata is already known;
+- a project listing is ``ls -l`` of a project directory (the first in a fresh mount, or the
+  second), a tree walk ``find -maxdepth 2`` of a project of projects (`TREE_FIND`), and the
+  RSS per listed entry the daemon's growth over one ``ls -l`` of a project;
+- staging is ``fedmount stage --to-cluster X --save-as NAME`` (`Stager`), timed whole.
 
 `Mount` runs a FUSE daemon as a foreground subprocess, waits until a path inside the mount
 exists, and unmounts with ``fusermount3 -u`` when done (then ``-u -z`` if the daemon will
@@ -29,6 +33,7 @@ file is in them.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -203,12 +208,15 @@ def random_read(path: str, offsets: Sequence[int], read_size: int) -> float:
         os.close(fd)
 
 
-def find_stat(directory: str, expect_entries: int, timeout: float | None = None) -> float:
-    """Seconds for ``find DIR -printf`` to stat every entry; checks it saw `expect_entries`.
-    Raises `TooSlow` if it takes more than `timeout` seconds."""
+def find_stat(
+    directory: str, expect_entries: int, timeout: float | None = None, tests: Sequence[str] = ()
+) -> float:
+    """Seconds for ``find DIR [TESTS] -printf`` to stat every entry; checks it saw
+    `expect_entries`. Raises `TooSlow` if it takes more than `timeout` seconds."""
     start = time.perf_counter()
+    argv = ["find", directory, *tests, "-printf", "%s %m\n"]
     try:
-        out = subprocess.run(["find", directory, "-printf", "%s %m\n"], capture_output=True, timeout=timeout)
+        out = subprocess.run(argv, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         seen = (exc.stdout or b"").count(b"\n")
         raise TooSlow(f"find listed {seen:,} of {expect_entries:,} entries in {timeout:.0f} s") from None
@@ -221,10 +229,16 @@ def find_stat(directory: str, expect_entries: int, timeout: float | None = None)
     return elapsed
 
 
-def ls_long(directory: str, expect_entries: int) -> float:
-    """Seconds for ``ls -l DIR``; checks it listed `expect_entries` entries."""
+def ls_long(directory: str, expect_entries: int, timeout: float | None = None) -> float:
+    """Seconds for ``ls -l DIR``; checks it listed `expect_entries` entries. Raises `TooSlow`
+    if it takes more than `timeout` seconds."""
     start = time.perf_counter()
-    out = subprocess.run(["ls", "-l", directory], capture_output=True, env={**os.environ, "LC_ALL": "C"})
+    try:
+        out = subprocess.run(
+            ["ls", "-l", directory], capture_output=True, env={**os.environ, "LC_ALL": "C"}, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise TooSlow(f"ls -l of {expect_entries:,} entries took over {timeout:.0f} s") from None
     elapsed = time.perf_counter() - start
     if out.returncode != 0:
         raise BenchError(f"ls -l {directory} failed: {out.stderr.decode(errors='replace').strip()[:200]}")
@@ -483,3 +497,92 @@ def daemon_rss(
             find_stat(collection_path(m, c), c.entries, timeout)
             listed.append(float(m.rss()))
     return listed, idle
+
+
+def project_listing(
+    subject: Subject, project: str, entries: int, runs: int, *, warm: bool, timeout: float | None = None
+) -> list[float]:
+    """Seconds for ``ls -l`` of the project directory `project` (relative to the mount), the
+    first listing of a fresh mount or, `warm`, the second (the first one filled the kernel's
+    and the daemon's caches), a fresh mount per run."""
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            path = os.path.join(m.mountpoint, project)
+            if warm:
+                ls_long(path, entries, timeout)
+            samples.append(ls_long(path, entries, timeout))
+    return samples
+
+
+# ``find`` of a project tree down to its collections, not into them (their files are not the
+# listing's), and without the ``.arvados#project`` records, which not every filesystem serves.
+TREE_FIND = ("-maxdepth", "2", "-not", "-name", ".*")
+
+
+def tree_walk(
+    subject: Subject, tree: str, entries: int, runs: int, timeout: float | None = None
+) -> list[float]:
+    """Seconds for `TREE_FIND` of the project directory `tree` (a project of projects of
+    collections, relative to the mount) from a fresh mount, a fresh mount per run."""
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            samples.append(find_stat(os.path.join(m.mountpoint, tree), entries, timeout, TREE_FIND))
+    return samples
+
+
+def listed_rss_per_entry(
+    subject: Subject, project: str, entries: int, runs: int, timeout: float | None = None
+) -> list[float]:
+    """Bytes the daemon's RSS grew by per entry listed, by ``ls -l`` of the project directory
+    `project` (relative to the mount) in a fresh mount, a fresh mount per run. ``ls -l`` of
+    the project's parent comes first, so what the first listing of a mount costs whatever its
+    size (code paths run once, connections, the parent's entries) is not counted per entry."""
+    samples = []
+    for _ in range(runs):
+        with subject.mount(cold=False) as m:
+            path = os.path.join(m.mountpoint, project)
+            subprocess.run(["ls", "-l", os.path.dirname(path)], capture_output=True, check=True)
+            before = m.rss()
+            ls_long(path, entries, timeout)
+            samples.append((m.rss() - before) / entries)
+    return samples
+
+
+@dataclass
+class Stager:
+    """``fedmount stage --to-cluster CLUSTER --save-as NAME`` of one collection, each run with a
+    fresh cache directory (where stage records the blocks it copied), so every run copies
+    every block; `saved` is the collection the last run saved on CLUSTER."""
+
+    fedmount: Sequence[str]
+    env: dict[str, str]
+    workdir: str
+    cluster: str
+    threads: int
+    saved: BenchCollection | None = None
+    runs: int = 0
+
+    def samples(self, c: BenchCollection, runs: int) -> list[float]:
+        """Bytes/s of staging `c` (one file, data.bin, is what the saved collection is read for)."""
+        samples = []
+        for _ in range(runs):
+            self.runs += 1
+            cache = os.path.join(self.workdir, f"stage-cache-{self.runs}")
+            argv = [*self.fedmount, "stage", "--to-cluster", self.cluster, "--save-as",
+                    f"{c.name} staged {self.runs}", "--json", "--quiet", "--concurrency",
+                    str(self.threads), "--disk-cache-dir", cache, c.uuid]  # fmt: skip
+            start = time.perf_counter()
+            try:
+                out = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=3600)
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+            elapsed = time.perf_counter() - start
+            if out.returncode != 0:
+                raise BenchError(f"stage exited with {out.returncode}: {(out.stderr.strip() or '?')[-200:]}")
+            saved = json.loads(out.stdout)["saved"]
+            self.saved = BenchCollection(saved["name"], saved["uuid"], self.cluster, c.files,
+                                         saved.get("portable_data_hash", ""))  # fmt: skip
+            samples.append(c.total_bytes / elapsed)
+        return samples

@@ -157,6 +157,8 @@ def test_write_is_atomic_and_readable(tmp_path):
         (0.0123, "s", "12 ms"),
         (12.5, "s", "12.5 s"),
         (3 << 20, "B", "3.0 MiB"),
+        (595.4, "B", "595 B"),  # a figure per entry
+        (1_048_575, "B", "1,048,575 B"),
         (12345.6, "files/s", "12,346 files/s"),
     ],
 )
@@ -268,3 +270,19 @@ def test_table_gives_the_peer_and_the_peer_ratio_beside_the_ceiling_ratio():
 def test_table_without_a_peer_has_no_peer_columns():
     text = report.table(make_doc([Result("w", "d", Target("report"), Figure("s", [1.0]))]))
     assert "arv-mount" not in text and "fedmount/" not in text
+
+
+def test_a_per_entry_memory_figure_is_judged_against_its_budget_and_shown_in_bytes():
+    budget = Target("at_most", 80.0, "<= 80 B (manifest budget per file)")
+    over = Result("rss per entry", "d", budget, Figure("B", [1650.0, 1677.0, 1700.0]))
+    under = Result("rss per entry, small", "d", budget, Figure("B", [60.0]))
+    peer = report.PeerResult("arv-mount", Figure("B", [2985.0]))
+    over.peer = peer
+    under.peer = report.PeerResult("arv-mount", na="arv-mount: over its time limit")
+    assert (over.passed, under.passed) == (False, True)
+    assert over.peer_ratio == pytest.approx(1677 / 2985)
+    doc = peer_doc([over, under])
+    assert report.validate(doc) == []
+    row = next(line for line in report.table(doc).splitlines() if line.startswith("rss per entry "))
+    assert "1,677 B" in row and "1,650 B .. 1,700 B" in row and "2,985 B" in row and "0.56" in row
+    assert row.endswith("<= 80 B (manifest budget per file)  FAIL")

@@ -73,7 +73,8 @@ def test_quick_mode_is_smaller_than_full_mode():
     assert quick.mode == "quick" and full.mode == "full"
     assert full.seq_size == 1 << 30 and full.walk_entries == 100_000 and full.rss_entries == 1_000_000
     assert full.small_files == 10_000
-    for name in ("runs", "seq_size", "small_files", "walk_entries", "rss_entries"):
+    assert full.tree_projects == 1_000 and full.project_collections == 10_000  # issue 17's sizes
+    for name in ("runs", "seq_size", "small_files", "walk_entries", "rss_entries", "tree_projects"):
         assert getattr(quick, name) < getattr(full, name)
 
 
@@ -134,3 +135,52 @@ def test_keep_logs_copies_only_the_logs_with_their_paths(tmp_path):
         assert open(os.path.join(kept, "fedmount", "fedmount.log")).read() == "lookup failed\n"
     finally:
         shutil.rmtree(kept)
+
+
+def test_tree_find_lists_projects_and_collections_but_not_inside_them_nor_records(tmp_path):
+    root = tmp_path / "tree"
+    for p in range(3):
+        for c in range(2):
+            (root / f"p{p}" / f"c{c}").mkdir(parents=True)
+            (root / f"p{p}" / f"c{c}" / "file").write_bytes(b"x")  # inside a collection: not listed
+        (root / f"p{p}" / ".arvados#project").write_text("{}")
+    (root / ".arvados#project").write_text("{}")
+    assert workloads.find_stat(str(root), 1 + 3 + 6, tests=workloads.TREE_FIND) >= 0
+    with pytest.raises(BenchError, match="saw 10 entries, expected 11"):
+        workloads.find_stat(str(root), 11, tests=workloads.TREE_FIND)
+
+
+def test_ls_long_over_its_time_limit_says_so(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    assert workloads.ls_long(str(tmp_path), 1, timeout=30) >= 0
+    with pytest.raises(workloads.TooSlow, match="ls -l of 1 entries took over 0 s"):
+        workloads.ls_long(str(tmp_path), 1, timeout=1e-9)
+
+
+FAKE_STAGE = """
+import json, os, sys
+args = sys.argv[1:]
+if "fail" in args[-1]:
+    sys.exit("stage: cannot reach zbbbb")
+cache = args[args.index("--disk-cache-dir") + 1]
+assert not os.path.exists(cache), "a cache directory left by an earlier run"
+os.makedirs(cache)
+name = args[args.index("--save-as") + 1]
+print(json.dumps({"saved": {"name": name, "uuid": "zzzzz-4zz18-" + str(len(name)).zfill(15),
+                            "portable_data_hash": "d41d8cd98f00b204e9800998ecf8427e+0"}}))
+"""
+
+
+def test_stager_times_each_run_with_a_fresh_cache_and_keeps_what_the_last_run_saved(tmp_path):
+    stager = workloads.Stager([sys.executable, "-c", FAKE_STAGE], dict(os.environ), str(tmp_path), "zzzzz", 4)
+    remote = BenchCollection(
+        "bench-seq-remote", "zbbbb-4zz18-000000000000001", "zbbbb", {"data.bin": 1 << 20}
+    )
+    rates = stager.samples(remote, 2)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert stager.saved is not None and stager.saved.name == "bench-seq-remote staged 2"
+    assert (stager.saved.cluster, stager.saved.files) == ("zzzzz", {"data.bin": 1 << 20})
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("stage-cache")]  # removed after each run
+    failing = BenchCollection("fail", "zbbbb-4zz18-fail00000000000", "zbbbb", {"data.bin": 1})
+    with pytest.raises(BenchError, match="stage exited with 1: stage: cannot reach zbbbb"):
+        stager.samples(failing, 1)
