@@ -20,10 +20,10 @@ Steps:
    where arv-mount cannot do the workload (``--route direct``). The remote workloads and
    their Keep ceilings run with the remote cluster shaped (added latency and a
    per-connection bandwidth cap), everything else unshaped. The remote cold read runs
-   twice: with ``--route home`` (through the home keepstore, which proxies and verifies
-   the remote's blocks; ceiling: raw GETs from the home keepstores) and with
-   ``--route direct`` (ceiling: raw GETs from the remote's keepstores, salted token), which
-   is what the default, ``--route auto``, does for a remote whose keepstores answer. The
+   three times: with ``--route home`` (through the home keepstore, which proxies and verifies
+   the remote's blocks; ceiling: raw GETs from the home keepstores), with the default,
+   ``--route auto``, and with ``--route direct`` (ceiling for both: raw GETs from the
+   remote's keepstores, salted token, which auto reads while they answer). The
    subject mounts with ``--route home`` so that each figure has the ceiling of its route.
    The project workloads (``ls -l`` of the big project, cold and warm, and ``find`` over the
    tree) have for ceiling a bare HTTPS client paging the same listings; the daemon's RSS
@@ -235,11 +235,13 @@ class Run:
         only: str | None = None,
         direct: workloads.Subject | None = None,
         peer: workloads.Subject | None = None,
+        auto: workloads.Subject | None = None,
     ) -> None:
         self.cfg = cfg
         self.only = only
         self.subject = subject
         self.direct = direct  # the subject mounted with --route direct, if it has routes
+        self.auto = auto  # and with --route auto, the default
         self.peer = peer  # the filesystem fedmount is compared with (arv-mount), if measured
         self.nullfs = nullfs
         self.fed = fed
@@ -714,14 +716,21 @@ class Run:
         remote = self.colls["seq_remote"]
         with shaped(self.fed, remote.cluster, cfg.remote_latency_ms, cfg.remote_bandwidth):
             self._remote_cold_read(
-                self.subject, f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}"
+                self.subject, f"dd of a file of a remote cluster, fresh disk cache, {self.shaping}", "home"
             )
+            if self.auto is not None:
+                self._remote_cold_read(
+                    self.auto,
+                    "the same dd with the default route: the remote's blocks from its own keepstores "
+                    f"while they answer, else through the home, {self.shaping}",
+                    "auto",
+                )
             if self.direct is not None:
                 self._remote_cold_read(
                     self.direct,
-                    "the same dd, fedmount reading the owning cluster's keepstores itself (salted token)"
-                    f" instead of through the home keepstore, {self.shaping}",
-                    direct=True,
+                    "the same dd, fedmount asking the owning cluster for the collection and reading its "
+                    f"keepstores itself (salted token) instead of through the home keepstore, {self.shaping}",
+                    "direct",
                 )
             self.workload(
                 "time to first byte, uncached remote block",
@@ -738,15 +747,14 @@ class Run:
                 },
             )
 
-    def _remote_cold_read(
-        self, subject: workloads.Subject, description: str, *, direct: bool = False
-    ) -> None:
-        """The remote cold sequential read through the home keepstore or, `direct`, with
-        --route direct, against raw GETs along the same route (`_keep`); the caller has the
-        remote cluster shaped."""
+    def _remote_cold_read(self, subject: workloads.Subject, description: str, route: str) -> None:
+        """The remote cold sequential read with ``--route`` `route`, against raw GETs along the
+        path it takes (`_keep`): the home keepstores for home, the remote's own for direct and
+        auto (auto reads a remote whose keepstores answer directly); the caller has the remote
+        cluster shaped. arv-mount, which reads through the home, is beside home and auto."""
         cfg, remote = self.cfg, self.colls["seq_remote"]
+        direct = route != "home"
         source = f" from {remote.cluster}'s keepstores" if direct else ""
-        route = "direct" if direct else "home"
         self.workload(
             f"cold sequential read {cfg.seq_size // MiB} MiB, remote, --route {route}",
             description,
@@ -761,7 +769,7 @@ class Run:
                 )
             },
             subject=subject,
-            peer_na=arvmount.NO_DIRECT_ROUTE if direct else None,
+            peer_na=arvmount.NO_DIRECT_ROUTE if route == "direct" else None,
         )
 
 
@@ -872,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             subject: workloads.Subject = nullfs
             direct: workloads.Subject | None = None
+            auto: workloads.Subject | None = None
             if args.target != "nullfs":
                 env = fed.env(base=workloads.python_path_env())
                 subject = workloads.FedmountSubject(
@@ -882,8 +891,12 @@ def main(argv: list[str] | None = None) -> int:
                     env, os.path.join(workdir, "fedmount-direct"), cfg.read_ahead_kb, args.fedmount,
                     ["--route", "direct"],
                 )  # fmt: skip
+                auto = workloads.FedmountSubject(
+                    env, os.path.join(workdir, "fedmount-auto"), cfg.read_ahead_kb, args.fedmount,
+                    ["--route", "auto"],
+                )  # fmt: skip
             peer = arvmount.ArvMountSubject(fed, os.path.join(workdir, "arv-mount")) if with_peer else None
-            run = Run(cfg, subject, nullfs, fed, colls, workdir, args.only, direct, peer)
+            run = Run(cfg, subject, nullfs, fed, colls, workdir, args.only, direct, peer, auto)
             with ceilings.PageCacheFile(workdir, cfg.seq_size, cfg.read_size) as page_cache:
                 run.local_workloads(page_cache)
             run.project_workloads()
