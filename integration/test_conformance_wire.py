@@ -79,7 +79,7 @@ def test_remote_uuid_is_forwarded_with_salted_token_and_via_header(federation):
     mark = federation.mark()
     reply = _get(federation, "zzzzz", entry["uuid"], federation.token("zzzzz"))
     assert reply.status == 200
-    remote = federation.requests(since=mark, cluster="zbbbb", service="controller")
+    remote = federation.wait_requests(since=mark, cluster="zbbbb", service="controller")
     assert remote[0]["token"] == _salted(federation.token("zzzzz"), "zbbbb")
     assert f"/arvados/v1/collections/{entry['uuid']}" in remote[0]["path"]
 
@@ -90,7 +90,7 @@ def test_token_in_query_is_moved_to_header_and_salted(federation):
     token = federation.token("zzzzz")
     reply = federation.request("zzzzz", f"/arvados/v1/collections/{entry['uuid']}?api_token={quote(token)}")
     assert reply.status == 200
-    remote = federation.requests(since=mark, cluster="zbbbb", service="controller")
+    remote = federation.wait_requests(since=mark, cluster="zbbbb", service="controller")
     assert remote[0]["token"] == _salted(token, "zbbbb") and "api_token" not in remote[0]["path"]
 
 
@@ -278,8 +278,9 @@ def test_home_keepstore_proxies_R_block_with_token_salted_for_owner(federation):
     mark = federation.mark()
     reply = federation.request("zzzzz", "/" + locator, service="keep1", token=token)
     assert reply.status == 200 and hashlib.md5(reply.body).hexdigest() == locator[:32]
-    remote_reads = federation.requests(since=mark, cluster="zbbbb")
-    keep_reads = [r for r in remote_reads if r["service"].startswith("keep")]
+    keep_reads = federation.wait_requests(
+        since=mark, cluster="zbbbb", where=lambda r: r["service"].startswith("keep")
+    )
     assert keep_reads and all(r["token"] == _salted(token, "zbbbb") for r in keep_reads)
     assert "+A" in keep_reads[0]["path"] and "+R" not in keep_reads[0]["path"]
 

@@ -295,6 +295,9 @@ def test_interrupted_stage_resumes_without_refetching(fed, tmp_path):
     deadline = time.monotonic() + 60
     while len(cached_keys(cache)) < 2 and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
+    if first.poll() is None and len(cached_keys(cache)) < 2:
+        first.kill()
+        raise AssertionError(f"the stage fetched fewer than 2 blocks in 60 s: {first.communicate()[1]}")
     # Stall the keepstores before interrupting, so that a slow poll of this loop (a loaded CI
     # machine) cannot let the stage finish first: the interrupt always finds it mid-fetch.
     for svc in ("keep0", "keep1"):
