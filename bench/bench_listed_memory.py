@@ -58,7 +58,7 @@ class ApiLikeSource:
     async def config(self, cluster: str) -> ClusterConfig:
         return ClusterConfig("%2f", 1000)
 
-    async def contents(self, owner: str, cluster: str | None = None) -> list[dict[str, Any]]:
+    async def contents(self, owner: str, take: Any, cluster: str | None = None) -> None:
         stamp = "2026-01-02T03:04:05.123456789Z"
         if owner == ME:
             rows = [{"kind": "arvados#group", "etag": f"e{i:020d}", "uuid": project_uuid(i),
@@ -75,7 +75,8 @@ class ApiLikeSource:
                      "current_version_uuid": f"zzzzz-4zz18-{p:07d}{i:08d}", "file_count": 3,
                      "file_size_total": i * 1000}
                     for i in range(self.per_project)]  # fmt: skip
-        return json.loads(json.dumps(rows))
+        for start in range(0, len(rows), 1000):  # pages of 1,000, as the API answers
+            await take(json.loads(json.dumps(rows[start : start + 1000])))
 
     async def get(self, uuid: str) -> dict[str, Any]:
         raise AssertionError("a walk gets nothing")

@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from fedmount.api.listing import ClusterConfig, cluster_of
+from fedmount.api.listing import ClusterConfig, Take, cluster_of
 
 from .calls import JoinedCalls, answer_by_deadline
 from .context import MountContext
@@ -61,7 +61,7 @@ class ProjectSourceLike(Protocol):
 
     async def config(self, cluster: str) -> ClusterConfig: ...
     async def get(self, uuid: str) -> dict[str, Any]: ...
-    async def contents(self, owner: str, cluster: str | None = None) -> list[dict[str, Any]]: ...
+    async def contents(self, owner: str, take: Take, cluster: str | None = None) -> None: ...
     async def find(
         self, owner: str, names: Sequence[str], cluster: str | None = None
     ) -> list[dict[str, Any]]: ...
@@ -188,9 +188,11 @@ class ProjectTree:
         cluster: str,
         ancestors: frozenset[str],
         name_of: Callable[[dict[str, Any]], object] = lambda item: item.get("name"),
+        out: dict[str, Node] | None = None,
     ) -> dict[str, Node]:
-        """`items` as named entries of directory `parent`: the first to take a name keeps it."""
-        out: dict[str, Node] = {}
+        """`items` as named entries of directory `parent`, added to `out` (default: none yet):
+        the first to take a name keeps it."""
+        out = {} if out is None else out
         for item in items:
             uuid = str(item.get("uuid") or "")
             config = await self.source.config(cluster_of(uuid) if uuid else cluster)
@@ -249,8 +251,13 @@ class ProjectDir(ListedDir):
         if self.contained_in_itself:
             return {}
         tree = self.tree
-        items = await asked(self.subject, tree.source.contents(self.uuid, self.cluster), self.context)
-        return await tree.names(items, self.ino, self.cluster, self.ancestors)
+        out: dict[str, Node] = {}
+
+        async def take(items: list[dict[str, Any]]) -> None:  # a page: its records die before the next
+            await tree.names(items, self.ino, self.cluster, self.ancestors, out=out)
+
+        await asked(self.subject, tree.source.contents(self.uuid, take, self.cluster), self.context)
+        return out
 
     async def lookup(self, name: str) -> Node:
         if name in self.hidden or self._names is not None or self.contained_in_itself:
