@@ -9,9 +9,13 @@ one line naming the directory and the cluster, and is asked again after ``refres
 with no previous listing the failure is the operation's answer (EIO for a cluster that is
 down: only the directories of that cluster are affected), and the next operation asks again.
 
-Entries are nodes kept by object uuid for the life of the directory, numbered by (this
-directory, uuid): a re-listing that renames an object keeps its number under the new name,
-and a collection already loaded stays loaded.
+Entries are nodes kept by object uuid for the life of the directory (`ListedDir.known`),
+each with a number of its own: a re-listing that renames an object keeps its number under
+the new name, and a collection already loaded stays loaded. Memory (issue 17): a listing of
+a million collections keeps, per entry, its name, a `ListedCollectionDir` with its uuid and
+modification time, and one slot in each of three dicts (by name, by uuid, by number), not
+its list record; nothing else (no key tuple), and the records of a listing are decoded and
+dropped a page at a time (`fedmount.api.listing.ProjectSource.contents`).
 
 A `ListedCollectionDir` is a collection named in a listing: its attributes come from the
 list record (no manifest is fetched to list a project) and it loads its collection, as
@@ -73,6 +77,7 @@ class ListedDir(DirNode):
         self.mtime = mtime
         self.hidden = dict(hidden or {})
         self._names: dict[str, Node] | None = None  # as of the last listing
+        self.known: dict[str, Node] = {}  # every entry's node ever listed, by object uuid
         self._listed_at = -math.inf
         self._call: Call[dict[str, Node]] | None = None
 

@@ -52,7 +52,6 @@ class TagDir(ListedDir):
         )
         self.tree = tree
         self.tag = tag
-        self._collections: dict[str, Node] = {}
 
     async def _list(self) -> dict[str, Node]:
         heads = await asked(self.subject, self.tree.source.tagged(self.cluster, self.tag), self.context)
@@ -60,11 +59,10 @@ class TagDir(ListedDir):
         for uuid in heads:
             if not COLLECTION_UUID_RE.match(uuid):
                 continue
-            node = self._collections.get(uuid)
+            node = self.known.get(uuid)
             if node is None:
-                ino = self.context.table.number((self.ino, uuid))
-                node = ListedCollectionDir(self.context, self.tree.loader, ino, {"uuid": uuid})
-                self._collections[uuid] = node
+                ino = self.context.table.new()
+                node = self.known[uuid] = ListedCollectionDir(self.context, self.tree.loader, ino, {"uuid": uuid})
                 self.context.table.bind(ino, node)
             out[uuid] = node
         return out
