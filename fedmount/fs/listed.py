@@ -33,6 +33,7 @@ from typing import Any
 from fedmount.api.federation import parse_timestamp
 from fedmount.arvados.errors import ApiError
 from fedmount.arvados.ids import CollectionId, parse_collection_id
+from fedmount.memory import release
 
 from .calls import Call, answer_by_deadline
 from .collection import Collection
@@ -42,6 +43,7 @@ from .loader import CollectionLoader, api_group
 from .nodes import Attr, DirNode, Entries, Node
 
 log = logging.getLogger("fedmount.fs")
+RELEASE_AFTER = 1000  # entries: a listing of more than one page gives the C heap's free pages back
 
 
 def record_mtime(record: dict[str, Any], default: float) -> float:
@@ -117,6 +119,8 @@ class ListedDir(DirNode):
             self._listed_at = self.context.clock()
             self._call = None
         self._names = names
+        if len(names) >= RELEASE_AFTER:
+            release()  # the free pages the listing's decoded pages left in the C heap
         return names
 
     async def lookup(self, name: str) -> Node:
