@@ -14,8 +14,11 @@ home finds nothing (arv-mount's ENOENT).
   and filter groups, then collections: ``#17424``), each with keyset paging: ``order=uuid``,
   ``count=none``, ``limit`` the cluster's ``API.MaxItemsPerResponse``, the next page after
   ``["uuid", ">", last]``. A page shorter than the ``limit`` the answer reports is the last,
-  so a listing costs one request per page per kind. Collections come without manifest text
-  (``select``) and old versions are left out.
+  so a listing costs one request per page per kind. Collections come with only what a
+  listing uses (``select``: uuid, name, modification time, current version) and old versions
+  are left out. Each page goes to the caller's ``take`` before the next is asked for, so a
+  listing holds one page of decoded records at a time (issue 17: the records of a whole
+  listing alive at once left their freed memory resident, pinned by what the entries keep).
 - `ProjectSource.find`: one name in a project never listed, as keep-web's project
   filesystem asks (``sdk/go/arvados/fs_project.go`` ``projectsLoadOne``): the contents of
   that project with a ``name`` filter, routed by the project's uuid.
@@ -51,8 +54,7 @@ from .controller import ControllerClient
 from .federation import parse_timestamp
 
 GROUP_CLASSES = ["project", "filter"]
-COLLECTION_FIELDS = ["uuid", "name", "owner_uuid", "portable_data_hash", "modified_at", "created_at",
-                     "current_version_uuid", "file_count", "file_size_total"]  # fmt: skip
+COLLECTION_FIELDS = ["uuid", "name", "modified_at", "current_version_uuid"]  # what a listing uses
 SUMMARY_FIELDS = ["uuid", "portable_data_hash", "modified_at"]  # what decides a re-check
 DEFAULT_PAGE = 1000  # API.MaxItemsPerResponse by default
 DEFAULT_SUBSTITUTION = "_"  # what arv-mount uses when the configuration cannot be read
@@ -173,10 +175,11 @@ class ProjectSource:
     async def _page(
         self, client: ControllerClient, path: str, query: dict[str, Any], take: TakeAnswer
     ) -> str | None:
-        """One answer (its ``items`` a list) handed to `take`; the uuid to page after, or None if it was the last. Its
-        decoded records are garbage once this returns, before the next page is decoded: a
-        listing never holds two pages of them, and what `take` keeps of one page lies amid the
-        records of the next, not amid ten thousand freed ones (`fedmount.fs.projects`)."""
+        """One answer (its ``items`` a list) handed to `take`; the uuid to page after, or None
+        if it was the last. Its decoded records are garbage once this returns, before the next
+        page is decoded: a listing never holds two pages of them, and what `take` keeps of one
+        page lies amid the records of the next, not amid ten thousand freed ones (pymalloc
+        frees an arena only once all of it is free)."""
         answer = await client.call(path, query)
         items = answer.get("items")
         if not isinstance(items, list):

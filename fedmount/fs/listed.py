@@ -28,7 +28,7 @@ import errno
 import logging
 import math
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Protocol
 
 from fedmount.api.federation import parse_timestamp
 from fedmount.arvados.errors import ApiError
@@ -135,21 +135,32 @@ class ListedDir(DirNode):
         return list((await self.listing()).items())
 
 
+class Lister(Protocol):
+    """Whoever lists collections (`fedmount.fs.projects.ProjectTree`): what they load with."""
+
+    context: MountContext
+    loader: CollectionLoader
+
+
 class ListedCollectionDir(DirNode):
     """A collection named in a listing (see the module docstring). Of its list record it
     keeps what its attributes need, its modification time: a listing of a million
-    collections keeps a million of these, not a million records."""
+    collections keeps a million of these, not a million records, and each holds one
+    reference to its `Lister` rather than two (six slots: 80 bytes, not 96)."""
 
-    __slots__ = ("context", "loader", "ino", "uuid", "mtime", "collection", "_call")
+    __slots__ = ("lister", "ino", "uuid", "mtime", "collection", "_call")
 
-    def __init__(self, context: MountContext, loader: CollectionLoader, ino: int, record: dict[str, Any]):
-        self.context = context
-        self.loader = loader
+    def __init__(self, lister: Lister, ino: int, record: dict[str, Any]):
+        self.lister = lister
         self.ino = ino
         self.uuid = parse_collection_id(str(record["uuid"])).text  # the listing's key holds it anyway
-        self.mtime = record_mtime(record, context.started)
+        self.mtime = record_mtime(record, lister.context.started)
         self.collection: Collection | None = None
         self._call: Call[Collection] | None = None
+
+    @property
+    def context(self) -> MountContext:
+        return self.lister.context
 
     @property
     def cid(self) -> CollectionId:
@@ -182,11 +193,11 @@ class ListedCollectionDir(DirNode):
 
     async def _load(self) -> Collection:
         try:
-            record, manifest = await self.loader.load(self.cid)
+            record, manifest = await self.lister.loader.load(self.cid)
         finally:
             self._call = None
         self.collection = Collection(
-            self.context, self.loader, self.cid, (self.ino, "collection"), self.ino, record, manifest
+            self.context, self.lister.loader, self.cid, (self.ino, "collection"), self.ino, record, manifest
         )
         return self.collection
 

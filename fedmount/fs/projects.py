@@ -108,7 +108,7 @@ class ProjectTree:
             node.relisted(record)
             return node
         if COLLECTION_UUID_RE.match(uuid):
-            node = self._bound(ListedCollectionDir(self.context, self.loader, self.context.table.new(), record))
+            node = self._bound(ListedCollectionDir(self, self.context.table.new(), record))
         elif GROUP_UUID_RE.match(uuid) or USER_UUID_RE.match(uuid):
             owner_cluster = cluster if USER_UUID_RE.match(uuid) else cluster_of(uuid)
             node = self.project(self.context.table.new(), record, owner_cluster, ancestors)

@@ -62,7 +62,7 @@ class TagDir(ListedDir):
             node = self.known.get(uuid)
             if node is None:
                 ino = self.context.table.new()
-                node = self.known[uuid] = ListedCollectionDir(self.context, self.tree.loader, ino, {"uuid": uuid})
+                node = self.known[uuid] = ListedCollectionDir(self.tree, ino, {"uuid": uuid})
                 self.context.table.bind(ino, node)
             out[uuid] = node
         return out
