@@ -12,10 +12,11 @@ down: only the directories of that cluster are affected), and the next operation
 Entries are nodes kept by object uuid for the life of the directory (`ListedDir.known`),
 each with a number of its own: a re-listing that renames an object keeps its number under
 the new name, and a collection already loaded stays loaded. Memory (issue 17): a listing of
-a million collections keeps, per entry, its name, a `ListedCollectionDir` with its uuid and
-modification time, and one slot in each of three dicts (by name, by uuid, by number), not
-its list record; nothing else (no key tuple), and the records of a listing are decoded and
-dropped a page at a time (`fedmount.api.listing.ProjectSource.contents`).
+a million collections keeps, per entry, its name, a `ListedCollectionDir` with its uuid,
+number and modification time, a slot in two dicts (by name, by uuid) and one in the list
+of its page's numbers (`PageNumbers`), not its list record; nothing else (no key tuple, no
+entry in the inode table's dict), and the records of a listing are decoded and dropped a
+page at a time (`fedmount.api.listing.ProjectSource.contents`).
 
 A `ListedCollectionDir` is a collection named in a listing: its attributes come from the
 list record (no manifest is fetched to list a project) and it loads its collection, as
@@ -27,8 +28,8 @@ from __future__ import annotations
 import errno
 import logging
 import math
-from collections.abc import Awaitable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from fedmount.api.federation import parse_timestamp
 from fedmount.arvados.errors import ApiError
@@ -39,10 +40,12 @@ from .calls import Call, answer_by_deadline
 from .collection import Collection
 from .context import MountContext
 from .errors import FsError, api_failure
+from .inodes import InodeTable
 from .loader import CollectionLoader, api_group
 from .nodes import Attr, DirNode, Entries, Node
 
 log = logging.getLogger("fedmount.fs")
+N = TypeVar("N", bound=Node)
 RELEASE_AFTER = 1000  # entries: a listing of more than one page gives the C heap's free pages back
 
 
@@ -79,7 +82,7 @@ class ListedDir(DirNode):
         self.mtime = mtime
         self.hidden = dict(hidden or {})
         self._names: dict[str, Node] | None = None  # as of the last listing
-        self.known: dict[str, Node] = {}  # every entry's node ever listed, by object uuid
+        self.known: dict[str, Node] = {}  # every entry's node ever listed or found, by object uuid
         self._listed_at = -math.inf
         self._call: Call[dict[str, Node]] | None = None
 
@@ -133,6 +136,32 @@ class ListedDir(DirNode):
 
     async def entries(self) -> Entries:
         return list((await self.listing()).items())
+
+
+class PageNumbers:
+    """The numbers of the new collections of one page of a listing: one range of the inode
+    table (`InodeTable.allocate`, as long as the page), taken at the first of them, whose
+    owner this is. A listed collection costs the table a slot of this list, not a dict entry."""
+
+    __slots__ = ("table", "size", "start", "nodes")
+
+    def __init__(self, table: InodeTable[Node], size: int):
+        self.table = table
+        self.size = size  # at most this many nodes are added
+        self.start = 0
+        self.nodes: list[Node] = []
+
+    def add(self, make: Callable[[int], N]) -> N:
+        """A node made with the next number of the range."""
+        if not self.nodes:
+            self.start = self.table.allocate(self.size, self)
+        node = make(self.start + len(self.nodes))
+        self.nodes.append(node)
+        return node
+
+    def node_at(self, ino: int) -> Node | None:
+        index = ino - self.start
+        return self.nodes[index] if index < len(self.nodes) else None
 
 
 class Lister(Protocol):

@@ -38,7 +38,7 @@ from fedmount.api.listing import ClusterConfig, Take, cluster_of
 from .calls import JoinedCalls, answer_by_deadline
 from .context import MountContext
 from .errors import FsError
-from .listed import ListedCollectionDir, ListedDir, asked, record_mtime
+from .listed import ListedCollectionDir, ListedDir, PageNumbers, asked, record_mtime
 from .loader import CollectionLoader
 from .names import candidates, entry_name
 from .nodes import GeneratedFile, Node, StaticDir
@@ -92,23 +92,25 @@ class ProjectTree:
     def _number(self, parent: int, uuid: str) -> int:
         return self.context.table.number((parent, uuid))
 
-    def _bound(self, node: Node) -> Node:
-        self.context.table.bind(node.ino, node)
-        return node
-
     def node(
-        self, known: dict[str, Node], record: dict[str, Any], cluster: str, ancestors: frozenset[str]
+        self,
+        known: dict[str, Node],
+        record: dict[str, Any],
+        cluster: str,
+        ancestors: frozenset[str],
+        numbers: PageNumbers,
     ) -> Node | None:
         """The node of an object listed in a directory (a project's, a user's) whose nodes by
         uuid are `known`: the one it had in an earlier listing, with the new record, if it had
-        one. A new one gets a number of its own (`InodeTable.new`): `known` keys it."""
+        one. A new collection gets the next of its page's `numbers`, a new project a number of
+        its own (`InodeTable.new`): `known` keys them."""
         uuid = str(record.get("uuid") or "")
         node = known.get(uuid)
         if isinstance(node, ListedCollectionDir | ProjectDir):
             node.relisted(record)
             return node
         if COLLECTION_UUID_RE.match(uuid):
-            node = self._bound(ListedCollectionDir(self, self.context.table.new(), record))
+            node = numbers.add(lambda ino: ListedCollectionDir(self, ino, record))
         elif GROUP_UUID_RE.match(uuid) or USER_UUID_RE.match(uuid):
             owner_cluster = cluster if USER_UUID_RE.match(uuid) else cluster_of(uuid)
             node = self.project(self.context.table.new(), record, owner_cluster, ancestors)
@@ -191,13 +193,14 @@ class ProjectTree:
         """`items` as named entries of the directory whose nodes are `known` (`node`), added to
         `out` (default: none yet): the first to take a name keeps it."""
         out = {} if out is None else out
+        numbers = PageNumbers(self.context.table, len(items))
         for item in items:
             uuid = str(item.get("uuid") or "")
             config = await self.source.config(cluster_of(uuid) if uuid else cluster)
             name = entry_name(name_of(item), config.slash_substitution)
             if name is None or name in out:
                 continue
-            node = self.node(known, item, cluster, ancestors)
+            node = self.node(known, item, cluster, ancestors, numbers)
             if node is not None:
                 out[name] = node
         return out
