@@ -1,12 +1,13 @@
 """Benchmark: what each listed entry of the project tree keeps in the daemon's heap.
 
 Builds the fs's real project tree (`fedmount.fs.tree.Tree` with the home layout) over a
-source that answers like the API (each page decoded from JSON text, as the controller
-client decodes it, so no string is shared between records), walks `--projects` projects
-of `--per-project` collections each (readdir, then the attributes of every entry, as
-``find`` or ``ls -l`` does), and measures the process's RSS growth per listed entry, then, walking a second
-tree under tracemalloc, the bytes still allocated per listed entry after the walk and
-where they were allocated (the `--top` sites).
+source that answers like the API (the fields fedmount selects, a page of 1,000 at a time,
+each decoded from JSON text as the controller client decodes it, so no string is shared
+between records, and handed over before the next is decoded, as `ProjectSource` does),
+walks `--projects` projects of `--per-project` collections each (readdir, then the
+attributes of every entry, as ``find`` or ``ls -l`` does), and measures the process's RSS
+growth per listed entry, then, walking a second tree under tracemalloc, the bytes still
+allocated per listed entry after the walk and where they were allocated (the `--top` sites).
 
 `make bench` reports the daemon's own figure (``daemon RSS per listed entry``, through FUSE,
 against issue 17's 80 B); this one is the tree's part alone, with the sites to work on.
@@ -38,6 +39,7 @@ from fedmount.fs.tree import Tree  # noqa: E402
 from fedmount.stats import Stats  # noqa: E402
 
 ME = "zzzzz-tpzed-000000000000001"
+STAMP = "2026-01-02T03:04:05.123456789Z"
 
 
 def project_uuid(i: int) -> str:
@@ -58,24 +60,25 @@ class ApiLikeSource:
     async def config(self, cluster: str) -> ClusterConfig:
         return ClusterConfig("%2f", 1000)
 
-    async def contents(self, owner: str, cluster: str | None = None) -> list[dict[str, Any]]:
-        stamp = "2026-01-02T03:04:05.123456789Z"
+    async def contents(self, owner: str, take: Any, cluster: str | None = None) -> None:
         if owner == ME:
             rows = [{"kind": "arvados#group", "etag": f"e{i:020d}", "uuid": project_uuid(i),
                      "name": f"project {i}", "owner_uuid": ME, "group_class": "project",
-                     "modified_at": stamp, "created_at": stamp, "description": None, "properties": {},
+                     "modified_at": STAMP, "created_at": STAMP, "description": None, "properties": {},
                      "writable_by": [ME]}
                     for i in range(self.projects)]  # fmt: skip
-        else:
-            p = int(owner.rsplit("-", 1)[1])
-            rows = [{"kind": "arvados#collection", "etag": f"e{p:08d}{i:012d}",
-                     "uuid": f"zzzzz-4zz18-{p:07d}{i:08d}", "name": f"sample {i:06d}.fastq",
-                     "owner_uuid": owner, "portable_data_hash": f"{(p << 32) + i:032x}+{i * 7}",
-                     "modified_at": stamp, "created_at": stamp,
-                     "current_version_uuid": f"zzzzz-4zz18-{p:07d}{i:08d}", "file_count": 3,
-                     "file_size_total": i * 1000}
-                    for i in range(self.per_project)]  # fmt: skip
-        return json.loads(json.dumps(rows))
+            await take(json.loads(json.dumps(rows)))
+            return
+        for start in range(0, self.per_project, 1000):  # pages of 1,000, as the API answers
+            await take(json.loads(self._page(owner, start)))
+
+    def _page(self, owner: str, start: int) -> bytes:
+        """The JSON text of a page of collections (fedmount's select), starting at `start`."""
+        p = int(owner.rsplit("-", 1)[1])
+        return json.dumps([{"kind": "arvados#collection", "etag": f"e{p:08d}{i:012d}",
+                            "uuid": f"zzzzz-4zz18-{p:07d}{i:08d}", "name": f"sample {i:06d}.fastq",
+                            "modified_at": STAMP, "current_version_uuid": f"zzzzz-4zz18-{p:07d}{i:08d}"}
+                           for i in range(start, min(start + 1000, self.per_project))]).encode()  # fmt: skip
 
     async def get(self, uuid: str) -> dict[str, Any]:
         raise AssertionError("a walk gets nothing")

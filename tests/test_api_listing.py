@@ -15,6 +15,10 @@ from fedmount.arvados.errors import ClusterUnreachable
 ME = "zzzzz-tpzed-000000000000001"
 
 
+async def _ignore(items: list[dict[str, Any]]) -> None:
+    pass
+
+
 def uuid(cluster: str, infix: str, i: int) -> str:
     return f"{cluster}-{infix}-{i:015d}"
 
@@ -112,8 +116,15 @@ async def test_contents_pages_by_uuid_with_the_clusters_page_size_and_stops_at_a
         }
     ]
     source = ProjectSource(federation)
-    items = await source.contents(ME, "zbbbb")
+    pages: list[list[dict]] = []
+
+    async def take(items: list[dict]) -> None:
+        pages.append(items)
+
+    await source.contents(ME, take, "zbbbb")
+    items = [i for page in pages for i in page]
     assert [i["name"] for i in items[:3]] == ["p0", "p1", "p2"] and len(items) == 3 + 1200  # no old version
+    assert [len(page) for page in pages] == [3, 500, 500, 200]  # handed over a page at a time
     listings = [p for path, p in remote.calls if path.endswith("/contents")]
     assert len(listings) == 1 + 3  # one page of groups; 500 + 500 + 201 collections
     assert {p["limit"] for p in listings} == {500} and {p["count"] for p in listings} == {"none"}
@@ -125,7 +136,7 @@ async def test_contents_pages_by_uuid_with_the_clusters_page_size_and_stops_at_a
 async def test_a_project_is_asked_of_the_cluster_that_owns_it(federation):
     source = ProjectSource(federation)
     project = uuid("zbbbb", "j7d0g", 7)
-    await source.contents(project)
+    await source.contents(project, _ignore)
     await source.find(project, ["x"])
     assert [path for path, _ in federation.clients["zbbbb"].calls if path != "config"] == [
         f"groups/{project}/contents"] * 4  # fmt: skip

@@ -25,7 +25,7 @@ from fsworld import (  # tests/ is on sys.path under pytest
     world_fixture,  # noqa: F401 (a fixture)
 )
 
-from fedmount.api.listing import ClusterConfig
+from fedmount.api.listing import ClusterConfig, Take
 from fedmount.arvados.errors import ClusterUnreachable
 from fedmount.fs.errors import FsError
 from fedmount.fs.inodes import ROOT_INODE
@@ -80,11 +80,11 @@ class FakeSource:
         await self._check(uuid[:5])
         return self.records[uuid]
 
-    async def contents(self, owner: str, cluster: str | None = None) -> list[dict[str, Any]]:
+    async def contents(self, owner: str, take: Take, cluster: str | None = None) -> None:
         cluster = cluster or owner[:5]
         self.asked.append(("contents", owner, cluster))
         await self._check(cluster)
-        return list(self.contents_of(owner, cluster))
+        await take(list(self.contents_of(owner, cluster)))
 
     def contents_of(self, owner: str, cluster: str) -> list[dict[str, Any]]:
         return self.listed.get((owner, cluster), [])

@@ -14,8 +14,11 @@ home finds nothing (arv-mount's ENOENT).
   and filter groups, then collections: ``#17424``), each with keyset paging: ``order=uuid``,
   ``count=none``, ``limit`` the cluster's ``API.MaxItemsPerResponse``, the next page after
   ``["uuid", ">", last]``. A page shorter than the ``limit`` the answer reports is the last,
-  so a listing costs one request per page per kind. Collections come without manifest text
-  (``select``) and old versions are left out.
+  so a listing costs one request per page per kind. Collections come with only what a
+  listing uses (``select``: uuid, name, modification time, current version) and old versions
+  are left out. Each page goes to the caller's ``take`` before the next is asked for, so a
+  listing holds one page of decoded records at a time (issue 17: the records of a whole
+  listing alive at once left their freed memory resident, pinned by what the entries keep).
 - `ProjectSource.find`: one name in a project never listed, as keep-web's project
   filesystem asks (``sdk/go/arvados/fs_project.go`` ``projectsLoadOne``): the contents of
   that project with a ``name`` filter, routed by the project's uuid.
@@ -38,7 +41,7 @@ to that table's queries only, one on a bare column to every query.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -51,11 +54,13 @@ from .controller import ControllerClient
 from .federation import parse_timestamp
 
 GROUP_CLASSES = ["project", "filter"]
-COLLECTION_FIELDS = ["uuid", "name", "owner_uuid", "portable_data_hash", "modified_at", "created_at",
-                     "current_version_uuid", "file_count", "file_size_total"]  # fmt: skip
+COLLECTION_FIELDS = ["uuid", "name", "modified_at", "current_version_uuid"]  # what a listing uses
 SUMMARY_FIELDS = ["uuid", "portable_data_hash", "modified_at"]  # what decides a re-check
 DEFAULT_PAGE = 1000  # API.MaxItemsPerResponse by default
 DEFAULT_SUBSTITUTION = "_"  # what arv-mount uses when the configuration cannot be read
+
+Take = Callable[[list[dict[str, Any]]], Awaitable[None]]  # what is done with a page of records
+TakeAnswer = Callable[[dict[str, Any]], Awaitable[None]]  # ... with a page's whole answer
 
 
 class ControllersLike(Protocol):
@@ -152,38 +157,46 @@ class ProjectSource:
         return await self._client(cluster_of(uuid)).call(f"{resource}/{quote(uuid, safe='')}")
 
     async def _pages(
-        self, cluster: str, path: str, params: dict[str, Any], filters: list[list[Any]]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Every answer of a keyset-paged list (see the module docstring)."""
+        self, cluster: str, path: str, params: dict[str, Any], filters: list[list[Any]], take: TakeAnswer
+    ) -> None:
+        """Every answer of a keyset-paged list (see the module docstring), each handed to
+        `take` before the next page is asked for."""
         client = self._client(cluster)
         page_size = (await self.config(cluster)).page_size
         after: list[list[Any]] = []
         while True:
-            answer = await client.call(
-                path,
-                {
-                    **params,
-                    "filters": filters + after,
-                    "order": ["uuid asc"],
-                    "count": "none",
-                    "limit": page_size,
-                },
-            )
-            items = answer.get("items")
-            if not isinstance(items, list):
-                raise BadAnswer(client.cluster, f"GET {path}: the answer has no list of items")
-            yield answer
-            limit = answer.get("limit")
-            if not items or len(items) < (limit if isinstance(limit, int) and limit > 0 else page_size):
+            query = {**params, "filters": filters + after, "order": ["uuid asc"], "count": "none",
+                     "limit": page_size}  # fmt: skip
+            last = await self._page(client, path, query, take)
+            if last is None:
                 return
-            last = items[-1].get("uuid") if isinstance(items[-1], dict) else None
-            if not isinstance(last, str):
-                raise BadAnswer(client.cluster, f"GET {path}: an item without a uuid")
             after = [["uuid", ">", last]]
 
-    async def contents(self, owner: str, cluster: str | None = None) -> list[dict[str, Any]]:
+    async def _page(
+        self, client: ControllerClient, path: str, query: dict[str, Any], take: TakeAnswer
+    ) -> str | None:
+        """One answer (its ``items`` a list) handed to `take`; the uuid to page after, or None
+        if it was the last. Its decoded records are garbage once this returns, before the next
+        page is decoded: a listing never holds two pages of them, and what `take` keeps of one
+        page lies amid the records of the next, not amid ten thousand freed ones (pymalloc
+        frees an arena only once all of it is free)."""
+        answer = await client.call(path, query)
+        items = answer.get("items")
+        if not isinstance(items, list):
+            raise BadAnswer(client.cluster, f"GET {path}: the answer has no list of items")
+        await take(answer)
+        limit = answer.get("limit")
+        if not items or len(items) < (limit if isinstance(limit, int) and limit > 0 else query["limit"]):
+            return None
+        last = items[-1].get("uuid") if isinstance(items[-1], dict) else None
+        if not isinstance(last, str):
+            raise BadAnswer(client.cluster, f"GET {path}: an item without a uuid")
+        return last
+
+    async def contents(self, owner: str, take: Take, cluster: str | None = None) -> None:
         """What `owner` (a project, filter group or user) holds on `cluster` (default: the
-        owner's): its projects and filter groups, then its current collections."""
+        owner's), a page at a time to `take`: its projects and filter groups, then its
+        current collections."""
         cluster = cluster or cluster_of(owner)
         path = f"groups/{quote(owner, safe='')}/contents"
         groups = [["uuid", "is_a", "arvados#group"], ["groups.group_class", "in", GROUP_CLASSES],
@@ -192,14 +205,16 @@ class ProjectSource:
             ["uuid", "is_a", "arvados#collection"],
             *for_table(self.filters, "collections", qualified=True),
         ]
-        out: list[dict[str, Any]] = []
-        async for answer in self._pages(cluster, path, {}, groups):
-            out.extend(answer["items"])
-        async for answer in self._pages(cluster, path, {"select": COLLECTION_FIELDS}, collections):
-            out.extend(
-                c for c in answer["items"] if c.get("current_version_uuid", c.get("uuid")) == c.get("uuid")
-            )
-        return out
+
+        async def all_of(answer: dict[str, Any]) -> None:
+            await take(answer["items"])
+
+        async def current(answer: dict[str, Any]) -> None:
+            await take([c for c in answer["items"]
+                        if c.get("current_version_uuid", c.get("uuid")) == c.get("uuid")])  # fmt: skip
+
+        await self._pages(cluster, path, {}, groups, all_of)
+        await self._pages(cluster, path, {"select": COLLECTION_FIELDS}, collections, current)
 
     async def find(
         self, owner: str, names: Sequence[str], cluster: str | None = None
@@ -233,11 +248,14 @@ class ProjectSource:
         filters = [["group_class", "in", GROUP_CLASSES], *for_table(self.filters, "groups", qualified=False)]
         roots: list[dict[str, Any]] = []
         owners: dict[str, dict[str, Any]] = {}
-        async for answer in self._pages(cluster, "groups/shared", {"include": "owner_uuid"}, filters):
+
+        async def take(answer: dict[str, Any]) -> None:
             roots.extend(answer["items"])
             for owner in answer.get("included") or []:
                 if isinstance(owner, dict) and isinstance(owner.get("uuid"), str):
                     owners[owner["uuid"]] = owner
+
+        await self._pages(cluster, "groups/shared", {"include": "owner_uuid"}, filters, take)
         return roots, list(owners.values())
 
     async def collection_summaries(
@@ -290,10 +308,10 @@ class ProjectSource:
                    ["head_uuid", "is_a", "arvados#collection"],
                    *for_table(self.filters, "links", qualified=False)]  # fmt: skip
         heads: dict[str, None] = {}
-        async for answer in self._pages(cluster, "links", {"select": ["uuid", "head_uuid"]}, filters):
-            heads.update(
-                (str(i["head_uuid"]), None)
-                for i in answer["items"]
-                if isinstance(i, dict) and i.get("head_uuid")
-            )
+
+        async def take(answer: dict[str, Any]) -> None:
+            heads.update((str(i["head_uuid"]), None) for i in answer["items"]
+                         if isinstance(i, dict) and i.get("head_uuid"))  # fmt: skip
+
+        await self._pages(cluster, "links", {"select": ["uuid", "head_uuid"]}, filters, take)
         return list(heads)

@@ -2,7 +2,7 @@
 
 Memory is the design constraint: a mount may list collections of millions of files, and
 the kernel may hold an inode for each of them, so the table must not keep a Python object
-(or even a dict entry) per listed entry. It hands out two kinds of numbers from one
+(or even a dict entry) per listed entry. It hands out three kinds of numbers from one
 counter, never reused while the mount lives:
 
 - Keyed single numbers (`number`, `bind`): the same key (for instance
@@ -12,10 +12,15 @@ counter, never reused while the mount lives:
   after their directory was first seen, or whose content changed. `bind` may also give a
   number of a range a node of its own, which then takes precedence over the range's owner
   (a file version a refresh superseded).
+- Unkeyed single numbers (`new`, `bind`): for the projects listed in directories, which
+  keep their nodes by object uuid themselves; such an entry costs the table its node's
+  slot and no key.
 - Ranges (`allocate`): a collection directory, the first time the kernel looks into it,
   gets one contiguous range of numbers, one per entry in the order of its manifest
   directory; its owner (a `RangeOwner`) turns a number of its range back into a node on
-  demand. A range costs the table one array slot and one list slot, whatever its size.
+  demand. A range costs the table one array slot and one list slot, whatever its size. A
+  page of a listing gets one for its new collections (`fedmount.fs.listed.PageNumbers`,
+  which keeps their nodes).
 
 `get` finds a number's node: a dict look-up for single numbers, else a bisection of the
 ranges' start numbers. Since nothing is kept per entry, `forget` from the kernel needs no
@@ -63,6 +68,13 @@ class InodeTable(Generic[N]):
             ino = self._next
             self._next += 1
             self._by_key[key] = ino
+        return ino
+
+    def new(self) -> int:
+        """A fresh number, keyed by nothing: its caller keeps the node that has it (and binds
+        it), as a listed directory keeps its entries by object uuid."""
+        ino = self._next
+        self._next += 1
         return ino
 
     def bind(self, ino: int, node: N) -> None:

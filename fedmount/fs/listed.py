@@ -9,9 +9,14 @@ one line naming the directory and the cluster, and is asked again after ``refres
 with no previous listing the failure is the operation's answer (EIO for a cluster that is
 down: only the directories of that cluster are affected), and the next operation asks again.
 
-Entries are nodes kept by object uuid for the life of the directory, numbered by (this
-directory, uuid): a re-listing that renames an object keeps its number under the new name,
-and a collection already loaded stays loaded.
+Entries are nodes kept by object uuid for the life of the directory (`ListedDir.known`),
+each with a number of its own: a re-listing that renames an object keeps its number under
+the new name, and a collection already loaded stays loaded. Memory (issue 17): a listing of
+a million collections keeps, per entry, its name, a `ListedCollectionDir` with its uuid,
+number and modification time, a slot in two dicts (by name, by uuid) and one in the list
+of its page's numbers (`PageNumbers`), not its list record; nothing else (no key tuple, no
+entry in the inode table's dict), and the records of a listing are decoded and dropped a
+page at a time (`fedmount.api.listing.ProjectSource.contents`).
 
 A `ListedCollectionDir` is a collection named in a listing: its attributes come from the
 list record (no manifest is fetched to list a project) and it loads its collection, as
@@ -23,21 +28,25 @@ from __future__ import annotations
 import errno
 import logging
 import math
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from fedmount.api.federation import parse_timestamp
 from fedmount.arvados.errors import ApiError
 from fedmount.arvados.ids import CollectionId, parse_collection_id
+from fedmount.memory import release
 
 from .calls import Call, answer_by_deadline
 from .collection import Collection
 from .context import MountContext
 from .errors import FsError, api_failure
+from .inodes import InodeTable
 from .loader import CollectionLoader, api_group
 from .nodes import Attr, DirNode, Entries, Node
 
 log = logging.getLogger("fedmount.fs")
+N = TypeVar("N", bound=Node)
+RELEASE_AFTER = 1000  # entries: a listing of more than one page gives the C heap's free pages back
 
 
 def record_mtime(record: dict[str, Any], default: float) -> float:
@@ -73,6 +82,7 @@ class ListedDir(DirNode):
         self.mtime = mtime
         self.hidden = dict(hidden or {})
         self._names: dict[str, Node] | None = None  # as of the last listing
+        self.known: dict[str, Node] = {}  # every entry's node ever listed or found, by object uuid
         self._listed_at = -math.inf
         self._call: Call[dict[str, Node]] | None = None
 
@@ -112,6 +122,8 @@ class ListedDir(DirNode):
             self._listed_at = self.context.clock()
             self._call = None
         self._names = names
+        if len(names) >= RELEASE_AFTER:
+            release()  # the free pages the listing's decoded pages left in the C heap
         return names
 
     async def lookup(self, name: str) -> Node:
@@ -126,21 +138,58 @@ class ListedDir(DirNode):
         return list((await self.listing()).items())
 
 
+class PageNumbers:
+    """The numbers of the new collections of one page of a listing: one range of the inode
+    table (`InodeTable.allocate`, as long as the page), taken at the first of them, whose
+    owner this is. A listed collection costs the table a slot of this list, not a dict entry."""
+
+    __slots__ = ("table", "size", "start", "nodes")
+
+    def __init__(self, table: InodeTable[Node], size: int):
+        self.table = table
+        self.size = size  # at most this many nodes are added
+        self.start = 0
+        self.nodes: list[Node] = []
+
+    def add(self, make: Callable[[int], N]) -> N:
+        """A node made with the next number of the range."""
+        if not self.nodes:
+            self.start = self.table.allocate(self.size, self)
+        node = make(self.start + len(self.nodes))
+        self.nodes.append(node)
+        return node
+
+    def node_at(self, ino: int) -> Node | None:
+        index = ino - self.start
+        return self.nodes[index] if index < len(self.nodes) else None
+
+
+class Lister(Protocol):
+    """Whoever lists collections (`fedmount.fs.projects.ProjectTree`): what they load with."""
+
+    context: MountContext
+    loader: CollectionLoader
+
+
 class ListedCollectionDir(DirNode):
     """A collection named in a listing (see the module docstring). Of its list record it
     keeps what its attributes need, its modification time: a listing of a million
-    collections keeps a million of these, not a million records."""
+    collections keeps a million of these, not a million records, and each holds one
+    reference to its `Lister` rather than two (six slots: 80 bytes, not 96)."""
 
-    __slots__ = ("context", "loader", "ino", "uuid", "mtime", "collection", "_call")
+    __slots__ = ("lister", "ino", "uuid", "mtime", "collection", "_call")
 
-    def __init__(self, context: MountContext, loader: CollectionLoader, ino: int, record: dict[str, Any]):
-        self.context = context
-        self.loader = loader
+    def __init__(self, lister: Lister, ino: int, record: dict[str, Any]):
+        self.lister = lister
         self.ino = ino
         self.uuid = parse_collection_id(str(record["uuid"])).text  # the listing's key holds it anyway
-        self.mtime = record_mtime(record, context.started)
+        self.mtime = record_mtime(record, lister.context.started)
         self.collection: Collection | None = None
         self._call: Call[Collection] | None = None
+
+    @property
+    def context(self) -> MountContext:
+        return self.lister.context
 
     @property
     def cid(self) -> CollectionId:
@@ -173,11 +222,11 @@ class ListedCollectionDir(DirNode):
 
     async def _load(self) -> Collection:
         try:
-            record, manifest = await self.loader.load(self.cid)
+            record, manifest = await self.lister.loader.load(self.cid)
         finally:
             self._call = None
         self.collection = Collection(
-            self.context, self.loader, self.cid, (self.ino, "collection"), self.ino, record, manifest
+            self.context, self.lister.loader, self.cid, (self.ino, "collection"), self.ino, record, manifest
         )
         return self.collection
 

@@ -33,12 +33,12 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from fedmount.api.listing import ClusterConfig, cluster_of
+from fedmount.api.listing import ClusterConfig, Take, cluster_of
 
 from .calls import JoinedCalls, answer_by_deadline
 from .context import MountContext
 from .errors import FsError
-from .listed import ListedCollectionDir, ListedDir, asked, record_mtime
+from .listed import ListedCollectionDir, ListedDir, PageNumbers, asked, record_mtime
 from .loader import CollectionLoader
 from .names import candidates, entry_name
 from .nodes import GeneratedFile, Node, StaticDir
@@ -61,7 +61,7 @@ class ProjectSourceLike(Protocol):
 
     async def config(self, cluster: str) -> ClusterConfig: ...
     async def get(self, uuid: str) -> dict[str, Any]: ...
-    async def contents(self, owner: str, cluster: str | None = None) -> list[dict[str, Any]]: ...
+    async def contents(self, owner: str, take: Take, cluster: str | None = None) -> None: ...
     async def find(
         self, owner: str, names: Sequence[str], cluster: str | None = None
     ) -> list[dict[str, Any]]: ...
@@ -87,36 +87,36 @@ class ProjectTree:
         self.loader = loader
         self.source = source
         self._by_id: dict[tuple[int, str], ProjectDir] = {}
-        self._listed: dict[tuple[int, str], Node] = {}  # by (directory, uuid), for the life of the mount
         self._loading: JoinedCalls[dict[str, Any]] = JoinedCalls(context.calls)
 
     def _number(self, parent: int, uuid: str) -> int:
         return self.context.table.number((parent, uuid))
 
-    def _bound(self, node: Node) -> Node:
-        self.context.table.bind(node.ino, node)
-        return node
-
     def node(
-        self, parent: int, record: dict[str, Any], cluster: str, ancestors: frozenset[str]
+        self,
+        known: dict[str, Node],
+        record: dict[str, Any],
+        cluster: str,
+        ancestors: frozenset[str],
+        numbers: PageNumbers,
     ) -> Node | None:
-        """The node of an object listed in directory `parent` (a project's, a user's, a tag's):
-        the one it had in an earlier listing, with the new record, if it had one."""
+        """The node of an object listed in a directory (a project's, a user's) whose nodes by
+        uuid are `known`: the one it had in an earlier listing, with the new record, if it had
+        one. A new collection gets the next of its page's `numbers`, a new project a number of
+        its own (`InodeTable.new`): `known` keys them."""
         uuid = str(record.get("uuid") or "")
-        key = (parent, uuid)  # one tuple for this map and the inode table's
-        node = self._listed.get(key)
+        node = known.get(uuid)
         if isinstance(node, ListedCollectionDir | ProjectDir):
             node.relisted(record)
             return node
         if COLLECTION_UUID_RE.match(uuid):
-            ino = self.context.table.number(key)
-            node = self._bound(ListedCollectionDir(self.context, self.loader, ino, record))
+            node = numbers.add(lambda ino: ListedCollectionDir(self, ino, record))
         elif GROUP_UUID_RE.match(uuid) or USER_UUID_RE.match(uuid):
             owner_cluster = cluster if USER_UUID_RE.match(uuid) else cluster_of(uuid)
-            node = self.project(self.context.table.number(key), record, owner_cluster, ancestors)
+            node = self.project(self.context.table.new(), record, owner_cluster, ancestors)
         else:
             return None
-        self._listed[key] = node
+        known[uuid] = node
         return node
 
     def project(
@@ -184,20 +184,23 @@ class ProjectTree:
     async def names(
         self,
         items: list[dict[str, Any]],
-        parent: int,
+        known: dict[str, Node],
         cluster: str,
         ancestors: frozenset[str],
         name_of: Callable[[dict[str, Any]], object] = lambda item: item.get("name"),
+        out: dict[str, Node] | None = None,
     ) -> dict[str, Node]:
-        """`items` as named entries of directory `parent`: the first to take a name keeps it."""
-        out: dict[str, Node] = {}
+        """`items` as named entries of the directory whose nodes are `known` (`node`), added to
+        `out` (default: none yet): the first to take a name keeps it."""
+        out = {} if out is None else out
+        numbers = PageNumbers(self.context.table, len(items))
         for item in items:
             uuid = str(item.get("uuid") or "")
             config = await self.source.config(cluster_of(uuid) if uuid else cluster)
             name = entry_name(name_of(item), config.slash_substitution)
             if name is None or name in out:
                 continue
-            node = self.node(parent, item, cluster, ancestors)
+            node = self.node(known, item, cluster, ancestors, numbers)
             if node is not None:
                 out[name] = node
         return out
@@ -249,8 +252,13 @@ class ProjectDir(ListedDir):
         if self.contained_in_itself:
             return {}
         tree = self.tree
-        items = await asked(self.subject, tree.source.contents(self.uuid, self.cluster), self.context)
-        return await tree.names(items, self.ino, self.cluster, self.ancestors)
+        out: dict[str, Node] = {}
+
+        async def take(items: list[dict[str, Any]]) -> None:  # a page: its records die before the next
+            await tree.names(items, self.known, self.cluster, self.ancestors, out=out)
+
+        await asked(self.subject, tree.source.contents(self.uuid, take, self.cluster), self.context)
+        return out
 
     async def lookup(self, name: str) -> Node:
         if name in self.hidden or self._names is not None or self.contained_in_itself:
@@ -274,7 +282,7 @@ class ProjectDir(ListedDir):
         wanted = candidates(name, substitution)
         items = await asked(self.subject, tree.source.find(self.uuid, wanted, self.cluster), self.context)
         items.sort(key=lambda item: item.get("name") != name)
-        found = await tree.names(items[:1], self.ino, self.cluster, self.ancestors)
+        found = await tree.names(items[:1], self.known, self.cluster, self.ancestors)
         node = found.get(name)
         if node is not None:
             self._found[name] = node
@@ -300,5 +308,5 @@ class SharedDir(ListedDir):
             (r for r in roots if r.get("owner_uuid") not in visible), key=lambda r: str(r.get("uuid"))
         )
         return await self.tree.names(
-            [*owners, *orphans], self.ino, self.cluster, frozenset(), name_of=owner_name
+            [*owners, *orphans], self.known, self.cluster, frozenset(), name_of=owner_name
         )

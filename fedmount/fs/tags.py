@@ -10,7 +10,7 @@ touched after ``refresh_time``.
 
 from __future__ import annotations
 
-from .listed import ListedCollectionDir, ListedDir, asked
+from .listed import ListedCollectionDir, ListedDir, PageNumbers, asked
 from .names import entry_name
 from .nodes import Node
 from .projects import COLLECTION_UUID_RE, ProjectTree
@@ -52,19 +52,18 @@ class TagDir(ListedDir):
         )
         self.tree = tree
         self.tag = tag
-        self._collections: dict[str, Node] = {}
 
     async def _list(self) -> dict[str, Node]:
         heads = await asked(self.subject, self.tree.source.tagged(self.cluster, self.tag), self.context)
         out: dict[str, Node] = {}
+        numbers = PageNumbers(self.context.table, len(heads))
         for uuid in heads:
             if not COLLECTION_UUID_RE.match(uuid):
                 continue
-            node = self._collections.get(uuid)
+            node = self.known.get(uuid)
             if node is None:
-                ino = self.context.table.number((self.ino, uuid))
-                node = ListedCollectionDir(self.context, self.tree.loader, ino, {"uuid": uuid})
-                self._collections[uuid] = node
-                self.context.table.bind(ino, node)
+                node = self.known[uuid] = numbers.add(
+                    lambda ino: ListedCollectionDir(self.tree, ino, {"uuid": uuid})  # noqa: B023 (called at once)
+                )
             out[uuid] = node
         return out
