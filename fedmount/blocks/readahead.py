@@ -250,13 +250,10 @@ class FileReader:
         ahead = sequential and not peek
         out: bytearray | None = None  # the answer, once it is made of several block reads
         run: _Run | None = None
-        after: Segment | None = None  # the first segment after this read
         pos = offset
         held_since = time.perf_counter()
-        for segment in self._file.segments_from(offset):
-            if pos >= end:
-                after = segment
-                break
+        segments = self._file.segments_from(offset)
+        for segment in segments:
             start = segment.block_offset + pos - segment.file_offset
             take = min(segment.file_offset + segment.length, end) - pos
             if run is None or not run.add(segment, start, take):
@@ -268,9 +265,12 @@ class FileReader:
                         held_since = time.perf_counter()
                 run = _Run(segment, start, take, pos)
             pos += take
+            if pos >= end:
+                break
         assert run is not None
         data = await self._read_run(run, sequential, ahead)
-        if ahead and after is not None:
+        after = next(segments, None) if ahead else None  # the first segment after this read
+        if after is not None:
             # Close to the end of this piece: the cache loads the next block's start from disk.
             near = after.file_offset - end < VERIFY_AHEAD_CHUNKS * MiB
             if near and after.locator.key != run.segment.locator.key:

@@ -140,6 +140,10 @@ class TieredCache:
 
     def __init__(self, directory: str | None, disk_limit: int, ram_limit: int, stats: Stats | None = None):
         self._stats = stats if stats is not None else Stats()
+        self._hits = {  # per tier: the read path's hit and hit-bytes series, bound once
+            tier: (self._stats.counter("cache_hits", tier=tier), self._stats.counter("cache_hit_bytes", tier=tier))
+            for tier in ("ram", "disk")
+        }
         self._disk_limit = disk_limit
         self._memory = MemoryTier(ram_limit, self._stats)
         self._disk_bytes = 0  # on disk after this process's last store (the index's total then)
@@ -236,8 +240,9 @@ class TieredCache:
                 if out is None:
                     return self._miss(length)
                 tier = "disk"
-        self._stats.add("cache_hits", tier=tier)
-        self._stats.add("cache_hit_bytes", len(out), tier=tier)
+        hits, hit_bytes = self._hits[tier]
+        hits.add()
+        hit_bytes.add(len(out))
         if verify_ahead and self._disk is not None:
             self._schedule(key, last + 1, min(chunk_count(size), last + 1 + verify_ahead))
         return out
