@@ -20,8 +20,11 @@ open, with the set of their chunks this process verified, and the ``MAPPED_BLOCK
 recently read of them are also mapped (read-only, shared; a block is mapped again, without
 verifying anything again, when it is read after leaving that smaller LRU: its file is
 never rewritten in place). `verify` checks a chunk's xxh3 against the trailer the first
-time this process reads it (in a worker thread, which also faults its pages in); once
-verified, `ready` serves any range of verified chunks as a read-only view of the mapping,
+time this process reads it (in a worker thread, which also faults its pages in);
+`verify_resident` does the same on the trio thread, for a small read, when the block is
+open and leased and ``cachestat`` says all the chunk's pages are in the page cache (files.py,
+"Residency"): the faults then read no disk, and the hop to a worker thread and back cost
+more than the hash of the chunk. Once verified, `ready` serves any range of verified chunks as a read-only view of the mapping,
 without a copy or a system call (the FUSE reply copies it straight out of the page cache);
 a range spanning chunks is one view too: the mapping is contiguous. A view keeps its
 mapping alive as long as it is referenced, after the block leaves the LRU and after an
@@ -45,7 +48,7 @@ cannot be leased is read with ``preadv`` into new buffers and checked the same w
 by chunk: a file that shrank is a short read, hence a miss, never a signal.
 
 Every method runs in a worker thread (it may wait for the disk), except `Reservation.abort`
-(one unlink, on a failed fetch), `verified` and `ready`, which do not wait.
+(one unlink, on a failed fetch), `verified`, `verify_resident` and `ready`, which do not wait.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .files import lease, link_unnamed, locked_inodes, new_file, no_follow, publish
+from .files import lease, link_unnamed, locked_inodes, new_file, no_follow, publish, resident
 from .format import (
     CHUNK,
     DIGEST,
@@ -346,9 +349,40 @@ class DiskTier:
         block = self._opened(key)
         if block is None:
             return None
-        last = min(last, chunk_count(block.size) - 1)
-        todo = [i for i in range(first, last + 1) if i not in block.verified]
-        data = self.mapped(key, block) if block.leased and todo else None
+        todo = self._unverified(block, first, last)
+        self._check(block, self.mapped(key, block) if block.leased and todo else None, todo)
+        now = time.time()
+        if now - block.touched > TOUCH_INTERVAL:
+            block.touched = now
+            self.index.touched(key, block.size, now)
+        return block
+
+    def verify_resident(self, key: str, first: int, last: int) -> _OpenBlock | None:
+        """`verify` without waiting, for the trio thread: chunks first..last (clipped) of an open,
+        leased block whose access time is fresh and whose pages are all in the page cache are
+        checked through its mapping, which faults without reading the disk (a 1 MiB chunk costs
+        about its hash, less than a hop to a worker thread and back). The open block, or None
+        when that cannot be done without waiting. Raises `CorruptBlock` like `verify`."""
+        with self._open_lock:
+            block = self._open.get(key)
+        if block is None or not block.leased or time.time() - block.touched > TOUCH_INTERVAL:
+            return None
+        todo = self._unverified(block, first, last)
+        if todo:
+            start, end = todo[0] * CHUNK, min(block.size, (todo[-1] + 1) * CHUNK)
+            if not resident(block.fd, start, end - start):
+                return None
+            self._check(block, self.mapped(key, block), todo)
+        return block
+
+    @staticmethod
+    def _unverified(block: _OpenBlock, first: int, last: int) -> list[int]:
+        """Chunks first..last (clipped to the block) this process has not verified."""
+        return [i for i in range(first, min(last, chunk_count(block.size) - 1) + 1) if i not in block.verified]
+
+    @staticmethod
+    def _check(block: _OpenBlock, data: memoryview | None, todo: list[int]) -> None:
+        """Check chunks `todo` against the trailer, through the mapping `data` or else by preadv."""
         for i in todo:
             length = min(CHUNK, block.size - i * CHUNK)
             if data is not None:
@@ -360,11 +394,6 @@ class DiskTier:
             if DIGEST(chunk) != block.sums[i]:
                 raise CorruptBlock(f"chunk {i} failed its checksum")
             block.verified.add(i)
-        now = time.time()
-        if now - block.touched > TOUCH_INTERVAL:
-            block.touched = now
-            self.index.touched(key, block.size, now)
-        return block
 
     def serve(self, key: str, block: _OpenBlock, offset: int, end: int) -> memoryview | bytearray:
         """Bytes [offset, end) of a verified block: a view of its mapping if it is leased, else read.
