@@ -227,7 +227,7 @@ class TieredCache:
         else:
             disk = self._disk
             tier = "ram"  # verified chunks of a mapped file are read at memory speed
-            for i in range(first, last + 1):
+            for i in range(first, last + 1) if self._loading else ():
                 loading = self._loading.get((key, i))
                 if loading is not None:
                     await loading.wait()

@@ -413,10 +413,7 @@ class DiskTier:
                 self._open.move_to_end(key)
         if block is None or time.time() - block.touched > TOUCH_INTERVAL:
             return None
-        verified = block.verified
-        if not all(i in verified for i in range(first, last + 1)):
-            return None
-        return block
+        return block if block.verified.issuperset(range(first, last + 1)) else None
 
     def verified(self, key: str) -> set[int] | frozenset[int]:
         """The chunks of the block this process has verified (empty if it is not open)."""
