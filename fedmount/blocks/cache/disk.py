@@ -23,18 +23,22 @@ never rewritten in place). `verify` checks a chunk's xxh3 against the trailer th
 time this process reads it (in a worker thread, which also faults its pages in);
 `verify_resident` does the same on the trio thread, for a small read, when the block is
 open and leased and ``cachestat`` says all the chunk's pages are in the page cache (files.py,
-"Residency"): the faults then read no disk, and the hop to a worker thread and back cost
-more than the hash of the chunk. Once verified, `ready` serves any range of verified chunks as a read-only view of the mapping,
-without a copy or a system call (the FUSE reply copies it straight out of the page cache);
-a range spanning chunks is one view too: the mapping is contiguous. A view keeps its
-mapping alive as long as it is referenced, after the block leaves the LRU and after an
-eviction unlinks the file. The mapped pages of the blocks being read count in the daemon's
-RSS (file-backed, clean, reclaimable: at most ``MAPPED_BLOCKS`` blocks). A small read (the
-caller's choice) is one ``preadv(RWF_NOWAIT)`` of just its bytes instead: the kernel
-answers EAGAIN rather than wait for a disk, so a page evicted long after verification
-never blocks the trio thread. A file whose length or trailer is wrong, or a chunk whose
-checksum differs, raises `CorruptBlock`: the caller discards the block and fetches it
-again. Corrupt bytes are never returned.
+"Residency"): the faults then read no disk, and the hop to a worker thread and back costs
+more than the hash of the chunk. Once verified, `ready` serves any range of verified chunks
+as a read-only view of the mapping, without a copy (the FUSE reply copies it straight out
+of the page cache), once ``cachestat`` said all its pages are in the page cache, so that
+this copy faults without waiting for the disk; a range spanning chunks is one view too: the
+mapping is contiguous. A range with a page evicted since is served by a worker thread, which
+faults the pages back in (`serve`). A view keeps its mapping alive as long as it is
+referenced, after the block leaves the LRU and after an eviction unlinks the file. The
+mapped pages of the blocks being read count in the daemon's RSS (file-backed, clean,
+reclaimable: at most ``MAPPED_BLOCKS`` blocks). Where the kernel has no ``cachestat``
+(before Linux 6.5), a small read (the caller's choice) is one ``preadv(RWF_NOWAIT)`` of just
+its bytes instead, which answers EAGAIN rather than wait for a disk. Measured on warm random
+4 KiB reads (2-core Xeon, fresh mount): the view costs about 3 µs less per FUSE read in the
+daemon than that preadv into a new buffer. A file whose length or trailer is wrong, or a
+chunk whose checksum differs, raises `CorruptBlock`: the caller discards the block and
+fetches it again. Corrupt bytes are never returned.
 
 Leases. fedmount never writes a block file in place, but someone else may (a careless
 ``truncate``, a backup tool): pages of a mapping beyond the end of a file that shrank
@@ -144,6 +148,11 @@ def _scratch_chunk() -> bytearray:
     if buf is None:
         buf = _scratch.chunk = bytearray(CHUNK)
     return buf
+
+
+def _fault_in(view: memoryview) -> int:
+    """Touch one byte of every page of a view of a mapping (it may wait for the disk)."""
+    return sum(view[:: mmap.PAGESIZE]) + view[-1] if view else 0
 
 
 class DiskTier:
@@ -399,7 +408,9 @@ class DiskTier:
         """Bytes [offset, end) of a verified block: a view of its mapping if it is leased, else read.
         Raises `CorruptBlock` if the file shrank."""
         if block.leased:
-            return self.mapped(key, block)[offset:end]
+            view = self.mapped(key, block)[offset:end]
+            _fault_in(view)  # here, in the worker thread, rather than in the FUSE reply's copy
+            return view
         buf = bytearray(end - offset)
         if os.preadv(block.fd, [buf], offset) != len(buf):
             raise CorruptBlock("the file shrank")
@@ -425,14 +436,19 @@ class DiskTier:
         """Bytes [offset, end) of an open block whose chunks this process has verified (and whose
         access time is fresh), without waiting for anything; None when that cannot be done.
 
-        A view of the mapping for a leased block; a ``preadv(RWF_NOWAIT)`` copy of just the bytes
-        for a `small` read (copying whole 1 MiB chunks to serve 4 KiB costs more than the read
-        itself) or an unleased block."""
+        A view of the mapping for a leased block whose pages are all in the page cache (files.py,
+        `resident`), None if one is not; where the kernel cannot tell, a view for a large read
+        and a ``preadv(RWF_NOWAIT)`` copy of just the bytes for a `small` one. The same copy for
+        an unleased block."""
         block = self._ready(key, offset // CHUNK, (end - 1) // CHUNK)
         if block is None:
             return None
-        if block.leased and not small:
-            return self.mapped(key, block)[offset:end]
+        if block.leased:
+            cached = resident(block.fd, offset, end - offset)
+            if cached is False:
+                return None  # a page left the page cache: a worker thread faults it back (`serve`)
+            if cached or not small:
+                return self.mapped(key, block)[offset:end]
         buf = bytearray(end - offset)
         try:
             got = os.preadv(block.fd, [buf], offset, os.RWF_NOWAIT)

@@ -17,9 +17,10 @@ ignored by default: the cache polls ``F_GETLEASE`` instead.
 
 Residency (``cachestat``, Linux 6.5): `resident` tells whether every page of a range of a
 file is in the page cache, so that reading it through a mapping faults without reading the
-disk (the trio thread may then verify a chunk itself instead of handing it to a worker
-thread). Where the kernel, the architecture or a seccomp filter does not offer the system
-call, the answer is always False: the caller takes its waiting path.
+disk: the trio thread may then serve a range of a mapped block file, or verify a chunk,
+itself. One system call that never waits, made without releasing the GIL (about 0.5 µs).
+Where the kernel, the architecture or a seccomp filter does not offer it, the answer is
+None ("cannot tell"), and the caller does without it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class _CacheStat(ctypes.Structure):
 def _cachestat() -> ctypes._CFuncPtr | None:
     if _CACHESTAT is None:
         return None
-    call = ctypes.CDLL(None, use_errno=True).syscall
+    call = ctypes.PyDLL(None, use_errno=True).syscall  # keeps the GIL: the call never waits
     call.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
     call.restype = ctypes.c_long
     return call
@@ -58,18 +59,19 @@ def _cachestat() -> ctypes._CFuncPtr | None:
 _syscall = _cachestat()
 
 
-def resident(fd: int, offset: int, length: int) -> bool:
+def resident(fd: int, offset: int, length: int) -> bool | None:
     """Whether every page of bytes [offset, offset+length) of the open file is in the page cache;
-    False when the kernel cannot tell (see "Residency")."""
+    None when the kernel cannot tell (see "Residency")."""
     global _syscall
-    if _syscall is None or length <= 0:
-        return False
-    span, stat = _Range(offset, length), _CacheStat()
+    if _syscall is None:
+        return None
+    start = offset - offset % mmap.PAGESIZE
+    span, stat = _Range(start, offset + length - start), _CacheStat()
     if _syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
         if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # before 6.5, or a seccomp filter
             _syscall = None  # never ask again
-        return False
-    return stat.nr_cache >= (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        return None
+    return stat.nr_cache >= (span.len + mmap.PAGESIZE - 1) // mmap.PAGESIZE
 
 
 def lease(fd: int, kind: int) -> bool:
