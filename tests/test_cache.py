@@ -15,10 +15,9 @@ import pytest
 import trio
 from cacheblocks import block_file, fresh, make_block  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.cache import TieredCache, files
 from fedmount.blocks.cache.config import MIN_DISK_CACHE, default_cache_dir, default_disk_cache_size
 from fedmount.blocks.cache.disk import MAPPED_BLOCKS, DiskTier
-from fedmount.blocks.cache import files
 from fedmount.blocks.cache.format import CHUNK
 
 MiB = 1 << 20

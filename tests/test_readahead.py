@@ -19,8 +19,8 @@ from fedmount.arvados.manifest import File, parse_manifest
 from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.blocks.cache import TieredCache
 from fedmount.blocks.fetcher import BlockReader
-from fedmount.blocks.readahead import KEPT_SEGMENTS
 from fedmount.blocks.keep import KeepClient
+from fedmount.blocks.readahead import KEPT_SEGMENTS
 from fedmount.blocks.transport import Response, Sink, Timeouts
 from fedmount.stats import Stats
 
@@ -233,7 +233,8 @@ async def test_read_spanning_blocks_assembles_pieces(tmp_path: Path) -> None:
 async def test_random_reads_find_their_segments_whether_listed_or_walked(tmp_path: Path, count: int) -> None:
     blocks = [pattern(3 * KiB + i, i) for i in range(count)]
     # each segment leaves out the first 100 bytes of its block: block and file offsets differ
-    tokens = " ".join(f"{sum(len(b) for b in blocks[:i]) + 100}:{len(b) - 100}:f" for i, b in enumerate(blocks))
+    starts = [sum(len(b) for b in blocks[:i]) for i in range(count)]
+    tokens = " ".join(f"{start + 100}:{len(b) - 100}:f" for start, b in zip(starts, blocks, strict=True))
     reader, _, _, files = make(tmp_path, blocks, tokens)
     whole = b"".join(b[100:] for b in blocks)
     handle = reader.open(files["f"], ROUTE)

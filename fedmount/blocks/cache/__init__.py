@@ -143,7 +143,10 @@ class TieredCache:
     def __init__(self, directory: str | None, disk_limit: int, ram_limit: int, stats: Stats | None = None):
         self._stats = stats if stats is not None else Stats()
         self._hits = {  # per tier: the read path's hit and hit-bytes series, bound once
-            tier: (self._stats.counter("cache_hits", tier=tier), self._stats.counter("cache_hit_bytes", tier=tier))
+            tier: (
+                self._stats.counter("cache_hits", tier=tier),
+                self._stats.counter("cache_hit_bytes", tier=tier),
+            )
             for tier in ("ram", "disk")
         }
         self._disk_limit = disk_limit

@@ -389,7 +389,8 @@ class DiskTier:
     @staticmethod
     def _unverified(block: _OpenBlock, first: int, last: int) -> list[int]:
         """Chunks first..last (clipped to the block) this process has not verified."""
-        return [i for i in range(first, min(last, chunk_count(block.size) - 1) + 1) if i not in block.verified]
+        last = min(last, chunk_count(block.size) - 1)
+        return [i for i in range(first, last + 1) if i not in block.verified]
 
     @staticmethod
     def _check(block: _OpenBlock, data: memoryview | None, todo: list[int]) -> None:
