@@ -7,6 +7,11 @@ inside the mount; `fedmount.stats_export` serves `prometheus_text()` over HTTP a
 ``--crunchstat-interval``'s lines (`CrunchStat.lines`). Everything runs on the trio thread
 or under a lock, so worker threads may update it too.
 
+A per-request path binds its series once (``hits = stats.counter("cache_hits", tier="ram")``,
+then ``hits.add()``): the name and labels are resolved at binding, so an update is one lock
+and one dict addition instead of sorting and formatting its labels every time. A bound
+series appears in the output once it is first added to, as with `Stats.add`.
+
 Label values come from what clusters say (cluster ids, keep service uuids), which the
 federation layer checks at the boundary; the Prometheus text escapes them anyway
 (``\\``, ``\"`` and ``\n``, as the text exposition format defines), so that no value can
@@ -30,6 +35,22 @@ def _label_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class Counter:
+    """One counter series of a `Stats`, its labels resolved once (see the module docstring)."""
+
+    __slots__ = ("_stats", "_name", "_key")
+
+    def __init__(self, stats: Stats, name: str, key: Labels):
+        self._stats = stats
+        self._name = name
+        self._key = key
+
+    def add(self, value: float = 1) -> None:
+        stats = self._stats
+        with stats._lock:
+            stats._counters[self._name][self._key] += value
+
+
 class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -39,6 +60,10 @@ class Stats:
     def add(self, name: str, value: float = 1, **labels: object) -> None:
         with self._lock:
             self._counters[name][_labels(labels)] += value
+
+    def counter(self, name: str, **labels: object) -> Counter:
+        """The series `name` with these labels, bound for repeated `Counter.add` calls."""
+        return Counter(self, name, _labels(labels))
 
     def set(self, name: str, value: float, **labels: object) -> None:
         with self._lock:

@@ -15,9 +15,9 @@ import pytest
 import trio
 from cacheblocks import block_file, fresh, make_block  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.cache import TieredCache
+from fedmount.blocks.cache import TieredCache, files
 from fedmount.blocks.cache.config import MIN_DISK_CACHE, default_cache_dir, default_disk_cache_size
-from fedmount.blocks.cache.disk import MAPPED_BLOCKS
+from fedmount.blocks.cache.disk import MAPPED_BLOCKS, DiskTier
 from fedmount.blocks.cache.format import CHUNK
 
 MiB = 1 << 20
@@ -56,21 +56,133 @@ async def test_fresh_instance_reads_partial_ranges_from_disk(tmp_path: Path) -> 
     assert stats.get("cache_hits", tier="ram") >= 30
 
 
-async def test_small_random_reads_of_verified_chunks_copy_only_their_bytes(tmp_path: Path) -> None:
+async def test_small_random_reads_of_verified_cached_chunks_are_views_or_one_pread_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     writer, _ = fresh(tmp_path)
     key, data = make_block(32 * MiB)
     await writer.put(key, data)
     reader, stats = fresh(tmp_path)
     for chunk in range(32):  # verifies every chunk
         assert await reader.read(key, chunk * MiB, 4096) == data[chunk * MiB : chunk * MiB + 4096]
+    offsets = (4096, 700_000, 3 * MiB + 5, 5 * MiB - 4096)
+    if _cachestat():  # their pages are in the page cache: views of the mapped file, no copy
+        before = stats.get("cache_hits", tier="ram")
+        for offset in offsets:
+            got = await reader.read(key, offset, 4096)
+            assert isinstance(got, memoryview) and got.readonly and got == data[offset : offset + 4096]
+        assert stats.get("cache_hits", tier="ram") == before + 4
+    monkeypatch.setattr(files, "_syscall", None)  # a kernel without cachestat(2)
     before = stats.get("cache_hits", tier="disk")
-    for offset in (4096, 700_000, 3 * MiB + 5, 5 * MiB - 4096):  # verified: one pread each, no view
+    for offset in offsets:  # one non-blocking pread each
         got = await reader.read(key, offset, 4096)
         assert isinstance(got, bytearray) and got == data[offset : offset + 4096]
     assert stats.get("cache_hits", tier="disk") == before + 4
     # larger reads of verified chunks are views of the mapped file, with no copy
     view = await reader.read(key, 3 * MiB - 5, 2 * MiB)
     assert isinstance(view, memoryview) and view.readonly and view == data[3 * MiB - 5 : 5 * MiB - 5]
+
+
+def _cachestat() -> bool:
+    """Whether this kernel answers cachestat(2) (Linux 6.5)."""
+    fd = os.open(__file__, os.O_RDONLY)
+    try:
+        return files.resident(fd, 0, 1) is not None
+    finally:
+        os.close(fd)
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[int]:
+    """Count the calls of a method of `obj` (the real method still runs)."""
+    calls: list[int] = []
+    real = getattr(obj, name)
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def _cache_pages(path: Path, offset: int, length: int, keep: bool) -> None:
+    """Bring a range of a file into the page cache, or drop it from there (a drop takes whole
+    folios only, which may be larger than a chunk: ``length=0`` drops the whole file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if keep:
+            os.pread(fd, length, offset)
+        else:
+            os.fsync(fd)  # dirty pages stay
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_a_small_read_of_cached_pages_is_verified_without_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(8 * MiB)
+    await writer.put(key, data)
+    path = block_file(tmp_path, key)
+    _cache_pages(path, 0, 8 * MiB, keep=True)
+    if not _cachestat():
+        pytest.skip("no cachestat(2) here (Linux < 6.5 or a seccomp filter)")
+    reader, stats = fresh(tmp_path)
+    assert reader._disk is not None
+    threaded = _count_calls(monkeypatch, reader._disk, "verify")
+    assert await reader.read(key, 0, 4096) == data[:4096]  # opens the block file: a worker thread
+    assert len(threaded) == 1
+    for offset in (5 * MiB + 8192, 6 * MiB + 4096, 7 * MiB):  # cached pages: checked on the trio thread
+        got = await reader.read(key, offset, 4096)
+        assert isinstance(got, memoryview) and got == data[offset : offset + 4096]
+    assert len(threaded) == 1
+    assert {5, 6, 7} <= reader._disk.verified(key) and 3 not in reader._disk.verified(key)
+    _cache_pages(path, 0, 0, keep=False)  # not cached: verified in a worker thread, as before
+    assert await reader.read(key, 3 * MiB + 4096, 4096) == data[3 * MiB + 4096 : 3 * MiB + 8192]
+    assert len(threaded) == 2
+    assert stats.get("cache_corrupt") == 0
+
+
+async def test_a_verified_range_whose_pages_left_the_page_cache_is_not_served_on_the_trio_thread(
+    tmp_path: Path,
+) -> None:
+    if not _cachestat():
+        pytest.skip("no cachestat(2) here (Linux < 6.5 or a seccomp filter)")
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(2 * MiB)
+    await writer.put(key, data)
+    disk = DiskTier(str(tmp_path))
+    block = disk.verify(key, 0, 1)
+    assert block is not None and block.leased
+    assert disk.ready(key, 4096, 8192, small=True) == data[4096:8192]
+    block.mapping = None  # unmapped (nothing else refers to the mapping), then evicted
+    disk._mapped.clear()
+    _cache_pages(block_file(tmp_path, key), 0, 0, keep=False)
+    assert disk.ready(key, 4096, 8192, small=True) is None  # the copy would wait for the disk
+    assert disk.ready(key, 4096, 2 * MiB, small=False) is None
+    assert disk.serve(key, block, 4096, 8192) == data[4096:8192]  # a worker thread's: faults it in
+    assert files.resident(block.fd, 4096, 4096)
+
+
+async def test_a_corrupt_chunk_in_the_page_cache_is_never_served_by_the_trio_threads_check(
+    tmp_path: Path,
+) -> None:
+    writer, _ = fresh(tmp_path)
+    key, data = make_block(4 * MiB)
+    await writer.put(key, data)
+    path = block_file(tmp_path, key)
+    with open(path, "r+b") as f:  # before any reader opens it (leases them)
+        f.seek(2 * MiB + 77)
+        f.write(bytes([data[2 * MiB + 77] ^ 0x04]))
+    _cache_pages(path, 0, 4 * MiB, keep=True)
+    reader, stats = fresh(tmp_path)
+    assert await reader.read(key, 0, 4096) == data[:4096]
+    assert await reader.read(key, 3 * MiB, 4096) == data[3 * MiB : 3 * MiB + 4096]
+    assert await reader.read(key, 2 * MiB, 4096) is None  # the damaged chunk, although not this page
+    assert stats.get("cache_corrupt") == 1
+    assert not path.exists()
 
 
 async def test_default_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

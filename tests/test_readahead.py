@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import random
 import re
 import threading
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from fedmount.arvados.routes import KeepRoute, KeepService
 from fedmount.blocks.cache import TieredCache
 from fedmount.blocks.fetcher import BlockReader
 from fedmount.blocks.keep import KeepClient
+from fedmount.blocks.readahead import KEPT_SEGMENTS
 from fedmount.blocks.transport import Response, Sink, Timeouts
 from fedmount.stats import Stats
 
@@ -225,6 +227,24 @@ async def test_read_spanning_blocks_assembles_pieces(tmp_path: Path) -> None:
     assert await handle.read(50 * KiB, 250 * KiB) == whole[10 + 50 * KiB : 10 + 300 * KiB]
     assert await handle.read(0, 10 * MiB) == whole[10:-10]
     assert await handle.read(len(whole), 10) == b""
+
+
+@pytest.mark.parametrize("count", [1, KEPT_SEGMENTS, KEPT_SEGMENTS + 1])
+async def test_random_reads_find_their_segments_whether_listed_or_walked(tmp_path: Path, count: int) -> None:
+    blocks = [pattern(3 * KiB + i, i) for i in range(count)]
+    # each segment leaves out the first 100 bytes of its block: block and file offsets differ
+    starts = [sum(len(b) for b in blocks[:i]) for i in range(count)]
+    tokens = " ".join(f"{start + 100}:{len(b) - 100}:f" for start, b in zip(starts, blocks, strict=True))
+    reader, _, _, files = make(tmp_path, blocks, tokens)
+    whole = b"".join(b[100:] for b in blocks)
+    handle = reader.open(files["f"], ROUTE)
+    rng = random.Random(count)
+    cuts = [0] + [sum(len(b) - 100 for b in blocks[: i + 1]) for i in range(count)]
+    for offset, size in [(c, 1) for c in cuts] + [(c - 1, 2) for c in cuts[1:]] + [
+        (rng.randrange(len(whole)), rng.choice((1, 4 * KiB, 9 * KiB))) for _ in range(200)
+    ]:
+        assert await handle.read(offset, size) == whole[offset : offset + size], (offset, size)
+    assert (handle._kept is None) == (count > KEPT_SEGMENTS)
 
 
 async def test_block_error_reaches_the_reader(tmp_path: Path) -> None:

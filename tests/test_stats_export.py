@@ -98,3 +98,19 @@ async def test_an_unknown_path_is_404_and_the_connection_is_closed() -> None:
         await client.send_all(b"GET /secrets HTTP/1.0\r\n\r\n")
         assert re.match(rb"HTTP/1.0 404 ", await read_all(client))
         nursery.cancel_scope.cancel()
+
+
+def test_a_bound_counter_is_the_same_series_as_add_and_absent_until_added_to() -> None:
+    stats = Stats()
+    hits = stats.counter("cache_hits", tier="ram")
+    assert "cache_hits" not in stats.snapshot() and "cache_hits" not in stats.prometheus_text()
+    hits.add()
+    hits.add(2)
+    stats.add("cache_hits", tier="ram")
+    stats.add("cache_hits", tier="disk")
+    assert stats.get("cache_hits", tier="ram") == 4
+    assert stats.snapshot()["cache_hits"] == {"tier=ram": 4, "tier=disk": 1}
+    assert 'fedmount_cache_hits{tier="ram"} 4' in stats.prometheus_text()
+    plain = stats.counter("fuse_read_bytes")
+    plain.add(4096)
+    assert stats.snapshot()["fuse_read_bytes"] == 4096

@@ -5,7 +5,9 @@
 A `FileReader` serves one open file handle. A read at ``(offset, size)`` walks the
 file's segments from the one holding `offset` (`File.segments_from`: two bisections,
 then one step per segment, so a read costs the pieces it reads whatever the size of the
-file) and asks each block for its pieces from the `BlockReader` (fetcher.py), which
+file; a file of at most ``KEPT_SEGMENTS`` segments, the common big file of whole 64 MiB
+blocks, has them listed once per handle and found by one bisection, without making a
+segment per read) and asks each block for its pieces from the `BlockReader` (fetcher.py), which
 answers from the block cache or, on a miss, from Keep. Consecutive pieces in one block
 within ``MERGE_SPAN`` of each other (a file of many small segments) are one block read
 (`_Run`), at most ``RUN_PIECES`` of them, and the reader yields to the other FUSE requests
@@ -76,6 +78,7 @@ Stats: ``read_ahead_depth`` (gauge: the window of the most recently advanced rea
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from itertools import islice
@@ -103,6 +106,7 @@ RUN_PIECES = 4096  # pieces one block read answers at most (the trio thread's st
 SCAN_AHEAD = 4096  # segments a block change may scan for the next blocks to read ahead
 SEEN = 1024  # block keys the read-ahead scan remembers, not to queue one twice
 YIELD_AFTER = 0.005  # seconds a read of many pieces holds the trio thread before it yields
+KEPT_SEGMENTS = 64  # a file of at most this many segments has them listed once per handle
 
 
 class BlockSource(Protocol):
@@ -230,6 +234,8 @@ class FileReader:
         self._lookahead = _Lookahead(file, reader.read_ahead_blocks)
         self._fresh = True  # no read yet: the first one may be a peek
         self._closed = False
+        self._kept: tuple[list[int], list[Segment]] | None = None  # (file offsets, segments), few
+        self._many = False  # more than `KEPT_SEGMENTS` segments: walk them per read
 
     @property
     def window(self) -> int:
@@ -250,13 +256,10 @@ class FileReader:
         ahead = sequential and not peek
         out: bytearray | None = None  # the answer, once it is made of several block reads
         run: _Run | None = None
-        after: Segment | None = None  # the first segment after this read
         pos = offset
         held_since = time.perf_counter()
-        for segment in self._file.segments_from(offset):
-            if pos >= end:
-                after = segment
-                break
+        segments = self._segments_from(offset)
+        for segment in segments:
             start = segment.block_offset + pos - segment.file_offset
             take = min(segment.file_offset + segment.length, end) - pos
             if run is None or not run.add(segment, start, take):
@@ -268,9 +271,12 @@ class FileReader:
                         held_since = time.perf_counter()
                 run = _Run(segment, start, take, pos)
             pos += take
+            if pos >= end:
+                break
         assert run is not None
         data = await self._read_run(run, sequential, ahead)
-        if ahead and after is not None:
+        after = next(segments, None) if ahead else None  # the first segment after this read
+        if after is not None:
             # Close to the end of this piece: the cache loads the next block's start from disk.
             near = after.file_offset - end < VERIFY_AHEAD_CHUNKS * MiB
             if near and after.locator.key != run.segment.locator.key:
@@ -280,6 +286,18 @@ class FileReader:
         out = out if out is not None else bytearray(end - offset)
         run.place(data, out, offset)
         return out
+
+    def _segments_from(self, offset: int) -> Iterator[Segment]:
+        """The file's segments from the one holding `offset` (see "Reads")."""
+        if self._kept is None and not self._many:
+            listed = list(islice(self._file.segments_from(0), KEPT_SEGMENTS + 1))
+            self._many = len(listed) > KEPT_SEGMENTS
+            if not self._many:
+                self._kept = ([segment.file_offset for segment in listed], listed)
+        if self._kept is None:
+            return self._file.segments_from(offset)
+        starts, listed = self._kept
+        return map(listed.__getitem__, range(max(bisect_right(starts, offset) - 1, 0), len(listed)))
 
     async def _read_run(self, run: _Run, sequential: bool, ahead: bool) -> bytes | bytearray | memoryview:
         if ahead:

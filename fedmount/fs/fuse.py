@@ -67,7 +67,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from fedmount.stats import Stats
+from fedmount.stats import Counter, Stats
 
 from .context import Invalidation
 from .errors import FsError
@@ -133,7 +133,8 @@ def _guard(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awa
         @functools.wraps(fn)
         async def handler(self: FuseOperations, *args: Any) -> T:
             started = time.monotonic()
-            self.stats.add("fuse_ops", op=op)
+            ops, seconds = self._counters(op)
+            ops.add()
             try:
                 return await fn(self, *args)
             except FsError as e:
@@ -146,7 +147,7 @@ def _guard(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awa
                 log.debug("traceback of the %s failure", op, exc_info=True)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             finally:
-                self.stats.add("fuse_seconds", time.monotonic() - started, op=op)
+                seconds.add(time.monotonic() - started)
 
         return handler
 
@@ -171,6 +172,17 @@ class FuseOperations(pyfuse3.Operations):
         self._said_read_only = False
         self._changes_in, self._changes_out = trio.open_memory_channel[Invalidation](math.inf)
         tree.on_change = self._changes_in.send_nowait
+        self._op_counters: dict[str, tuple[Counter, Counter]] = {}
+        self._read_bytes = stats.counter("fuse_read_bytes")
+
+    def _counters(self, op: str) -> tuple[Counter, Counter]:
+        """The ``fuse_ops`` and ``fuse_seconds`` series of `op`, bound once (stats.py)."""
+        counters = self._op_counters.get(op)
+        if counters is None:
+            counters = self._op_counters[op] = (
+                self.stats.counter("fuse_ops", op=op), self.stats.counter("fuse_seconds", op=op)
+            )
+        return counters
 
     async def invalidations(self) -> None:
         """Hand every reported `Invalidation` to the kernel, in order, from a worker thread."""
@@ -287,7 +299,7 @@ class FuseOperations(pyfuse3.Operations):
     @_guard("read")
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         data = await self._files[fh].read(off, size)
-        self.stats.add("fuse_read_bytes", len(data))
+        self._read_bytes.add(len(data))
         return data
 
     @_guard("release")

@@ -28,7 +28,9 @@ hand (a stage) the same way.
 Reading. `read` answers from memory when every chunk of the range is there; else from the
 block file, once the chunks of the range are verified (disk.py, "Reading"): a read that
 needs a chunk being verified waits for that verification instead of repeating it, a range
-of verified chunks is served without a worker thread, and the rest is verified in one.
+of verified chunks is served without a worker thread, and the rest is verified in one,
+except the chunks of a small read of an open block that are all in the page cache, which the
+trio thread verifies itself (disk.py, `verify_resident`).
 
 Verify-ahead. Checking a chunk costs a worker-thread hop and a page fault per page; a
 sequential reader passes ``verify_ahead=N``, and when its read ends in chunk i, chunks
@@ -140,6 +142,13 @@ class TieredCache:
 
     def __init__(self, directory: str | None, disk_limit: int, ram_limit: int, stats: Stats | None = None):
         self._stats = stats if stats is not None else Stats()
+        self._hits = {  # per tier: the read path's hit and hit-bytes series, bound once
+            tier: (
+                self._stats.counter("cache_hits", tier=tier),
+                self._stats.counter("cache_hit_bytes", tier=tier),
+            )
+            for tier in ("ram", "disk")
+        }
         self._disk_limit = disk_limit
         self._memory = MemoryTier(ram_limit, self._stats)
         self._disk_bytes = 0  # on disk after this process's last store (the index's total then)
@@ -221,13 +230,15 @@ class TieredCache:
         else:
             disk = self._disk
             tier = "ram"  # verified chunks of a mapped file are read at memory speed
-            for i in range(first, last + 1):
+            for i in range(first, last + 1) if self._loading else ():
                 loading = self._loading.get((key, i))
                 if loading is not None:
                     await loading.wait()
                     tier = "disk"
             small = not verify_ahead and end - offset <= SMALL_READ  # see disk.py, "Reading"
             out = disk.ready(key, offset, end, small=small)
+            if out is None and small and self._resident(disk, key, first, last):
+                out = disk.ready(key, offset, end, small=True)
             if out is not None and not isinstance(out, memoryview):
                 tier = "disk"
             if out is None:
@@ -236,11 +247,22 @@ class TieredCache:
                 if out is None:
                     return self._miss(length)
                 tier = "disk"
-        self._stats.add("cache_hits", tier=tier)
-        self._stats.add("cache_hit_bytes", len(out), tier=tier)
+        hits, hit_bytes = self._hits[tier]
+        hits.add()
+        hit_bytes.add(len(out))
         if verify_ahead and self._disk is not None:
             self._schedule(key, last + 1, min(chunk_count(size), last + 1 + verify_ahead))
         return out
+
+    @staticmethod
+    def _resident(disk: DiskTier, key: str, first: int, last: int) -> bool:
+        """Verify chunks first..last of an open block on the trio thread, if their pages are in the
+        page cache (disk.py, `verify_resident`); False if that cannot be done without waiting or a
+        chunk failed (then `_verify` checks it again, and discards the block)."""
+        try:
+            return disk.verify_resident(key, first, last) is not None
+        except CorruptBlock:
+            return False
 
     async def _verify(
         self, key: str, lo: int, hi: int, mark: trio.Event | None = None, serve: tuple[int, int] | None = None

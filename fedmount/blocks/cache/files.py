@@ -14,16 +14,64 @@ that opens it to write or truncates it waits until this process lets the file go
 kernel's lease-break-time passes); disk.py maps a file only under a lease, so a file
 shrinking under a mapping (SIGBUS) cannot happen. The break notice is `LEASE_SIGNAL`,
 ignored by default: the cache polls ``F_GETLEASE`` instead.
+
+Residency (``cachestat``, Linux 6.5): `resident` tells whether every page of a range of a
+file is in the page cache, so that reading it through a mapping faults without reading the
+disk: the trio thread may then serve a range of a mapped block file, or verify a chunk,
+itself. One system call that never waits, made without releasing the GIL (about 0.5 µs).
+Where the kernel, the architecture or a seccomp filter does not offer it, the answer is
+None ("cannot tell"), and the caller does without it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import mmap
 import os
+import platform
 import secrets
 import signal
 
 LEASE_SIGNAL = signal.SIGURG  # sent when another process breaks a lease: ignored by default (we poll)
+_CACHESTAT = 451 if platform.machine() in ("x86_64", "aarch64") else None  # the same number on both
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted",
+                                                      "nr_recently_evicted")]  # fmt: skip
+
+
+def _cachestat() -> ctypes._CFuncPtr | None:
+    if _CACHESTAT is None:
+        return None
+    call = ctypes.PyDLL(None, use_errno=True).syscall  # keeps the GIL: the call never waits
+    call.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+    call.restype = ctypes.c_long
+    return call
+
+
+_syscall = _cachestat()
+
+
+def resident(fd: int, offset: int, length: int) -> bool | None:
+    """Whether every page of bytes [offset, offset+length) of the open file is in the page cache;
+    None when the kernel cannot tell (see "Residency")."""
+    global _syscall
+    if _syscall is None:
+        return None
+    start = offset - offset % mmap.PAGESIZE
+    span, stat = _Range(start, offset + length - start), _CacheStat()
+    if _syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # before 6.5, or a seccomp filter
+            _syscall = None  # never ask again
+        return None
+    return stat.nr_cache >= (span.len + mmap.PAGESIZE - 1) // mmap.PAGESIZE
 
 
 def lease(fd: int, kind: int) -> bool:
