@@ -34,11 +34,9 @@ referenced, after the block leaves the LRU and after an eviction unlinks the fil
 mapped pages of the blocks being read count in the daemon's RSS (file-backed, clean,
 reclaimable: at most ``MAPPED_BLOCKS`` blocks). Where the kernel has no ``cachestat``
 (before Linux 6.5), a small read (the caller's choice) is one ``preadv(RWF_NOWAIT)`` of just
-its bytes instead, which answers EAGAIN rather than wait for a disk. Measured on warm random
-4 KiB reads (2-core Xeon, fresh mount, in the daemon): a view alone costs about 3 µs less per
-FUSE read than that preadv into a new buffer, a view after its cachestat about the same
-(within 1-2 µs, the noise): the check is what keeps a large read, too, from waiting for
-the disk on the trio thread. A file whose length or trailer is wrong, or a
+its bytes instead, which answers EAGAIN rather than wait for a disk. A view after its
+``cachestat`` costs about what that preadv does; the check is what keeps a large read, too,
+from waiting for the disk on the trio thread. A file whose length or trailer is wrong, or a
 chunk whose checksum differs, raises `CorruptBlock`: the caller discards the block and
 fetches it again. Corrupt bytes are never returned.
 
