@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmount.blocks.cache.disk import STALE_TEMPORARY
+from fedmount.blocks.cache.files import STALE_TEMPORARY
 from fedmount.blocks.cache.format import trailer
 from integration.mounting import REPO, Mount, Recorder, fedmount_cmd, requires_fuse, run, timed_read, wait_for
 from integration.test_reliability import cache_warnings, content, fresh, keep_gets, wrong_bytes_served

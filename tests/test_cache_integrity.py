@@ -17,7 +17,7 @@ import pytest
 import trio
 from cacheblocks import block_file, fresh, make_block, on_disk  # tests/ is on sys.path under pytest
 
-from fedmount.blocks.cache import TieredCache, disk, files
+from fedmount.blocks.cache import TieredCache, files
 from fedmount.blocks.cache.format import trailer
 
 MiB = 1 << 20
@@ -193,7 +193,7 @@ async def test_temporary_files_of_dead_fetches_are_removed_at_start_up_live_ones
     dead, young, live = (fan / f"{key}.tmp.{name}" for name in ("1234.dead", "1235.young", "1236.live"))
     for path in (dead, young, live):
         path.write_bytes(b"\0" * MiB)
-    old = time.time() - 2 * disk.STALE_TEMPORARY
+    old = time.time() - 2 * files.STALE_TEMPORARY
     os.utime(dead, (old, old))
     os.utime(live, (old, old))
     holder = subprocess.Popen(  # another fedmount's fetch in progress: it holds a lease on its file

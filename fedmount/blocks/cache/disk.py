@@ -71,7 +71,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .files import lease, link_unnamed, locked_inodes, new_file, no_follow, publish, resident
+from .files import lease, link_unnamed, new_file, no_follow, publish, remove_dead_temporaries, resident
 from .format import (
     CHUNK,
     DIGEST,
@@ -91,7 +91,6 @@ log = logging.getLogger("fedmount.cache")
 OPEN_FILES = 64  # block files kept open per process, with the chunks verified
 MAPPED_BLOCKS = 8  # of those, the ones kept mapped (their touched pages count in RSS)
 TOUCH_INTERVAL = 60.0  # seconds between access-time updates of one block
-STALE_TEMPORARY = 600.0  # seconds: an unleased temporary block file older than this is a dead fetch's
 
 
 @dataclass
@@ -206,26 +205,8 @@ class DiskTier:
         return unnamed, leases
 
     def _remove_stale_temporaries(self) -> int:
-        """Delete temporary block files left by fetches that died (SIGKILL, power loss): those no
-        process holds a lease or lock on and that are older than `STALE_TEMPORARY` (a live fetch
-        of any fedmount sharing the directory holds a lease on its file). Returns bytes freed."""
-        locked = locked_inodes()
-        now = time.time()
-        freed = 0
-        for fan in os.scandir(os.path.join(self.directory, "blocks")):
-            if not fan.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(fan.path):
-                if not TEMPORARY_NAME.fullmatch(entry.name):
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                if (st.st_dev, st.st_ino) in locked or now - st.st_mtime < STALE_TEMPORARY:
-                    continue
-                try:
-                    os.unlink(entry.path)
-                except FileNotFoundError:
-                    continue
-                freed += st.st_blocks * 512
+        """Delete the temporary block files of fetches that died (files.py); returns bytes freed."""
+        freed = remove_dead_temporaries(os.path.join(self.directory, "blocks"), TEMPORARY_NAME.fullmatch)
         if freed:
             log.info("block cache: removed %d MiB of temporary files left by fetches that died", freed >> 20)
         return freed

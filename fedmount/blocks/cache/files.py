@@ -6,8 +6,8 @@ it before and a fetch killed midway (SIGKILL, power loss) leaves nothing: its sp
 with the process. Where the filesystem cannot do that, the file is
 ``<key>.tmp.<64 random bits>``, created ``O_EXCL|O_NOFOLLOW`` and write-leased at once;
 at start-up such files that no process holds a lease or lock on (``/proc/locks``) and
-that are older than ``STALE_TEMPORARY`` are removed (disk.py), which is safe with other
-live mounts sharing the directory (theirs are leased, or young).
+that are older than ``STALE_TEMPORARY`` are removed (`remove_dead_temporaries`), which is
+safe with other live mounts sharing the directory (theirs are leased, or young).
 
 Leases (``F_SETLEASE``): while this process holds one on a block file, another process
 that opens it to write or truncates it waits until this process lets the file go (or the
@@ -33,7 +33,10 @@ import os
 import platform
 import secrets
 import signal
+import time
+from collections.abc import Callable
 
+STALE_TEMPORARY = 600.0  # seconds: an unleased temporary block file older than this is a dead fetch's
 LEASE_SIGNAL = signal.SIGURG  # sent when another process breaks a lease: ignored by default (we poll)
 _CACHESTAT = 451 if platform.machine() in ("x86_64", "aarch64") else None  # the same number on both
 
@@ -133,6 +136,31 @@ def locked_inodes() -> set[tuple[int, int]]:
                     pass
                 break
     return out
+
+
+def remove_dead_temporaries(blocks_dir: str, is_temporary: Callable[[str], object]) -> int:
+    """Delete the temporary block files (names `is_temporary` accepts) in the fan directories of
+    `blocks_dir` that no process holds a lease or lock on and that are older than
+    `STALE_TEMPORARY`: a live fetch of any fedmount sharing the directory holds a lease on its
+    file. Returns the bytes freed."""
+    locked = locked_inodes()
+    now = time.time()
+    freed = 0
+    for fan in os.scandir(blocks_dir):
+        if not fan.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(fan.path):
+            if not is_temporary(entry.name):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if (st.st_dev, st.st_ino) in locked or now - st.st_mtime < STALE_TEMPORARY:
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            freed += st.st_blocks * 512
+    return freed
 
 
 def private(path: str, flags: int) -> int:
