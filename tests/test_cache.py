@@ -145,6 +145,26 @@ async def test_a_small_read_of_cached_pages_is_verified_without_a_worker_thread(
     assert stats.get("cache_corrupt") == 0
 
 
+async def test_small_reads_of_a_block_just_received_are_views_without_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold read of a directory of small files: the block each file's first read fetched is
+    served from the mapping it was received into, not by a worker thread per read."""
+    cache, stats = fresh(tmp_path)
+    key, data = make_block(8 * MiB, 5)
+    txn = await cache.begin(key, len(data))
+    txn.buffer[:] = data  # received into its future cache file, md5-verified by the fetcher
+    mapping = txn.buffer  # a fetcher holds the buffer while its readers are served
+    await txn.commit()
+    assert cache._disk is not None
+    threaded = _count_calls(monkeypatch, cache._disk, "verify")
+    for offset in range(0, 8 * MiB, 256 * 1024):
+        got = await cache.read(key, offset, 4096)
+        assert isinstance(got, memoryview) and got == data[offset : offset + 4096]
+    assert threaded == [] and stats.get("cache_corrupt") == 0
+    del mapping
+
+
 async def test_a_verified_range_whose_pages_left_the_page_cache_is_not_served_on_the_trio_thread(
     tmp_path: Path,
 ) -> None:

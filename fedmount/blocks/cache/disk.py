@@ -418,13 +418,15 @@ class DiskTier:
         """Bytes [offset, end) of an open block whose chunks this process has verified (and whose
         access time is fresh), without waiting for anything; None when that cannot be done.
 
-        A view of the mapping for a leased block whose pages are all in the page cache (files.py,
+        A view of the mapping of a block this process has just published (`_FRESH`: its pages
+        were written here moments ago) or of a leased block whose pages are all in the page cache (files.py,
         `resident`), None if one is not; where the kernel cannot tell, a view for a large read
         and a ``preadv(RWF_NOWAIT)`` copy of just the bytes for a `small` one. The same copy for
         an unleased block."""
         block = self._ready(key, offset // CHUNK, (end - 1) // CHUNK)
         if block is None:
-            return None
+            fresh = _FRESH.get(key)  # just received and published here: md5-verified, its write lease ours
+            return memoryview(fresh)[offset:end].toreadonly() if fresh is not None else None
         if block.leased:
             cached = resident(block.fd, offset, end - offset)
             if cached is False:
