@@ -282,6 +282,14 @@ def cached_keys(cache_dir: Path) -> set[str]:
     return {p.name for p in (cache_dir / "blocks").glob("*/*") if "." not in p.name}
 
 
+def interruptible() -> None:
+    """In the child, before exec: SIGINT as a terminal delivers it. A test earlier in the same
+    pytest process may leave SIGINT ignored or blocked, and both survive exec (a Python started
+    with SIGINT ignored never raises KeyboardInterrupt): the stage would then not be interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_interrupted_stage_resumes_without_refetching(fed, tmp_path):
     tag = uuid.uuid4().hex[:8]
     entry = place(fed, f"locr-{tag}", ("zzzzz",), size=8 * MiB)
@@ -290,7 +298,7 @@ def test_interrupted_stage_resumes_without_refetching(fed, tmp_path):
     for svc in ("keep0", "keep1"):
         fed.set_fault("zzzzz", svc, bandwidth=2 * MiB)  # half a second per block
     first = cli(fed, cache, "stage", "--concurrency", "1", entry["uuid"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)  # fmt: skip
     started = fed.mark()
     deadline = time.monotonic() + 60
     while len(cached_keys(cache)) < 2 and time.monotonic() < deadline and first.poll() is None:
